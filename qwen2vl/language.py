@@ -1,0 +1,154 @@
+"""The Qwen2 decoder with multimodal rotary embeddings (M-RoPE) and a slot-based KV cache.
+
+The model knows nothing about scheduling. It is called in one of two ways:
+- ``prefill``: one sequence, T new tokens written into cache slot ``slot`` after ``start`` cached tokens;
+- ``decode``: B sequences, one new token each, sitting in cache slots 0..B-1 with lengths ``lengths``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def mrope_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype):
+    """positions (3, B, T) -> cos, sin (B, T, head_dim).
+
+    The rotary half-dim is split by mrope_section, e.g. [16, 24, 24] for head_dim 128: frequencies 0..15 turn
+    with the temporal position, 16..39 with the height position, 40..63 with the width position. For text
+    all three positions are equal and this is ordinary 1D RoPE.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=positions.device) / hd))
+    freqs = positions[..., None].float() * inv_freq  # (3, B, T, hd/2)
+    chunks = freqs.split(cfg.mrope_section, dim=-1)
+    freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@dataclass
+class KVView:
+    """Where this forward reads and writes the cache.
+
+    prefill: ``slot`` is the cache row, ``start`` the tokens already cached in it.
+    decode: rows 0..B-1, ``lengths`` (B,) tokens already cached per row (the new token goes at that index).
+    """
+    k: list[torch.Tensor]  # per layer (slots, kv_heads, capacity, head_dim)
+    v: list[torch.Tensor]
+    slot: int = 0
+    start: int = 0
+    lengths: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, kv: KVView | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        gqa = self.num_heads != self.num_kv_heads
+
+        if kv is None:  # plain causal forward, no cache
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif kv.lengths is None:  # prefill of one sequence into its slot
+            kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            s, e = kv.start, kv.start + T
+            kc[kv.slot, :, s:e] = k[0]
+            vc[kv.slot, :, s:e] = v[0]
+            if s == 0:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:  # continuing after a cached prefix: query i sees keys 0..s+i
+                mask = torch.ones(T, e, dtype=torch.bool, device=x.device).tril(diagonal=s)
+                o = F.scaled_dot_product_attention(q, kc[kv.slot:kv.slot + 1, :, :e], vc[kv.slot:kv.slot + 1, :, :e],
+                                                   attn_mask=mask, enable_gqa=gqa)
+        else:  # batched decode: row b writes at lengths[b] and attends to keys 0..lengths[b]
+            kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            rows = torch.arange(B, device=x.device)
+            kc[rows, :, kv.lengths] = k[:, :, 0]  # (B, kv_heads, hd)
+            vc[rows, :, kv.lengths] = v[:, :, 0]
+            L = int(kv.lengths.max()) + 1
+            mask = None
+            if B > 1 and bool((kv.lengths != L - 1).any()):
+                mask = (torch.arange(L, device=x.device) <= kv.lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            o = F.scaled_dot_product_attention(q, kc[:B, :, :L], vc[:B, :, :L], attn_mask=mask, enable_gqa=gqa)
+        o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads*hd)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv: KVView | None = None) -> torch.Tensor:
+        """embeds (B, T, hidden), positions (3, B, T) -> final hidden states (B, T, hidden)."""
+        cos, sin = mrope_cos_sin(positions, self.cfg, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv)
+        return self.norm(x)

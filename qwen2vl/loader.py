@@ -1,0 +1,158 @@
+"""Load an official Qwen2-VL checkpoint directory (or hub id) into ``Qwen2VLForConditionalGeneration``.
+
+The model is built on the meta device and each tensor read from the safetensors files is cast and assigned
+in place, so peak memory stays near the size of the weights in the target dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import Qwen2VLConfig
+from .errors import InvalidInputError
+from .model import Qwen2VLForConditionalGeneration
+
+# Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
+# saved by transformers >= 4.52 nest everything under ``model.``.
+NAME_MAP = (
+    ("model.visual.", "visual."),
+    ("model.language_model.", "model."),
+)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_model_path(model: str | os.PathLike, revision: str | None = None) -> str:
+    """A local directory, or a hub id such as "Qwen/Qwen2-VL-2B-Instruct" fetched with huggingface_hub."""
+    path = os.path.expanduser(str(model))
+    if os.path.isdir(path):
+        return path
+    looks_like_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not os.path.exists(path)
+    if not looks_like_id:
+        raise InvalidInputError(f"model path {model!r} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise InvalidInputError(
+            f"{model!r} is not a local directory, and huggingface_hub is not installed to fetch it "
+            "(pip install huggingface_hub, or pass the path of a downloaded checkpoint)") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+    try:
+        return snapshot_download(str(model), revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, auth: one clear message
+        try:  # a copy already in the local cache is fine when offline
+            return snapshot_download(str(model), revision=revision, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            pass
+        raise InvalidInputError(
+            f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "when offline, pass the path of a downloaded checkpoint directory") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: Qwen2VLConfig, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise InvalidInputError(f"unsupported dtype {dtype}")
+        return dtype
+    if dtype in (None, "auto"):
+        return _DTYPES.get(str(cfg.torch_dtype), torch.bfloat16)
+    if dtype not in _DTYPES:
+        raise InvalidInputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not found:
+        raise InvalidInputError(f"no .safetensors weights in {path}")
+    return [os.path.join(path, f) for f in found]
+
+
+def map_name(name: str) -> str:
+    for src, dst in NAME_MAP:
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = mod._parameters.get(leaf)
+    if old is None:
+        raise KeyError(name)
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise InvalidInputError(f"weight {name} has shape {tuple(tensor.shape)}, the config implies {tuple(old.shape)}")
+    mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
+               cfg: Qwen2VLConfig | None = None, progress: bool | None = None) -> Qwen2VLForConditionalGeneration:
+    cfg = cfg or Qwen2VLConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(cfg)
+    model.eval().requires_grad_(False)
+    expected = {n for n, _ in model.named_parameters()}
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    files = checkpoint_files(path)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
+                   desc="Loading weights", leave=False)
+    loaded: set[str] = set()
+    try:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = map_name(key)
+                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some tied checkpoints still store a copy
+                    if name not in expected:
+                        continue  # e.g. rotary inv_freq buffers some exports carry
+                    t = f.get_tensor(key)
+                    if bar is not None:
+                        bar.update(t.numel() * t.element_size())
+                    _assign(model, name, t.to(device=device, dtype=dtype))
+                    loaded.add(name)
+    finally:
+        if bar is not None:
+            bar.close()
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
