@@ -1,0 +1,136 @@
+"""Sampling parameters for text generation, with vLLM's names and defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+from qwen2vl.errors import InvalidInputError
+
+_SAMPLING_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each generated token and when to stop; names and defaults follow vLLM.
+
+    Fields:
+        n: number of completions per prompt (>= 1). The engine currently supports only n == 1.
+        temperature: softmax temperature (>= 0). 0 (or below 1e-5) means greedy decoding.
+        top_p: nucleus sampling; keep the smallest set of tokens whose probability mass
+            reaches top_p (0 < top_p <= 1; 1 = off).
+        top_k: keep only the k most likely tokens (0 or -1 = off; otherwise >= 1).
+        min_p: drop tokens whose probability is below min_p times the top token's
+            probability (0 <= min_p <= 1; 0 = off).
+        repetition_penalty: HF-style penalty over prompt + generated tokens: a positive logit
+            is divided by it, a negative one multiplied (> 0; 1 = off).
+        presence_penalty: OpenAI-style; subtracted once from the logit of every token that
+            already appears in the generated text (-2 to 2; 0 = off).
+        frequency_penalty: OpenAI-style; subtracted per occurrence of a token in the
+            generated text (-2 to 2; 0 = off).
+        seed: random seed for this request (int or None). With a seed, the sampled tokens are
+            reproducible and do not depend on the other requests in the batch.
+        max_tokens: the most tokens to generate (>= 1), or None for "up to the context".
+        min_tokens: EOS and stop_token_ids are masked until this many tokens are
+            generated (>= 0, <= max_tokens).
+        stop: a string or list of strings that end generation; normalised to a list
+            (None -> []). Empty strings are rejected.
+        stop_token_ids: token ids that end generation (normalised to a list, None -> []).
+        ignore_eos: keep generating after EOS (EOS then no longer ends generation).
+        logprobs: None, or k in [0, 20]: return for each generated token the log-probabilities
+            of the k most likely tokens plus the sampled token.
+        skip_special_tokens: drop special tokens when detokenizing the output.
+        include_stop_str_in_output: keep the matched stop string in the output text.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.n = _int("n", self.n, lo=1)
+        self.temperature = _float("temperature", self.temperature, lo=0.0)
+        self.top_p = _float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        self.top_k = _int("top_k", self.top_k, lo=-1)
+        self.min_p = _float("min_p", self.min_p, lo=0.0, hi=1.0)
+        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        self.presence_penalty = _float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed, lo=-(2**63), hi=2**64 - 1)
+        if self.max_tokens is not None:
+            self.max_tokens = _int("max_tokens", self.max_tokens, lo=1)
+        self.min_tokens = _int("min_tokens", self.min_tokens, lo=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidInputError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        self.stop = _stop_list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = [_int("stop_token_ids", t, lo=0) for t in self.stop_token_ids]
+        else:
+            raise InvalidInputError(
+                f"stop_token_ids must be a list of ints or None, got {type(self.stop_token_ids).__name__}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.logprobs is not None:
+            self.logprobs = _int("logprobs", self.logprobs, lo=0, hi=20)
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax: temperature 0 (below 1e-5) or top_k == 1."""
+        return self.temperature < _SAMPLING_EPS or self.top_k == 1
+
+
+def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise InvalidInputError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidInputError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def _float(name: str, value, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidInputError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    bad = not math.isfinite(value)
+    bad |= lo is not None and (value <= lo if lo_open else value < lo)
+    bad |= hi is not None and value > hi
+    if bad:
+        left = "(" if lo_open else "["
+        rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {left}{lo}, {hi}]"
+        raise InvalidInputError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def _stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InvalidInputError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise InvalidInputError("stop must not contain an empty string")
+    return list(stop)
