@@ -1,0 +1,148 @@
+"""The ``qwen2vl`` command.
+
+    qwen2vl chat --model DIR --image cat.jpg "Describe this image."   # one answer, streamed
+    qwen2vl chat --model DIR                                          # a multi-turn session
+
+In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
+/clear (forget the conversation), /exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import InvalidInputError
+
+HELP = "commands: /image PATH, /video PATH (attach to your next message), /clear, /exit"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (official layout) or hub id")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--min-pixels", type=int, default=None, help="smallest image size in pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest image size in pixels")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default: 512)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL: chat about images and videos.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    chat = sub.add_parser("chat", help="chat with a model (one prompt, or a multi-turn session)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--image", action="append", default=[], help="an image path or URL (repeatable)")
+    chat.add_argument("--video", action="append", default=[], help="a video path or URL (repeatable)")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("prompt", nargs="?", default=None, help="the question; omit it for a session")
+    return parser
+
+
+def _sampling(llm, args):
+    from .sampling_params import SamplingParams
+    base = llm.get_default_sampling_params()
+    kw = {k: getattr(base, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        if getattr(args, k) is not None:
+            kw[k] = getattr(args, k)
+    return SamplingParams(max_tokens=args.max_tokens, **kw)
+
+
+def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
+    content = [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def _answer(llm, messages, params, out) -> str:
+    text = []
+    for chunk in llm.chat_stream(messages, params):
+        out.write(chunk.delta_text)
+        out.flush()
+        text.append(chunk.delta_text)
+    out.write("\n")
+    out.flush()
+    return "".join(text)
+
+
+def run_chat(args, stdin=sys.stdin, out=sys.stdout) -> int:
+    from .llm import LLM
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
+              max_pixels=args.max_pixels, max_model_len=args.max_model_len)
+    params = _sampling(llm, args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        _answer(llm, history + [_user_message(args.prompt, args.image, args.video)], params, out)
+        return 0
+    images, videos = list(args.image), list(args.video)
+    interactive = stdin.isatty()
+    if interactive:
+        out.write(f"qwen2vl chat: {args.model}. {HELP}\n")
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/exit", "/quit"):
+                return 0
+            if cmd == "/clear":
+                history = history[:1] if args.system else []
+                images, videos = [], []
+                out.write("(conversation cleared)\n")
+            elif cmd in ("/image", "/video") and arg:
+                (images if cmd == "/image" else videos).append(arg)
+                out.write(f"({cmd[1:]} {arg} attached to your next message)\n")
+            else:
+                out.write(HELP + "\n")
+            continue
+        msg = _user_message(line, images, videos)
+        try:
+            reply = _answer(llm, history + [msg], params, out)
+        except InvalidInputError as e:
+            out.write(f"error: {e}\n")
+            images, videos = [], []
+            continue
+        history += [msg, {"role": "assistant", "content": reply}]
+        images, videos = [], []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if args.command != "chat":
+        parser.print_help()
+        return 2
+    try:
+        return run_chat(args)
+    except InvalidInputError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
