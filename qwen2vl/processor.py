@@ -145,15 +145,16 @@ class Processor:
             return None
         lo = min_pixels if min_pixels is not None else self.min_pixels
         hi = max_pixels if max_pixels is not None else self.max_pixels
+        net = {"timeout": self.media_timeout, "max_bytes": self.media_max_bytes}
         imgs, img_grids, vids, vid_grids = [], [], [], []
         for ele in media:
             if ele["type"] == "image":
-                image = vi.fetch_image(ele, self.factor, min_pixels=lo, max_pixels=hi)
+                image = vi.fetch_image(ele, self.factor, min_pixels=lo, max_pixels=hi, **net)
                 pv, grid = vi.image_to_patches(image)
                 imgs.append(pv)
                 img_grids.append(tuple(grid))
             else:
-                frames = vi.fetch_video(ele, image_factor=self.factor)
+                frames = vi.fetch_video(ele, image_factor=self.factor, **net)
                 pv, grid = vi.video_to_patches(frames)
                 vids.append(pv)
                 vid_grids.append(tuple(grid))

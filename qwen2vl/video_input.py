@@ -62,6 +62,7 @@ from .vision_input import (
     normalize_chw,
     round_by_factor,
     smart_resize,
+    to_rgb,
 )
 
 __all__ = ["smart_nframes", "calculate_video_frame_range", "fetch_video", "video_to_patches", "resize_frame"]
@@ -174,6 +175,9 @@ def _video_stream(container, path: str):
 def _probe(path: str) -> tuple[int, Fraction]:
     """(frame count, average frame rate) from metadata; counts packets when there is no count."""
     with _open(path) as container:
+        fmt = container.format.name
+        if fmt in ("tty", "image2") or fmt.endswith("_pipe"):  # text as "ANSI art", still images
+            raise InvalidInputError(f"{_short(path)} is not a video file (FFmpeg reads it as {fmt!r})")
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not rate or rate <= 0:
@@ -208,7 +212,10 @@ def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, see
         if seek:
             if tb is None:
                 raise _Restart
-            container.seek(t0 + int(first / (rate * tb)), stream=stream, backward=True, any_frame=False)
+            try:
+                container.seek(t0 + int(first / (rate * tb)), stream=stream, backward=True, any_frame=False)
+            except av.FFmpegError:
+                raise _Restart from None
         counter = 0
         try:
             for frame in container.decode(stream):
@@ -230,7 +237,7 @@ def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, see
                     resized = resize_frame(rgb, h, w)
                     for pos in wanted.pop(index):
                         out[pos] = resized
-                    if index >= last and not any(i < index for i in wanted):
+                    if not wanted:
                         break
                 elif index > last:
                     break
@@ -283,7 +290,7 @@ def _download_to_temp(url: str, timeout: float, max_bytes: int) -> str:
 def _read_frame_list(frames, ele: dict, factor: int, budget, timeout, max_bytes) -> tuple[list[Image.Image], float]:
     if len(frames) == 0:
         raise InvalidInputError("a frame-list video needs at least one frame")
-    info = {k: v for k, v in ele.items() if k not in ("type", "video", "video_url")}
+    info = {k: v for k, v in ele.items() if k not in ("type", "video", "video_url", "image", "image_url")}
 
     def load(frame):
         # qwen-vl-utils 0.0.14 passes image_factor where fetch_image expects the patch size,
@@ -306,7 +313,7 @@ def _read_frame_list(frames, ele: dict, factor: int, budget, timeout, max_bytes)
         resized = {}
         for im in images:
             if id(im) not in resized:
-                t = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+                t = torch.from_numpy(np.array(im)).permute(2, 0, 1)
                 resized[id(im)] = Image.fromarray(resize_frame(t, h, w).permute(1, 2, 0).numpy())
         images = [resized[id(im)] for im in images]
     sample_fps = ele.get("sample_fps", 2.0)
@@ -371,7 +378,7 @@ def fetch_video(
 # ---------------------------------------------------------------------------------------------
 def _frame_chw(frame: Any) -> np.ndarray:
     if isinstance(frame, Image.Image):
-        return np.asarray(frame if frame.mode == "RGB" else frame.convert("RGB")).transpose(2, 0, 1)
+        return np.asarray(frame if frame.mode == "RGB" else to_rgb(frame)).transpose(2, 0, 1)
     if isinstance(frame, torch.Tensor):
         return frame.detach().cpu().numpy()
     if isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3:
@@ -393,6 +400,14 @@ def video_to_patches(
     ``Qwen2VLVideoProcessor`` with the frames already at a multiple of 28 (a T that is not a
     multiple of ``temporal_patch_size`` is padded by repeating the last frame, as it does).
     Works one temporal patch (2 frames) at a time, so only the output is held in full.
+
+    About transformers re-resizing: its video processor runs ``smart_resize`` again with its own
+    ``size`` (per frame 128*28*28 .. 768*28*28 by default, optionally capped by the total budget).
+    Frames already at a multiple of 28 inside those bounds keep their size there, so the values
+    are the same as here; frames outside them (e.g. a per-item ``min_pixels`` below 128*28*28)
+    would be resized again by transformers but not by this function. The image processor
+    behaves the same way with its bounds (defaults 56*56 .. 28*28*1280, checkpoints usually set
+    max_pixels 12845056): there the same-size PIL resize is a copy (tested).
     """
     if isinstance(frames, torch.Tensor):
         if frames.ndim != 4 or frames.shape[1] != 3:

@@ -267,8 +267,8 @@ def load_image(
 
 def _pixels_arg(ele: dict, key: str, default: float) -> float:
     value = ele.get(key, default)
-    if not _is_number(value) or value <= 0:
-        raise InvalidInputError(f"{key} must be a positive number, got {value!r}")
+    if not _is_number(value) or value < 0:
+        raise InvalidInputError(f"{key} must be a non-negative number, got {value!r}")
     return value
 
 
