@@ -45,16 +45,18 @@ def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> tor
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d(3, D, kernel=stride=(2, 14, 14)) over (N, 3, 2, 14, 14) patches == a matmul with the flat kernel."""
+    """Conv3d(3, D, kernel=stride=(2, 14, 14)) over the (N, 3, 2, 14, 14) patches (the reference's arithmetic;
+    a matmul with the flat kernel is the same map but rounds differently in float32)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
+        self.kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=self.kernel, stride=self.kernel, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight  # (D, 3, 2, 14, 14)
-        return x.to(w.dtype) @ w.view(w.shape[0], -1).t()  # (N, 1176) @ (1176, D) -> (N, D)
+        x = x.to(w.dtype).view(-1, w.shape[1], *self.kernel)  # (N, 1176) -> (N, 3, 2, 14, 14)
+        return F.conv3d(x, w, stride=self.kernel).view(-1, w.shape[0])  # (N, D)
 
 
 class VisionAttention(nn.Module):

@@ -52,7 +52,7 @@ def ckpts(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["official", "transformers", "sharded", "untied"])
 def test_prompt_logits_match_transformers(ckpts, name):
-    ref, _ = load_reference(ckpts[name])
+    ref, _ = load_reference(ckpts[name], attn_implementation="sdpa")
     ours = load_model(str(ckpts[name]), torch.float32)
     ids, v = _prompt()
     expected = _ref_logits(ref, ids, v)
@@ -201,8 +201,9 @@ def test_kv_cache_rows_stay_packed():
     owners = [object() for _ in range(3)]
     rows = [cache.allocate(o, 10) for o in owners]
     assert rows == [0, 1, 2]
-    for r in rows:
-        cache.k[0][r, 0, :10] = r
+    with torch.inference_mode():
+        for r in rows:
+            cache.k[0][r, 0, :10] = r
     moved = cache.free(0)  # row 2 moves into row 0
     assert moved is owners[2] and cache.num_live == 2
     assert torch.all(cache.k[0][0, 0, :10] == 2)

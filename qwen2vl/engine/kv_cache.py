@@ -31,6 +31,7 @@ class KVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @torch.inference_mode()
     def _grow(self, rows: int, capacity: int) -> None:
         if rows <= self.rows and capacity <= self.capacity:
             return
@@ -43,7 +44,7 @@ class KVCache:
         live, used = self.num_live, self.capacity
         for store in (self.k, self.v):
             for i in range(self.num_layers):
-                t = torch.empty(shape, dtype=self.dtype, device=self.device)
+                t = torch.zeros(shape, dtype=self.dtype, device=self.device)  # masked slots must not hold NaN
                 if store and live:
                     t[:live, :, :used] = store[i][:live, :, :used]
                 if len(store) > i:
@@ -62,6 +63,7 @@ class KVCache:
         """Make every row able to hold ``length`` tokens (call before a decode step writes position length-1)."""
         self._grow(self.rows, length)
 
+    @torch.inference_mode()
     def free(self, row: int) -> object | None:
         """Release ``row``. The last live row moves into it; returns that row's owner (now at ``row``) or None."""
         last = self.num_live - 1

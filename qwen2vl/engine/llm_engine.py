@@ -3,8 +3,6 @@ then prefills newly admitted requests; finished requests leave and free their ca
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..errors import InvalidInputError
@@ -118,7 +116,11 @@ class LLMEngine:
             reason = "stop"
         elif tok in p.stop_token_ids:
             reason, seq.stop_reason = "stop", tok
-        elif p.stop:
+        elif len(seq.output_token_ids) >= (p.max_tokens or 1 << 62) or seq.num_tokens >= seq.max_total:
+            reason = "length"
+        if reason is not None:
+            seq.text += seq.detok.finish()  # bytes that never became a whole character
+        if p.stop:
             # a stop string may end inside the new text or straddle the boundary with older text
             window = max(len(s) for s in p.stop)
             begin = max(0, old_len - window + 1)
@@ -128,9 +130,5 @@ class LLMEngine:
                 i, s = min(hits)
                 seq.text = seq.text[: i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
                 reason, seq.stop_reason = "stop", s
-        if reason is None and (len(seq.output_token_ids) >= (p.max_tokens or 1 << 62)
-                               or seq.num_tokens >= seq.max_total):
-            reason = "length"
         if reason is not None:
             seq.status, seq.finish_reason = Status.FINISHED, reason
-            seq.finished_at = time.monotonic()
