@@ -11,7 +11,6 @@ import os
 import sys
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import Qwen2VLConfig
@@ -96,6 +95,54 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in found]
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors_header(f) -> tuple[dict, int]:
+    """(tensor name -> {"dtype", "shape", "data_offsets"}, offset of the data section) of an open file."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise InvalidInputError(f"{f.name} is not a safetensors file")
+    n = int.from_bytes(raw, "little")
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInputError(f"{f.name} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+_CHUNK = 16 << 20
+
+
+def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Read one tensor with plain file reads (no mmap), cast to ``dtype`` on the way in. A cast reads the
+    source in chunks of at most 16 MiB, so memory holds the result plus one chunk, never a second full copy."""
+    if info["dtype"] not in _ST_DTYPES:
+        raise InvalidInputError(f"unsupported tensor dtype {info['dtype']} in {f.name}")
+    src = _ST_DTYPES[info["dtype"]]
+    dtype = dtype or src
+    shape = info["shape"]
+    begin, end = info["data_offsets"]
+    out = torch.empty(shape, dtype=dtype)
+    f.seek(data_start + begin)
+    if src == dtype:
+        if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
+            raise InvalidInputError(f"{f.name} is truncated")
+        return out
+    flat = out.view(-1)
+    step = max(1, _CHUNK // src.itemsize)
+    buf = torch.empty(min(step, flat.numel()) * src.itemsize, dtype=torch.uint8)
+    for i in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - i)
+        if f.readinto(memoryview(buf[: n * src.itemsize].numpy())) != n * src.itemsize:
+            raise InvalidInputError(f"{f.name} is truncated")
+        flat[i:i + n] = buf[: n * src.itemsize].view(src)
+    return out
+
+
 def map_name(name: str) -> str:
     for src, dst in NAME_MAP:
         if name.startswith(src):
@@ -134,17 +181,17 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     loaded: set[str] = set()
     try:
         for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
+            with open(file, "rb") as f:
+                header, data_start = read_safetensors_header(f)
+                for key, info in header.items():
                     name = map_name(key)
-                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some tied checkpoints still store a copy
                     if name not in expected:
-                        continue  # e.g. rotary inv_freq buffers some exports carry
-                    t = f.get_tensor(key)
+                        continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
+                    t = read_tensor(f, info, data_start, dtype)
                     if bar is not None:
-                        bar.update(t.numel() * t.element_size())
-                    _assign(model, name, t.to(device=device, dtype=dtype))
+                        bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+                    _assign(model, name, t.to(device))
+                    del t
                     loaded.add(name)
     finally:
         if bar is not None:

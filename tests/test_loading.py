@@ -1,0 +1,133 @@
+"""Loading: the real model shapes, dtypes and devices, memory while loading, hub ids, and broken files."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.errors import InvalidInputError
+from qwen2vl.loader import load_model, resolve_device, resolve_dtype, resolve_model_path
+from qwen2vl.model import Qwen2VLForConditionalGeneration
+from tests.fixtures import official_config, write_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The official configs' language-model fields (REFERENCE.md); the vision tower is the same for all sizes.
+SIZES = {
+    "2B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, params=2.21e9),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, params=8.29e9),
+    "72B": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, params=73.4e9),
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_official_shapes_build_on_meta(size):
+    spec = dict(SIZES[size])
+    params = spec.pop("params")
+    d = official_config("tiny", **spec, mrope_section=[16, 24, 24], max_position_embeddings=32768)
+    d["vision_config"] = {"hidden_size": spec["hidden_size"], "in_chans": 3, "spatial_patch_size": 14}
+    cfg = Qwen2VLConfig.from_dict(d)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert abs(n - params) / params < 0.01, n
+    assert model.visual.blocks[0].attn.qkv.weight.shape == (3840, 1280)
+    assert model.visual.merger.mlp[2].weight.shape == (spec["hidden_size"], 5120)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("load") / "ck", variant="tiny-untied")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtypes(ckpt, dtype):
+    model = load_model(str(ckpt), getattr(torch, dtype))
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    ref = load_model(str(ckpt), torch.float32)
+    a, b = model.model.layers[0].mlp.up_proj.weight, ref.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(a, b.to(a.dtype))
+
+
+def test_auto_dtype_and_device():
+    cfg = Qwen2VLConfig.from_dict(official_config("tiny", dtype="bfloat16"))
+    assert resolve_dtype("auto", cfg, torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", cfg, torch.device("cpu")) == torch.float32
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InvalidInputError, match="dtype"):
+        resolve_dtype("int3", cfg, torch.device("cpu"))
+    with pytest.raises(InvalidInputError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match="Qwen/Qwen2-VL-2B-Instruct"):
+        resolve_model_path("Qwen/Qwen2-VL-2B-Instruct")
+    with pytest.raises(InvalidInputError, match="not a directory"):
+        resolve_model_path("./no/such/dir")
+
+
+def test_truncated_and_mismatched_weights(ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(ckpt):
+        data = (ckpt / name).read_bytes()
+        if name == "model.safetensors":
+            data = data[: len(data) // 2]
+        (bad / name).write_bytes(data)
+    with pytest.raises(InvalidInputError, match="truncated"):
+        load_model(str(bad))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    with pytest.raises(InvalidInputError, match="shape"):
+        load_model(str(bad))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype):
+    """Loading reads each tensor straight into its final place (a cast goes through one 16 MiB chunk), so the
+    process grows by about the weights' size, not by a second copy. Measured in a fresh process."""
+    d = tmp_path_factory.getbasetemp() / "memck"
+    if not (d / "model.safetensors").exists():
+        write_checkpoint(d, variant="tiny", hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                         num_key_value_heads=2, mrope_section=[8, 12, 12], num_hidden_layers=4, tokenizer=False,
+                         vision_config={"embed_dim": 128, "num_heads": 4, "depth": 2})
+    small = tmp_path_factory.getbasetemp() / "memck-small"
+    if not (small / "model.safetensors").exists():
+        write_checkpoint(small, variant="tiny", tokenizer=False)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {ROOT!r})
+        from qwen2vl.loader import load_model
+        def status(key):
+            return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+        load_model({str(small)!r}, torch.{dtype})  # warm up torch's allocator and kernels
+        base = status("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+        m = load_model({str(d)!r}, torch.{dtype})
+        w = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.parameters()}}.values())
+        print(w, status("VmHWM") - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    weights, grown = map(int, out.split())
+    assert weights > 50e6
+    assert grown <= 1.15 * weights + (24 << 20), (weights, grown)
