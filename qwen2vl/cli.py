@@ -76,7 +76,9 @@ def _answer(llm, messages, params, out) -> str:
     return "".join(text)
 
 
-def run_chat(args, stdin=sys.stdin, out=sys.stdout) -> int:
+def run_chat(args, stdin=None, out=None) -> int:
+    stdin = stdin if stdin is not None else sys.stdin
+    out = out if out is not None else sys.stdout
     from .llm import LLM
     llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
               max_pixels=args.max_pixels, max_model_len=args.max_model_len)
