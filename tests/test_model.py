@@ -47,10 +47,15 @@ def ckpts(tmp_path_factory):
         "transformers": write_checkpoint(root / "transformers", variant="tiny", layout="transformers"),
         "sharded": write_checkpoint(root / "sharded", variant="tiny", layout="official", shards=3),
         "untied": write_checkpoint(root / "untied", variant="tiny-untied", layout="official"),
+        "save_pretrained": write_checkpoint(root / "save_pretrained", variant="tiny", layout="save_pretrained"),
+        "mha": write_checkpoint(root / "mha", variant="tiny-mha"),
+        "gqa3": write_checkpoint(root / "gqa3", variant="tiny-gqa3"),
+        "hd32": write_checkpoint(root / "hd32", variant="tiny-hd32"),
     }
 
 
-@pytest.mark.parametrize("name", ["official", "transformers", "sharded", "untied"])
+@pytest.mark.parametrize("name", ["official", "transformers", "sharded", "untied", "save_pretrained", "mha", "gqa3",
+                                  "hd32"])
 def test_prompt_logits_match_transformers(ckpts, name):
     ref, _ = load_reference(ckpts[name], attn_implementation="sdpa")
     ours = load_model(str(ckpts[name]), torch.float32)
@@ -59,6 +64,18 @@ def test_prompt_logits_match_transformers(ckpts, name):
     got = ours(torch.tensor(ids), v)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_bfloat16_matches_transformers_bfloat16(ckpts):
+    """In bfloat16 both implementations round the same way: equal logits, not just close ones (on these
+    deliberately chaotic random weights bf16 is far from fp32 for both)."""
+    from transformers import Qwen2VLForConditionalGeneration as HF
+    ids, v = _prompt()
+    ref = HF.from_pretrained(str(ckpts["untied"]), dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    expected = _ref_logits(ref, ids, v).float()
+    got = load_model(str(ckpts["untied"]), torch.bfloat16)(torch.tensor(ids), v)
+    assert got.dtype == torch.float32  # logits come back in float32 whatever the compute dtype
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
 def test_layouts_load_identical_weights(ckpts):
