@@ -14,9 +14,8 @@ Differences from qwen-vl-utils 0.0.14 (besides errors being InvalidInputError):
   ``linspace(start, end, nframes).round()``). Without ``video_start``/``video_end`` this is also
   what its torchvision reader selects. When the metadata has no frame count the packets are
   counted; when it overstates the count, the real count is used and the sampling redone.
-* A frame-list video is returned as a list of PIL images (qwen-vl-utils 0.0.14 returns a float
-  (T, C, H, W) tensor; 0.0.8 returned a list). The pixels are the same. Frames are loaded the way
-  0.0.14 loads them, including its quirk of calling ``fetch_image`` with ``image_factor`` as the
+* None in what comes back: a frame-list video is a float (T, C, H, W) tensor as in 0.0.14 (0.0.8
+  returned a list of PIL images), with the same pixels. Frames are loaded the way 0.0.14 loads them, including its quirk of calling ``fetch_image`` with ``image_factor`` as the
   patch size, so each frame is first snapped to a multiple of 56 with image budgets computed
   for factor 56, and then resized again to the video pixel budget with factor 28.
 * URLs are downloaded to a temporary file with the same timeout/size limits as images.
@@ -287,7 +286,7 @@ def _download_to_temp(url: str, timeout: float, max_bytes: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Frame lists
 # ---------------------------------------------------------------------------------------------
-def _read_frame_list(frames, ele: dict, factor: int, budget, timeout, max_bytes) -> tuple[list[Image.Image], float]:
+def _read_frame_list(frames, ele: dict, factor: int, budget, timeout, max_bytes) -> tuple[torch.Tensor, float]:
     if len(frames) == 0:
         raise InvalidInputError("a frame-list video needs at least one frame")
     info = {k: v for k, v in ele.items() if k not in ("type", "video", "video_url", "image", "image_url")}
@@ -309,15 +308,13 @@ def _read_frame_list(frames, ele: dict, factor: int, budget, timeout, max_bytes)
         )
     width, height = images[0].size
     h, w = _target_size(ele, height, width, nframes, factor, budget)
-    if (h, w) != (height, width):
-        resized = {}
-        for im in images:
-            if id(im) not in resized:
-                t = torch.from_numpy(np.array(im)).permute(2, 0, 1)
-                resized[id(im)] = Image.fromarray(resize_frame(t, h, w).permute(1, 2, 0).numpy())
-        images = [resized[id(im)] for im in images]
+    frames: dict[int, torch.Tensor] = {}  # padding repeats a frame: convert and resize it once
+    for im in images:
+        if id(im) not in frames:
+            frames[id(im)] = resize_frame(torch.from_numpy(np.array(im)).permute(2, 0, 1), h, w)  # (C, h, w)
+    video = torch.stack([frames[id(im)] for im in images]).float()  # (T, C, h, w), values 0..255
     sample_fps = ele.get("sample_fps", 2.0)
-    return images, sample_fps
+    return video, sample_fps
 
 
 def fetch_video(
@@ -341,8 +338,8 @@ def fetch_video(
     (128 and 768 tokens' worth of pixels per frame, VIDEO_TOTAL_PIXELS); item keys override them,
     and the per-frame max stays capped by ``max(min(768*f*f, total/nframes*2), 1.05*min)``.
 
-    Returns a float32 tensor (T, C, H, W) with integer values 0..255 for files, or a list of RGB
-    PIL images for frame lists (T even), and with ``return_fps`` also the sample fps.
+    Returns a float32 tensor (T, C, H, W) with integer values 0..255 (T even for frame lists, padded by
+    repeating the last frame), as qwen-vl-utils 0.0.14 does; with ``return_fps`` also the sample fps.
     """
     if not isinstance(ele, dict):
         raise InvalidInputError(f"a video item must be a dict, got {type(ele).__name__}")

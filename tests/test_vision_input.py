@@ -367,13 +367,12 @@ def test_frame_list_matches(size, n, extra, qvu):
     ele = {"type": "video", "video": frames, **extra}
     ours, fps = vid.fetch_video(ele, return_fps=True)
     theirs, their_fps = qvu.fetch_video(ele, return_video_sample_fps=True)
-    assert isinstance(ours, list) and all(isinstance(f, Image.Image) for f in ours)
+    assert isinstance(ours, torch.Tensor) and ours.dtype == torch.float32  # like qwen-vl-utils 0.0.14
     assert len(ours) == len(theirs) == n + n % 2  # padded to an even count
     assert fps == their_fps
-    for a, b in zip(ours, _qvu_frames(theirs)):
-        np.testing.assert_array_equal(np.asarray(a).astype(np.float32), b)
+    assert torch.equal(ours, theirs)
     if n % 2:
-        np.testing.assert_array_equal(np.asarray(ours[-1]), np.asarray(ours[-2]))
+        assert torch.equal(ours[-1], ours[-2])
 
 
 def test_frame_list_from_paths_and_urls(tmp_path, server, qvu):
@@ -386,8 +385,7 @@ def test_frame_list_from_paths_and_urls(tmp_path, server, qvu):
     ours = vid.fetch_video({"video": paths + [base + "/img.png"]})
     theirs = qvu.fetch_video({"video": paths + [img]})
     assert len(ours) == 4
-    for a, b in zip(ours, _qvu_frames(theirs)):
-        np.testing.assert_array_equal(np.asarray(a).astype(np.float32), b)
+    assert torch.equal(ours, theirs)
 
 
 def test_frame_list_different_sizes_error():
@@ -493,8 +491,7 @@ def test_process_vision_info(video_mp4, qvu):
     for a, b in zip(ours[0], theirs[0]):
         _same(a, b)
     for a, b in zip(ours[1], theirs[1]):
-        np.testing.assert_array_equal(np.stack([np.asarray(f) for f in a]).astype(np.float32),
-                                      b.permute(0, 2, 3, 1).numpy())
+        assert torch.equal(a, b)
     assert vi.process_vision_info([{"role": "user", "content": "text only"}]) == (None, None)
     assert vi.process_vision_info([], return_video_kwargs=True) == (None, None, {"do_sample_frames": False, "fps": []})
     with pytest.raises(InvalidInputError, match="no image"):
