@@ -147,6 +147,16 @@ def _ref_video(setup, prepared):
                 video_grid_thw=torch.tensor(v.video_grid_thw), mm_token_type_ids=(ids == VID).int() * 2)
 
 
+def _check_video_against_reference(setup, msgs, prepared):
+    inputs = _ref_video(setup, prepared)
+    with torch.no_grad():
+        expected = setup["ref"](**inputs).logits[0]
+    got = setup["llm"].model(torch.tensor(prepared.token_ids), prepared.vision)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    out = setup["llm"].chat(msgs, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == _ref_greedy(setup["ref"], inputs)
+
+
 def test_video_as_frame_list_odd_count(setup, qvu):
     frames = _video_frames(setup["media"], 5, 112, 84)
     msgs = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What happens?"}]}]
@@ -159,13 +169,7 @@ def test_video_as_frame_list_odd_count(setup, qvu):
     from qwen2vl.vision_input import video_to_patches
     ref_pv, _ = video_to_patches(ref_frames)
     assert torch.equal(ours, ref_pv)
-    inputs = _ref_video(setup, prepared)
-    with torch.no_grad():
-        expected = setup["ref"](**inputs).logits[0]
-    got = llm.model(torch.tensor(prepared.token_ids), prepared.vision)
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
-    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True))[0]
-    assert out.outputs[0].token_ids == _ref_greedy(setup["ref"], inputs)
+    _check_video_against_reference(setup, msgs, prepared)
 
 
 def test_video_file(setup):
@@ -186,10 +190,4 @@ def test_video_file(setup):
     prepared = llm.processor(msgs)
     t, h, w = prepared.vision.video_grid_thw[0]
     assert t == 2  # 2 s at 2 fps = 4 frames = 2 temporal patches
-    inputs = _ref_video(setup, prepared)
-    with torch.no_grad():
-        expected = setup["ref"](**inputs).logits[0]
-    got = llm.model(torch.tensor(prepared.token_ids), prepared.vision)
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
-    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True))[0]
-    assert out.outputs[0].token_ids == _ref_greedy(setup["ref"], inputs)
+    _check_video_against_reference(setup, msgs, prepared)
