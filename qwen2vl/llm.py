@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterator
@@ -105,6 +106,9 @@ class LLM:
         if isinstance(prompt, str):
             return self.processor.from_prompt(prompt, [])
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            if prompt.get("multi_modal_data"):
+                raise InvalidInputError("multi_modal_data needs the prompt as text ({'prompt': ...}), "
+                                        "not prompt_token_ids")
             ids = [int(t) for t in prompt["prompt_token_ids"]]
             return ProcessedPrompt(self.tokenizer.decode(ids), ids, None)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
@@ -154,22 +158,39 @@ class LLM:
         return params
 
     def _run(self, prepared: list[ProcessedPrompt], params: list[SamplingParams]) -> list[RequestOutput]:
-        seqs = []
+        """Run prompts to completion as one batch. A prompt with ``n > 1`` runs as n sequences (child i seeded
+        with seed + i when a seed is given) whose completions come back together, indexed 0..n-1."""
+        groups: list[list[Sequence]] = []
         try:
             for p, sp in zip(prepared, params):
-                seq = Sequence(p.token_ids, sp, p.vision, prompt=p.prompt)
-                self.engine.add_request(seq)
-                seqs.append(seq)
+                kids = []
+                for i in range(sp.n):
+                    child = sp if sp.n == 1 else dataclasses.replace(
+                        sp, n=1, seed=None if sp.seed is None else (sp.seed + i) % 2**64)
+                    seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt)
+                    self.engine.add_request(seq)
+                    kids.append(seq)
+                groups.append(kids)
+            ids = {s.request_id for kids in groups for s in kids}
             final: dict[str, RequestOutput] = {}
-            while len(final) < len(seqs):
-                for out in self.engine.step():
-                    if out.finished:
+            while len(final) < len(ids):
+                for out in self.engine.step():  # may also step other requests (an unfinished chat_stream)
+                    if out.finished and out.request_id in ids:
                         final[out.request_id] = out
         except BaseException:
-            for s in seqs:
-                self.engine.abort_request(s.request_id)
+            for kids in groups:
+                for s in kids:
+                    self.engine.abort_request(s.request_id)
             raise
-        return [final[s.request_id] for s in seqs]
+        results = []
+        for kids in groups:
+            out = final[kids[0].request_id]
+            for i, s in enumerate(kids[1:], start=1):
+                c = final[s.request_id].outputs[0]
+                c.index = i
+                out.outputs.append(c)
+            results.append(out)
+        return results
 
     @staticmethod
     def _is_batch(conversations) -> bool:
@@ -204,16 +225,24 @@ class LLM:
                           chat_template_kwargs=chat_template_kwargs, tools=tools,
                           mm_processor_kwargs=mm_processor_kwargs)
         params = self._params_list(sampling_params, 1)[0]
+        if params.n != 1:
+            raise InvalidInputError("chat_stream streams one completion: n must be 1")
         seq = Sequence(p.token_ids, params, p.vision, prompt=p.prompt)
         self.engine.add_request(seq)
-        try:
+        sent_text = sent_tokens = 0  # what this stream has handed out: between two of its chunks, another call
+        try:                         # (chat, a second stream) may step the engine and take this request's outputs
             while True:
-                for out in self.engine.step():
-                    if out.request_id == seq.request_id:
-                        if out.delta_text or out.finished:
-                            yield out
-                        if out.finished:
-                            return
+                outs = [o for o in self.engine.step() if o.request_id == seq.request_id]
+                if seq.finished and not any(o.finished for o in outs):
+                    outs.append(seq.to_output())  # it finished while another call was stepping the engine
+                for out in outs:
+                    c = out.outputs[0]
+                    if len(c.text) > sent_text or out.finished:  # tokens that add no text go with the next chunk
+                        out.delta_text, out.delta_token_ids = c.text[sent_text:], c.token_ids[sent_tokens:]
+                        sent_text, sent_tokens = len(c.text), len(c.token_ids)
+                        yield out
+                    if out.finished:
+                        return
         finally:
             if not seq.finished:
                 self.engine.abort_request(seq.request_id)

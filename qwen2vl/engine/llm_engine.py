@@ -35,6 +35,8 @@ class LLMEngine:
             raise InvalidInputError(
                 f"the prompt is {n} tokens long, the model's context is {self.max_model_len} tokens "
                 "(leave room for at least one generated token)")
+        if seq.params.n != 1:
+            raise InvalidInputError(f"a sequence carries one completion (LLM.chat splits n > 1), got n={seq.params.n}")
         if seq.request_id in self.requests:
             raise InvalidInputError(f"request id {seq.request_id!r} is already in use")
         p = seq.params
@@ -110,7 +112,6 @@ class LLMEngine:
     def _advance(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         old_len = len(seq.text)
-        seq.text += seq.detok.add(tok)
         reason = None
         if tok in self.eos_token_ids and not p.ignore_eos:
             reason = "stop"
@@ -118,9 +119,11 @@ class LLMEngine:
             reason, seq.stop_reason = "stop", tok
         elif len(seq.output_token_ids) >= (p.max_tokens or 1 << 62) or seq.num_tokens >= seq.max_total:
             reason = "length"
+        if reason != "stop" or p.include_stop_str_in_output:  # as vLLM: an EOS / stop token's text is left out
+            seq.text += seq.detok.add(tok)
         if reason is not None:
             seq.text += seq.detok.finish()  # bytes that never became a whole character
-        if p.stop:
+        if p.stop and len(seq.output_token_ids) > p.min_tokens:  # as vLLM: no stop strings within min_tokens
             # a stop string may end inside the new text or straddle the boundary with older text
             window = max(len(s) for s in p.stop)
             begin = max(0, old_len - window + 1)
