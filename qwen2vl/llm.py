@@ -15,6 +15,7 @@ from .engine.sequence import RequestOutput, Sequence
 from .errors import InvalidInputError
 from .loader import load_model, resolve_device, resolve_dtype, resolve_model_path
 from .processor import ProcessedPrompt, Processor
+from .quant import MODES, quantize_
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -42,12 +43,13 @@ class LLM:
             checkpoint's preprocessor_config.json.
         max_model_len: context length (prompt + output); default the model's max_position_embeddings.
         max_num_seqs: how many requests decode together in one batch.
+        quantization: None, "int8" or "int4": quantize the weights after loading (CPU; see qwen2vl.quant).
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
                  min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 8, revision: str | None = None, progress: bool | None = None,
-                 media_timeout: float = 10.0):
+                 media_timeout: float = 10.0, quantization: str | None = None):
         path = resolve_model_path(model, revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)
@@ -67,7 +69,12 @@ class LLM:
         if max_model_len is not None and not 1 < max_model_len <= limit:
             raise InvalidInputError(f"max_model_len must be in 2..{limit}, got {max_model_len}")
         self.max_model_len = max_model_len or limit
+        if quantization is not None and quantization not in MODES:
+            raise InvalidInputError(f"unknown quantization {quantization!r}; use one of {', '.join(MODES)}")
+        self.quantization = quantization
         self.model = load_model(path, self.dtype, self.device, cfg, progress=progress)
+        if quantization is not None:
+            quantize_(self.model, quantization)
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
                                 max_model_len=self.max_model_len, max_num_seqs=max_num_seqs)
 

@@ -85,7 +85,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype  # the compute dtype, also after weight quantization
 
     @property
     def device(self) -> torch.device:

@@ -130,7 +130,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.merger.mlp[0].weight.dtype
+        return self.merger.ln_q.weight.dtype
 
     def rotary(self, grid_thw: list[tuple[int, int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (N, head_dim): 1/4 of the dims rotate with h, 1/4 with w, repeated for the pairs."""
