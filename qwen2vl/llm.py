@@ -44,12 +44,15 @@ class LLM:
         max_model_len: context length (prompt + output); default the model's max_position_embeddings.
         max_num_seqs: how many requests decode together in one batch.
         quantization: None, "int8" or "int4": quantize the weights after loading (CPU; see qwen2vl.quant).
+        prefix_cache_mb, vision_cache_mb: memory for reusing the KV of earlier prompts that a new prompt begins
+            with (a second turn) and the features of media seen before; 0 turns either off.
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
                  min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 8, revision: str | None = None, progress: bool | None = None,
-                 media_timeout: float = 10.0, quantization: str | None = None):
+                 media_timeout: float = 10.0, quantization: str | None = None, prefix_cache_mb: int = 1024,
+                 vision_cache_mb: int = 256):
         path = resolve_model_path(model, revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)
@@ -77,6 +80,9 @@ class LLM:
             quantize_(self.model, quantization)
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
                                 max_model_len=self.max_model_len, max_num_seqs=max_num_seqs)
+        if prefix_cache_mb < 0 or vision_cache_mb < 0:
+            raise InvalidInputError("prefix_cache_mb and vision_cache_mb must be >= 0")
+        self.engine.runner.configure(int(prefix_cache_mb) << 20, int(vision_cache_mb) << 20)
 
     # ------------------------------------------------------------------ defaults
     @property

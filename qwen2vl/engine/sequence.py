@@ -57,6 +57,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.rope_delta = 0
         self.row = -1  # KV cache row while running
+        self.prefix_keys: list = []  # content keys of the prompt (prefix cache)
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
