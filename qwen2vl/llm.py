@@ -15,7 +15,7 @@ from .engine.sequence import RequestOutput, Sequence
 from .errors import InvalidInputError
 from .loader import load_model, resolve_device, resolve_dtype, resolve_model_path
 from .processor import ProcessedPrompt, Processor
-from .quant import MODES, quantize_
+from .quant import MODES
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -75,9 +75,7 @@ class LLM:
         if quantization is not None and quantization not in MODES:
             raise InvalidInputError(f"unknown quantization {quantization!r}; use one of {', '.join(MODES)}")
         self.quantization = quantization
-        self.model = load_model(path, self.dtype, self.device, cfg, progress=progress)
-        if quantization is not None:
-            quantize_(self.model, quantization)
+        self.model = load_model(path, self.dtype, self.device, cfg, progress=progress, quantization=quantization)
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
                                 max_model_len=self.max_model_len, max_num_seqs=max_num_seqs)
         if prefix_cache_mb < 0 or vision_cache_mb < 0:

@@ -13,6 +13,7 @@ import sys
 import torch
 from torch import nn
 
+from . import quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .model import Qwen2VLForConditionalGeneration
@@ -162,12 +163,17 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-               cfg: Qwen2VLConfig | None = None, progress: bool | None = None) -> Qwen2VLForConditionalGeneration:
+               cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
+               quantization: str | None = None) -> Qwen2VLForConditionalGeneration:
+    """Build on the meta device, then read each tensor into place. With ``quantization``, each linear layer is
+    quantized as soon as its tensors have arrived (see qwen2vl.quant), so memory peaks near the quantized size."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(cfg)
     model.eval().requires_grad_(False)
     expected = {n for n, _ in model.named_parameters()}
+    plan = quant.linear_plan(model, quantization) if quantization else {}
+    waiting = {p: {n for n, _ in model.get_submodule(p).named_parameters()} for p in plan}
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     files = checkpoint_files(path)
@@ -183,7 +189,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         for file in files:
             with open(file, "rb") as f:
                 header, data_start = read_safetensors_header(f)
-                for key, info in header.items():
+                # largest first: a tensor that is cast or quantized on arrival then peaks while little else is in
+                for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] -
+                                        kv[1]["data_offsets"][1]):
                     name = map_name(key)
                     if name not in expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
@@ -193,6 +201,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     _assign(model, name, t.to(device))
                     del t
                     loaded.add(name)
+                    mod_path, _, leaf = name.rpartition(".")
+                    if quantization and name == "model.embed_tokens.weight":
+                        quant.quantize_embedding_(model, cfg.tie_word_embeddings, dtype)
+                    if mod_path in waiting:
+                        waiting[mod_path].discard(leaf)
+                        if not waiting[mod_path]:  # all of this linear's tensors are in: quantize it now
+                            del waiting[mod_path]
+                            quant.replace_module(model, mod_path, plan[mod_path](model.get_submodule(mod_path)))
     finally:
         if bar is not None:
             bar.close()
@@ -200,6 +216,17 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not quantization:
         model.lm_head.weight = model.model.embed_tokens.weight
+    _release_free_memory()
     return model
+
+
+def _release_free_memory() -> None:
+    """Hand memory freed while loading back to the OS (glibc keeps freed heap pages otherwise)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

@@ -12,8 +12,9 @@ language model is read in int8 or int4 during decode.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError
@@ -22,11 +23,18 @@ MODES = ("int8", "int4")
 _SMALL_M = 16  # rows up to which the weight-only kernel beats quantizing the activations
 
 
+_ROWS = 2048  # quantize in row blocks: temporaries stay small even for the 151936-row lm_head
+
+
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> int8 (out, in) and float32 scales (out,): w ~ q * scale."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    for i in range(0, w.shape[0], _ROWS):
+        blk = w[i:i + _ROWS].detach().to(torch.float32, copy=True)
+        s = blk.abs().amax(dim=1).clamp_min_(1e-12) / 127.0
+        q[i:i + _ROWS] = blk.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[i:i + _ROWS] = s
     return q, scale
 
 
@@ -66,10 +74,10 @@ class Int4Linear(nn.Module):
         if in_f % group_size:
             raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size}")
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        w = weight.float().view(out_f, in_f // group_size, group_size)  # (out, groups, g)
+        w = weight.detach().to(torch.float32, copy=True).view(out_f, in_f // group_size, group_size)  # (out, groups, g)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
         scale = ((hi - lo) / 15).clamp_min(1e-12)
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).view(out_f, in_f)
+        q = w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(out_f, in_f)
         zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles))
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
@@ -99,42 +107,56 @@ class Int8Embedding(nn.Module):
         return (self.weight[ids].float() * self.scales[ids, None]).to(self.dtype)
 
 
-def _swap(parent: nn.Module, name: str, new: nn.Module) -> None:
-    setattr(parent, name, new)
+def _check(model, mode: str) -> None:
+    if mode not in MODES:
+        raise InvalidInputError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    if model.device.type not in ("cpu", "meta"):
+        raise InvalidInputError("int8/int4 quantization runs on the CPU; use dtype bfloat16 on GPUs")
+
+
+def linear_plan(model, mode: str, group_size: int = 128) -> dict[str, Callable[[nn.Linear], nn.Module]]:
+    """Module path -> how to quantize that nn.Linear: the decoder's linears (int8 or int4), the vision tower's,
+    the merger's and an untied lm_head (int8). The embedding (and a tied lm_head): ``quantize_embedding_``."""
+    _check(model, mode)
+
+    def int4(lin: nn.Linear) -> nn.Module:
+        g = next((g for g in (group_size, 64, 32) if lin.in_features % g == 0), None)
+        if g is None:
+            raise InvalidInputError(f"int4 needs in_features divisible by 32, got {lin.in_features}")
+        return Int4Linear(lin.weight, lin.bias, g)
+
+    def int8(lin: nn.Linear) -> nn.Module:
+        return Int8Linear(lin.weight, lin.bias)
+
+    tied = model.cfg.tie_word_embeddings
+    plan = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and not (tied and path == "lm_head"):
+            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8
+    return plan
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+
+
+@torch.no_grad()
+def quantize_embedding_(model, tied: bool, dtype: torch.dtype) -> None:
+    """The embedding reads int8 rows (returned in ``dtype``); when lm_head is tied to it, lm_head becomes the int8
+    matrix they share."""
+    if tied:
+        head = Int8Linear(model.model.embed_tokens.weight, None)
+        model.lm_head = head
+        model.model.embed_tokens = Int8Embedding(head.weight, head.scales, dtype)
+    else:
+        model.model.embed_tokens = Int8Embedding(*_int8_rows(model.model.embed_tokens.weight), dtype)
 
 
 @torch.no_grad()
 def quantize_(model, mode: str, *, group_size: int = 128) -> None:
-    """Replace the model's linear layers in place (see the module docstring). CPU only for now."""
-    if mode not in MODES:
-        raise InvalidInputError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-    if model.device.type != "cpu":
-        raise InvalidInputError("int8/int4 quantization runs on the CPU; use dtype bfloat16 on GPUs")
-    dtype = model.dtype
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    if mode == "int4":
-                        g = next((g for g in (group_size, 64, 32) if child.in_features % g == 0), None)
-                        if g is None:
-                            raise InvalidInputError(f"int4 needs in_features divisible by 32, got {child.in_features}")
-                        new = Int4Linear(child.weight, child.bias, g)
-                    else:
-                        new = Int8Linear(child.weight, child.bias)
-                    _swap(parent, name, new)
-    for blk in model.visual.blocks:
-        for parent in (blk.attn, blk.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    _swap(parent, name, Int8Linear(child.weight, child.bias))
-    for i in (0, 2):
-        model.visual.merger.mlp[i] = Int8Linear(model.visual.merger.mlp[i].weight, model.visual.merger.mlp[i].bias)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    head = Int8Linear(model.lm_head.weight, None)
-    model.lm_head = head
-    if tied:
-        model.model.embed_tokens = Int8Embedding(head.weight, head.scales, dtype)
-    else:
-        q, s = _int8_rows(model.model.embed_tokens.weight)
-        model.model.embed_tokens = Int8Embedding(q, s, dtype)
+    """Quantize a loaded model in place (see the module docstring). The loader does the same tensor by tensor
+    while reading a checkpoint, so the float weights never all sit in memory together."""
+    for path, make in linear_plan(model, mode, group_size).items():
+        replace_module(model, path, make(model.get_submodule(path)))
+    quantize_embedding_(model, model.lm_head.weight is model.model.embed_tokens.weight, model.dtype)

@@ -92,3 +92,17 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
 def test_unknown_quantization(ckpt):
     with pytest.raises(InvalidInputError, match="quantization"):
         LLM(str(ckpt), quantization="int3")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
+def test_quantizing_while_loading_equals_quantizing_after(tmp_path, mode, variant):
+    from qwen2vl.loader import load_model
+    from qwen2vl.quant import quantize_
+    ck = write_checkpoint(tmp_path / "ck", variant=variant)
+    during = load_model(str(ck), torch.bfloat16, quantization=mode)
+    after = load_model(str(ck), torch.bfloat16)
+    quantize_(after, mode)
+    ids = torch.arange(1000, 1020)
+    assert torch.equal(during(ids), after(ids))
+    assert during.model.embed_tokens(ids).dtype == torch.bfloat16
