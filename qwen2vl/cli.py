@@ -2,6 +2,7 @@
 
     qwen2vl chat --model DIR --image cat.jpg "Describe this image."   # one answer, streamed
     qwen2vl chat --model DIR                                          # a multi-turn session
+    qwen2vl serve --model DIR --port 8000 --api-key KEY               # an OpenAI-compatible server
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
 /clear (forget the conversation), /exit.
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--video", action="append", default=[], help="a video path or URL (repeatable)")
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("prompt", nargs="?", default=None, help="the question; omit it for a session")
+    from .server.serve import add_serve_args
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model_args(serve)
+    add_serve_args(serve)
     return parser
 
 
@@ -136,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         from . import __version__
         print(__version__)
         return 0
-    if args.command != "chat":
+    if args.command not in ("chat", "serve"):
         parser.print_help()
         return 2
     try:
+        if args.command == "serve":
+            from .server.serve import serve
+            return serve(args)
         return run_chat(args)
     except InvalidInputError as e:
         print(f"qwen2vl: error: {e}", file=sys.stderr)

@@ -72,11 +72,15 @@ class LLMEngine:
             logits = self.runner.decode(running)
             self._sample(running, logits)
             touched += running
-        for seq in self.scheduler.admit():
+        admitted = self.scheduler.admit()
+        for i, seq in enumerate(admitted):
             try:
                 logits = self.runner.prefill(seq)
             except Exception:
                 self._drop(seq)
+                for later in reversed(admitted[i + 1:]):  # admitted but not prefilled: back to the queue's front
+                    later.status = Status.WAITING
+                    self.scheduler.waiting.appendleft(later)
                 raise
             self.scheduler.running.append(seq)
             self._sample([seq], logits)

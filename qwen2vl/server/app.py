@@ -1,0 +1,625 @@
+"""The OpenAI-compatible HTTP server (Starlette + uvicorn).
+
+    POST /v1/chat/completions   chat, streamed (SSE) or not; images, videos, tools
+    GET  /v1/models             the served model (and /v1/models/{id})
+    GET  /health                200 while the engine runs
+    GET  /metrics               Prometheus text
+
+One :class:`~qwen2vl.engine.async_engine.AsyncEngine` thread owns the model. A request is checked, admitted
+against the bounded queue (429 with Retry-After past it), its media fetched under the :class:`MediaPolicy` and
+preprocessed on a worker thread, then submitted to the engine, where it joins the running batch at the next step.
+A client that goes away, or a request past its timeout, is aborted at once (its cache row is freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine.async_engine import AsyncEngine, EngineError
+from ..engine.sequence import RequestOutput, Sequence
+from ..errors import InvalidInputError
+from ..processor import ProcessedPrompt, normalize_messages
+from . import tool_calls as tc
+from .media import MediaPolicy, ResolvedMedia
+from .metrics import Metrics
+from .protocol import (GROUNDING_TOKENS, APIError, ChatRequest, FilteredDetokenizer, TokenInfo, openai_logprobs,
+                       parse_chat_request)
+
+__all__ = ["ServerConfig", "OpenAIServer", "build_app"]
+
+log = logging.getLogger("qwen2vl.server")
+
+_MEDIA_OPTS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
+               "max_frames", "total_pixels", "video_start", "video_end")
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                             "chat_template", "conversation"}
+
+
+@dataclass
+class ServerConfig:
+    """How the server behaves. ``max_queue_size``: sequences that may wait beyond the running batch (preprocessing
+    included) before new requests get 429. ``request_timeout``: seconds from arrival to the end of a request
+    (None: no limit). Limits per request: body bytes, images, videos, visual tokens (None: only the context)."""
+
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_queue_size: int = 64
+    request_timeout: float | None = 600.0
+    max_request_bytes: int = 32 << 20
+    max_images_per_request: int = 8
+    max_videos_per_request: int = 2
+    max_visual_tokens: int | None = 16384
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    preprocess_workers: int = 2
+    retry_after_s: int = 1
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Stream(StreamingResponse):
+    """A streaming response whose cleanup runs however the stream ends (finished, client gone, never started)."""
+
+    def __init__(self, content, cleanup, **kw):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
+
+def _sse(obj: Any) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+class OpenAIServer:
+    def __init__(self, llm, config: ServerConfig):
+        self.llm = llm
+        self.config = config
+        self.model_name = config.served_model_names[0]
+        self.tokenizer = llm.tokenizer
+        self.token_info = TokenInfo(self.tokenizer)
+        specials = self.tokenizer.special_token_ids
+        keep = {self.tokenizer.token_to_id(t) for t in GROUNDING_TOKENS}
+        self.skip_ids = frozenset(i for i in specials if i not in keep)
+        self.engine = AsyncEngine(llm.engine, detokenizer_factory=self._detok)
+        self.capacity = llm.engine.scheduler.max_num_seqs + config.max_queue_size
+        self._keep_all: set[str] = set()  # request ids whose text keeps every special token
+        self.inflight = 0  # sequences admitted and not yet finished (preprocessing, queued or running)
+        self.metrics = Metrics(self.model_name)
+        m = self.metrics
+        m.add_gauge("qwen2vl_requests_running", "Sequences in the running (decoding) batch.",
+                    lambda: self.engine.num_running)
+        m.add_gauge("qwen2vl_requests_waiting", "Sequences admitted but not running yet (preprocessing or queued): "
+                    "the queue depth.", lambda: max(0, self.inflight - self.engine.num_running))
+        m.add_gauge("qwen2vl_queue_capacity", "Sequences that may be running or waiting before 429.",
+                    lambda: self.capacity)
+        m.add_gauge("qwen2vl_kv_cache_rows", "KV-cache rows in use.", lambda: self.engine.num_cache_rows)
+        m.add_gauge("qwen2vl_engine_failures", "Engine steps that raised.", lambda: self.engine.failures)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, config.preprocess_workers),
+                                       thread_name_prefix="qwen2vl-prep")
+        self.sampling_defaults = self._sampling_defaults()
+        template = None
+        with contextlib.suppress(Exception):
+            template = self.tokenizer.get_chat_template()
+        self.native_tools = tc.template_has_tools(template)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ setup
+    def _sampling_defaults(self) -> dict:
+        g = self.llm.generation_config
+        d = {k: g[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in g}
+        if g.get("do_sample") is False:
+            d["temperature"] = 0.0
+        return d
+
+    def _detok(self, seq: Sequence):
+        """Runs on the engine thread for each new sequence: keep grounding tokens, drop the other specials
+        (all special tokens are kept for requests that set skip_special_tokens=false)."""
+        keep_all = seq.request_id in self._keep_all
+        self._keep_all.discard(seq.request_id)
+        return FilteredDetokenizer(self.tokenizer, frozenset() if keep_all else self.skip_ids)
+
+    def build_app(self, on_ready=None) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+
+        async def http_error(request, exc: HTTPException):
+            msg = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                             str(exc.detail))
+            return self._error(APIError(exc.status_code, msg))
+
+        async def internal_error(request, exc: Exception):
+            log.exception("unhandled error")
+            return self._error(APIError(500, "internal server error"))
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.engine.start()
+            if on_ready is not None:
+                on_ready()
+            try:
+                yield
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+
+        return Starlette(routes=routes, lifespan=lifespan,
+                         exception_handlers={HTTPException: http_error, Exception: internal_error})
+
+    # ------------------------------------------------------------------ small endpoints
+    def _error(self, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def _auth(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise APIError(401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "qwen2vl",
+                "root": str(self.llm.model_path), "parent": None, "max_model_len": self.llm.max_model_len}
+
+    async def list_models(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+        except APIError as e:
+            return self._error(e)
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.config.served_model_names]})
+
+    async def get_model(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+            name = request.path_params["model"]
+            if name not in self.config.served_model_names:
+                raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        except APIError as e:
+            return self._error(e)
+        return JSONResponse(self._model_card(name))
+
+    async def health(self, request: Request) -> Response:
+        if not self.engine.running:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------ chat completions
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.config.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"the request body is {int(length)} bytes, over the limit of {limit} bytes",
+                           code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(bytes(body))
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    async def chat_completions(self, request: Request) -> Response:
+        t0 = time.monotonic()
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        deadline = None if not self.config.request_timeout else t0 + self.config.request_timeout
+        admitted = 0
+        handed_over = False
+        try:
+            self._auth(request)
+            body = await self._read_json(request)
+            if isinstance(body, dict) and isinstance(body.get("model"), str) and \
+                    body["model"] not in self.config.served_model_names:
+                raise APIError(404, f"the model {body['model']!r} does not exist (served: "
+                               f"{', '.join(self.config.served_model_names)})", param="model",
+                               code="model_not_found")
+            req = parse_chat_request(body, defaults=self.sampling_defaults)
+            if req.n > self.capacity:
+                raise APIError(400, f"n={req.n} is more than the server can ever hold ({self.capacity})", param="n")
+            if self.inflight + req.n > self.capacity:
+                self.metrics.aborted("queue_full")
+                raise APIError(429, f"the server is busy ({self.inflight} sequences queued or running, capacity "
+                               f"{self.capacity}); retry later", code="queue_full",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
+            self.inflight += req.n
+            admitted = req.n
+            prepared, prefix = await self._prepare(req, deadline)
+            seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}")
+                    for i, p in enumerate(req.seq_params())]
+            if not req.skip_special_tokens:
+                self._keep_all.update(s.request_id for s in seqs)
+            handle = self.engine.submit(seqs)
+            ctx = _Ctx(rid, t0, deadline, req, prepared, prefix, handle, admitted)
+            if req.stream:
+                handed_over = True
+                gen = self._stream(ctx)
+                return _Stream(gen, lambda: self._finish_stream(ctx, gen), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid})
+            body = await self._complete(ctx, request)
+            self._done(ctx, 200)
+            return JSONResponse(body, headers={"X-Request-Id": rid})
+        except APIError as e:
+            self._log_error(rid, e.status, e.message, t0)
+            self.metrics.request_done(e.status, latency=time.monotonic() - t0)
+            return self._error(e)
+        except _ClientGone:
+            self._log_error(rid, 499, "client disconnected", t0)
+            self.metrics.aborted("disconnect")
+            self.metrics.request_done(499, latency=time.monotonic() - t0)
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - a bad request never takes the server down
+            log.exception("request %s failed", rid)
+            self.metrics.request_done(500, latency=time.monotonic() - t0)
+            return self._error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            if not handed_over:
+                self.inflight -= admitted
+
+    def _log_error(self, rid: str, status: int, message: str, t0: float) -> None:
+        log.info("%s status=%d latency=%.3fs error=%s", rid, status, time.monotonic() - t0, message[:200])
+
+    # ------------------------------------------------------------------ preparing the prompt
+    async def _prepare(self, req: ChatRequest, deadline: float | None) -> tuple[ProcessedPrompt, str]:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.pool, self._prepare_sync, req)
+        try:
+            if deadline is None:
+                return await fut
+            return await asyncio.wait_for(fut, max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.metrics.aborted("timeout")
+            raise APIError(504, f"the request timed out after {self.config.request_timeout:g} s while its media "
+                           "was being prepared", code="timeout") from None
+        except (InvalidInputError, APIError):
+            raise
+        except (ValueError, TypeError, KeyError) as e:  # template errors and the like: the request's fault
+            msg = str(e) if isinstance(e, InvalidInputError) else f"{type(e).__name__}: {e}"
+            raise APIError(400, msg) from None
+
+    def _prepare_sync(self, req: ChatRequest) -> tuple[ProcessedPrompt, str]:
+        try:
+            return self._prepare_inner(req)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def _prepare_inner(self, req: ChatRequest) -> tuple[ProcessedPrompt, str]:
+        cfg = self.config
+        tools = req.tools if req.parse_tools else None
+        messages = req.messages
+        native = None
+        if self.native_tools:
+            messages, native = tc.for_tools_template(messages), tools
+        elif tc.needs_conversion(messages, tools):
+            try:
+                messages = tc.convert_tool_messages(messages, tools)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+        # media: count, check the policy, fetch; the processor then never touches the network
+        n_img = n_vid = 0
+        resolved = ResolvedMedia()
+        try:
+            out_msgs = []
+            for m in messages:
+                content = m.get("content")
+                if isinstance(content, list) and any(isinstance(p, dict) and p.get("type", "text") != "text"
+                                                     for p in content):
+                    parts = []
+                    for p in content:
+                        typ = p.get("type") or next((k for k in ("text", "image_url", "image", "input_image",
+                                                                 "video_url", "video") if k in p), "text")
+                        if typ == "text":
+                            parts.append({"type": "text", "text": p["text"]})
+                            continue
+                        kind = "video" if typ in ("video_url", "video") else "image"
+                        if kind == "image":
+                            n_img += 1
+                            if n_img > cfg.max_images_per_request:
+                                raise APIError(400, f"too many images: the limit is {cfg.max_images_per_request} "
+                                               "per request", param="messages", code="too_many_images")
+                        else:
+                            n_vid += 1
+                            if n_vid > cfg.max_videos_per_request:
+                                raise APIError(400, f"too many videos: the limit is {cfg.max_videos_per_request} "
+                                               "per request", param="messages", code="too_many_videos")
+                        key = typ if typ in p else next(k for k in ("image_url", "image", "input_image",
+                                                                     "video_url", "video") if k in p)
+                        src = p[key]
+                        inner = src if isinstance(src, dict) else {}
+                        url = src.get("url") if isinstance(src, dict) else src
+                        item = {"type": kind, kind: cfg.media.resolve(url, kind, resolved)}
+                        for opt in _MEDIA_OPTS:
+                            if opt in p:
+                                item[opt] = p[opt]
+                            elif opt in inner:
+                                item[opt] = inner[opt]
+                        parts.append(item)
+                    m = {**m, "content": parts}
+                out_msgs.append(m)
+            msgs, media = normalize_messages(out_msgs)
+            kwargs = {k: v for k, v in req.chat_template_kwargs.items() if k not in _RESERVED_TEMPLATE_KWARGS}
+            prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tools=native, **kwargs)
+            prefix = tc.forced_prefix(req.tool_choice) if req.parse_tools else ""
+            prompt += prefix
+            mm = req.mm_processor_kwargs
+            prepared = self.llm.processor.from_prompt(prompt, media, min_pixels=mm.get("min_pixels"),
+                                                      max_pixels=mm.get("max_pixels"))
+        finally:
+            resolved.cleanup()
+        ids = prepared.token_ids
+        ctx = self.llm.max_model_len
+        if len(ids) >= ctx:
+            raise APIError(400, f"the prompt is {len(ids)} tokens long, the model's context is {ctx} tokens "
+                           "(leave room for at least one generated token)", param="messages",
+                           code="context_length_exceeded")
+        mt = req.params.max_tokens
+        if mt is not None and len(ids) + mt > ctx:
+            raise APIError(400, f"this model's context is {ctx} tokens; the request asks for {len(ids) + mt} "
+                           f"({len(ids)} in the messages, {mt} in the completion)", param="max_tokens",
+                           code="context_length_exceeded")
+        if cfg.max_visual_tokens is not None and prepared.vision is not None:
+            cfg_m = self.llm.config
+            visual = sum(1 for t in ids if t == cfg_m.image_token_id or t == cfg_m.video_token_id)
+            if visual > cfg.max_visual_tokens:
+                raise APIError(400, f"the images and videos of this request make {visual} visual tokens, over the "
+                               f"limit of {cfg.max_visual_tokens}", param="messages", code="too_many_visual_tokens")
+        return prepared, prefix
+
+    # ------------------------------------------------------------------ results
+    def _tool_mode(self, req: ChatRequest) -> dict:
+        return {"forced": req.tool_choice == "required",
+                "forced_name": req.tool_choice["function"]["name"] if isinstance(req.tool_choice, dict) else None}
+
+    def _finish_reason(self, reason: str | None, n_calls: int) -> str:
+        if reason == "abort":
+            return "abort"
+        if n_calls and reason != "length":
+            return "tool_calls"
+        return reason or "stop"
+
+    def _remaining(self, ctx: "_Ctx") -> float | None:
+        return None if ctx.deadline is None else max(0.0, ctx.deadline - time.monotonic())
+
+    def _timeout_error(self) -> APIError:
+        return APIError(504, f"the request timed out after {self.config.request_timeout:g} s", code="timeout")
+
+    async def _complete(self, ctx: "_Ctx", request: Request) -> dict:
+        finals: dict[int, RequestOutput] = {}
+
+        async def consume():
+            async for idx, out in ctx.handle:
+                ctx.saw_output(out, self.metrics)
+                if out.finished:
+                    finals[idx] = out
+
+        task = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, timeout=self._remaining(ctx),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task not in done:
+            task.cancel()
+            self.engine.abort(ctx.handle)
+            if watcher in done and not watcher.cancelled() and watcher.exception() is None:
+                raise _ClientGone()
+            self.metrics.aborted("timeout")
+            raise self._timeout_error()
+        try:
+            task.result()
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except EngineError as e:
+            raise APIError(500, str(e), code="engine_error") from None
+        req = ctx.req
+        choices = []
+        completion_tokens = 0
+        for i in range(req.n):
+            c = finals[i].outputs[0]
+            completion_tokens += len(c.token_ids)
+            msg: dict[str, Any] = {"role": "assistant", "content": c.text}
+            n_calls = 0
+            if req.parse_tools:
+                content, calls = tc.parse_tool_calls(c.text, ctx.prefix, **self._tool_mode(req))
+                if not req.parallel_tool_calls:
+                    calls = calls[:1]
+                msg["content"] = content
+                if calls:
+                    msg["tool_calls"] = [call.to_dict() for call in calls]
+                n_calls = len(calls)
+            lp = None
+            if req.logprobs:
+                lp = {"content": openai_logprobs(self.token_info, c.token_ids, c.logprobs or [], req.top_logprobs)}
+            choices.append({"index": i, "message": msg, "logprobs": lp,
+                            "finish_reason": self._finish_reason(c.finish_reason, n_calls),
+                            "stop_reason": c.stop_reason})
+        ctx.completion_tokens = completion_tokens
+        return {"id": ctx.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": ctx.usage(), "system_fingerprint": None}
+
+    async def _stream(self, ctx: "_Ctx"):
+        req = ctx.req
+        created = int(time.time())
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(choices):
+            return _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
+                         "model": self.model_name, "choices": choices, **usage_field})
+
+        states = [_ChoiceStream(i, req, ctx.prefix, self) for i in range(req.n)]
+        ctx.states = states
+        for s in states:
+            yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        try:
+            while not ctx.handle.done:
+                remaining = self._remaining(ctx)
+                try:
+                    if remaining is None:
+                        idx, out = await ctx.handle.__anext__()
+                    else:
+                        idx, out = await asyncio.wait_for(ctx.handle.__anext__(), remaining)
+                except StopAsyncIteration:
+                    break
+                ctx.saw_output(out, self.metrics)
+                for c in states[idx].update(out):
+                    yield chunk([c])
+        except asyncio.TimeoutError:
+            ctx.completion_tokens = sum(s.num_tokens for s in states)
+            self.engine.abort(ctx.handle)
+            self.metrics.aborted("timeout")
+            ctx.status = 504
+            yield _sse(self._timeout_error().body())
+            yield "data: [DONE]\n\n"
+            return
+        except (EngineError, InvalidInputError) as e:
+            ctx.completion_tokens = sum(s.num_tokens for s in states)
+            ctx.status = 500 if isinstance(e, EngineError) else 400
+            yield _sse(APIError(ctx.status, str(e)).body())
+            yield "data: [DONE]\n\n"
+            return
+        ctx.completion_tokens = sum(s.num_tokens for s in states)
+        if req.include_usage:
+            yield _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
+                        "model": self.model_name, "choices": [], "usage": ctx.usage()})
+        yield "data: [DONE]\n\n"
+        ctx.status = 200
+
+    async def _finish_stream(self, ctx: "_Ctx", gen) -> None:
+        with contextlib.suppress(Exception):
+            await gen.aclose()
+        if not ctx.handle.done:
+            self.engine.abort(ctx.handle)
+        if ctx.status is None:  # the stream ended without its end: the client went away
+            self.metrics.aborted("disconnect")
+            ctx.status = 499
+            ctx.completion_tokens = sum(s.num_tokens for s in ctx.states)
+        self.inflight -= ctx.admitted
+        ctx.admitted = 0
+        self._done(ctx, ctx.status)
+
+    def _done(self, ctx: "_Ctx", status: int) -> None:
+        latency = time.monotonic() - ctx.t0
+        self.metrics.request_done(status, len(ctx.prepared.token_ids), ctx.completion_tokens, latency)
+        ttft = "-" if ctx.first_token is None else f"{ctx.first_token - ctx.t0:.3f}s"
+        log.info("%s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s latency=%.3fs%s", ctx.rid, status,
+                 len(ctx.prepared.token_ids), ctx.completion_tokens, ttft, latency,
+                 " stream" if ctx.req.stream else "")
+
+
+class _Ctx:
+    def __init__(self, rid, t0, deadline, req, prepared, prefix, handle, admitted):
+        self.rid, self.t0, self.deadline, self.req = rid, t0, deadline, req
+        self.prepared, self.prefix, self.handle, self.admitted = prepared, prefix, handle, admitted
+        self.first_token: float | None = None
+        self.completion_tokens = 0
+        self.status: int | None = None
+        self.states: list = []  # streamed choices
+
+    def saw_output(self, out: RequestOutput, metrics: Metrics) -> None:
+        if self.first_token is None and out.outputs and out.outputs[0].token_ids:
+            self.first_token = time.monotonic()
+            metrics.first_token(self.first_token - self.t0)
+
+    def usage(self) -> dict:
+        p = len(self.prepared.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
+                "total_tokens": p + self.completion_tokens}
+
+
+class _ChoiceStream:
+    """One choice of a streamed answer: text deltas → chunk payloads (content, tool calls, logprobs, finish)."""
+
+    def __init__(self, index: int, req: ChatRequest, prefix: str, server: OpenAIServer):
+        self.index = index
+        self.req = req
+        self.server = server
+        self.parser = tc.ToolCallParser(prefix, **server._tool_mode(req)) if req.parse_tools else None
+        self.pending_lp: list[dict] = []
+        self.n_calls = 0
+        self.num_tokens = 0
+
+    def update(self, out: RequestOutput) -> list[dict]:
+        c = out.outputs[0]
+        self.num_tokens = len(c.token_ids)
+        new = out.delta_token_ids
+        if self.req.logprobs and new and c.logprobs:
+            self.pending_lp += openai_logprobs(self.server.token_info, new, c.logprobs[len(c.logprobs) - len(new):],
+                                               self.req.top_logprobs)
+        deltas: list[dict] = []
+        if self.parser is not None:
+            events = self.parser.feed(out.delta_text) if out.delta_text else []
+            if out.finished:
+                events += self.parser.finish()
+            for kind, val in events:
+                if kind == "content":
+                    deltas.append({"content": val})
+                elif self.req.parallel_tool_calls or self.n_calls == 0:
+                    deltas.append({"tool_calls": [{"index": self.n_calls, **val.to_dict()}]})
+                    self.n_calls += 1
+        elif out.delta_text:
+            deltas.append({"content": out.delta_text})
+        chunks = []
+        for d in deltas:
+            chunks.append({"index": self.index, "delta": d, "logprobs": self._take_lp(), "finish_reason": None})
+        if out.finished:
+            chunks.append({"index": self.index, "delta": {}, "logprobs": self._take_lp(),
+                           "finish_reason": self.server._finish_reason(c.finish_reason, self.n_calls),
+                           "stop_reason": c.stop_reason})
+        return chunks
+
+    def _take_lp(self):
+        if not self.req.logprobs or not self.pending_lp:
+            return None
+        lp, self.pending_lp = self.pending_lp, []
+        return {"content": lp}
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_app(llm, config: ServerConfig, on_ready=None) -> Starlette:
+    """A Starlette app serving ``llm`` (an :class:`qwen2vl.LLM`). Its lifespan starts and stops the engine thread
+    (and then calls ``on_ready()``)."""
+    server = OpenAIServer(llm, config)
+    app = server.build_app(on_ready)
+    app.state.server = server
+    return app

@@ -1,0 +1,118 @@
+"""``qwen2vl serve``: load a checkpoint and serve it with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import socket
+import sys
+
+INSTALL_HINT = ("qwen2vl serve needs the server extra (starlette and uvicorn): "
+                "pip install 'qwen2vl[server]'")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    g.add_argument("--api-key", default=os.environ.get("QWEN2VL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN2VL_API_KEY; none: open)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients use (default: the --model argument)")
+    g.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together in one batch (default: 8)")
+    g.add_argument("--max-queue-size", type=int, default=64,
+                   help="sequences that may wait beyond the running batch before 429 (default: 64)")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take from arrival to its end (default: 600; 0: no limit)")
+    g.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                   help="largest request body in bytes (default: 32 MiB)")
+    g.add_argument("--max-images-per-request", type=int, default=8, help="default: 8")
+    g.add_argument("--max-videos-per-request", type=int, default=2, help="default: 2")
+    g.add_argument("--max-visual-tokens", type=int, default=16384,
+                   help="most image + video tokens per request (default: 16384; 0: only the context limits)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow file:// media URLs for files under DIR (default: file:// refused)")
+    g.add_argument("--allow-private-media-urls", action="store_true",
+                   help="allow media URLs on loopback / private / link-local addresses (default: refused)")
+    g.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media download (default: 10)")
+    g.add_argument("--max-media-bytes", type=int, default=64 << 20,
+                   help="largest media download in bytes (default: 64 MiB)")
+    g.add_argument("--preprocess-workers", type=int, default=2,
+                   help="threads that fetch and preprocess media (default: 2)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args: argparse.Namespace, out=None) -> int:
+    out = out if out is not None else sys.stdout
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"qwen2vl: error: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
+        return 1
+    for name in ("max_num_seqs", "max_request_bytes", "max_media_bytes", "preprocess_workers"):
+        if getattr(args, name) < 1:
+            print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens"):
+        if getattr(args, name) < 0:
+            print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
+            return 2
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        print(f"qwen2vl: error: --allowed-local-media-path {args.allowed_local_media_path!r} is not a directory",
+              file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from ..llm import LLM
+    from .app import ServerConfig, build_app
+    from .media import MediaPolicy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # "socket.send() raised exception" after a disconnect
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        print(f"qwen2vl: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
+              max_pixels=args.max_pixels, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              media_timeout=args.media_timeout, **({"quantization": args.quantization}
+                                                    if getattr(args, "quantization", None) else {}))
+    names = args.served_model_name or [args.model]
+    config = ServerConfig(
+        served_model_names=names, api_key=args.api_key or None, max_queue_size=args.max_queue_size,
+        request_timeout=args.request_timeout or None, max_request_bytes=args.max_request_bytes,
+        max_images_per_request=args.max_images_per_request, max_videos_per_request=args.max_videos_per_request,
+        max_visual_tokens=args.max_visual_tokens or None,
+        media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                          allow_private=args.allow_private_media_urls, timeout=args.media_timeout,
+                          max_bytes=args.max_media_bytes),
+        preprocess_workers=args.preprocess_workers)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "
+               f"{llm.device}, context {llm.max_model_len}) at http://{shown}:{port}/v1"
+               + ("" if config.api_key else " (no API key)"))
+    app = build_app(llm, config, on_ready=lambda: (print(message, file=out, flush=True)))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0
