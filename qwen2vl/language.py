@@ -76,6 +76,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
+    def _decode_attention(self, q, k, v, lengths):
+        """One query per row against its cached keys, heads grouped over their shared kv head: two small
+        batched matmuls (on CPU many times faster than SDPA for a single query, and no repeated K/V)."""
+        B, L = q.shape[0], k.shape[2]
+        g = self.num_heads // self.num_kv_heads
+        qg = q.view(B, self.num_kv_heads, g, self.head_dim)  # (B, kv_heads, group, hd)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # (B, kv_heads, group, L)
+        if B > 1 and bool((lengths != L - 1).any()):  # shorter rows: keys past their length are not theirs
+            pad = torch.arange(L, device=q.device) > lengths[:, None]  # (B, L)
+            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).view(B, self.num_heads, 1, self.head_dim)  # (B, heads, 1, hd)
+
     def forward(self, x, cos, sin, kv: KVView | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
@@ -105,10 +118,7 @@ class Attention(nn.Module):
             kc[rows, :, kv.lengths] = k[:, :, 0]  # (B, kv_heads, hd)
             vc[rows, :, kv.lengths] = v[:, :, 0]
             L = int(kv.lengths.max()) + 1
-            mask = None
-            if B > 1 and bool((kv.lengths != L - 1).any()):
-                mask = (torch.arange(L, device=x.device) <= kv.lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
-            o = F.scaled_dot_product_attention(q, kc[:B, :, :L], vc[:B, :, :L], attn_mask=mask, enable_gqa=gqa)
+            o = self._decode_attention(q, kc[:B, :, :L], vc[:B, :, :L], kv.lengths)
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads*hd)
         return self.o_proj(o)
 
