@@ -1,0 +1,281 @@
+"""Shared pieces of the bench: paths, the inputs both engines get, memory and weight-size accounting.
+
+Imported by ``bench.py`` (the orchestrator), its workers (one subprocess per configuration) and
+``make_checkpoint.py``. Heavy imports (torch, PIL, transformers) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+CACHE_DIR = BENCH_DIR / ".cache"
+DEFAULT_MODEL_DIR = CACHE_DIR / "qwen2vl-2b-random"
+TINY_MODEL_DIR = CACHE_DIR / "qwen2vl-tiny"
+
+if str(REPO_ROOT) not in sys.path:  # `python bench/bench.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+# ---------------------------------------------------------------------------------------------------- inputs
+IMAGE_PAD_ID, VIDEO_PAD_ID, ENDOFTEXT_ID = 151655, 151656, 151643
+IMAGE_SIDE = 448                      # 448x448 -> 32x32 patches -> 256 image tokens
+QUESTION = "Describe this image."   # with the default system turn and 256 image tokens: 281 prompt tokens
+FOLLOW_UP = "Which colour covers the largest area, and where is it?"
+PROMPT_SEED, DECODE_SEED, WARMUP_SEED, CONCURRENT_SEED0 = 1, 2, 3, 100
+STRESS_IMAGE_SIZE = (1120, 896)       # (width, height): 40 x 32 merged = 1280 tokens = max_pixels 1280*28*28
+STRESS_MAX_PIXELS = 1280 * 28 * 28
+STRESS_VIDEO_FRAMES = 32              # of 448x448 -> grid (16, 32, 32) -> 4096 tokens
+
+
+def make_image(seed: int, width: int = IMAGE_SIDE, height: int = IMAGE_SIDE):
+    """A deterministic blocky RGB image (8x8 blocks of random colour, so resizing keeps structure)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    arr = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def conversation(image, question: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
+def second_turn(conv: list[dict], answer: str, question: str = FOLLOW_UP) -> list[dict]:
+    return conv + [{"role": "assistant", "content": answer},
+                   {"role": "user", "content": [{"type": "text", "text": question}]}]
+
+
+def stress_video_frames(n: int = STRESS_VIDEO_FRAMES) -> list:
+    return [make_image(500 + i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    return kb * 1024 if kb is not None else 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: VmHWM (resettable), else ru_maxrss."""
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+def _direct_tensors(mod) -> list:
+    """Tensors a module holds itself: parameters, buffers and plain tensor attributes (packed weights)."""
+    import torch
+
+    out = [t for t in mod._parameters.values() if t is not None]
+    out += [t for t in mod._buffers.values() if t is not None]
+    for k, v in vars(mod).items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) for x in v):
+            out.extend(v)
+    return out
+
+
+def _storage_key(t) -> tuple[int, int] | None:
+    if t.device.type == "meta":
+        return None
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except Exception:  # tensor subclasses without a plain storage
+        return id(t), t.numel() * t.element_size()
+
+
+def model_weight_bytes(model) -> int:
+    """Bytes of every distinct storage held by the model's modules (tied and fused tensors counted once)."""
+    seen: dict[int, int] = {}
+    for mod in model.modules():
+        for t in _direct_tensors(mod):
+            k = _storage_key(t)
+            if k:
+                seen[k[0]] = max(seen.get(k[0], 0), k[1])
+    return sum(seen.values())
+
+
+def lm_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every language-model tensor (layers, final norm, lm_head) once,
+    and of an embedding table only its row, unless the lm_head reads the same storage (tied)."""
+    import torch
+
+    owners: dict[int, tuple[int, set[bool]]] = {}
+    embed_rows = 0
+    for name, mod in model.named_modules():
+        if "visual" in name.split("."):
+            continue
+        is_embed = isinstance(mod, torch.nn.Embedding) or name.endswith("embed_tokens")
+        for t in _direct_tensors(mod):
+            k = _storage_key(t)
+            if not k:
+                continue
+            size, kinds = owners.get(k[0], (0, set()))
+            kinds.add(is_embed)
+            owners[k[0]] = (max(size, k[1]), kinds)
+            if is_embed and t.dim() == 2:
+                embed_rows = max(embed_rows, t.shape[-1] * t.element_size())
+    total = 0
+    for size, kinds in owners.values():
+        if kinds == {True}:  # only an embedding holds it: a decode step reads one row
+            continue
+        total += size
+    return total + embed_rows
+
+
+def nominal_lm_bytes(config_path: str | os.PathLike) -> dict[str, float]:
+    """What the language model reads per token in each weight format, from config.json alone
+    (int8: per-channel scales; int4: groups of 128 with a scale and a zero each; lm_head quantized too)."""
+    with open(Path(config_path) / "config.json") as f:
+        c = json.load(f)
+    t = c.get("text_config") or c
+    h, i, L = t.get("hidden_size", c.get("hidden_size")), t.get("intermediate_size", c.get("intermediate_size")), \
+        t.get("num_hidden_layers", c.get("num_hidden_layers"))
+    nh = t.get("num_attention_heads", c.get("num_attention_heads"))
+    kv = t.get("num_key_value_heads", c.get("num_key_value_heads")) or nh
+    vocab = t.get("vocab_size", c.get("vocab_size"))
+    hd = h // nh
+    mats = L * (h * h + 2 * h * kv * hd + h * h + 3 * h * i) + vocab * h  # layers + lm_head
+    outs = L * (h + 2 * kv * hd + h + 2 * i + h) + vocab                    # output channels (for scales)
+    small = L * (2 * h + h + 2 * kv * hd) + h                                # norms + qkv biases
+    return {
+        "float32": 4.0 * (mats + small),
+        "bfloat16": 2.0 * (mats + small),
+        "int8": 1.0 * mats + 2.0 * outs + 2.0 * small,
+        "int4": 0.5 * mats + 2 * 2.0 * mats / 128 + 2.0 * small,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- machine
+def set_threads() -> int:
+    import torch
+
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def _cmd(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = ""
+    for line in _cmd(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    cpu = cpu or platform.processor() or platform.machine()
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+                                                 "amx_int8") if x in have)
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    try:  # the version without importing transformers (seconds)
+        from importlib.metadata import version
+        tf = version("transformers")
+    except Exception:  # noqa: BLE001
+        tf = "not installed"
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cpu_flags": flags,
+        "memory": mem,
+        "torch": torch.__version__,
+        "transformers": tf,
+        "python": platform.python_version(),
+        "commit": _cmd(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]),
+        "loadavg": _loadavg(),
+    }
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return ""
+
+
+class Result(dict):
+    """A worker's result: a dict saved to its JSON file after every update, so a timeout keeps what ran."""
+
+    def __init__(self, path: str | os.PathLike, **initial):
+        super().__init__(**initial)
+        self.path = Path(path)
+        self.save()
+
+    def update(self, *args, **kw):  # type: ignore[override]
+        super().update(*args, **kw)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t0
+        return False
