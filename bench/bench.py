@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (BENCH_DIR, CACHE_DIR, DEFAULT_MODEL_DIR, IMAGE_SIDE, REPO_ROOT, STRESS_IMAGE_SIZE,  # noqa: E402
-                          STRESS_VIDEO_FRAMES, TINY_MODEL_DIR, machine_info, nominal_lm_bytes)
+                          STRESS_VIDEO_FRAMES, TINY_MODEL_DIR, code_state, machine_info, nominal_lm_bytes)
 
 GB = 1e9
 QUANT_FORMATS = ("int8", "int4")
@@ -68,6 +68,7 @@ def run_config(cfg: dict, a: argparse.Namespace, model: Path, work: Path) -> dic
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]]
                                                              if os.environ.get("PYTHONPATH") else [])))
+    code = code_state()
     t0 = time.time()
     busy0, kids0 = _busy_seconds(), _children_cpu_seconds()
     rc: int | str
@@ -82,7 +83,7 @@ def run_config(cfg: dict, a: argparse.Namespace, model: Path, work: Path) -> dic
         res = json.loads(Path(spec["result"]).read_text())
     except (OSError, ValueError):
         res = {"name": cfg["name"]}
-    res.update(cfg=cfg, wall_s=time.time() - t0, rc=rc)
+    res.update(cfg=cfg, wall_s=time.time() - t0, rc=rc, code=code, ran_at=time.strftime("%H:%M", time.localtime(t0)))
     busy1, kids1 = _busy_seconds(), _children_cpu_seconds()
     if busy0 is not None and busy1 is not None and res["wall_s"] > 0:
         # CPU time the rest of the machine used while this configuration ran, in cores on average
@@ -197,6 +198,12 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     L.append(f"- Checkpoint: `{shown}` ({info.get('checkpoint', '')})")
     if info.get("merged"):
         L.append(f"- Kept from an earlier run in the same work directory (--merge): {info['merged']}")
+    codes = sorted({r.get("code") for r in results if r.get("code")})
+    if len(codes) == 1:
+        L.append(f"- qwen2vl code: {codes[0]} (commit / hash of qwen2vl/*.py) for every row")
+    elif codes:
+        L.append("- Rows ran at different code states (commit / hash of qwen2vl/*.py): " + "; ".join(
+            f"{r['name']} {r.get('code', '?')} at {r.get('ran_at', '?')}" for r in results))
     L.append(f"- Inputs: one {IMAGE_SIDE}×{IMAGE_SIDE} image; first-turn prompt "
              f"{_prompt_tokens(engines)} tokens; decode {a.decode_tokens} tokens (greedy, EOS ignored); "
              f"concurrency {a.requests} requests × {a.tokens} tokens, {a.requests} different images"
@@ -249,14 +256,14 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     # ---- second turn
     L.append("## Second turn about the same image\n")
     L.append("First answer appended plus a new question; time to its first token.\n")
-    L.append("| configuration | prompt tokens | TTFT s | speed-up vs transformers best | vs own first turn |")
+    L.append("| configuration | prompt tokens | TTFT s | speed-up vs transformers best | speed-up vs its own first turn |")
     L.append("|---|---|---|---|---|")
     for r in engines:
         if r.get("turn2_ttft_s") is None:
             continue
         sp = _x(best_t2["turn2_ttft_s"], r["turn2_ttft_s"]) if best_t2 and r["cfg"]["engine"] == "qwen2vl" else "–"
         L.append(f"| {r['name']} | {r.get('turn2_prompt_tokens')} | {_f(r['turn2_ttft_s'])} | {sp} | "
-                 f"{_x(r.get('ttft_s'), r['turn2_ttft_s'])} faster |")
+                 f"{_x(r.get('ttft_s'), r['turn2_ttft_s'])} |")
     L.append("")
 
     # ---- concurrency

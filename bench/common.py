@@ -245,6 +245,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_state() -> str:
+    """The commit plus a hash of qwen2vl/'s sources as they are now (other edits may be in the working tree)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((REPO_ROOT / "qwen2vl").rglob("*.py")):
+        h.update(str(f.relative_to(REPO_ROOT)).encode())
+        h.update(f.read_bytes())
+    commit = _cmd(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]) or "?"
+    return f"{commit}/src {h.hexdigest()[:8]}"
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
