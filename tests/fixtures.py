@@ -726,3 +726,14 @@ def greedy_tokens(model, input_ids, n: int = 32) -> list[int]:
             pad_token_id=ENDOFTEXT_ID,
         )
     return out[0, ids.shape[1]:].tolist()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, read, released): connections to it are refused at once."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -6,7 +6,6 @@ has a reference (greedy, repetition penalty, min_new_tokens + EOS, logprobs); wi
 import base64
 import json
 import os
-import socket
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ from qwen2vl import LLM, InvalidInputError, SamplingParams
 from qwen2vl.engine.llm_engine import LLMEngine
 from qwen2vl.engine.sampler import SamplerOutput
 from qwen2vl.engine.sequence import Sequence
-from tests.fixtures import ENDOFTEXT_ID, IM_END_ID, greedy_tokens, load_reference
+from tests.fixtures import closed_port, ENDOFTEXT_ID, IM_END_ID, greedy_tokens, load_reference
 
 N = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
@@ -556,14 +555,6 @@ def test_default_sampling_params(llm, solo):
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def _closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _img_item(src):
     return [{"role": "user", "content": [{"type": "image", "image": src}, {"type": "text", "text": "Hi"}]}]
 
@@ -576,7 +567,7 @@ def _bad_cases(tmp):
     return {
         "missing file": (dict(messages=_img_item(str(tmp / "nope.png"))), "not found"),
         "missing file url": (dict(messages=_img_item(f"file://{tmp}/nope.jpg")), "not found"),
-        "unreachable url": (dict(messages=_img_item(f"http://127.0.0.1:{_closed_port()}/cat.png")), "reach"),
+        "unreachable url": (dict(messages=_img_item(f"http://127.0.0.1:{closed_port()}/cat.png")), "reach"),
         "corrupt base64": (dict(messages=_img_item("data:image/png;base64,iVBORw0KGgo")), "base64"),
         "bytes no image": (dict(messages=_img_item(str(junk))), "not a readable image"),
         "base64 no image": (dict(messages=_img_item(

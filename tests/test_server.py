@@ -34,7 +34,7 @@ from qwen2vl import LLM  # noqa: E402
 from qwen2vl.engine.sampler import SamplerOutput  # noqa: E402
 from qwen2vl.errors import InvalidInputError  # noqa: E402
 from qwen2vl.server.media import MediaPolicy, ResolvedMedia, check_address  # noqa: E402
-from tests.fixtures import IM_END_ID, load_processor  # noqa: E402
+from tests.fixtures import closed_port, IM_END_ID, load_processor  # noqa: E402
 from tests.test_tool_calls import QWEN25_TEMPLATE, QWEN_DEFAULT_SYSTEM  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -560,14 +560,6 @@ def test_queue_full_gives_429(server, client):
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def _closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _bad_cases(server, media_dir):
     chat = "/v1/chat/completions"
     ok = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
@@ -851,7 +843,7 @@ def test_http_media_and_timeouts(scripted, media_dir):
                                           {"type": "text", "text": "What happens?"}]}]
     assert c.chat.completions.create(model=MODEL, messages=video, max_tokens=2).usage.completion_tokens == 2
     for url, words in ((f"{files}/missing.png", "404"), (f"{files}/big.png", "limit"),
-                       (f"http://127.0.0.1:{_closed_port()}/cat.png", "cannot fetch")):
+                       (f"http://127.0.0.1:{closed_port()}/cat.png", "cannot fetch")):
         with pytest.raises(openai.BadRequestError, match=words):
             c.chat.completions.create(model=MODEL, messages=image_msg(url), max_tokens=2)
     # a request past --request-timeout (2 s) is aborted: 504, or an error event in a stream

@@ -15,7 +15,6 @@ import inspect
 import io
 import math
 import os
-import socket
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from PIL import Image
 from qwen2vl import vision_input as vi
 from qwen2vl import video_input as vid
 from qwen2vl.errors import InvalidInputError
+from tests.fixtures import closed_port
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,14 +549,6 @@ def test_patch_size_errors():
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
-def _closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_missing_files(tmp_path):
     with pytest.raises(InvalidInputError, match="not found"):
         vi.load_image(str(tmp_path / "nope.png"))
@@ -572,7 +564,7 @@ def test_url_errors(server):
     _same(vi.load_image(base + "/nolen.png"), img)
     t = time.monotonic()
     with pytest.raises(InvalidInputError, match="cannot reach"):
-        vi.load_image(f"http://127.0.0.1:{_closed_port()}/x.png")
+        vi.load_image(f"http://127.0.0.1:{closed_port()}/x.png")
     assert time.monotonic() - t < 3
     with pytest.raises(InvalidInputError, match="404"):
         vi.load_image(base + "/missing.png")
