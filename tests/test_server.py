@@ -35,7 +35,7 @@ from qwen2vl.engine.sampler import SamplerOutput  # noqa: E402
 from qwen2vl.errors import InvalidInputError  # noqa: E402
 from qwen2vl.server.media import MediaPolicy, ResolvedMedia, check_address  # noqa: E402
 from tests.fixtures import closed_port, IM_END_ID, load_processor  # noqa: E402
-from tests.test_tool_calls import QWEN25_TEMPLATE, QWEN_DEFAULT_SYSTEM  # noqa: E402
+from tests.test_tool_calls import _qwen25  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
@@ -398,17 +398,7 @@ def test_sampling_options(client):
 def _expected_tool_prompt(messages, tools):
     """Qwen2.5-Instruct's template, with the Qwen2-VL default system line, tokenized by the checkpoint."""
     from qwen2vl.server.tool_calls import DEFAULT_SYSTEM
-    from qwen2vl.tokenizer import render_chat_template
-    msgs = []
-    for m in messages:
-        m = {k: v for k, v in m.items() if v is not None}
-        if m.get("tool_calls"):
-            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-                               for c in m["tool_calls"]]
-        m.setdefault("content", "")
-        msgs.append(m)
-    return render_chat_template(QWEN25_TEMPLATE.replace(QWEN_DEFAULT_SYSTEM, DEFAULT_SYSTEM), msgs, tools=tools,
-                                add_generation_prompt=True)
+    return _qwen25(messages, tools, DEFAULT_SYSTEM)
 
 
 def test_tool_call_round_trip(client, aclient_factory, tiny_checkpoint):
