@@ -657,7 +657,7 @@ def write_checkpoint(
 def load_reference(dir: str | os.PathLike, *, attn_implementation: str = "eager"):
     """(transformers ``Qwen2VLForConditionalGeneration`` in float32 eval mode, ``AutoProcessor``) for ``dir``."""
     import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         str(dir), dtype=torch.float32, attn_implementation=attn_implementation

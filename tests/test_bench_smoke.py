@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest

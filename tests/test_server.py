@@ -551,7 +551,6 @@ def test_queue_full_gives_429(server, client):
 
 
 def _bad_cases(server, media_dir):
-    chat = "/v1/chat/completions"
     ok = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
     text_b64 = "data:image/png;base64," + base64.b64encode(b"this is text, not an image").decode()
     return {
