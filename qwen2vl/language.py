@@ -56,12 +56,24 @@ class KVView:
 
     prefill: ``slot`` is the cache row, ``start`` the tokens already cached in it.
     decode: rows 0..B-1, ``lengths`` (B,) tokens already cached per row (the new token goes at that index).
+    What every layer of a decode step shares (row indices, key width, padding mask) is worked out once here.
     """
     k: list[torch.Tensor]  # per layer (slots, kv_heads, capacity, head_dim)
     v: list[torch.Tensor]
     slot: int = 0
     start: int = 0
     lengths: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.rows = self.pad = None
+        self.width = 0
+        if self.lengths is not None:
+            B = self.lengths.shape[0]
+            self.rows = torch.arange(B, device=self.lengths.device)
+            self.width = int(self.lengths.max()) + 1  # keys each row may attend to, at most
+            if B > 1 and bool((self.lengths != self.width - 1).any()):  # shorter rows: later keys are not theirs
+                pad = torch.arange(self.width, device=self.lengths.device) > self.lengths[:, None]  # (B, L)
+                self.pad = pad[:, None, None, :]  # (B, 1, 1, L)
 
 
 class Attention(nn.Module):
@@ -71,29 +83,28 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=True)  # q_proj, k_proj, v_proj stacked
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def _decode_attention(self, q, k, v, lengths):
+    def _decode_attention(self, q, k, v, pad):
         """One query per row against its cached keys, heads grouped over their shared kv head: two small
         batched matmuls (on CPU many times faster than SDPA for a single query, and no repeated K/V)."""
-        B, L = q.shape[0], k.shape[2]
+        B = q.shape[0]
         g = self.num_heads // self.num_kv_heads
         qg = q.view(B, self.num_kv_heads, g, self.head_dim)  # (B, kv_heads, group, hd)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # (B, kv_heads, group, L)
-        if B > 1 and bool((lengths != L - 1).any()):  # shorter rows: keys past their length are not theirs
-            pad = torch.arange(L, device=q.device) > lengths[:, None]  # (B, L)
-            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        if pad is not None:
+            scores.masked_fill_(pad, float("-inf"))
         probs = scores.softmax(dim=-1).to(v.dtype)
         return torch.matmul(probs, v).view(B, self.num_heads, 1, self.head_dim)  # (B, heads, 1, hd)
 
     def forward(self, x, cos, sin, kv: KVView | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -114,11 +125,9 @@ class Attention(nn.Module):
                                                    attn_mask=mask, enable_gqa=gqa)
         else:  # batched decode: row b writes at lengths[b] and attends to keys 0..lengths[b]
             kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
-            rows = torch.arange(B, device=x.device)
-            kc[rows, :, kv.lengths] = k[:, :, 0]  # (B, kv_heads, hd)
-            vc[rows, :, kv.lengths] = v[:, :, 0]
-            L = int(kv.lengths.max()) + 1
-            o = self._decode_attention(q, kc[:B, :, :L], vc[:B, :, :L], kv.lengths)
+            kc[kv.rows, :, kv.lengths] = k[:, :, 0]  # (B, kv_heads, hd)
+            vc[kv.rows, :, kv.lengths] = v[:, :, 0]
+            o = self._decode_attention(q, kc[:B, :, :kv.width], vc[:B, :, :kv.width], kv.pad)
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads*hd)
         return self.o_proj(o)
 
@@ -126,12 +135,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.sizes = [cfg.intermediate_size] * 2
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=False)  # gate_proj, up_proj stacked
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.sizes, dim=-1)  # (..., intermediate) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

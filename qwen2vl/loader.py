@@ -25,6 +25,16 @@ NAME_MAP = (
     ("model.language_model.", "model."),
 )
 
+# Checkpoint linears we load stacked into one fused linear (one matmul instead of three or two):
+# (checkpoint module suffix, our module suffix, part). The parts' row counts are the parent module's ``sizes``.
+STACKED = (
+    (".self_attn.q_proj", ".self_attn.qkv_proj", 0),
+    (".self_attn.k_proj", ".self_attn.qkv_proj", 1),
+    (".self_attn.v_proj", ".self_attn.qkv_proj", 2),
+    (".mlp.gate_proj", ".mlp.gate_up_proj", 0),
+    (".mlp.up_proj", ".mlp.gate_up_proj", 1),
+)
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -118,16 +128,20 @@ def read_safetensors_header(f) -> tuple[dict, int]:
 _CHUNK = 16 << 20
 
 
-def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Read one tensor with plain file reads (no mmap), cast to ``dtype`` on the way in. A cast reads the
-    source in chunks of at most 16 MiB, so memory holds the result plus one chunk, never a second full copy."""
+def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with plain file reads (no mmap), cast to ``dtype`` on the way in, into ``out`` (a
+    contiguous CPU tensor of the right shape) when given. A cast reads the source in chunks of at most 16 MiB,
+    so memory holds the result plus one chunk, never a second full copy."""
     if info["dtype"] not in _ST_DTYPES:
         raise InvalidInputError(f"unsupported tensor dtype {info['dtype']} in {f.name}")
     src = _ST_DTYPES[info["dtype"]]
     dtype = dtype or src
     shape = info["shape"]
     begin, end = info["data_offsets"]
-    out = torch.empty(shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    assert out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == tuple(shape)
     f.seek(data_start + begin)
     if src == dtype:
         if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
@@ -151,15 +165,52 @@ def map_name(name: str) -> str:
     return name
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def stacked_target(model: nn.Module, name: str) -> tuple[str, int, int] | None:
+    """For a checkpoint tensor that is one part of a fused parameter: (fused name, first row, end row)."""
     mod_name, _, leaf = name.rpartition(".")
+    for part_sfx, fused_sfx, idx in STACKED:
+        if mod_name.endswith(part_sfx):
+            fused = mod_name[: -len(part_sfx)] + fused_sfx
+            sizes = model.get_submodule(fused.rpartition(".")[0]).sizes  # the attention / MLP module's split
+            return f"{fused}.{leaf}", sum(sizes[:idx]), sum(sizes[:idx + 1])
+    return None
+
+
+def checkpoint_names(model: nn.Module) -> set[str]:
+    """The parameter names a checkpoint holds for ``model``: fused parameters under their parts' names."""
+    names = set()
+    for n, _ in model.named_parameters():
+        mod_name, _, leaf = n.rpartition(".")
+        parts = [mod_name[: -len(f)] + p for p, f, _ in STACKED if mod_name.endswith(f)]
+        if parts:
+            names.update(f"{m}.{leaf}" for m in parts)
+        else:
+            names.add(n)
+    return names
+
+
+def _module_of(model: nn.Module, name: str) -> str:
+    """The path of the module a checkpoint tensor loads into (the fused one for a stacked part)."""
+    target = stacked_target(model, name)
+    return (target[0] if target else name).rpartition(".")[0]
+
+
+def _param_slot(model: nn.Module, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where checkpoint tensor ``name`` goes: its parameter, or its rows of a fused one (allocated on first use)."""
+    target = stacked_target(model, name)
+    full = target[0] if target else name
+    mod_name, _, leaf = full.rpartition(".")
     mod = model.get_submodule(mod_name)
-    old = mod._parameters.get(leaf)
-    if old is None:
+    param = mod._parameters.get(leaf)
+    if param is None:
         raise KeyError(name)
-    if tuple(old.shape) != tuple(tensor.shape):
-        raise InvalidInputError(f"weight {name} has shape {tuple(tensor.shape)}, the config implies {tuple(old.shape)}")
-    mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    if param.device.type == "meta" or param.dtype != dtype:
+        param = mod._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                                     requires_grad=False)
+    dst = param.data if target is None else param.data[target[1]:target[2]]
+    if tuple(dst.shape) != tuple(shape):
+        raise InvalidInputError(f"weight {name} has shape {tuple(shape)}, the config implies {tuple(dst.shape)}")
+    return dst
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
@@ -171,9 +222,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(cfg)
     model.eval().requires_grad_(False)
-    expected = {n for n, _ in model.named_parameters()}
+    expected = checkpoint_names(model)
     plan = quant.linear_plan(model, quantization) if quantization else {}
-    waiting = {p: {n for n, _ in model.get_submodule(p).named_parameters()} for p in plan}
+    waiting: dict[str, set[str]] = {p: set() for p in plan}  # linear to quantize -> checkpoint names not read yet
+    for n in expected:
+        waiting.get(_module_of(model, n), set()).add(n)
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     files = checkpoint_files(path)
@@ -195,17 +248,19 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     name = map_name(key)
                     if name not in expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
-                    t = read_tensor(f, info, data_start, dtype)
+                    dst = _param_slot(model, name, info["shape"], dtype, device)
+                    if dst.device.type == "cpu":
+                        read_tensor(f, info, data_start, dtype, out=dst)
+                    else:
+                        dst.copy_(read_tensor(f, info, data_start, dtype))
                     if bar is not None:
                         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
-                    _assign(model, name, t.to(device))
-                    del t
                     loaded.add(name)
-                    mod_path, _, leaf = name.rpartition(".")
+                    mod_path = _module_of(model, name)
                     if quantization and name == "model.embed_tokens.weight":
                         quant.quantize_embedding_(model, cfg.tie_word_embeddings, dtype)
                     if mod_path in waiting:
-                        waiting[mod_path].discard(leaf)
+                        waiting[mod_path].discard(name)
                         if not waiting[mod_path]:  # all of this linear's tensors are in: quantize it now
                             del waiting[mod_path]
                             quant.replace_module(model, mod_path, plan[mod_path](model.get_submodule(mod_path)))
@@ -218,6 +273,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
     if cfg.tie_word_embeddings and not quantization:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if quantization:
+        quant.fast_attention_(model)
     _release_free_memory()
     return model
 

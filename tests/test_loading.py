@@ -55,8 +55,31 @@ def test_dtypes(ckpt, dtype):
     model = load_model(str(ckpt), getattr(torch, dtype))
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
     ref = load_model(str(ckpt), torch.float32)
-    a, b = model.model.layers[0].mlp.up_proj.weight, ref.model.layers[0].mlp.up_proj.weight
+    a, b = model.model.layers[0].mlp.gate_up_proj.weight, ref.model.layers[0].mlp.gate_up_proj.weight
     assert torch.equal(a, b.to(a.dtype))
+
+
+def test_stacked_projections_hold_the_checkpoint_parts(ckpt):
+    from safetensors.torch import load_file
+    sd = load_file(str(ckpt / "model.safetensors"))
+    model = load_model(str(ckpt), torch.float32)
+    for i, layer in enumerate(model.model.layers):
+        pre = f"model.layers.{i}."
+        qkv = [sd[pre + f"self_attn.{p}_proj.{leaf}"] for leaf in ("weight", "bias") for p in "qkv"]
+        assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat(qkv[:3]))
+        assert torch.equal(layer.self_attn.qkv_proj.bias, torch.cat(qkv[3:]))
+        assert torch.equal(layer.mlp.gate_up_proj.weight,
+                           torch.cat([sd[pre + "mlp.gate_proj.weight"], sd[pre + "mlp.up_proj.weight"]]))
+    del sd[next(k for k in sd if k.endswith("layers.1.self_attn.k_proj.bias"))]
+    from safetensors.torch import save_file
+    bad = ckpt.parent / "missing-part"
+    bad.mkdir(exist_ok=True)
+    for f in os.listdir(ckpt):
+        if f != "model.safetensors":
+            (bad / f).write_bytes((ckpt / f).read_bytes())
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(InvalidInputError, match="layers.1.self_attn.k_proj.bias"):
+        load_model(str(bad))
 
 
 def test_auto_dtype_and_device():
