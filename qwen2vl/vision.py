@@ -59,7 +59,27 @@ class PatchEmbed(nn.Module):
         return F.conv3d(x, w, stride=self.kernel).view(-1, w.shape[0])  # (N, D)
 
 
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_block: int = 1 << 22) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for (frames, heads, L, hd) as plain bf16 matmuls, two heads and as many query
+    rows as keep the score block under ``max_block`` elements at a time. On CPUs with avx512_bf16 this is about
+    1.7x faster than SDPA's flash kernel for ViT-sized frames, with probabilities rounded to bf16 (so it is used
+    only where weights are quantized anyway: see qwen2vl.quant)."""
+    frames, heads, L, hd = q.shape
+    out = torch.empty_like(q)
+    q = q * hd ** -0.5
+    rows = max(1, min(L, max_block // (2 * L)))
+    for f in range(frames):
+        for h in range(0, heads, 2):
+            kt, vh = k[f, h:h + 2].transpose(-1, -2), v[f, h:h + 2]  # (2, hd, L), (2, L, hd)
+            for r in range(0, L, rows):
+                scores = torch.matmul(q[f, h:h + 2, r:r + rows], kt)  # (2, rows, L)
+                out[f, h:h + 2, r:r + rows] = torch.matmul(scores.softmax(dim=-1), vh)
+    return out
+
+
 class VisionAttention(nn.Module):
+    matmul_attention = False  # bf16 matmul attention instead of SDPA (set when the tower is quantized)
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -79,7 +99,10 @@ class VisionAttention(nn.Module):
             end = start + count * length
             qs, ks, vs = (z[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
                           for z in (q, k, v))  # (frames, heads, L, hd)
-            o = F.scaled_dot_product_attention(qs, ks, vs)  # (frames, heads, L, hd)
+            if self.matmul_attention and qs.dtype == torch.bfloat16:
+                o = matmul_attention(qs, ks, vs)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs)  # (frames, heads, L, hd)
             out[start:end] = o.transpose(1, 2).reshape(end - start, self.num_heads, self.head_dim)
         return self.proj(out.view(n, -1))
 

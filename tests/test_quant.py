@@ -38,6 +38,34 @@ def test_int4_linear_close_to_float(rows):
     assert q.weight.numel() * q.weight.element_size() == 384 * 256 // 2  # half a byte per weight
 
 
+def test_int8_prefill_blocks_match_one_gemm():
+    """Prefill runs in row and column blocks; the result is the unblocked per-row-quantized product."""
+    from qwen2vl import quant
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, quant._BLOCK_N + 300)
+    q = Int8Linear(lin.weight, lin.bias)
+    x = torch.randn(quant._BLOCK_M + 37, 96)
+    sx = x.abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x / sx).to(torch.int8)
+    ref = torch._int_mm(xq, q.weight.t()).float() * sx * q.scales + lin.bias
+    torch.testing.assert_close(q(x), ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_features", [384, 2048 + 320])
+def test_int4_prefill_unpacks_what_the_kernel_reads(out_features):
+    """Above _INT4_GEMM_M rows the packed weight is unpacked for a bf16 GEMM: same weights as the int4 kernel."""
+    from qwen2vl import quant
+    assert quant._unpack_checked()
+    torch.manual_seed(0)
+    q = Int4Linear(torch.randn(out_features, 256), torch.randn(out_features), group_size=64)
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.weight, 64, q.scales_and_zeros).t()
+    torch.testing.assert_close(q.dequantize().float(), kernel_w.float(), rtol=0, atol=2 ** -6 * kernel_w.abs().max())
+    x = torch.randn(quant._INT4_GEMM_M + 5, 256)
+    small = torch.cat([q(x[i:i + 8]) for i in range(0, x.shape[0], 8)])  # the kernel path, 8 rows at a time
+    assert _rel(q(x), small) < 0.01
+
+
 def test_int4_linear_exact_on_representable_weights():
     """Weights that are exactly q * scale + min per group come back exactly (up to bfloat16 rounding)."""
     torch.manual_seed(0)
@@ -70,7 +98,9 @@ MSGS = [{"role": "user", "content": "Why is the sky blue? Explain in detail."}]
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_llm_runs_and_shrinks(ckpt, mode):
     full = LLM(str(ckpt), dtype="bfloat16", device="cpu")
-    llm = LLM(str(ckpt), dtype="bfloat16", device="cpu", quantization=mode)
+    # no prefix cache: the batch below would reuse the first prompt's KV and run only its last token, through the
+    # weight-only kernel instead of the quantized-activation one, which these chaotic fixtures amplify
+    llm = LLM(str(ckpt), dtype="bfloat16", device="cpu", quantization=mode, prefix_cache_mb=0)
 
     def nbytes(m):
         return sum(t.numel() * t.element_size() for t in list(m.model.parameters()) + list(m.model.buffers()))
@@ -108,3 +138,19 @@ def test_quantizing_while_loading_equals_quantizing_after(tmp_path, mode, varian
     ids = torch.arange(1000, 1020)
     assert torch.equal(during(ids), after(ids))
     assert during.model.embed_tokens(ids).dtype == torch.bfloat16
+
+
+def test_matmul_attention_matches_sdpa_in_blocks():
+    from qwen2vl.vision import matmul_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 48, 16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(matmul_attention(q, k, v, max_block=2 * 48 * 7), ref)  # 7 query rows a block
+    got = matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16 and _rel(got, ref) < 0.02
+
+
+def test_quantized_vision_uses_matmul_attention(ckpt):
+    from qwen2vl.loader import load_model
+    assert all(b.attn.matmul_attention for b in load_model(str(ckpt), torch.bfloat16, quantization="int8").visual.blocks)
+    assert not any(b.attn.matmul_attention for b in load_model(str(ckpt), torch.bfloat16).visual.blocks)
