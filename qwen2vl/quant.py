@@ -1,9 +1,10 @@
 """Weight quantization applied after loading (gpt-fast style): ``quantize_(model, "int8" | "int4")``.
 
-int8: symmetric per-output-channel int8 weights. Few rows (decode) run torch's weight-only kernel
-    ``_weight_int8pack_mm`` (activations stay in the model dtype); many rows (prefill, vision) quantize the
-    activations per row on the fly and run ``torch._int_mm`` (int8 x int8 -> int32), about 2x the bf16 GEMM
-    rate on CPUs with VNNI, in blocks of rows so the int32 product is rescaled while it is still in cache.
+int8: symmetric per-output-channel int8 weights. Activations are quantized per row on the fly and multiplied by
+    ``torch._int_mm`` (int8 x int8 -> int32): about 2x the bf16 GEMM rate on CPUs with VNNI for prefill and the
+    vision tower, and the fastest matrix-vector product for one decode row. Blocks of rows and columns keep each
+    int32 product in cache while it is rescaled. Batched decode of 2-8 rows runs torch's weight-only kernel
+    ``_weight_int8pack_mm`` (activations stay in the model dtype), faster there (measured on the 2B shapes).
 int4: the language model's decoder linears as asymmetric 4-bit with groups of 128 along the input, packed for
     ``_weight_int4pack_mm_for_cpu`` (decode); above 128 rows (prefill) the weight is unpacked to bf16 a block of
     output rows at a time and multiplied by the bf16 GEMM, 1.5-2x faster than the int4 kernel there. lm_head and
@@ -22,8 +23,9 @@ from torch import nn
 from .errors import InvalidInputError
 
 MODES = ("int8", "int4")
-_SMALL_M = 4  # rows up to which the weight-only kernel beats quantizing the activations (measured)
-_BLOCK_M, _BLOCK_N = 512, 1024  # int8 prefill GEMM blocks: each int32 product is rescaled while in cache
+_SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quantize the activations (measured)
+_BLOCK_M, _BLOCK_N = 512, 1024  # int8 GEMM blocks: rows, and at least this many output columns...
+_BLOCK_ELEMS = 1 << 19  # ...or as many as keep a block's product under this many elements (rescaled in cache)
 _INT4_GEMM_M = 128  # above this many rows int4 unpacks to bf16 blocks for the GEMM (measured crossover)
 _INT4_BLOCK_N = 1024  # output rows unpacked at a time (a multiple of 64, the kernel layout's row block)
 
@@ -56,7 +58,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
-        if x.shape[0] > _SMALL_M and x.device.type == "cpu":
+        if x.device.type == "cpu" and not 1 < x.shape[0] <= _SMALL_M:
             return self._dynamic(x).view(*lead, self.out_features)
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         y = torch._weight_int8pack_mm(x.to(dt), self.weight, self.scales.to(dt)).to(x.dtype)
@@ -67,16 +69,17 @@ class Int8Linear(nn.Module):
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """(M, in) -> (M, out): activations quantized per row to int8, int8 x int8 GEMM, rescaled in float32."""
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        cols = max(_BLOCK_N, _BLOCK_ELEMS // min(x.shape[0], _BLOCK_M))
         for i in range(0, x.shape[0], _BLOCK_M):
             xf = x[i:i + _BLOCK_M].to(torch.float32, copy=True)  # (rows, in)
             sx = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)  # (rows, 1)
             xq = xf.div_(sx).round_().to(torch.int8)  # |x / sx| <= 127
-            for c in range(0, self.out_features, _BLOCK_N):
-                y = torch.mul(torch._int_mm(xq, self.weight[c:c + _BLOCK_N].t()), sx)  # (rows, cols) float32
-                y.mul_(self.scales[c:c + _BLOCK_N])
+            for c in range(0, self.out_features, cols):
+                y = torch.mul(torch._int_mm(xq, self.weight[c:c + cols].t()), sx)  # (rows, cols) float32
+                y.mul_(self.scales[c:c + cols])
                 if self.bias is not None:
-                    y.add_(self.bias[c:c + _BLOCK_N])
-                out[i:i + _BLOCK_M, c:c + _BLOCK_N] = y
+                    y.add_(self.bias[c:c + cols])
+                out[i:i + _BLOCK_M, c:c + cols] = y
         return out
 
 
@@ -89,14 +92,23 @@ class Int4Linear(nn.Module):
         if in_f % group_size:
             raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size}")
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        w = weight.detach().to(torch.float32, copy=True).view(out_f, in_f // group_size, group_size)  # (out, groups, g)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
-        q = w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(out_f, in_f)
-        zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)
-        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        step = _ROWS if out_f % 64 == 0 else out_f  # the packed layout is per 64 rows: blocks of rows pack apart
+        packed, sz = None, []
+        for i in range(0, out_f, step):
+            w = weight[i:i + step].detach().to(torch.float32, copy=True)
+            w = w.view(w.shape[0], in_f // group_size, group_size)  # (rows, groups, g)
+            lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (rows, groups)
+            scale = ((hi - lo) / 15).clamp_min(1e-12)
+            q = w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(-1, in_f)
+            block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)  # (rows, in/2) bytes
+            if packed is None:
+                packed = block if step == out_f else block.new_empty(out_f, *block.shape[1:])
+            if step != out_f:
+                packed[i:i + step] = block
+            zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
+            sz.append(torch.stack([scale, zero], dim=-1).to(torch.bfloat16))  # (rows, groups, 2)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", torch.cat(sz).transpose(0, 1).contiguous())  # (groups, out, 2)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
