@@ -213,6 +213,18 @@ def _param_slot(model: nn.Module, name: str, shape, dtype: torch.dtype, device: 
     return dst
 
 
+def _load_order(model: nn.Module, header: dict) -> list[tuple[str, dict]]:
+    """The file's tensors module by module, largest module first: a module's tensors arrive together, so it is
+    quantized (and its float weights freed) at once, and the biggest transients come while little else is in."""
+    def nbytes(info):
+        return info["data_offsets"][1] - info["data_offsets"][0]
+    module = {key: _module_of(model, map_name(key)) for key in header}
+    size: dict[str, int] = {}
+    for key, info in header.items():
+        size[module[key]] = size.get(module[key], 0) + nbytes(info)
+    return sorted(header.items(), key=lambda kv: (-size[module[kv[0]]], module[kv[0]], -nbytes(kv[1])))
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
                quantization: str | None = None) -> Qwen2VLForConditionalGeneration:
@@ -238,13 +250,13 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                    desc="Loading weights", leave=False)
     loaded: set[str] = set()
+    if quantization:  # every float weight is freed soon after it arrives: give such memory back to the OS at once
+        _malloc_mmap_threshold(1 << 20)
     try:
         for file in files:
             with open(file, "rb") as f:
                 header, data_start = read_safetensors_header(f)
-                # largest first: a tensor that is cast or quantized on arrival then peaks while little else is in
-                for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] -
-                                        kv[1]["data_offsets"][1]):
+                for key, info in _load_order(model, header):
                     name = map_name(key)
                     if name not in expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
@@ -267,6 +279,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     finally:
         if bar is not None:
             bar.close()
+        if quantization:
+            _malloc_mmap_threshold(32 << 20)
     missing = sorted(expected - loaded)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -277,6 +291,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         quant.fast_attention_(model)
     _release_free_memory()
     return model
+
+
+def _malloc_mmap_threshold(nbytes: int) -> None:
+    """glibc: allocations of at least ``nbytes`` get their own pages, returned to the OS when freed. Without this,
+    quantizing while loading leaves the freed float weights as heap holes (measured: peak 1.44x the int8 weights,
+    1.12x with it). After loading, 32 MiB (with trimming above 64 MiB) is glibc's own adaptive setting after
+    large frees, so serving runs as it would otherwise."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 2 * nbytes)  # M_TRIM_THRESHOLD
+        except (OSError, AttributeError):
+            pass
 
 
 def _release_free_memory() -> None:
