@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (BENCH_DIR, CACHE_DIR, DEFAULT_MODEL_DIR, IMAGE_SIDE, REPO_ROOT, STRESS_IMAGE_SIZE,  # noqa: E402
-                          STRESS_VIDEO_FRAMES, TINY_MODEL_DIR, code_state, machine_info, nominal_lm_bytes)
+                          STRESS_VIDEO_FRAMES, TINY_MODEL_DIR, code_state, machine_info, nominal_lm_bytes,
+                          prefill_flops)
 
 GB = 1e9
 QUANT_FORMATS = ("int8", "int4")
@@ -297,6 +298,33 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                  f"({_x(r.get('peak_rss_load'), w)}) | {_gb(r.get('peak_rss_serve'))} "
                  f"({_x(r.get('peak_rss_serve'), w)}) | {note} |")
     L.append("")
+
+    # ---- prefill arithmetic
+    peaks = bw.get("gemm_GFLOPs") or {}
+    prompt = next((r["prompt_tokens"] for r in engines if r.get("prompt_tokens")), None)
+    if peaks and prompt:
+        fl = prefill_flops(model, (IMAGE_SIDE // 14) ** 2, prompt)
+        L.append("## Time to first token against the arithmetic\n")
+        L.append(f"One first-turn prefill is {fl['total'] / 1e12:.2f} TFLOP (vision tower {fl['vision'] / 1e12:.2f}, "
+                 f"language model {fl['language'] / 1e12:.2f}; 2 FLOP per multiply-add, counted from the config). "
+                 "Best GEMM rates measured on its two largest shapes in the bandwidth probe: " + ", ".join(
+                     f"{k} {v:.0f}" for k, v in peaks.items()) + " GFLOP/s (int8: GOP/s of `torch._int_mm`). "
+                 "The floor is that work at the GEMM rate of the format each part computes in (int8: both parts in "
+                 "int8; int4: vision int8, language model bf16 after unpacking); TTFT also holds preprocessing, "
+                 "attention and element-wise work.\n")
+        L.append("| configuration | TTFT s | prefill GFLOP/s achieved | computes in (vision / LM) | floor s | "
+                 "% of the GEMM peak |")
+        L.append("|---|---|---|---|---|---|")
+        compute = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "bfloat16"), "int8": ("int8", "int8"),
+                   "int4": ("int8", "bfloat16")}
+        for r in engines:
+            fmt = compute.get(r["cfg"].get("format") or "")
+            if not r.get("ttft_s") or not fmt or not all(f in peaks for f in fmt):
+                continue
+            floor = (fl["vision"] / peaks[fmt[0]] + fl["language"] / peaks[fmt[1]]) / 1e9
+            L.append(f"| {r['name']} | {r['ttft_s']:.2f} | {fl['total'] / r['ttft_s'] / 1e9:.0f} | "
+                     f"{' / '.join(fmt)} | {floor:.2f} | {100 * floor / r['ttft_s']:.0f}% |")
+        L.append("")
 
     # ---- bandwidth
     L.append("## Memory bandwidth and the decode bound\n")

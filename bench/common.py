@@ -184,6 +184,27 @@ def nominal_lm_bytes(config_path: str | os.PathLike) -> dict[str, float]:
     }
 
 
+def prefill_flops(config_path: str | os.PathLike, patches: int, prompt_tokens: int) -> dict[str, float]:
+    """Multiply-add arithmetic (2 FLOP each) of one first-turn prefill, from config.json: the vision tower over
+    ``patches`` patches of one frame (patch embedding, blocks with their attention, merger) and the language
+    model over ``prompt_tokens`` tokens (causal attention, lm_head for the last token only)."""
+    with open(Path(config_path) / "config.json") as f:
+        c = json.load(f)
+    t, v = c.get("text_config") or c, c.get("vision_config") or {}
+    h, i, L = t.get("hidden_size", c.get("hidden_size")), t.get("intermediate_size", c.get("intermediate_size")), \
+        t.get("num_hidden_layers", c.get("num_hidden_layers"))
+    nh = t.get("num_attention_heads", c.get("num_attention_heads"))
+    kvd = (t.get("num_key_value_heads", c.get("num_key_value_heads")) or nh) * (h // nh)
+    vocab = t.get("vocab_size", c.get("vocab_size"))
+    d, depth = v.get("embed_dim", 1280), v.get("depth", 32)
+    mlp = int(d * v.get("mlp_ratio", 4))
+    n, T, m = patches, prompt_tokens, v.get("spatial_merge_size", 2) ** 2
+    vision = 2 * n * (3 * 2 * 14 * 14) * d + depth * (2 * n * d * (3 * d + d + 2 * mlp) + 4 * n * n * d) \
+        + 2 * (n // m) * (m * d) * (m * d + h)
+    lm = L * (2 * T * h * (h + 2 * kvd + h + 3 * i) + 2 * T * T * h) + 2 * h * vocab
+    return {"vision": float(vision), "language": float(lm), "total": float(vision + lm)}
+
+
 # ---------------------------------------------------------------------------------------------------- machine
 def set_threads() -> int:
     import torch

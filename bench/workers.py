@@ -299,9 +299,37 @@ def bandwidth_worker(spec: dict, res: Result) -> None:
                 t0 = time.perf_counter()
                 fn()
                 best[fmt] = max(best.get(fmt, 0.0), nbytes / (time.perf_counter() - t0) / 1e9)
+    res.update(gemm_GFLOPs=_gemm_peaks(reps if total >= (64 << 20) else 1))
     res.update(copy_GBps=best.get("copy"), sum_GBps=best.get("sum"), bandwidth_rounds=rounds, bandwidth_reps=reps,
                matvec_GBps={f: best.get(f) for f in ("float32", "bfloat16", "int8", "int4")})
     res.update(machine_GBps=max(v for k, v in best.items() if k != "copy"))
+
+
+def _gemm_peaks(reps: int) -> dict[str, float]:
+    """Best GEMM rate (GFLOP/s; GOP/s for int8) of each compute format on the prefill's two largest shapes:
+    the vision MLP (1024 patches x 1280 -> 5120) and the 2B's fused gate/up (281 tokens x 1536 -> 17920)."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    best: dict[str, float] = {}
+    for m, k, n in ((1024, 1280, 5120), (281, 1536, 17920)):
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        fns = {"float32": lambda: F.linear(x, w), "bfloat16": lambda: F.linear(xb, wb),
+               "int8": lambda: torch._int_mm(xq, wq.t())}
+        for fmt, fn in fns.items():
+            try:
+                fn()
+                for _ in range(max(1, reps)):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[fmt] = max(best.get(fmt, 0.0), 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+            except Exception:  # noqa: BLE001 - a kernel missing from this torch build
+                pass
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------- vision
