@@ -165,15 +165,16 @@ def map_name(name: str) -> str:
     return name
 
 
-def stacked_target(model: nn.Module, name: str) -> tuple[str, int, int] | None:
-    """For a checkpoint tensor that is one part of a fused parameter: (fused name, first row, end row)."""
+def destination(model: nn.Module, name: str) -> tuple[str, str, slice | None]:
+    """Where checkpoint tensor ``name`` loads: (module path, parameter name, and for a stacked part its rows of the
+    fused parameter, else None)."""
     mod_name, _, leaf = name.rpartition(".")
     for part_sfx, fused_sfx, idx in STACKED:
         if mod_name.endswith(part_sfx):
             fused = mod_name[: -len(part_sfx)] + fused_sfx
             sizes = model.get_submodule(fused.rpartition(".")[0]).sizes  # the attention / MLP module's split
-            return f"{fused}.{leaf}", sum(sizes[:idx]), sum(sizes[:idx + 1])
-    return None
+            return fused, leaf, slice(sum(sizes[:idx]), sum(sizes[:idx + 1]))
+    return mod_name, leaf, None
 
 
 def checkpoint_names(model: nn.Module) -> set[str]:
@@ -189,25 +190,19 @@ def checkpoint_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _module_of(model: nn.Module, name: str) -> str:
-    """The path of the module a checkpoint tensor loads into (the fused one for a stacked part)."""
-    target = stacked_target(model, name)
-    return (target[0] if target else name).rpartition(".")[0]
-
-
-def _param_slot(model: nn.Module, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Where checkpoint tensor ``name`` goes: its parameter, or its rows of a fused one (allocated on first use)."""
-    target = stacked_target(model, name)
-    full = target[0] if target else name
-    mod_name, _, leaf = full.rpartition(".")
+def _param_slot(model: nn.Module, name: str, dest: tuple[str, str, slice | None], shape, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """The tensor checkpoint tensor ``name`` is read into: its parameter, or its rows of a fused one (the
+    parameter is allocated when its first tensor arrives)."""
+    mod_name, leaf, rows = dest
     mod = model.get_submodule(mod_name)
     param = mod._parameters.get(leaf)
     if param is None:
         raise KeyError(name)
-    if param.device.type == "meta" or param.dtype != dtype:
+    if param.device.type == "meta":
         param = mod._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
                                                      requires_grad=False)
-    dst = param.data if target is None else param.data[target[1]:target[2]]
+    dst = param.data if rows is None else param.data[rows]
     if tuple(dst.shape) != tuple(shape):
         raise InvalidInputError(f"weight {name} has shape {tuple(shape)}, the config implies {tuple(dst.shape)}")
     return dst
@@ -218,7 +213,7 @@ def _load_order(model: nn.Module, header: dict) -> list[tuple[str, dict]]:
     quantized (and its float weights freed) at once, and the biggest transients come while little else is in."""
     def nbytes(info):
         return info["data_offsets"][1] - info["data_offsets"][0]
-    module = {key: _module_of(model, map_name(key)) for key in header}
+    module = {key: destination(model, map_name(key))[0] for key in header}
     size: dict[str, int] = {}
     for key, info in header.items():
         size[module[key]] = size.get(module[key], 0) + nbytes(info)
@@ -238,7 +233,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     plan = quant.linear_plan(model, quantization) if quantization else {}
     waiting: dict[str, set[str]] = {p: set() for p in plan}  # linear to quantize -> checkpoint names not read yet
     for n in expected:
-        waiting.get(_module_of(model, n), set()).add(n)
+        waiting.get(destination(model, n)[0], set()).add(n)
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     files = checkpoint_files(path)
@@ -260,7 +255,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     name = map_name(key)
                     if name not in expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
-                    dst = _param_slot(model, name, info["shape"], dtype, device)
+                    dest = destination(model, name)
+                    dst = _param_slot(model, name, dest, info["shape"], dtype, device)
                     if dst.device.type == "cpu":
                         read_tensor(f, info, data_start, dtype, out=dst)
                     else:
@@ -268,7 +264,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     if bar is not None:
                         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
                     loaded.add(name)
-                    mod_path = _module_of(model, name)
+                    mod_path = dest[0]
                     if quantization and name == "model.embed_tokens.weight":
                         quant.quantize_embedding_(model, cfg.tie_word_embeddings, dtype)
                     if mod_path in waiting:

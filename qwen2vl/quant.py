@@ -102,9 +102,8 @@ class Int4Linear(nn.Module):
             q = w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(-1, in_f)
             block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)  # (rows, in/2) bytes
             if packed is None:
-                packed = block if step == out_f else block.new_empty(out_f, *block.shape[1:])
-            if step != out_f:
-                packed[i:i + step] = block
+                packed = block.new_empty(out_f, *block.shape[1:])
+            packed[i:i + step] = block
             zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
             sz.append(torch.stack([scale, zero], dim=-1).to(torch.bfloat16))  # (rows, groups, 2)
         self.register_buffer("weight", packed)
