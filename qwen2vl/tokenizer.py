@@ -377,6 +377,20 @@ def _normalize_templates(template: Any) -> str | dict[str, str]:
     return template
 
 
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map: the alphabet of the Qwen2 ByteLevel vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
 # -------------------------------------------------------------------------------------------------------------
 # chat template rendering (mirrors transformers.utils.chat_template_utils)
 # -------------------------------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from qwen2vl.tokenizer import bytes_to_unicode
+
 # --------------------------------------------------------------------------------------------------------------
-# Tokenizer facts (see /work/shared/REFERENCE.md)
+# Tokenizer facts (from the Qwen2-VL release notes collected in shared/REFERENCE.md)
 # --------------------------------------------------------------------------------------------------------------
 
 QWEN2_PAT_STR = (
@@ -190,20 +192,6 @@ def load_tiktoken_ranks(path: str | None = None) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
     return ranks
-
-
-@functools.lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map (the ByteLevel alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:

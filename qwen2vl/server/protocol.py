@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..sampling_params import SamplingParams
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..tokenizer import IncrementalDetokenizer, Tokenizer, bytes_to_unicode
 
 __all__ = ["APIError", "ChatRequest", "parse_chat_request", "GROUNDING_TOKENS", "FilteredDetokenizer",
            "TokenInfo", "openai_logprobs"]
@@ -341,15 +341,7 @@ class FilteredDetokenizer(IncrementalDetokenizer):
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class TokenInfo:
