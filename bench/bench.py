@@ -136,6 +136,12 @@ def _x(a_, b_) -> str:
     return f"{a_ / b_:.2f}×"
 
 
+def _header(L: list[str], *cols: str) -> None:
+    """A markdown table's header row and its separator."""
+    L.append("| " + " | ".join(cols) + " |")
+    L.append("|" + "---|" * len(cols))
+
+
 def _err(r: dict) -> str:
     e = r.get("error") or ""
     e = " ".join(e.split())
@@ -221,9 +227,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     L.append(f"\"other processes\": the cores everything else on the machine kept busy (hypervisor steal included) "
              f"while that configuration ran, on average, out of {info['cores']}; figures taken next to a busy "
              "neighbour are slower than this machine can do.\n")
-    L.append("| configuration | TTFT s | decode tok/s | ratios (speed-up vs transformers) | peak RSS GB "
-             "(load / serving) | notes |")
-    L.append("|---|---|---|---|---|---|")
+    _header(L, "configuration", "TTFT s", "decode tok/s", "ratios (speed-up vs transformers)",
+            "peak RSS GB (load / serving)", "notes")
     for r in engines:
         c = r["cfg"]
         if r.get("unsupported"):
@@ -259,8 +264,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     # ---- second turn
     L.append("## Second turn about the same image\n")
     L.append("First answer appended plus a new question; time to its first token.\n")
-    L.append("| configuration | prompt tokens | TTFT s | speed-up vs transformers best | speed-up vs its own first turn |")
-    L.append("|---|---|---|---|---|")
+    _header(L, "configuration", "prompt tokens", "TTFT s", "speed-up vs transformers best",
+            "speed-up vs its own first turn")
     for r in engines:
         if r.get("turn2_ttft_s") is None:
             continue
@@ -272,8 +277,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     # ---- concurrency
     L.append("## Concurrent requests\n")
     L.append("qwen2vl: one `llm.chat([conv1, ..., convN])` call (batched); transformers: the requests one by one.\n")
-    L.append("| configuration | requests × tokens | wall s | aggregate output tok/s | speed-up vs transformers best |")
-    L.append("|---|---|---|---|---|")
+    _header(L, "configuration", "requests × tokens", "wall s", "aggregate output tok/s",
+            "speed-up vs transformers best")
     for r in engines:
         if r.get("concurrent_tok_s") is None:
             continue
@@ -288,9 +293,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     L.append("Peak RSS (VmHWM) of the configuration's own process: at load, and while serving one image (first "
              "turn, decode, second turn; the peak is reset after loading where the kernel allows it). Weights: "
              "every distinct tensor the loaded model holds.\n")
-    L.append("| configuration | weights GB | RSS before load GB | peak at load GB (× weights) | "
-             "peak serving one image GB (× weights) | notes |")
-    L.append("|---|---|---|---|---|---|")
+    _header(L, "configuration", "weights GB", "RSS before load GB", "peak at load GB (× weights)",
+            "peak serving one image GB (× weights)", "notes")
     for r in engines:
         w = r.get("weights_bytes")
         if not w:
@@ -314,9 +318,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                  "The floor is that work at the GEMM rate of the format each part computes in (int8: both parts in "
                  "int8; int4: vision int8, language model bf16 after unpacking); TTFT also holds preprocessing, "
                  "attention and element-wise work.\n")
-        L.append("| configuration | TTFT s | prefill GFLOP/s achieved | computes in (vision / LM) | floor s | "
-                 "% of the GEMM peak |")
-        L.append("|---|---|---|---|---|---|")
+        _header(L, "configuration", "TTFT s", "prefill GFLOP/s achieved", "computes in (vision / LM)", "floor s",
+                "% of the GEMM peak")
         compute = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "bfloat16"), "int8": ("int8", "int8"),
                    "int4": ("int8", "bfloat16")}
         for r in engines:
@@ -342,18 +345,16 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                  f" GB/s. Machine bandwidth = the best read rate of these: **{_f(machine_bw, 1)} GB/s**.\n")
     if nominal and machine_bw:
         mv = bw.get("matvec_GBps") or {}
-        L.append("| weight format | LM bytes / token (nominal) GB | bound at machine bandwidth tok/s | "
-                 "bound at that format's matvec rate tok/s |")
-        L.append("|---|---|---|---|")
+        _header(L, "weight format", "LM bytes / token (nominal) GB", "bound at machine bandwidth tok/s",
+                "bound at that format's matvec rate tok/s")
         for fmt, b in nominal.items():
             L.append(f"| {fmt} | {b / GB:.2f} | {machine_bw * GB / b:.2f} | "
                      f"{_f(mv.get(fmt) and mv[fmt] * GB / b)} |")
         L.append("")
     L.append("Achieved decode against the bound (bytes per token measured on the loaded model: decoder layers, "
              "final norm and lm_head, one embedding row):\n")
-    L.append("| configuration | bytes / token GB | bound tok/s (machine) | decode tok/s | % of bound | "
-             "bound at format's matvec rate | % of it |")
-    L.append("|---|---|---|---|---|---|---|")
+    _header(L, "configuration", "bytes / token GB", "bound tok/s (machine)", "decode tok/s", "% of bound",
+            "bound at format's matvec rate", "% of it")
     for r in engines:
         b = r.get("lm_bytes_per_token")
         if not b:
@@ -374,9 +375,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                  f"of the decode prompt). Greedy agreement counts the tokens identical before the first "
                  "difference. Random weights (std 0.02) give flat logits, so this is a sanity check, not a "
                  "measure of model quality.\n")
-        L.append("| configuration | max abs logit diff | max abs logit (reference) | greedy agreement | "
-                 "distinct tokens |")
-        L.append("|---|---|---|---|---|")
+        _header(L, "configuration", "max abs logit diff", "max abs logit (reference)", "greedy agreement",
+                "distinct tokens")
         for r in engines:
             p = work / f"{r['name']}.logits.pt"
             if r.get("unsupported") or not p.exists():
@@ -399,9 +399,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                  f"a {a.video_frames}-frame {IMAGE_SIDE}×{IMAGE_SIDE} video (frame list), preprocessed by qwen2vl for "
                  f"both engines, encoded by the vision tower in {a.vision_dtype}. Peak: VmHWM reset just before the "
                  "encode.\n")
-        L.append("| engine | input | grid (patches → tokens) | preprocess s | encode s | RSS before GB | peak GB | "
-                 "peak increase GB | max abs diff vs transformers | notes |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        _header(L, "engine", "input", "grid (patches → tokens)", "preprocess s", "encode s", "RSS before GB",
+                "peak GB", "peak increase GB", "max abs diff vs transformers", "notes")
         for r in vis:
             if r.get("error") and not any(r.get(k) for k in ("image", "video")):
                 L.append(f"| {r['cfg']['engine']} | – | – | – | – | – | – | – | – | **failed**: {_err(r)} |")
