@@ -11,6 +11,8 @@ Everything here is test-only; ``transformers`` is imported lazily and only from 
   of the small :data:`VARIANTS`, in the official layout (flat config, ``visual.*`` / ``model.layers.*`` tensors) or
   in the layouts transformers writes, plus ``generation_config.json``, ``preprocessor_config.json`` and the
   tokenizer files.
+* :func:`write_prequantized_checkpoint` writes a tiny 4-bit GPTQ / AWQ checkpoint (official layouts) and a float32
+  twin holding its dequantized weights; :func:`dequantize_prequantized` is the reference unpacker.
 * :func:`load_reference` loads a written checkpoint back with transformers (float32, eval) and its processor.
 """
 
@@ -640,6 +642,238 @@ def write_checkpoint(
     if tokenizer:
         write_tokenizer_files(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-quantized (GPTQ-Int4 / AWQ) checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+#: The linears the official GPTQ / AWQ releases quantize, per decoder layer.
+PREQUANT_MODULES: tuple[str, ...] = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+#: AWQ GEMM packs output columns 8c + AWQ_ORDER[i] into nibble i of word c.
+AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
+
+_FP16_MIN_NORMAL = 2.0 ** -14
+_SCALE_MAX = 2.0 ** 15  # representable in bfloat16 and float16
+
+
+def _pack_nibbles(nibbles):
+    """(..., 8) ints in [0, 15] -> (...) int32, nibble j in bits 4j..4j+3 (uint32 reinterpreted as int32)."""
+    import torch
+
+    nib = nibbles.to(torch.int64)
+    if nib.shape[-1] != 8 or int(nib.min()) < 0 or int(nib.max()) > 15:
+        raise ValueError("expected (..., 8) values in [0, 15]")
+    word = torch.zeros(nib.shape[:-1], dtype=torch.int64)
+    for j in range(8):
+        word |= nib[..., j] << (4 * j)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+def _gptq_pack(q, zero, *, v1: bool = True):
+    """GPTQ layout of 4-bit ``q`` (out, in) and ``zero`` (groups, out) -> (qweight (in/8, out), qzeros (groups, out/8)).
+
+    qweight packs along the input dim; qzeros along the output dim, storing ``zero - 1`` (mod 16) when ``v1``.
+    """
+    out_f, in_f = q.shape
+    qweight = _pack_nibbles(q.t().reshape(in_f // 8, 8, out_f).transpose(1, 2))
+    z = (zero.to(q.dtype) - 1) & 0xF if v1 else zero
+    qzeros = _pack_nibbles(z.reshape(z.shape[0], out_f // 8, 8))
+    return qweight, qzeros
+
+
+def _awq_pack(q, zero):
+    """AWQ GEMM layout of ``q`` (out, in) and ``zero`` (groups, out) -> (qweight (in, out/8), qzeros (groups, out/8))."""
+    order = list(AWQ_ORDER)
+    out_f, in_f = q.shape
+    qweight = _pack_nibbles(q.t().reshape(in_f, out_f // 8, 8)[..., order])
+    qzeros = _pack_nibbles(zero.reshape(zero.shape[0], out_f // 8, 8)[..., order])
+    return qweight, qzeros
+
+
+def _quantize_int4(w, g_idx, groups: int, sym: bool):
+    """Round-to-nearest 4-bit quantization of ``w`` (out, in) with input column i in group ``g_idx[i]``.
+
+    Returns (q (out, in) int64, zero (groups, out) int64, scale (groups, out) float32); scales are exact in both
+    bfloat16 and float16. Asymmetric ranges include 0 (as GPTQ's quantizer does), so zero stays in [0, 15].
+    """
+    import torch
+
+    w = w.to(torch.float32)
+    out_f = w.shape[0]
+    scale = torch.empty(groups, out_f)
+    zero = torch.empty(groups, out_f, dtype=torch.int64)
+    for g in range(groups):
+        cols = w[:, g_idx == g]
+        if sym:
+            s = cols.abs().amax(dim=1) / 7
+        else:
+            lo = cols.amin(dim=1).clamp(max=0)
+            s = (cols.amax(dim=1).clamp(min=0) - lo) / 15
+        s = s.to(torch.bfloat16).to(torch.float32).clamp(_FP16_MIN_NORMAL, _SCALE_MAX)
+        scale[g] = s
+        zero[g] = 8 if sym else torch.round(-lo / s).clamp(0, 15).to(torch.int64)
+    s_col, z_col = scale[g_idx].t(), zero[g_idx].t()  # (out, in)
+    q = (torch.round(w / s_col).to(torch.int64) + z_col).clamp(0, 15)
+    assert torch.equal(scale.to(torch.float16).to(torch.float32), scale)
+    return q, zero, scale
+
+
+def _dequantize_int4(q, zero, scale, g_idx):
+    """W' = (q - zero[g_idx]) * scale[g_idx], float32 (out, in)."""
+    import torch
+
+    return (q - zero[g_idx].t()).to(torch.float32) * scale[g_idx].t()
+
+
+def _quantization_config(method: str, *, sym: bool, desc_act: bool, group_size: int, checkpoint_format: str) -> dict:
+    if method == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm", "zero_point": True,
+                "modules_to_not_convert": ["visual"]}
+    qc: dict[str, Any] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": bool(desc_act),
+                          "sym": bool(sym), "damp_percent": 0.01, "true_sequential": True, "static_groups": False}
+    if checkpoint_format != "gptq":
+        qc["checkpoint_format"] = checkpoint_format
+    return qc
+
+
+def write_prequantized_checkpoint(
+    qdir: str | os.PathLike,
+    refdir: str | os.PathLike,
+    *,
+    method: str = "gptq",
+    sym: bool = True,
+    desc_act: bool = False,
+    group_size: int = 32,
+    checkpoint_format: str = "gptq",
+    variant: str = "tiny",
+    seed: int = 0,
+    **overrides,
+) -> tuple[Path, Path]:
+    """Write a tiny 4-bit pre-quantized checkpoint into ``qdir`` and its float32 twin into ``refdir``.
+
+    ``qdir`` is laid out like the official Qwen2-VL GPTQ-Int4 (``method="gptq"``; ``checkpoint_format`` ``"gptq"``
+    (v1: qzeros hold zero - 1) or ``"gptq_v2"``; ``desc_act`` permutes the group order via ``g_idx``) or AWQ
+    (``method="awq"``, GEMM, always asymmetric) releases: the decoder's q/k/v/o and gate/up/down projections as
+    ``qweight`` / ``qzeros`` / ``scales`` (/ ``g_idx``) plus float16 ``bias``; every other tensor float16.
+    ``refdir`` is an ordinary official-layout float32 checkpoint holding the dequantized weights and the same
+    float16-rounded other tensors, so transformers can load it as the oracle. ``overrides`` go to
+    :func:`official_config`.
+    """
+    import torch
+
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"unknown method {method!r}; known: gptq, awq")
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}; known: gptq, gptq_v2")
+    if method == "awq":
+        sym, desc_act, checkpoint_format = False, False, "gptq"
+    qout, rout = Path(qdir), Path(refdir)
+    qout.mkdir(parents=True, exist_ok=True)
+    rout.mkdir(parents=True, exist_ok=True)
+    cfg = official_config(variant, dtype=torch.float16, **overrides)
+    model = build_model(cfg, seed=seed)
+    tied = bool(cfg["tie_word_embeddings"])
+    state = {_official_name(n): t.detach() for n, t in model.state_dict().items()
+             if not (tied and n == "lm_head.weight")}
+    targets = {f"model.layers.{i}.{m}" for i in range(cfg["num_hidden_layers"]) for m in PREQUANT_MODULES}
+    perm_gen = torch.Generator().manual_seed(int(seed) + 1)
+
+    qtensors: dict = {}
+    rtensors: dict = {}
+    for name in sorted(state):
+        t = state[name].to(torch.float32)
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
+        if prefix not in targets:
+            qtensors[name] = t.to(torch.float16).clone()
+            rtensors[name] = qtensors[name].to(torch.float32)
+            continue
+        out_f, in_f = t.shape
+        if in_f % 8 or out_f % 8:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} is not a multiple of 8")
+        groups = math.ceil(in_f / group_size)
+        g_idx = torch.arange(in_f) // group_size
+        if desc_act:
+            perm = torch.randperm(in_f, generator=perm_gen)
+            g_idx = torch.empty(in_f, dtype=torch.int64)
+            g_idx[perm] = torch.arange(in_f) // group_size
+        q, zero, scale = _quantize_int4(t, g_idx, groups, sym)
+        if method == "gptq":
+            qweight, qzeros = _gptq_pack(q, zero, v1=checkpoint_format == "gptq")
+            qtensors[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+        else:
+            qweight, qzeros = _awq_pack(q, zero)
+        qtensors[f"{prefix}.qweight"] = qweight
+        qtensors[f"{prefix}.qzeros"] = qzeros
+        qtensors[f"{prefix}.scales"] = scale.to(torch.float16)
+        rtensors[name] = _dequantize_int4(q, zero, scale, g_idx)
+    missing = sorted(p for p in targets if f"{p}.qweight" not in qtensors)
+    if missing:
+        raise ValueError(f"modules not found in the model: {missing}")
+
+    qcfg = dict(cfg)
+    qcfg["quantization_config"] = _quantization_config(
+        method, sym=sym, desc_act=desc_act, group_size=group_size, checkpoint_format=checkpoint_format)
+    rcfg = dict(cfg, torch_dtype="float32")
+    for out, tensors, conf in ((qout, qtensors, qcfg), (rout, rtensors, rcfg)):
+        _shard_and_save(tensors, out, 1, metadata={"format": "pt"})
+        _write_json(out / "config.json", conf)
+        _write_json(out / "generation_config.json", GENERATION_CONFIG)
+        _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+        write_tokenizer_files(out)
+    return qout, rout
+
+
+def _unpack_nibbles(words):
+    """int32 (...) -> int64 (..., 8): nibble j of each word (bits 4j..4j+3 of its uint32 value)."""
+    import torch
+
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    return torch.stack([(u >> (4 * j)) & 0xF for j in range(8)], dim=-1)
+
+
+def dequantize_prequantized(tensors: dict, prefix: str, method: str, group_size: int,
+                            checkpoint_format: str = "gptq"):
+    """Reference dequantization of one stored module (``prefix.qweight`` / ``qzeros`` / ``scales`` / ``g_idx``).
+
+    Returns W' (out, in) float32, W'[o, i] = (q[o, i] - zero[g(i), o]) * scale[g(i), o], read straight from the
+    GPTQ (v1 / v2) or AWQ GEMM layout; g(i) is ``g_idx[i]`` when stored, else ``i // group_size``.
+    """
+    import torch
+
+    qweight, qzeros = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"]
+    scales = tensors[f"{prefix}.scales"].to(torch.float32)  # (groups, out)
+    n_groups, out_f = scales.shape
+    if method == "gptq":
+        in_f = qweight.shape[0] * 8
+        # qweight[r, o] nibble j = q[o, 8r + j]
+        q = _unpack_nibbles(qweight).permute(0, 2, 1).reshape(in_f, out_f).t()
+        # qzeros[g, c] nibble j = zero[g, 8c + j] (minus 1 in v1)
+        zero = _unpack_nibbles(qzeros).reshape(n_groups, out_f)
+        if checkpoint_format == "gptq":
+            zero = (zero + 1) & 0xF
+        elif checkpoint_format != "gptq_v2":
+            raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}")
+    elif method == "awq":
+        in_f = qweight.shape[0]
+        q = torch.empty(out_f, in_f, dtype=torch.int64)
+        zero = torch.empty(n_groups, out_f, dtype=torch.int64)
+        wn, zn = _unpack_nibbles(qweight), _unpack_nibbles(qzeros)  # (in, out/8, 8), (groups, out/8, 8)
+        for c in range(out_f // 8):
+            for i, o in enumerate(AWQ_ORDER):
+                q[8 * c + o, :] = wn[:, c, i]
+                zero[:, 8 * c + o] = zn[:, c, i]
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    gkey = f"{prefix}.g_idx"
+    g = tensors[gkey].to(torch.int64) if gkey in tensors else torch.arange(in_f) // group_size
+    w = torch.empty(out_f, in_f, dtype=torch.float32)
+    for i in range(in_f):
+        w[:, i] = (q[:, i] - zero[g[i]]).to(torch.float32) * scales[g[i]]
+    return w
 
 
 def load_reference(dir: str | os.PathLike, *, attn_implementation: str = "eager"):
