@@ -67,6 +67,39 @@ class TextConfig:
 
 
 @dataclass
+class PrequantConfig:
+    """A checkpoint quantized before release (``quantization_config`` in config.json): GPTQ or AWQ 4-bit weights
+    for some linears, stored as ``qweight`` / ``qzeros`` / ``scales`` (/ ``g_idx``); see qwen2vl.prequant."""
+    method: str  # "gptq" or "awq"
+    bits: int = 4
+    group_size: int = 128  # -1: one group over the whole input
+    zero_offset: int = 0  # added to the stored zero points: 1 for GPTQ v1 checkpoints, which store zero - 1
+
+    @classmethod
+    def from_dict(cls, q: dict[str, Any]) -> "PrequantConfig":
+        method = str(q.get("quant_method", "?")).lower()
+        if method not in ("gptq", "awq"):
+            raise InvalidInputError(f"quantized checkpoints ({method}) are not supported; GPTQ and AWQ 4-bit are")
+        bits = int(q.get("bits", q.get("w_bit", 4)))
+        group = int(q.get("group_size", q.get("q_group_size", 128)))
+        if bits != 4:
+            raise InvalidInputError(f"{method.upper()} checkpoints with {bits}-bit weights are not supported (4-bit are)")
+        if group == 0 or group < -1:
+            raise InvalidInputError(f"invalid {method.upper()} group_size {group}")
+        offset = 0
+        if method == "awq":
+            version = str(q.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise InvalidInputError(f"AWQ version {version!r} is not supported (the GEMM layout is)")
+        else:
+            fmt = str(q.get("checkpoint_format", "gptq")).lower()
+            if fmt not in ("gptq", "gptq_v2"):
+                raise InvalidInputError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2 are)")
+            offset = 1 if fmt == "gptq" else 0
+        return cls(method=method, bits=bits, group_size=group, zero_offset=offset)
+
+
+@dataclass
 class Qwen2VLConfig:
     text: TextConfig
     vision: VisionConfig
@@ -76,6 +109,7 @@ class Qwen2VLConfig:
     vision_end_token_id: int = VISION_END_TOKEN_ID
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
+    prequant: PrequantConfig | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -84,9 +118,7 @@ class Qwen2VLConfig:
             raise InvalidInputError(
                 f"config.json has model_type {d.get('model_type')!r}; this package loads Qwen2-VL ('qwen2_vl') only"
             )
-        if d.get("quantization_config"):
-            method = d["quantization_config"].get("quant_method", "?")
-            raise InvalidInputError(f"quantized checkpoints ({method}) are not supported yet")
+        prequant = PrequantConfig.from_dict(d["quantization_config"]) if d.get("quantization_config") else None
         text_d = dict(d.get("text_config") or {})
         # Flat (official) layout: text fields live at the top level; nested ones win where both exist.
         for f in dataclasses.fields(TextConfig):
@@ -123,7 +155,7 @@ class Qwen2VLConfig:
         if tie is None:
             tie = (d.get("text_config") or {}).get("tie_word_embeddings", False)
         dtype = d.get("torch_dtype") or d.get("dtype") or text_d.get("torch_dtype") or text_d.get("dtype")
-        cfg = cls(text=text, vision=vision, tie_word_embeddings=bool(tie), torch_dtype=dtype, **top)
+        cfg = cls(text=text, vision=vision, tie_word_embeddings=bool(tie), torch_dtype=dtype, prequant=prequant, **top)
         cfg.validate()
         return cfg
 

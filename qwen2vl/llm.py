@@ -36,7 +36,8 @@ class LLM:
 
     Args:
         model: a checkpoint directory in the official layout, or a hub id (needs huggingface_hub and a network).
-        dtype: "auto" (the checkpoint's dtype), "float32", "bfloat16" or "float16".
+        dtype: "auto" (the checkpoint's dtype; bfloat16 for a GPTQ / AWQ checkpoint on the CPU), "float32",
+            "bfloat16" or "float16".
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
         min_pixels, max_pixels: default image pixel budget for every request (per request: ``chat(...,
             mm_processor_kwargs={"min_pixels": ...})``; per item: keys on the content item). Defaults come from the
@@ -44,6 +45,8 @@ class LLM:
         max_model_len: context length (prompt + output); default the model's max_position_embeddings.
         max_num_seqs: how many requests decode together in one batch.
         quantization: None, "int8" or "int4": quantize the weights after loading (CPU; see qwen2vl.quant).
+            GPTQ-Int4 and AWQ checkpoints load their 4-bit weights as they are (see qwen2vl.prequant); with
+            "int4" the rest of such a model (vision tower, lm_head) is quantized to int8 as well.
         prefix_cache_mb, vision_cache_mb: memory for reusing the KV of earlier prompts that a new prompt begins
             with (a second turn) and the features of media seen before; 0 turns either off.
     """

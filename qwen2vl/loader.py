@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from . import quant
+from . import prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .model import Qwen2VLForConditionalGeneration
@@ -73,6 +73,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: Qwen2VLConfig, device: t
             raise InvalidInputError(f"unsupported dtype {dtype}")
         return dtype
     if dtype in (None, "auto"):
+        if cfg.prequant is not None and device.type == "cpu":
+            return torch.bfloat16  # the int4 kernels compute in bfloat16; GPTQ / AWQ releases say float16
         return _DTYPES.get(str(cfg.torch_dtype), torch.bfloat16)
     if dtype not in _DTYPES:
         raise InvalidInputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
@@ -220,23 +222,57 @@ def _load_order(model: nn.Module, header: dict) -> list[tuple[str, dict]]:
     return sorted(header.items(), key=lambda kv: (-size[module[kv[0]]], module[kv[0]], -nbytes(kv[1])))
 
 
+def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expected: set[str]) -> dict[str, set[str]]:
+    """For a GPTQ / AWQ checkpoint: our module path -> the checkpoint's quantized tensor names that make it up (a
+    fused module gathers its parts'). ``expected`` trades each quantized ``weight`` for those names."""
+    if cfg.prequant is None:
+        return {}
+    names = set()
+    for file in files:
+        with open(file, "rb") as f:
+            names.update(map_name(k) for k in read_safetensors_header(f)[0])
+    modules: dict[str, set[str]] = {}
+    for name in names:
+        mod, _, leaf = name.rpartition(".")
+        if leaf == "qweight" and f"{mod}.weight" in expected:
+            expected.discard(f"{mod}.weight")
+            parts = {f"{mod}.{leaf}" for leaf in prequant.LEAVES if leaf != "g_idx" or f"{mod}.g_idx" in names}
+            expected.update(parts)
+            modules.setdefault(destination(model, f"{mod}.weight")[0], set()).update(parts)
+    if not modules:
+        raise InvalidInputError(f"config.json says {cfg.prequant.method.upper()}, but no weight in the checkpoint "
+                                "is quantized (no qweight tensors)")
+    for path in modules:  # every part of a fused module must be quantized
+        missing = [n for n in expected if destination(model, n)[0] == path and n.endswith(".weight")]
+        if missing:
+            raise InvalidInputError(f"{missing[0]} is stored in float but the other parts of {path} are quantized")
+    return modules
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
                quantization: str | None = None) -> Qwen2VLForConditionalGeneration:
     """Build on the meta device, then read each tensor into place. With ``quantization``, each linear layer is
-    quantized as soon as its tensors have arrived (see qwen2vl.quant), so memory peaks near the quantized size."""
+    quantized as soon as its tensors have arrived (see qwen2vl.quant), so memory peaks near the quantized size.
+    A GPTQ / AWQ checkpoint's quantized linears load as 4-bit (see qwen2vl.prequant); ``quantization="int4"``
+    then quantizes the rest as it would for a float checkpoint."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
+    if cfg.prequant is not None and quantization == "int8":
+        raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
+                                "'int4' (its 4-bit weights, the rest int8) or none")
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(cfg)
     model.eval().requires_grad_(False)
     expected = checkpoint_names(model)
+    files = checkpoint_files(path)
+    pre = _prequantized(model, cfg, files, expected)
     plan = quant.linear_plan(model, quantization) if quantization else {}
-    waiting: dict[str, set[str]] = {p: set() for p in plan}  # linear to quantize -> checkpoint names not read yet
+    plan = {p: make for p, make in plan.items() if p not in pre}
+    waiting: dict[str, set[str]] = {p: set() for p in [*plan, *pre]}  # module -> checkpoint names not read yet
     for n in expected:
         waiting.get(destination(model, n)[0], set()).add(n)
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    files = checkpoint_files(path)
     if progress is None:
         progress = sys.stderr.isatty()
     bar = None
@@ -245,7 +281,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                    desc="Loading weights", leave=False)
     loaded: set[str] = set()
-    if quantization:  # every float weight is freed soon after it arrives: give such memory back to the OS at once
+    packed: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # module -> part's first row -> leaf -> tensor
+    if quantization or pre:  # every float weight is freed soon after it arrives: give such memory back to the OS
         _malloc_mmap_threshold(1 << 20)
     try:
         for file in files:
@@ -256,26 +293,34 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     if name not in expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
                     dest = destination(model, name)
-                    dst = _param_slot(model, name, dest, info["shape"], dtype, device)
-                    if dst.device.type == "cpu":
-                        read_tensor(f, info, data_start, dtype, out=dst)
+                    mod_path = dest[0]
+                    if mod_path in pre and dest[1] in prequant.LEAVES:
+                        part = packed.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
+                        part[dest[1]] = read_tensor(f, info, data_start)
                     else:
-                        dst.copy_(read_tensor(f, info, data_start, dtype))
+                        dst = _param_slot(model, name, dest, info["shape"], dtype, device)
+                        if dst.device.type == "cpu":
+                            read_tensor(f, info, data_start, dtype, out=dst)
+                        else:
+                            dst.copy_(read_tensor(f, info, data_start, dtype))
                     if bar is not None:
                         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
                     loaded.add(name)
-                    mod_path = dest[0]
                     if quantization and name == "model.embed_tokens.weight":
                         quant.quantize_embedding_(model, cfg.tie_word_embeddings, dtype)
                     if mod_path in waiting:
                         waiting[mod_path].discard(name)
-                        if not waiting[mod_path]:  # all of this linear's tensors are in: quantize it now
+                        if not waiting[mod_path]:  # all of this linear's tensors are in: build its module now
                             del waiting[mod_path]
-                            quant.replace_module(model, mod_path, plan[mod_path](model.get_submodule(mod_path)))
+                            if mod_path in pre:
+                                new = _prequantized_module(model, cfg, mod_path, packed.pop(mod_path), dtype, device)
+                            else:
+                                new = plan[mod_path](model.get_submodule(mod_path))
+                            quant.replace_module(model, mod_path, new)
     finally:
         if bar is not None:
             bar.close()
-        if quantization:
+        if quantization or pre:
             _malloc_mmap_threshold(32 << 20)
     missing = sorted(expected - loaded)
     if missing:
@@ -287,6 +332,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         quant.fast_attention_(model)
     _release_free_memory()
     return model
+
+
+def _prequantized_module(model: nn.Module, cfg: Qwen2VLConfig, path: str, parts: dict[int, dict[str, torch.Tensor]],
+                         dtype: torch.dtype, device: torch.device) -> nn.Module:
+    lin = model.get_submodule(path)
+    w = prequant.stack([prequant.Int4Weight.from_checkpoint(parts[r], cfg.prequant, path) for r in sorted(parts)])
+    if w.shape != tuple(lin.weight.shape):
+        raise InvalidInputError(f"quantized weight {path} has shape {w.shape}, the config implies "
+                                f"{tuple(lin.weight.shape)}")
+    return prequant.make_linear(w, lin.bias, dtype, device)
 
 
 def _malloc_mmap_threshold(nbytes: int) -> None:

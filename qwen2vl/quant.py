@@ -91,20 +91,44 @@ class Int4Linear(nn.Module):
         out_f, in_f = weight.shape
         if in_f % group_size:
             raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size}")
-        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        step = _ROWS if out_f % 64 == 0 else out_f  # the packed layout is per 64 rows: blocks of rows pack apart
-        packed, sz = None, []
-        for i in range(0, out_f, step):
-            w = weight[i:i + step].detach().to(torch.float32, copy=True)
+
+        def blocks(i: int, j: int):
+            w = weight[i:j].detach().to(torch.float32, copy=True)
             w = w.view(w.shape[0], in_f // group_size, group_size)  # (rows, groups, g)
             lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (rows, groups)
             scale = ((hi - lo) / 15).clamp_min(1e-12)
             q = w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(-1, in_f)
+            return q, scale, lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
+
+        self._pack(out_f, in_f, group_size, blocks, bias, inner_k_tiles)
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
+                  group_size: int, inner_k_tiles: int = 2) -> "Int4Linear":
+        """Weights quantized elsewhere (GPTQ / AWQ checkpoints): w = (q - zeros) * scales with q (out, in) in 0..15
+        and zeros, scales (groups, out)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+
+        def blocks(i: int, j: int):
+            s = scales[:, i:j].t().to(torch.float32)  # (rows, groups)
+            return q[i:j].to(torch.int32), s, (8 - zeros[:, i:j].t().to(torch.float32)) * s
+
+        self._pack(q.shape[0], q.shape[1], group_size, blocks, bias, inner_k_tiles)
+        return self
+
+    def _pack(self, out_f: int, in_f: int, group_size: int, blocks, bias, inner_k_tiles: int) -> None:
+        """``blocks(i, j)`` gives rows i..j as (q int32 (rows, in), scale and zero (rows, groups)); rows are
+        packed a block at a time (the packed layout is per 64 rows), so temporaries stay small."""
+        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        step = _ROWS if out_f % 64 == 0 else out_f
+        packed, sz = None, []
+        for i in range(0, out_f, step):
+            q, scale, zero = blocks(i, min(i + step, out_f))
             block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)  # (rows, in/2) bytes
             if packed is None:
                 packed = block.new_empty(out_f, *block.shape[1:])
             packed[i:i + step] = block
-            zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
             sz.append(torch.stack([scale, zero], dim=-1).to(torch.bfloat16))  # (rows, groups, 2)
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", torch.cat(sz).transpose(0, 1).contiguous())  # (groups, out, 2)
