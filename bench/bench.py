@@ -41,6 +41,10 @@ def configurations(a: argparse.Namespace) -> list[dict]:
     for q in QUANT_FORMATS:
         cfgs.append({"name": f"qwen2vl-{q}", "kind": "engine", "engine": "qwen2vl", "dtype": a.quant_dtype,
                      "quantization": q, "format": q})
+    for q in (None, "int4"):  # the same weights in the GPTQ-Int4 release layout: as loaded, and with the flag
+        cfgs.append({"name": "qwen2vl-gptq" + (f"-{q}" if q else ""), "kind": "engine", "engine": "qwen2vl",
+                     "dtype": a.quant_dtype, "checkpoint": "gptq", "format": "gptq-" + (q or "bf16"), "matvec": "int4",
+                     **({"quantization": q} if q else {})})
     for engine in ("qwen2vl", "transformers"):
         cfgs.append({"name": f"vision-{engine}", "kind": "vision", "engine": engine, "dtype": a.vision_dtype})
     if a.skip_transformers:
@@ -55,6 +59,9 @@ def configurations(a: argparse.Namespace) -> list[dict]:
 
 
 def run_config(cfg: dict, a: argparse.Namespace, model: Path, work: Path) -> dict:
+    if cfg.get("checkpoint") == "gptq":
+        from bench import make_checkpoint as mk
+        model = mk.write_gptq(model, model.with_name(model.name + "-gptq"))  # reused when complete
     spec = dict(cfg, model=str(model), result=str(work / f"{cfg['name']}.json"), artifacts=str(work),
                 decode_tokens=a.decode_tokens, concurrent_requests=a.requests, concurrent_tokens=a.tokens,
                 max_model_len=a.max_model_len, max_num_seqs=max(8, a.requests), device="cpu",
@@ -321,7 +328,7 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
         _header(L, "configuration", "TTFT s", "prefill GFLOP/s achieved", "computes in (vision / LM)", "floor s",
                 "% of the GEMM peak")
         compute = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "bfloat16"), "int8": ("int8", "int8"),
-                   "int4": ("int8", "bfloat16")}
+                   "int4": ("int8", "bfloat16"), "gptq-bf16": ("bfloat16", "bfloat16"), "gptq-int4": ("int8", "bfloat16")}
         for r in engines:
             fmt = compute.get(r["cfg"].get("format") or "")
             if not r.get("ttft_s") or not fmt or not all(f in peaks for f in fmt):
@@ -360,7 +367,7 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
         if not b:
             continue
         bound = machine_bw * GB / b if machine_bw else None
-        fmt_bw = (bw.get("matvec_GBps") or {}).get(r["cfg"].get("format"))
+        fmt_bw = (bw.get("matvec_GBps") or {}).get(r["cfg"].get("matvec") or r["cfg"].get("format"))
         fbound = fmt_bw * GB / b if fmt_bw else None
         d = r.get("decode_tok_s")
         L.append(f"| {r['name']} | {b / GB:.2f} | {_f(bound)} | {_f(d)} | "

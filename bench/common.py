@@ -21,6 +21,7 @@ REPO_ROOT = BENCH_DIR.parent
 CACHE_DIR = BENCH_DIR / ".cache"
 DEFAULT_MODEL_DIR = CACHE_DIR / "qwen2vl-2b-random"
 TINY_MODEL_DIR = CACHE_DIR / "qwen2vl-tiny"
+GPTQ_MODEL_DIR = CACHE_DIR / "qwen2vl-2b-random-gptq"
 
 if str(REPO_ROOT) not in sys.path:  # `python bench/bench.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(REPO_ROOT))

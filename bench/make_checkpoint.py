@@ -3,6 +3,7 @@
     python bench/make_checkpoint.py                 # bench/.cache/qwen2vl-2b-random (4.4 GB, about a minute)
     python bench/make_checkpoint.py --out DIR
     python bench/make_checkpoint.py --tiny          # the small test fixture (tests.fixtures.write_checkpoint)
+    python bench/make_checkpoint.py --gptq          # the 2B checkpoint in the GPTQ-Int4 layout (bench/.cache/...-gptq)
 
 The 2B checkpoint: the official flat config.json (hidden 1536, 28 layers, 12 heads / 2 kv heads, vocab 151936,
 tied embeddings, M-RoPE [16, 24, 24], vision depth 32 / width 1280), generation_config.json,
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DEFAULT_MODEL_DIR, TINY_MODEL_DIR  # noqa: E402
+from bench.common import DEFAULT_MODEL_DIR, GPTQ_MODEL_DIR, TINY_MODEL_DIR  # noqa: E402
 
 FORMAT_VERSION = 1
 MARKER = ".bench-checkpoint.json"
@@ -219,6 +220,54 @@ def write_2b(out: Path = DEFAULT_MODEL_DIR, seed: int = 0, force: bool = False, 
     return out
 
 
+def write_gptq(src: Path = DEFAULT_MODEL_DIR, out: Path = GPTQ_MODEL_DIR, force: bool = False) -> Path:
+    """``src`` in the layout of the official GPTQ-Int4 release: the decoder's q/k/v/o/gate/up/down projections as
+    GPTQ v1 4-bit (symmetric, groups of 128 inputs (32 for the tiny fixture), no act-order; round-to-nearest
+    values, since random weights have nothing to calibrate on), every other tensor float16,
+    ``quantization_config`` in config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qwen2vl.loader import read_safetensors_header, read_tensor
+    from tests.fixtures import gptq_pack
+
+    src, out = Path(src), Path(out)
+    cfg = json.loads((src / "config.json").read_text())
+    group_size = 128 if cfg["hidden_size"] % 128 == 0 and cfg["intermediate_size"] % 128 == 0 else 32
+    stamp = src / MARKER if (src / MARKER).exists() else src / "model.safetensors"
+    marker = _marker("gptq", 0, {"source": str(stamp.stat().st_mtime), "group_size": group_size})
+    if not force and _is_complete(out, marker):
+        return out
+    _prepare_dir(out)
+    quantized = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    tensors = {}
+    with open(src / "model.safetensors", "rb") as f:
+        header, start = read_safetensors_header(f)
+        for name, info in header.items():
+            w = read_tensor(f, info, start)
+            mod, _, leaf = name.rpartition(".")
+            if not (name.startswith("model.layers.") and leaf == "weight" and mod.rpartition(".")[2] in quantized):
+                tensors[name] = w.to(torch.float16)
+                continue
+            rows, cols = w.shape
+            g = w.float().view(rows, cols // group_size, group_size)  # (out, groups, g)
+            scale = (g.abs().amax(-1) / 7).clamp_min(1e-8).half().float()  # (out, groups), as stored
+            q = (g / scale[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.int64).view(rows, cols)
+            tensors[mod + ".qweight"], tensors[mod + ".qzeros"] = gptq_pack(q, torch.full((cols // group_size, rows), 8))
+            tensors[mod + ".scales"] = scale.t().contiguous().half()
+            tensors[mod + ".g_idx"] = (torch.arange(cols) // group_size).int()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), {"format": "pt"})
+    cfg.update(torch_dtype="float16", quantization_config={
+        "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
+        "damp_percent": 0.01, "true_sequential": True, "static_groups": False})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for p in src.iterdir():
+        if p.is_file() and p.name not in ("config.json", "model.safetensors", MARKER):
+            shutil.copy(p, out / p.name)
+    _finish(out, marker)
+    return out
+
+
 def write_tiny(out: Path = TINY_MODEL_DIR, seed: int = 0, force: bool = False) -> Path:
     """The tiny parity-test fixture (random float32 weights, real vocabulary), for the bench's smoke test."""
     out = Path(out)
@@ -238,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help=f"directory (default {DEFAULT_MODEL_DIR} or, with --tiny, "
                                              f"{TINY_MODEL_DIR})")
     ap.add_argument("--tiny", action="store_true", help="write the tiny test fixture instead of the 2B shapes")
+    ap.add_argument("--gptq", action="store_true", help="also write the 2B checkpoint in the GPTQ-Int4 layout")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rewrite even if a complete checkpoint is there")
     a = ap.parse_args(argv)
@@ -246,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         path = write_tiny(a.out or TINY_MODEL_DIR, a.seed, a.force)
     else:
         path = write_2b(a.out or DEFAULT_MODEL_DIR, a.seed, a.force)
+        if a.gptq:
+            path = write_gptq(path, GPTQ_MODEL_DIR if a.out is None else path.with_name(path.name + "-gptq"),
+                              a.force)
     print(f"{path} ({time.time() - t0:.1f} s)")
 
 

@@ -673,7 +673,7 @@ def _pack_nibbles(nibbles):
     return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
 
 
-def _gptq_pack(q, zero, *, v1: bool = True):
+def gptq_pack(q, zero, *, v1: bool = True):
     """GPTQ layout of 4-bit ``q`` (out, in) and ``zero`` (groups, out) -> (qweight (in/8, out), qzeros (groups, out/8)).
 
     qweight packs along the input dim; qzeros along the output dim, storing ``zero - 1`` (mod 16) when ``v1``.
@@ -685,7 +685,7 @@ def _gptq_pack(q, zero, *, v1: bool = True):
     return qweight, qzeros
 
 
-def _awq_pack(q, zero):
+def awq_pack(q, zero):
     """AWQ GEMM layout of ``q`` (out, in) and ``zero`` (groups, out) -> (qweight (in, out/8), qzeros (groups, out/8))."""
     order = list(AWQ_ORDER)
     out_f, in_f = q.shape
@@ -802,10 +802,10 @@ def write_prequantized_checkpoint(
             g_idx[perm] = torch.arange(in_f) // group_size
         q, zero, scale = _quantize_int4(t, g_idx, groups, sym)
         if method == "gptq":
-            qweight, qzeros = _gptq_pack(q, zero, v1=checkpoint_format == "gptq")
+            qweight, qzeros = gptq_pack(q, zero, v1=checkpoint_format == "gptq")
             qtensors[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
         else:
-            qweight, qzeros = _awq_pack(q, zero)
+            qweight, qzeros = awq_pack(q, zero)
         qtensors[f"{prefix}.qweight"] = qweight
         qtensors[f"{prefix}.qzeros"] = qzeros
         qtensors[f"{prefix}.scales"] = scale.to(torch.float16)

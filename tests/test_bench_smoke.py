@@ -30,7 +30,7 @@ def test_bench_end_to_end_tiny_quick(tiny, tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--model", str(tiny), "--quick",
            "--decode-tokens", "2", "--tokens", "2", "--video-frames", "2", "--timeout", "120",
-           "--only", "bandwidth,transformers-float32,qwen2vl-float32,vision-qwen2vl",
+           "--only", "bandwidth,transformers-float32,qwen2vl-float32,qwen2vl-gptq-int4,vision-qwen2vl",
            "--work-dir", str(work), "--results", str(results)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,7 +39,10 @@ def test_bench_end_to_end_tiny_quick(tiny, tmp_path):
     assert "**failed**" not in report, report
     data = json.loads((work / "results.json").read_text())
     by = {r["name"]: r for r in data["results"]}
-    assert set(by) == {"bandwidth", "transformers-float32", "qwen2vl-float32", "vision-qwen2vl"}
+    assert set(by) == {"bandwidth", "transformers-float32", "qwen2vl-float32", "qwen2vl-gptq-int4", "vision-qwen2vl"}
+    g = by["qwen2vl-gptq-int4"]  # the same weights written in the GPTQ-Int4 layout, loaded with --quantization int4
+    assert not g.get("error"), g.get("error")
+    assert g["prompt_tokens"] == 281 and g["decode_tokens"] == 2 and g["weights_bytes"] < by["qwen2vl-float32"]["weights_bytes"] / 2
     for name in ("transformers-float32", "qwen2vl-float32"):
         r = by[name]
         assert not r.get("error"), r.get("error")

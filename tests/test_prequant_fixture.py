@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from tests.fixtures import (
     PREQUANT_MODULES,
-    _awq_pack,
-    _gptq_pack,
+    awq_pack,
+    gptq_pack,
     build_model,
     dequantize_prequantized,
     load_reference,
@@ -29,26 +29,26 @@ def test_gptq_pack_by_hand():
     q[0] = torch.arange(8)
     q[1] = torch.arange(8) + 8
     q[2] = torch.arange(8).flip(0)
-    qweight, _ = _gptq_pack(q, torch.full((1, 8), 8), v1=True)
+    qweight, _ = gptq_pack(q, torch.full((1, 8), 8), v1=True)
     assert qweight.dtype == torch.int32 and qweight.shape == (1, 8)
     assert qweight.tolist() == [[1985229328, -19088744, 0x01234567, 0, 0, 0, 0, 0]]  # 0x76543210, 0xFEDCBA98 - 2**32
     # 16 input columns: the second word of a row packs columns 8..15.
     q = torch.zeros(8, 16, dtype=torch.int64)
     q[0, 8:] = torch.arange(8)
-    qweight, _ = _gptq_pack(q, torch.full((2, 8), 8), v1=True)
+    qweight, _ = gptq_pack(q, torch.full((2, 8), 8), v1=True)
     assert qweight.shape == (2, 8) and qweight[:, 0].tolist() == [0, 1985229328]
 
 
 def test_gptq_pack_zeros_by_hand():
     q = torch.zeros(8, 8, dtype=torch.int64)
     # zero 8 everywhere: v1 stores 7 per nibble (0x77777777), v2 stores 8 (0x88888888 -> negative).
-    _, qz1 = _gptq_pack(q, torch.full((1, 8), 8), v1=True)
-    _, qz2 = _gptq_pack(q, torch.full((1, 8), 8), v1=False)
+    _, qz1 = gptq_pack(q, torch.full((1, 8), 8), v1=True)
+    _, qz2 = gptq_pack(q, torch.full((1, 8), 8), v1=False)
     assert qz1.shape == qz2.shape == (1, 1) and qz1.dtype == torch.int32
     assert qz1.item() == 2004318071  # 0x77777777
     assert qz2.item() == -2004318072  # 0x88888888 - 2**32
     # zero[o] = o: v1 nibbles (o - 1) mod 16 = F, 0, 1, ..., 6 -> 0x6543210F.
-    _, qz1 = _gptq_pack(q, torch.arange(8).reshape(1, 8), v1=True)
+    _, qz1 = gptq_pack(q, torch.arange(8).reshape(1, 8), v1=True)
     assert qz1.item() == 1698898191  # 0x6543210F
 
 
@@ -57,13 +57,13 @@ def test_awq_pack_by_hand():
     # -> reading nibbles 7..0: 0x75316420.
     q = torch.arange(8).reshape(8, 1)
     zero = torch.arange(8).reshape(1, 8)
-    qweight, qzeros = _awq_pack(q, zero)
+    qweight, qzeros = awq_pack(q, zero)
     assert qweight.dtype == qzeros.dtype == torch.int32
     assert qweight.shape == (1, 1) and qzeros.shape == (1, 1)
     assert qweight.item() == 1966171168  # 0x75316420
     assert qzeros.item() == 1966171168  # zeros interleave the same way, stored as is
     # q[o] = o + 8: nibbles 8, A, C, E, 9, B, D, F -> 0xFDB9ECA8, negative as int32.
-    qweight, _ = _awq_pack(q + 8, zero)
+    qweight, _ = awq_pack(q + 8, zero)
     assert qweight.item() == -38146904  # 0xFDB9ECA8 - 2**32
 
 
