@@ -242,10 +242,10 @@ def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expect
     if not modules:
         raise InvalidInputError(f"config.json says {cfg.prequant.method.upper()}, but no weight in the checkpoint "
                                 "is quantized (no qweight tensors)")
-    for path in modules:  # every part of a fused module must be quantized
-        missing = [n for n in expected if destination(model, n)[0] == path and n.endswith(".weight")]
-        if missing:
-            raise InvalidInputError(f"{missing[0]} is stored in float but the other parts of {path} are quantized")
+    for n in expected:  # every part of a fused module must be quantized
+        if n.endswith(".weight") and destination(model, n)[0] in modules:
+            raise InvalidInputError(f"{n} is stored in float but the other parts of {destination(model, n)[0]} "
+                                    "are quantized")
     return modules
 
 

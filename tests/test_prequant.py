@@ -164,3 +164,27 @@ def test_gptq_on_cuda_dequantizes(checkpoints):
     llm = LLM(str(qdir), device="cuda")
     assert type(llm.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4, temperature=0))[0]
+
+
+def test_fused_module_with_one_float_part_is_refused(checkpoints, tmp_path):
+    """q quantized but k stored in float: one fused qkv_proj cannot hold both, and the message says which."""
+    qdir = _edit(checkpoints["gptq"][0], tmp_path / "c")
+    t = load_file(str(qdir / "model.safetensors"))
+    p = "model.layers.0.self_attn.k_proj"
+    for leaf in ("qweight", "qzeros", "scales", "g_idx"):
+        del t[f"{p}.{leaf}"]
+    t[f"{p}.weight"] = torch.zeros(32, 64, dtype=torch.float16)
+    save_file(t, str(qdir / "model.safetensors"))
+    with pytest.raises(InvalidInputError, match=r"k_proj\.weight is stored in float"):
+        LLM(str(qdir))
+
+
+def test_quantization_config_without_quantized_tensors_is_refused(tmp_path):
+    from tests.fixtures import write_checkpoint
+
+    d = write_checkpoint(tmp_path / "f")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidInputError, match="no weight in the checkpoint is quantized"):
+        LLM(str(d))
