@@ -26,7 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="largest image size in pixels")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,
-                   help="quantize the weights after loading (CPU): faster decode, less memory")
+                   help="quantize the weights after loading (CPU): faster decode, less memory. GPTQ / AWQ "
+                        "checkpoints load as 4-bit without it; int4 then makes their vision tower and lm_head int8")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
