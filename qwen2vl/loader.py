@@ -236,7 +236,7 @@ def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expect
         mod, _, leaf = name.rpartition(".")
         if leaf == "qweight" and f"{mod}.weight" in expected:
             expected.discard(f"{mod}.weight")
-            parts = {f"{mod}.{leaf}" for leaf in prequant.LEAVES if leaf != "g_idx" or f"{mod}.g_idx" in names}
+            parts = {f"{mod}.{x}" for x in prequant.LEAVES if x != "g_idx" or f"{mod}.g_idx" in names}
             expected.update(parts)
             modules.setdefault(destination(model, f"{mod}.weight")[0], set()).update(parts)
     if not modules:
