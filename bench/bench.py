@@ -347,8 +347,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
         L.append(f"Measured ({'--quick: buffers fit in cache, not meaningful' if a.quick else '512 MB per probe'}; "
                  f"best of {bw.get('bandwidth_rounds', '?')} rounds × {bw.get('bandwidth_reps', '?')}): "
                  f"copy {_f(bw.get('copy_GBps'), 1)} GB/s (read + write), sum "
-                 f"{_f(bw.get('sum_GBps'), 1)} GB/s; matrix-vector over many distinct 8960×1536 matrices, weight "
-                 "bytes per second: " + ", ".join(f"{k} {_f(v, 1)}" for k, v in mv.items()) +
+                 f"{_f(bw.get('sum_GBps'), 1)} GB/s; matrix-vector over many distinct 8960×1536 matrices (int8: "
+                 "oneDNN's int8 linear on prepacked weights, which int8 decode runs), weight bytes per second: " + ", ".join(f"{k} {_f(v, 1)}" for k, v in mv.items()) +
                  f" GB/s. Machine bandwidth = the best read rate of these: **{_f(machine_bw, 1)} GB/s**.\n")
     if nominal and machine_bw:
         mv = bw.get("matvec_GBps") or {}

@@ -1,10 +1,12 @@
 """Weight quantization applied after loading (gpt-fast style): ``quantize_(model, "int8" | "int4")``.
 
-int8: symmetric per-output-channel int8 weights. Activations are quantized per row on the fly and multiplied by
-    ``torch._int_mm`` (int8 x int8 -> int32): about 2x the bf16 GEMM rate on CPUs with VNNI for prefill and the
-    vision tower, and the fastest matrix-vector product for one decode row. Blocks of rows and columns keep each
-    int32 product in cache while it is rescaled. Batched decode of 2-8 rows runs torch's weight-only kernel
-    ``_weight_int8pack_mm`` (activations stay in the model dtype), faster there (measured on the 2B shapes).
+int8: symmetric per-output-channel int8 weights; activations are quantized per row on the fly and multiplied in
+    int8 x int8 -> int32, rescaled in float32. The language model's linears keep their weight only in oneDNN's
+    prepacked layout (``onednn::qlinear_pointwise``, unsigned activations offset by 128): one kernel for every
+    row count, and 2x faster than the unpacked kernels for the 2-16 rows of a batched decode step (measured on
+    the 2B shapes). The vision tower runs only prefills of hundreds of rows, where ``torch._int_mm`` on the plain
+    weight in row and column blocks (each int32 product rescaled in cache) is as fast or faster; a plain weight
+    also serves a tied embedding. Plain weights take ``_weight_int8pack_mm`` (bf16 activations) for 2-8 rows.
 int4: the language model's decoder linears as asymmetric 4-bit with groups of 128 along the input, packed for
     ``_weight_int4pack_mm_for_cpu`` (decode); above 128 rows (prefill) the weight is unpacked to bf16 a block of
     output rows at a time and multiplied by the bf16 GEMM, 1.5-2x faster than the int4 kernel there. lm_head and
@@ -26,6 +28,7 @@ MODES = ("int8", "int4")
 _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quantize the activations (measured)
 _BLOCK_M, _BLOCK_N = 512, 1024  # int8 GEMM blocks: rows, and at least this many output columns...
 _BLOCK_ELEMS = 1 << 19  # ...or as many as keep a block's product under this many elements (rescaled in cache)
+_PACKED_M = 256  # prepacked int8: rows per call, so the float32 product stays small on long prompts
 _INT4_GEMM_M = 128  # above this many rows int4 unpacks to bf16 blocks for the GEMM (measured crossover)
 _INT4_BLOCK_N = 1024  # output rows unpacked at a time (a multiple of 64, the kernel layout's row block)
 
@@ -45,19 +48,63 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, in) float -> int8 rows and float32 scales (M, 1) with x ~ (q - offset) * scale; offset 128 gives uint8."""
+    xf = x.to(torch.float32, copy=True)
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+    xf.div_(sx).round_()  # |x / sx| <= 127
+    return (xf.add_(offset).to(torch.uint8) if offset else xf.to(torch.int8)), sx
+
+
+def _qlinear(xq: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """uint8 rows (offset 128) x prepacked int8 weight -> (rows, out) float32 int32 products times weight scales."""
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, packed, scales, zero, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+_PREPACK_OK: bool | None = None
+
+
+def _prepack_checked() -> bool:
+    """Whether this torch has oneDNN's int8 linear and it computes the exact int32 product (checked once per
+    process on a known matrix); if not, every int8 weight stays plain."""
+    global _PREPACK_OK
+    if _PREPACK_OK is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+            x = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
+            y = _qlinear((x.int() + 128).to(torch.uint8), torch.ops.onednn.qlinear_prepack(w, None),
+                         torch.ones(48), torch.zeros(1, dtype=torch.int32))
+            _PREPACK_OK = bool(torch.equal(y, (x.int() @ w.int().t()).float()))
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _PREPACK_OK = False
+    return _PREPACK_OK
+
+
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``prepack=True`` (CPU, where oneDNN's int8 linear works): the weight is held only prepacked, in
+    ``packed``, and ``weight`` is None; otherwise ``weight`` is the plain (out, in) int8 matrix."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool = False):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, s = _int8_rows(weight)
-        self.register_buffer("weight", q)  # (out, in) int8
+        packed = None
+        if prepack and q.device.type == "cpu" and _prepack_checked():
+            packed, q = torch.ops.onednn.qlinear_prepack(q, None), None
+        self.register_buffer("weight", q)  # (out, in) int8, or None when prepacked
+        self.register_buffer("packed", packed)  # oneDNN's layout of the same int8 matrix (opaque)
         self.register_buffer("scales", s)  # (out,) float32
+        self.register_buffer("zero", torch.zeros(1, dtype=torch.int32), persistent=False)  # weights symmetric
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
+        if self.packed is not None:
+            return self._prepacked(x).view(*lead, self.out_features)
         if x.device.type == "cpu" and not 1 < x.shape[0] <= _SMALL_M:
             return self._dynamic(x).view(*lead, self.out_features)
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
@@ -66,14 +113,23 @@ class Int8Linear(nn.Module):
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
+    def _prepacked(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, in) -> (M, out) through the prepacked weight, ``_PACKED_M`` rows at a time."""
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        for i in range(0, x.shape[0], _PACKED_M):
+            xq, sx = _quantize_rows(x[i:i + _PACKED_M], 128)
+            y = _qlinear(xq, self.packed, self.scales, self.zero).mul_(sx)  # (rows, out) float32
+            if self.bias is not None:
+                y.add_(self.bias)
+            out[i:i + _PACKED_M] = y
+        return out
+
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """(M, in) -> (M, out): activations quantized per row to int8, int8 x int8 GEMM, rescaled in float32."""
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         cols = max(_BLOCK_N, _BLOCK_ELEMS // min(x.shape[0], _BLOCK_M))
         for i in range(0, x.shape[0], _BLOCK_M):
-            xf = x[i:i + _BLOCK_M].to(torch.float32, copy=True)  # (rows, in)
-            sx = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)  # (rows, 1)
-            xq = xf.div_(sx).round_().to(torch.int8)  # |x / sx| <= 127
+            xq, sx = _quantize_rows(x[i:i + _BLOCK_M])  # (rows, in) int8, (rows, 1)
             for c in range(0, self.out_features, cols):
                 y = torch.mul(torch._int_mm(xq, self.weight[c:c + cols].t()), sx)  # (rows, cols) float32
                 y.mul_(self.scales[c:c + cols])
@@ -222,11 +278,15 @@ def linear_plan(model, mode: str, group_size: int = 128) -> dict[str, Callable[[
     def int8(lin: nn.Linear) -> nn.Module:
         return Int8Linear(lin.weight, lin.bias)
 
+    def int8_decode(lin: nn.Linear) -> nn.Module:
+        return Int8Linear(lin.weight, lin.bias, prepack=True)
+
     tied = model.cfg.tie_word_embeddings
     plan = {}
     for path, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and not (tied and path == "lm_head"):
-            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8
+            lm = path.startswith("model.layers.") or path == "lm_head"  # read by every decode step
+            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8_decode if lm else int8
     return plan
 
 

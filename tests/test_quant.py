@@ -6,7 +6,7 @@ bench/bench.py; the tiny random fixtures are too chaotic for that (bfloat16 alon
 import pytest
 import torch
 
-from qwen2vl import LLM, InvalidInputError, SamplingParams
+from qwen2vl import LLM, InvalidInputError, SamplingParams, quant
 from qwen2vl.quant import Int4Linear, Int8Embedding, Int8Linear
 from tests.fixtures import write_checkpoint
 
@@ -15,17 +15,41 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+needs_prepack = pytest.mark.skipif(not quant._prepack_checked(), reason="no oneDNN int8 linear in this torch")
+
+
+@pytest.mark.parametrize("prepack", [False, pytest.param(True, marks=needs_prepack)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 64])  # int8 x int8 (1 row, many rows) and weight-only (2-8 rows) paths
-def test_int8_linear_close_to_float(dtype, rows):
+def test_int8_linear_close_to_float(dtype, rows, prepack):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384).to(dtype)
     x = torch.randn(2, rows, 256).to(dtype)
-    q = Int8Linear(lin.weight, lin.bias)
+    q = Int8Linear(lin.weight, lin.bias, prepack=prepack)
     y = q(x)
     assert y.shape == (2, rows, 384) and y.dtype == dtype
     assert _rel(y, lin(x)) < 0.02
-    assert q.weight.dtype == torch.int8 and q.weight.numel() == 384 * 256
+    held = q.packed if prepack else q.weight  # one copy of the int8 matrix, whichever layout
+    assert (q.weight is None) == prepack and (q.packed is None) != prepack
+    assert held.dtype == torch.int8 and held.numel() == 384 * 256
+
+
+@needs_prepack
+@pytest.mark.parametrize("rows", [1, 5, quant._PACKED_M + 37])  # decode, a batched step, a prompt in two calls
+def test_int8_prepacked_is_the_exact_int8_product(rows):
+    """The prepacked weight gives the per-row-quantized int8 product the plain path computes, and each row's result
+    does not depend on the rows computed with it (a decode batch gives every sequence what it would get alone)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200)
+    plain, packed = Int8Linear(lin.weight, lin.bias), Int8Linear(lin.weight, lin.bias, prepack=True)
+    x = torch.randn(rows, 96)
+    sx = x.abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x / sx).to(torch.int8)
+    ref = torch._int_mm(xq, plain.weight.t()).float() * sx * plain.scales + lin.bias
+    y = packed(x)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+    for i in (0, rows - 1):
+        assert torch.equal(packed(x[i:i + 1]), y[i:i + 1])
 
 
 @pytest.mark.parametrize("rows", [1, 64])
@@ -122,6 +146,23 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
     assert torch.isfinite(got).all()
     # the fixtures amplify any perturbation, so only a loose sanity bound: top-1 agrees more often than chance
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.05
+
+
+@needs_prepack
+@pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
+def test_int8_prepacks_what_decode_reads(tmp_path, variant):
+    """The decoder's linears and an untied lm_head hold only the prepacked weight; the vision tower (prefill only)
+    and a tied lm_head (whose plain matrix the embedding reads) stay plain."""
+    from qwen2vl.loader import load_model
+    m = load_model(str(write_checkpoint(tmp_path / "ck", variant=variant)), torch.bfloat16, quantization="int8")
+    layer = [mod for mod in m.model.layers.modules() if isinstance(mod, Int8Linear)]
+    vision = [mod for mod in m.visual.modules() if isinstance(mod, Int8Linear)]
+    assert layer and all(mod.packed is not None and mod.weight is None for mod in layer)
+    assert vision and all(mod.packed is None for mod in vision)
+    tied = variant != "tiny-untied"
+    assert (m.lm_head.packed is None) == tied
+    if tied:
+        assert m.model.embed_tokens.weight is m.lm_head.weight
 
 
 def test_unknown_quantization(ckpt):
