@@ -13,6 +13,7 @@ import sys
 import torch
 from torch import nn
 
+from . import packed as packed_linear
 from . import prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
@@ -251,11 +252,12 @@ def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expect
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
-               quantization: str | None = None) -> Qwen2VLForConditionalGeneration:
+               quantization: str | None = None, prepack: bool = True) -> Qwen2VLForConditionalGeneration:
     """Build on the meta device, then read each tensor into place. With ``quantization``, each linear layer is
     quantized as soon as its tensors have arrived (see qwen2vl.quant), so memory peaks near the quantized size.
     A GPTQ / AWQ checkpoint's quantized linears load as 4-bit (see qwen2vl.prequant); ``quantization="int4"``
-    then quantizes the rest as it would for a float checkpoint."""
+    then quantizes the rest as it would for a float checkpoint. On the CPU, ``prepack`` leaves the float linears
+    in oneDNN's layout (qwen2vl.packed); without it they are plain ``nn.Linear`` layers."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
@@ -330,6 +332,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         model.lm_head.weight = model.model.embed_tokens.weight
     if quantization:
         quant.fast_attention_(model)
+    if prepack and device.type == "cpu":
+        packed_linear.prepack_(model)
     _release_free_memory()
     return model
 

@@ -52,9 +52,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_dtypes(ckpt, dtype):
-    model = load_model(str(ckpt), getattr(torch, dtype))
+    model = load_model(str(ckpt), getattr(torch, dtype), prepack=False)
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
-    ref = load_model(str(ckpt), torch.float32)
+    ref = load_model(str(ckpt), torch.float32, prepack=False)
     a, b = model.model.layers[0].mlp.gate_up_proj.weight, ref.model.layers[0].mlp.gate_up_proj.weight
     assert torch.equal(a, b.to(a.dtype))
 
@@ -62,7 +62,7 @@ def test_dtypes(ckpt, dtype):
 def test_stacked_projections_hold_the_checkpoint_parts(ckpt):
     from safetensors.torch import load_file
     sd = load_file(str(ckpt / "model.safetensors"))
-    model = load_model(str(ckpt), torch.float32)
+    model = load_model(str(ckpt), torch.float32, prepack=False)
     for i, layer in enumerate(model.model.layers):
         pre = f"model.layers.{i}."
         qkv = [sd[pre + f"self_attn.{p}_proj.{leaf}"] for leaf in ("weight", "bias") for p in "qkv"]

@@ -79,8 +79,8 @@ def test_bfloat16_matches_transformers_bfloat16(ckpts):
 
 
 def test_layouts_load_identical_weights(ckpts):
-    a = load_model(str(ckpts["official"]))
-    b = load_model(str(ckpts["transformers"]))
+    a = load_model(str(ckpts["official"]), prepack=False)
+    b = load_model(str(ckpts["transformers"]), prepack=False)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:

@@ -1,0 +1,89 @@
+"""Float linears with their weight prepacked for oneDNN on the CPU (a transform applied after loading).
+
+``F.linear`` on a CPU tensor re-lays the weight out for its kernel on every call (bf16), or runs a BLAS GEMM
+that is slow on some CPUs (float32: half the measured oneDNN rate on the AMD machine of the bench). Reordering
+the weight once into oneDNN's blocked layout (``mkldnn::_reorder_linear_weight``) and calling
+``mkldnn::_linear_pointwise`` removes both costs. Measured on the 2B shapes (bench machine, 2 cores):
+bf16 matrix-vector products 2.7x faster (decode reads its weights at the machine's bandwidth), float32 GEMMs
+of 281-1024 rows 2.3x faster. The packed weight replaces the plain one: no extra memory.
+
+Results are float32-accurate but not bit-identical to ``F.linear`` (another summation order): float32 logits
+move by about 1e-6 of their scale. ``prepack_`` leaves a tied lm_head alone, since the embedding reads that
+matrix by rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """(out, in) float weight -> the same matrix in oneDNN's layout (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, in) x a ``pack_weight`` matrix -> (M, out), as ``F.linear`` would give."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is held only in oneDNN's layout (``packed``, opaque)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.dtype = lin.weight.dtype
+        self.register_buffer("packed", pack_weight(lin.weight))
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)  # (M, in)
+        return linear(x, self.packed, self.bias).view(*lead, self.out_features)
+
+
+_OK: dict[torch.dtype, bool] = {}
+
+
+def supported(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU run oneDNN linears in ``dtype`` and agree with ``F.linear`` (checked once per
+    dtype and process on a small matrix)."""
+    if dtype not in _OK:
+        ok = dtype in DTYPES and torch.backends.mkldnn.is_available()
+        if ok and dtype == torch.bfloat16:
+            ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                lin = nn.Linear(64, 48).to(dtype)
+                x = torch.randn(3, 64, generator=g).to(dtype)
+                ref = nn.functional.linear(x, lin.weight, lin.bias).float()
+                got = PackedLinear(lin)(x).float()
+                ok = bool(torch.allclose(got, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5))
+            except (AttributeError, NotImplementedError, RuntimeError):
+                ok = False
+        _OK[dtype] = ok
+    return _OK[dtype]
+
+
+@torch.no_grad()
+def prepack_(model: nn.Module) -> int:
+    """Replace the model's float ``nn.Linear`` layers on the CPU by ``PackedLinear`` (a tied lm_head excepted);
+    returns how many were replaced. Quantized layers are left to their own kernels."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied_head = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    n = 0
+    for path, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear or mod.weight.device.type != "cpu" or not supported(mod.weight.dtype):
+            continue
+        if tied_head and mod is head:
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, PackedLinear(mod))
+        n += 1
+    return n
