@@ -321,7 +321,9 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
         L.append(f"One first-turn prefill is {fl['total'] / 1e12:.2f} TFLOP (vision tower {fl['vision'] / 1e12:.2f}, "
                  f"language model {fl['language'] / 1e12:.2f}; 2 FLOP per multiply-add, counted from the config). "
                  "Best GEMM rates measured on its two largest shapes in the bandwidth probe: " + ", ".join(
-                     f"{k} {v:.0f}" for k, v in peaks.items()) + " GFLOP/s (int8: GOP/s of `torch._int_mm`). "
+                     f"{k} {v:.0f}" for k, v in peaks.items()) + " GFLOP/s (float32 and bfloat16: oneDNN's linear on "
+                 "prepacked weights, which qwen2vl runs; \"(F.linear)\": torch's default linear, which transformers "
+                 "runs; int8: GOP/s of `torch._int_mm`). "
                  "The floor is that work at the GEMM rate of the format each part computes in (int8: both parts in "
                  "int8; int4: vision int8, language model bf16 after unpacking); TTFT also holds preprocessing, "
                  "attention and element-wise work.\n")
@@ -347,8 +349,9 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
         L.append(f"Measured ({'--quick: buffers fit in cache, not meaningful' if a.quick else '512 MB per probe'}; "
                  f"best of {bw.get('bandwidth_rounds', '?')} rounds × {bw.get('bandwidth_reps', '?')}): "
                  f"copy {_f(bw.get('copy_GBps'), 1)} GB/s (read + write), sum "
-                 f"{_f(bw.get('sum_GBps'), 1)} GB/s; matrix-vector over many distinct 8960×1536 matrices (int8: "
-                 "oneDNN's int8 linear on prepacked weights, which int8 decode runs), weight bytes per second: " + ", ".join(f"{k} {_f(v, 1)}" for k, v in mv.items()) +
+                 f"{_f(bw.get('sum_GBps'), 1)} GB/s; matrix-vector over many distinct 8960×1536 matrices, with "
+                 "the kernels qwen2vl's decode runs (oneDNN's linears on prepacked weights; int4: "
+                 "`_weight_int4pack_mm_for_cpu`), weight bytes per second: " + ", ".join(f"{k} {_f(v, 1)}" for k, v in mv.items()) +
                  f" GB/s. Machine bandwidth = the best read rate of these: **{_f(machine_bw, 1)} GB/s**.\n")
     if nominal and machine_bw:
         mv = bw.get("matvec_GBps") or {}

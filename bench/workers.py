@@ -255,6 +255,8 @@ def bandwidth_worker(spec: dict, res: Result) -> None:
     import torch
     import torch.nn.functional as F
 
+    from qwen2vl import packed
+
     total = spec["bandwidth_bytes"]
     rounds, reps = spec.get("bandwidth_rounds", 5), spec.get("bandwidth_reps", 3)
     n_out, k_in = 8960, 1536  # the 2B's MLP matrices: many distinct ones, far more bytes than any cache
@@ -269,11 +271,14 @@ def bandwidth_worker(spec: dict, res: Result) -> None:
         if fmt == "sum":
             src = torch.rand(total // 4, generator=gen)
             return (lambda: src.sum()), total
-        if fmt in ("float32", "bfloat16"):
+        if fmt in ("float32", "bfloat16"):  # the kernel qwen2vl's decode runs: prepacked when oneDNN can
             dt = getattr(torch, fmt)
             per = n_out * k_in * dt.itemsize
             ws = [torch.randn(n_out, k_in, generator=gen).mul_(0.02).to(dt) for _ in range(max(2, math.ceil(total / per)))]
             x = torch.randn(1, k_in, generator=gen).to(dt)
+            if packed.supported(dt):
+                ws = [packed.pack_weight(w) for w in ws]
+                return (lambda: [packed.linear(x, w) for w in ws]), per * len(ws)
             return (lambda: [F.linear(x, w) for w in ws]), per * len(ws)
         x = torch.randn(1, k_in, generator=gen).to(torch.bfloat16)
         if fmt == "int8":  # the kernel int8 decode runs: oneDNN's int8 linear on a prepacked weight
@@ -321,6 +326,8 @@ def _gemm_peaks(reps: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
+    from qwen2vl import packed
+
     gen = torch.Generator().manual_seed(0)
     best: dict[str, float] = {}
     for m, k, n in ((1024, 1280, 5120), (281, 1536, 17920)):
@@ -330,6 +337,10 @@ def _gemm_peaks(reps: int) -> dict[str, float]:
         xb, wb = x.bfloat16(), w.bfloat16()
         fns = {"float32": lambda: F.linear(x, w), "bfloat16": lambda: F.linear(xb, wb),
                "int8": lambda: torch._int_mm(xq, wq.t())}
+        for fmt, a, b in (("float32", x, w), ("bfloat16", xb, wb)):  # qwen2vl's kernel; F.linear kept as "(F.linear)"
+            if packed.supported(a.dtype):
+                fns[fmt + " (F.linear)"] = fns[fmt]
+                fns[fmt] = lambda a=a, p=packed.pack_weight(b): packed.linear(a, p)
         for fmt, fn in fns.items():
             try:
                 fn()
