@@ -284,8 +284,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                    desc="Loading weights", leave=False)
     loaded: set[str] = set()
     packed: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # module -> part's first row -> leaf -> tensor
-    if quantization or pre:  # every float weight is freed soon after it arrives: give such memory back to the OS
-        _malloc_mmap_threshold(1 << 20)
+    prepack = prepack and device.type == "cpu"
+    if quantization or pre or prepack:  # float weights are freed after they arrive (quantized, or packed at the
+        _malloc_mmap_threshold(1 << 20)  # end): each gets its own pages, given back to the OS when freed
     try:
         for file in files:
             with open(file, "rb") as f:
@@ -319,21 +320,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                             else:
                                 new = plan[mod_path](model.get_submodule(mod_path))
                             quant.replace_module(model, mod_path, new)
+        if cfg.tie_word_embeddings and not quantization and not (expected - loaded):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        if prepack and not (expected - loaded):
+            packed_linear.prepack_(model)
     finally:
         if bar is not None:
             bar.close()
-        if quantization or pre:
+        if quantization or pre or prepack:
             _malloc_mmap_threshold(32 << 20)
     missing = sorted(expected - loaded)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
-    if cfg.tie_word_embeddings and not quantization:
-        model.lm_head.weight = model.model.embed_tokens.weight
     if quantization:
         quant.fast_attention_(model)
-    if prepack and device.type == "cpu":
-        packed_linear.prepack_(model)
     _release_free_memory()
     return model
 

@@ -77,13 +77,10 @@ def prepack_(model: nn.Module) -> int:
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     tied_head = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
-    n = 0
-    for path, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear or mod.weight.device.type != "cpu" or not supported(mod.weight.dtype):
-            continue
-        if tied_head and mod is head:
-            continue
+    paths = [path for path, mod in model.named_modules() if type(mod) is nn.Linear and mod.weight.device.type == "cpu"
+             and supported(mod.weight.dtype) and not (tied_head and mod is head)]
+    for path in paths:  # by name, so that each plain weight is freed as soon as its packed copy exists
         parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, PackedLinear(mod))
-        n += 1
-    return n
+        owner = model.get_submodule(parent)
+        setattr(owner, name, PackedLinear(getattr(owner, name)))
+    return len(paths)

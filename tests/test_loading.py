@@ -130,16 +130,13 @@ def test_truncated_and_mismatched_weights(ckpt, tmp_path):
 def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype, quant):
     """Loading reads each tensor straight into its final place (a cast goes through one 16 MiB chunk), so the
     process grows by about the weights' size, not by a second copy; quantizing, each module's float weights are
-    freed as soon as it is quantized. Measured in a fresh process."""
-    d = tmp_path_factory.getbasetemp() / ("memck-q" if quant else "memck")
-    if quant and not (d / "model.safetensors").exists():  # language-model linears dominate, as in real models
+    freed as soon as it is quantized, and on the CPU each float linear's plain weight as soon as it is prepacked.
+    Measured in a fresh process."""
+    d = tmp_path_factory.getbasetemp() / "memck"
+    if not (d / "model.safetensors").exists():  # language-model linears dominate, as in real models
         write_checkpoint(d, variant="tiny", hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
                          num_key_value_heads=2, mrope_section=[16, 24, 24], num_hidden_layers=6, tokenizer=False,
                          vocab_size=8192, vision_config={"embed_dim": 256, "num_heads": 4, "depth": 4})
-    if not (d / "model.safetensors").exists():
-        write_checkpoint(d, variant="tiny", hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-                         num_key_value_heads=2, mrope_section=[8, 12, 12], num_hidden_layers=4, tokenizer=False,
-                         vision_config={"embed_dim": 128, "num_heads": 4, "depth": 2})
     small = tmp_path_factory.getbasetemp() / "memck-small"
     if not (small / "model.safetensors").exists():
         write_checkpoint(small, variant="tiny", tokenizer=False)
@@ -158,5 +155,5 @@ def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype, q
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     weights, grown = map(int, out.split())
-    assert weights > (15e6 if quant else 50e6)
+    assert weights > (15e6 if quant else 200e6)
     assert grown <= 1.15 * weights + (24 << 20), (weights, grown)
