@@ -284,11 +284,10 @@ def bandwidth_worker(spec: dict, res: Result) -> None:
         if fmt == "int8":  # the kernel int8 decode runs: oneDNN's int8 linear on a prepacked weight
             from qwen2vl.quant import _qlinear, _quantize_rows
             per = n_out * k_in + 4 * n_out
-            zero = torch.zeros(1, dtype=torch.int32)
             ws = [(torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n_out, k_in), generator=gen,
                                                                    dtype=torch.int8), None),
                    torch.rand(n_out, generator=gen) / 64) for _ in range(max(2, math.ceil(total / per)))]
-            return (lambda: [_qlinear(_quantize_rows(x, 128)[0], w, s, zero) for w, s in ws]), per * len(ws)
+            return (lambda: [_qlinear(_quantize_rows(x, 128)[0], w, s) for w, s in ws]), per * len(ws)
         if fmt == "int4":
             group = 128
             per = n_out * k_in // 2 + (k_in // group) * n_out * 2 * 2

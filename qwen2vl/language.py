@@ -140,12 +140,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        proj = self.gate_up_proj
-        if type(proj) is nn.Linear and proj.weight.dtype == torch.float32 and x.numel() > x.shape[-1]:
-            # float32 GEMMs of many rows run ~25% faster as two halves than as one 2 x intermediate wide product
-            gate, up = (F.linear(x, w) for w in proj.weight.split(self.sizes))  # (..., intermediate) each
-        else:
-            gate, up = proj(x).split(self.sizes, dim=-1)  # (..., intermediate) each
+        gate, up = self.gate_up_proj(x).split(self.sizes, dim=-1)  # (..., intermediate) each
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -13,8 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from . import packed as packed_linear
-from . import prequant, quant
+from . import packed, prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .model import Qwen2VLForConditionalGeneration
@@ -283,7 +282,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                    desc="Loading weights", leave=False)
     loaded: set[str] = set()
-    packed: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # module -> part's first row -> leaf -> tensor
+    parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row -> leaf -> tensor
     prepack = prepack and device.type == "cpu"
     if quantization or pre or prepack:  # float weights are freed after they arrive (quantized, or packed at the
         _malloc_mmap_threshold(1 << 20)  # end): each gets its own pages, given back to the OS when freed
@@ -298,7 +297,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     dest = destination(model, name)
                     mod_path = dest[0]
                     if mod_path in pre and dest[1] in prequant.LEAVES:
-                        part = packed.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
+                        part = parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
                         part[dest[1]] = read_tensor(f, info, data_start)
                     else:
                         dst = _param_slot(model, name, dest, info["shape"], dtype, device)
@@ -316,14 +315,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                         if not waiting[mod_path]:  # all of this linear's tensors are in: build its module now
                             del waiting[mod_path]
                             if mod_path in pre:
-                                new = _prequantized_module(model, cfg, mod_path, packed.pop(mod_path), dtype, device)
+                                new = _prequantized_module(model, cfg, mod_path, parts.pop(mod_path), dtype, device)
                             else:
                                 new = plan[mod_path](model.get_submodule(mod_path))
                             quant.replace_module(model, mod_path, new)
         if cfg.tie_word_embeddings and not quantization and not (expected - loaded):
             model.lm_head.weight = model.model.embed_tokens.weight
         if prepack and not (expected - loaded):
-            packed_linear.prepack_(model)
+            packed.prepack_(model)
     finally:
         if bar is not None:
             bar.close()

@@ -14,6 +14,8 @@ matrix by rows.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -46,28 +48,23 @@ class PackedLinear(nn.Module):
         return linear(x, self.packed, self.bias).view(*lead, self.out_features)
 
 
-_OK: dict[torch.dtype, bool] = {}
-
-
+@functools.cache
 def supported(dtype: torch.dtype) -> bool:
     """Whether this torch and CPU run oneDNN linears in ``dtype`` and agree with ``F.linear`` (checked once per
     dtype and process on a small matrix)."""
-    if dtype not in _OK:
-        ok = dtype in DTYPES and torch.backends.mkldnn.is_available()
-        if ok and dtype == torch.bfloat16:
-            ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if ok:
-            try:
-                g = torch.Generator().manual_seed(0)
-                lin = nn.Linear(64, 48).to(dtype)
-                x = torch.randn(3, 64, generator=g).to(dtype)
-                ref = nn.functional.linear(x, lin.weight, lin.bias).float()
-                got = PackedLinear(lin)(x).float()
-                ok = bool(torch.allclose(got, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5))
-            except (AttributeError, NotImplementedError, RuntimeError):
-                ok = False
-        _OK[dtype] = ok
-    return _OK[dtype]
+    if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        lin = nn.Linear(64, 48).to(dtype)
+        x = torch.randn(3, 64, generator=g).to(dtype)
+        ref = nn.functional.linear(x, lin.weight, lin.bias).float()
+        got = PackedLinear(lin)(x).float()
+        return bool(torch.allclose(got, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ language model is read in int8 or int4 during decode.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -56,30 +57,27 @@ def _quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torc
     return (xf.add_(offset).to(torch.uint8) if offset else xf.to(torch.int8)), sx
 
 
-def _qlinear(xq: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+_ZERO_POINT = torch.zeros(1, dtype=torch.int32)  # int8 weights are symmetric
+
+
+def _qlinear(xq: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """uint8 rows (offset 128) x prepacked int8 weight -> (rows, out) float32 int32 products times weight scales."""
-    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, packed, scales, zero, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, packed, scales, _ZERO_POINT, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
 
 
-_PREPACK_OK: bool | None = None
-
-
+@functools.cache
 def _prepack_checked() -> bool:
     """Whether this torch has oneDNN's int8 linear and it computes the exact int32 product (checked once per
     process on a known matrix); if not, every int8 weight stays plain."""
-    global _PREPACK_OK
-    if _PREPACK_OK is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
-            x = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
-            y = _qlinear((x.int() + 128).to(torch.uint8), torch.ops.onednn.qlinear_prepack(w, None),
-                         torch.ones(48), torch.zeros(1, dtype=torch.int32))
-            _PREPACK_OK = bool(torch.equal(y, (x.int() @ w.int().t()).float()))
-        except (AttributeError, NotImplementedError, RuntimeError):
-            _PREPACK_OK = False
-    return _PREPACK_OK
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+        x = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
+        y = _qlinear((x.int() + 128).to(torch.uint8), torch.ops.onednn.qlinear_prepack(w, None), torch.ones(48))
+        return bool(torch.equal(y, (x.int() @ w.int().t()).float()))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
 
 
 class Int8Linear(nn.Module):
@@ -96,7 +94,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)  # (out, in) int8, or None when prepacked
         self.register_buffer("packed", packed)  # oneDNN's layout of the same int8 matrix (opaque)
         self.register_buffer("scales", s)  # (out,) float32
-        self.register_buffer("zero", torch.zeros(1, dtype=torch.int32), persistent=False)  # weights symmetric
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dtype = weight.dtype
 
@@ -118,7 +115,7 @@ class Int8Linear(nn.Module):
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
         for i in range(0, x.shape[0], _PACKED_M):
             xq, sx = _quantize_rows(x[i:i + _PACKED_M], 128)
-            y = _qlinear(xq, self.packed, self.scales, self.zero).mul_(sx)  # (rows, out) float32
+            y = _qlinear(xq, self.packed, self.scales).mul_(sx)  # (rows, out) float32
             if self.bias is not None:
                 y.add_(self.bias)
             out[i:i + _PACKED_M] = y
@@ -220,21 +217,16 @@ class Int4Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-_UNPACK_OK: bool | None = None
-
-
+@functools.cache
 def _unpack_checked() -> bool:
     """Whether ``Int4Linear.dequantize`` reads this torch's packed layout right (checked once on a known matrix);
     if not, prefill keeps the int4 kernel."""
-    global _UNPACK_OK
-    if _UNPACK_OK is None:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(128, 64, generator=g)
-        lin = Int4Linear(w, None, group_size=32)
-        eye = torch.eye(64, dtype=torch.bfloat16)
-        ref = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, 32, lin.scales_and_zeros).t()
-        _UNPACK_OK = bool(torch.allclose(lin.dequantize().float(), ref.float(), rtol=1e-2, atol=1e-2))
-    return _UNPACK_OK
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 64, generator=g)
+    lin = Int4Linear(w, None, group_size=32)
+    eye = torch.eye(64, dtype=torch.bfloat16)
+    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, 32, lin.scales_and_zeros).t()
+    return bool(torch.allclose(lin.dequantize().float(), ref.float(), rtol=1e-2, atol=1e-2))
 
 
 class Int8Embedding(nn.Module):
