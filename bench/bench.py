@@ -299,7 +299,9 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     L.append("## Memory\n")
     L.append("Peak RSS (VmHWM) of the configuration's own process: at load, and while serving one image (first "
              "turn, decode, second turn; the peak is reset after loading where the kernel allows it). Weights: "
-             "every distinct tensor the loaded model holds.\n")
+             "every distinct tensor the loaded model holds (qwen2vl on the CPU leaves the embedding table in the "
+             "checkpoint file and reads the rows a prompt needs, so the table is not among them; a tied lm_head "
+             "holds its own copy).\n")
     _header(L, "configuration", "weights GB", "RSS before load GB", "peak at load GB (× weights)",
             "peak serving one image GB (× weights)", "notes")
     for r in engines:

@@ -145,6 +145,8 @@ def lm_bytes_per_token(model) -> int:
         if "visual" in name.split("."):
             continue
         is_embed = isinstance(mod, torch.nn.Embedding) or name.endswith("embed_tokens")
+        if is_embed and hasattr(mod, "row_bytes"):  # qwen2vl's embedding read from the checkpoint file
+            embed_rows = max(embed_rows, mod.row_bytes)
         for t in _direct_tensors(mod):
             k = _storage_key(t)
             if not k:

@@ -55,7 +55,7 @@ class LLM:
                  min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 8, revision: str | None = None, progress: bool | None = None,
                  media_timeout: float = 10.0, quantization: str | None = None, prefix_cache_mb: int = 1024,
-                 vision_cache_mb: int = 256):
+                 vision_cache_mb: int = 256, file_embedding: bool = True):
         path = resolve_model_path(model, revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)
@@ -78,7 +78,8 @@ class LLM:
         if quantization is not None and quantization not in MODES:
             raise InvalidInputError(f"unknown quantization {quantization!r}; use one of {', '.join(MODES)}")
         self.quantization = quantization
-        self.model = load_model(path, self.dtype, self.device, cfg, progress=progress, quantization=quantization)
+        self.model = load_model(path, self.dtype, self.device, cfg, progress=progress, quantization=quantization,
+                                file_embedding=file_embedding)
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
                                 max_model_len=self.max_model_len, max_num_seqs=max_num_seqs)
         if prefix_cache_mb < 0 or vision_cache_mb < 0:

@@ -16,6 +16,7 @@ from torch import nn
 from . import packed, prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
+from .file_embedding import FileEmbedding
 from .model import Qwen2VLForConditionalGeneration
 
 # Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
@@ -210,6 +211,20 @@ def _param_slot(model: nn.Module, name: str, dest: tuple[str, str, slice | None]
     return dst
 
 
+def _file_embedding(model: nn.Module, f, info: dict, data_start: int, dtype: torch.dtype) -> FileEmbedding:
+    """The checkpoint's embedding table, left in the file (rows read in their stored dtype, cast to ``dtype``)."""
+    if info["dtype"] not in _ST_DTYPES or not _ST_DTYPES[info["dtype"]].is_floating_point:
+        raise InvalidInputError(f"unsupported embedding dtype {info['dtype']} in {f.name}")
+    shape = tuple(model.model.embed_tokens.weight.shape)
+    if tuple(info["shape"]) != shape:
+        raise InvalidInputError(f"weight model.embed_tokens.weight has shape {tuple(info['shape'])}, the config "
+                                f"implies {shape}")
+    begin, end = info["data_offsets"]
+    if end - begin != shape[0] * shape[1] * _ST_DTYPES[info["dtype"]].itemsize or os.path.getsize(f.name) < data_start + end:
+        raise InvalidInputError(f"{f.name} is truncated")
+    return FileEmbedding(f.name, data_start + begin, *shape, _ST_DTYPES[info["dtype"]], dtype)
+
+
 def _load_order(model: nn.Module, header: dict) -> list[tuple[str, dict]]:
     """The file's tensors module by module, largest module first: a module's tensors arrive together, so it is
     quantized (and its float weights freed) at once, and the biggest transients come while little else is in."""
@@ -251,12 +266,15 @@ def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expect
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
-               quantization: str | None = None, prepack: bool = True) -> Qwen2VLForConditionalGeneration:
+               quantization: str | None = None, prepack: bool = True,
+               file_embedding: bool = True) -> Qwen2VLForConditionalGeneration:
     """Build on the meta device, then read each tensor into place. With ``quantization``, each linear layer is
     quantized as soon as its tensors have arrived (see qwen2vl.quant), so memory peaks near the quantized size.
     A GPTQ / AWQ checkpoint's quantized linears load as 4-bit (see qwen2vl.prequant); ``quantization="int4"``
     then quantizes the rest as it would for a float checkpoint. On the CPU, ``prepack`` leaves the float linears
-    in oneDNN's layout (qwen2vl.packed); without it they are plain ``nn.Linear`` layers."""
+    in oneDNN's layout (qwen2vl.packed); without it they are plain ``nn.Linear`` layers. On the CPU,
+    ``file_embedding`` leaves the embedding table in the checkpoint file, its rows read when looked up
+    (qwen2vl.file_embedding); a tied lm_head then holds its own copy of the matrix."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
@@ -267,7 +285,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     expected = checkpoint_names(model)
     files = checkpoint_files(path)
     pre = _prequantized(model, cfg, files, expected)
-    plan = quant.linear_plan(model, quantization) if quantization else {}
+    in_file = file_embedding and device.type == "cpu"
+    plan = quant.linear_plan(model, quantization, shared_head=cfg.tie_word_embeddings and not in_file) \
+        if quantization else {}
     plan = {p: make for p, make in plan.items() if p not in pre}
     waiting: dict[str, set[str]] = {p: set() for p in [*plan, *pre]}  # module -> checkpoint names not read yet
     for n in expected:
@@ -294,6 +314,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                     name = map_name(key)
                     if name not in expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
+                    if bar is not None:
+                        bar.update(info["data_offsets"][1] - info["data_offsets"][0])
+                    if in_file and name == "model.embed_tokens.weight":
+                        model.model.embed_tokens = _file_embedding(model, f, info, data_start, dtype)
+                        loaded.add(name)
+                        if not cfg.tie_word_embeddings or "lm_head" in pre:
+                            continue
+                        name = "lm_head.weight"  # the tied lm_head gets its own copy, read from the same tensor
                     dest = destination(model, name)
                     mod_path = dest[0]
                     if mod_path in pre and dest[1] in prequant.LEAVES:
@@ -305,8 +333,6 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                             read_tensor(f, info, data_start, dtype, out=dst)
                         else:
                             dst.copy_(read_tensor(f, info, data_start, dtype))
-                    if bar is not None:
-                        bar.update(info["data_offsets"][1] - info["data_offsets"][0])
                     loaded.add(name)
                     if quantization and name == "model.embed_tokens.weight":
                         quant.quantize_embedding_(model, cfg.tie_word_embeddings, dtype)
@@ -319,7 +345,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                             else:
                                 new = plan[mod_path](model.get_submodule(mod_path))
                             quant.replace_module(model, mod_path, new)
-        if cfg.tie_word_embeddings and not quantization and not (expected - loaded):
+        if cfg.tie_word_embeddings and not quantization and not in_file and not (expected - loaded):
             model.lm_head.weight = model.model.embed_tokens.weight
         if prepack and not (expected - loaded):
             packed.prepack_(model)

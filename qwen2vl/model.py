@@ -89,7 +89,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """(N, 1176) patches -> (N/4, hidden) features in the language model's dtype."""

@@ -9,7 +9,8 @@ of 281-1024 rows 2.3x faster. The packed weight replaces the plain one: no extra
 
 Results are float32-accurate but not bit-identical to ``F.linear`` (another summation order): float32 logits
 move by about 1e-6 of their scale. ``prepack_`` leaves a tied lm_head alone, since the embedding reads that
-matrix by rows.
+matrix by rows; the loader avoids the case on the CPU by leaving the embedding in the file
+(qwen2vl.file_embedding).
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ int4: the language model's decoder linears as asymmetric 4-bit with groups of 12
     ``_weight_int4pack_mm_for_cpu`` (decode); above 128 rows (prefill) the weight is unpacked to bf16 a block of
     output rows at a time and multiplied by the bf16 GEMM, 1.5-2x faster than the int4 kernel there. lm_head and
     the vision tower are int8.
-The embedding becomes int8 rows too (sharing lm_head's int8 matrix when the two are tied), so the whole
-language model is read in int8 or int4 during decode.
+lm_head is int8 too, prepacked. On the CPU the loader leaves the embedding in the checkpoint file
+(qwen2vl.file_embedding), so a tied lm_head has a matrix of its own; an embedding held in memory becomes int8 rows
+instead (sharing a tied lm_head's int8 matrix, which then stays plain). Either way the whole language model is
+read in int8 or int4 during decode.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
+from .file_embedding import FileEmbedding
 
 MODES = ("int8", "int4")
 _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quantize the activations (measured)
@@ -256,10 +259,14 @@ def _check(model, mode: str) -> None:
         raise InvalidInputError("int8/int4 quantization runs on the CPU; use dtype bfloat16 on GPUs")
 
 
-def linear_plan(model, mode: str, group_size: int = 128) -> dict[str, Callable[[nn.Linear], nn.Module]]:
+def linear_plan(model, mode: str, group_size: int = 128,
+                shared_head: bool | None = None) -> dict[str, Callable[[nn.Linear], nn.Module]]:
     """Module path -> how to quantize that nn.Linear: the decoder's linears (int8 or int4), the vision tower's,
-    the merger's and an untied lm_head (int8). The embedding (and a tied lm_head): ``quantize_embedding_``."""
+    the merger's and lm_head (int8), unless lm_head shares its matrix with the embedding (``shared_head``; by
+    default, whether it does now): then ``quantize_embedding_`` makes that matrix int8 for both."""
     _check(model, mode)
+    if shared_head is None:
+        shared_head = _shares_head(model)
 
     def int4(lin: nn.Linear) -> nn.Module:
         g = next((g for g in (group_size, 64, 32) if lin.in_features % g == 0), None)
@@ -273,10 +280,9 @@ def linear_plan(model, mode: str, group_size: int = 128) -> dict[str, Callable[[
     def int8_decode(lin: nn.Linear) -> nn.Module:
         return Int8Linear(lin.weight, lin.bias, prepack=True)
 
-    tied = model.cfg.tie_word_embeddings
     plan = {}
     for path, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not (tied and path == "lm_head"):
+        if isinstance(mod, nn.Linear) and not (shared_head and path == "lm_head"):
             lm = path.startswith("model.layers.") or path == "lm_head"  # read by every decode step
             plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8_decode if lm else int8
     return plan
@@ -287,10 +293,17 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, new)
 
 
+def _shares_head(model) -> bool:
+    return getattr(model.lm_head, "weight", None) is getattr(model.model.embed_tokens, "weight", 0)
+
+
 @torch.no_grad()
 def quantize_embedding_(model, tied: bool, dtype: torch.dtype) -> None:
     """The embedding reads int8 rows (returned in ``dtype``); when lm_head is tied to it, lm_head becomes the int8
-    matrix they share."""
+    matrix they share. An embedding left in the checkpoint file (qwen2vl.file_embedding) costs no memory and is
+    left as it is."""
+    if isinstance(model.model.embed_tokens, FileEmbedding):
+        return
     if tied:
         head = Int8Linear(model.model.embed_tokens.weight, None)
         model.lm_head = head
@@ -305,5 +318,5 @@ def quantize_(model, mode: str, *, group_size: int = 128) -> None:
     while reading a checkpoint, so the float weights never all sit in memory together."""
     for path, make in linear_plan(model, mode, group_size).items():
         replace_module(model, path, make(model.get_submodule(path)))
-    quantize_embedding_(model, model.lm_head.weight is model.model.embed_tokens.weight, model.dtype)
+    quantize_embedding_(model, _shares_head(model), model.dtype)
     fast_attention_(model)

@@ -1,5 +1,5 @@
 """Float linears prepacked for oneDNN (qwen2vl.packed): same results as nn.Linear up to summation order, no extra
-memory, and the tied lm_head left alone."""
+memory, and a lm_head that shares its matrix with the embedding left alone."""
 
 import pytest
 import torch
@@ -42,18 +42,15 @@ def ckpts(tmp_path_factory):
 @needs_packing
 @pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
 def test_prepacked_model_matches_plain(ckpts, variant):
-    """Loading prepacks every float linear but a tied lm_head; logits agree with the plain model to float32
-    rounding, and the model holds no more bytes than before."""
+    """Loading prepacks every float linear, lm_head included (the embedding stays in the file, so a tied head
+    has a matrix of its own); logits agree with the plain model to float32 rounding, and the model holds no
+    more bytes than before."""
     plain = load_model(str(ckpts[variant]), prepack=False)
     model = load_model(str(ckpts[variant]))
     linears = [m for m in plain.modules() if type(m) is torch.nn.Linear]
-    tied = plain.lm_head.weight is plain.model.embed_tokens.weight
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == len(linears) - tied
-    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
-    assert not any(type(m) is torch.nn.Linear for m in model.visual.modules())
-    assert isinstance(model.lm_head, PackedLinear) != tied
-    if tied:
-        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == len(linears)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert isinstance(model.lm_head, PackedLinear)
 
     def nbytes(m):
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*m.parameters(), *m.buffers()]}.values())
@@ -70,3 +67,11 @@ def test_prepack_leaves_quantized_layers_and_other_devices_alone(ckpts):
     meta = torch.nn.Linear(4, 4, device="meta")
     holder = torch.nn.Sequential(meta)
     assert prepack_(holder) == 0 and holder[0] is meta
+
+
+@needs_packing
+def test_prepack_leaves_a_shared_head_alone(ckpts):
+    """With the embedding held in memory, a tied lm_head shares its plain matrix, so it is not packed."""
+    model = load_model(str(ckpts["tiny-hd32"]), file_embedding=False)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)

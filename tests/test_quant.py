@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qwen2vl import LLM, InvalidInputError, SamplingParams, quant
+from qwen2vl.file_embedding import FileEmbedding
 from qwen2vl.quant import Int4Linear, Int8Embedding, Int8Linear
 from tests.fixtures import write_checkpoint
 
@@ -151,18 +152,24 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
 @needs_prepack
 @pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
 def test_int8_prepacks_what_decode_reads(tmp_path, variant):
-    """The decoder's linears and an untied lm_head hold only the prepacked weight; the vision tower (prefill only)
-    and a tied lm_head (whose plain matrix the embedding reads) stay plain."""
+    """The decoder's linears and lm_head hold only the prepacked weight; the vision tower (prefill only) stays
+    plain. With the embedding in memory instead of in the file, a tied lm_head shares the embedding's plain int8 matrix."""
     from qwen2vl.loader import load_model
-    m = load_model(str(write_checkpoint(tmp_path / "ck", variant=variant)), torch.bfloat16, quantization="int8")
+    ck = str(write_checkpoint(tmp_path / "ck", variant=variant))
+    m = load_model(ck, torch.bfloat16, quantization="int8")
     layer = [mod for mod in m.model.layers.modules() if isinstance(mod, Int8Linear)]
     vision = [mod for mod in m.visual.modules() if isinstance(mod, Int8Linear)]
     assert layer and all(mod.packed is not None and mod.weight is None for mod in layer)
     assert vision and all(mod.packed is None for mod in vision)
+    assert m.lm_head.packed is not None and isinstance(m.model.embed_tokens, FileEmbedding)
+    held = load_model(ck, torch.bfloat16, quantization="int8", file_embedding=False)
     tied = variant != "tiny-untied"
-    assert (m.lm_head.packed is None) == tied
+    assert (held.lm_head.packed is None) == tied
+    assert isinstance(held.model.embed_tokens, Int8Embedding)
     if tied:
-        assert m.model.embed_tokens.weight is m.lm_head.weight
+        assert held.model.embed_tokens.weight is held.lm_head.weight
+    ids = torch.arange(1000, 1020)  # the same model either way, up to the embedding's int8 rounding
+    assert (m(ids).argmax(-1) == held(ids).argmax(-1)).float().mean() > 0.5
 
 
 def test_unknown_quantization(ckpt):
