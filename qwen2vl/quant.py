@@ -1,12 +1,13 @@
 """Weight quantization applied after loading (gpt-fast style): ``quantize_(model, "int8" | "int4")``.
 
 int8: symmetric per-output-channel int8 weights; activations are quantized per row on the fly and multiplied in
-    int8 x int8 -> int32, rescaled in float32. The language model's linears keep their weight only in oneDNN's
-    prepacked layout (``onednn::qlinear_pointwise``, unsigned activations offset by 128): one kernel for every
-    row count, and 2x faster than the unpacked kernels for the 2-16 rows of a batched decode step (measured on
-    the 2B shapes). The vision tower runs only prefills of hundreds of rows, where ``torch._int_mm`` on the plain
-    weight in row and column blocks (each int32 product rescaled in cache) is as fast or faster; a plain weight
-    also serves a tied embedding. Plain weights take ``_weight_int8pack_mm`` (bf16 activations) for 2-8 rows.
+    int8 x int8 -> int32, rescaled in float32. Every int8 linear keeps its weight only in oneDNN's prepacked
+    layout (``onednn::qlinear_pointwise``, unsigned activations offset by 128): one kernel for every row count,
+    2x faster than the unpacked kernels for the 2-16 rows of a batched decode step and about 10% faster than
+    ``torch._int_mm`` for the vision tower's 1024-row prefills (measured on the 2B shapes). A weight that must
+    stay plain (a tied lm_head whose matrix an int8 embedding reads, or a torch without oneDNN's int8 linear)
+    runs ``torch._int_mm`` in row and column blocks (each int32 product rescaled in cache), and
+    ``_weight_int8pack_mm`` (bf16 activations) for 2-8 rows.
 int4: the language model's decoder linears as asymmetric 4-bit with groups of 128 along the input, packed for
     ``_weight_int4pack_mm_for_cpu`` (decode); above 128 rows (prefill) the weight is unpacked to bf16 a block of
     output rows at a time and multiplied by the bf16 GEMM, 1.5-2x faster than the int4 kernel there. lm_head and
@@ -275,16 +276,12 @@ def linear_plan(model, mode: str, group_size: int = 128,
         return Int4Linear(lin.weight, lin.bias, g)
 
     def int8(lin: nn.Linear) -> nn.Module:
-        return Int8Linear(lin.weight, lin.bias)
-
-    def int8_decode(lin: nn.Linear) -> nn.Module:
         return Int8Linear(lin.weight, lin.bias, prepack=True)
 
     plan = {}
     for path, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and not (shared_head and path == "lm_head"):
-            lm = path.startswith("model.layers.") or path == "lm_head"  # read by every decode step
-            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8_decode if lm else int8
+            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8
     return plan
 
 

@@ -151,16 +151,16 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
 
 @needs_prepack
 @pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
-def test_int8_prepacks_what_decode_reads(tmp_path, variant):
-    """The decoder's linears and lm_head hold only the prepacked weight; the vision tower (prefill only) stays
-    plain. With the embedding in memory instead of in the file, a tied lm_head shares the embedding's plain int8 matrix."""
+def test_int8_linears_are_prepacked(tmp_path, variant):
+    """Every int8 linear (decoder, vision tower, lm_head) holds only the prepacked weight. With the embedding in
+    memory instead of in the file, a tied lm_head shares the embedding's plain int8 matrix."""
     from qwen2vl.loader import load_model
     ck = str(write_checkpoint(tmp_path / "ck", variant=variant))
     m = load_model(ck, torch.bfloat16, quantization="int8")
     layer = [mod for mod in m.model.layers.modules() if isinstance(mod, Int8Linear)]
     vision = [mod for mod in m.visual.modules() if isinstance(mod, Int8Linear)]
     assert layer and all(mod.packed is not None and mod.weight is None for mod in layer)
-    assert vision and all(mod.packed is None for mod in vision)
+    assert vision and all(mod.packed is not None and mod.weight is None for mod in vision)
     assert m.lm_head.packed is not None and isinstance(m.model.embed_tokens, FileEmbedding)
     held = load_model(ck, torch.bfloat16, quantization="int8", file_embedding=False)
     tied = variant != "tiny-untied"
@@ -199,6 +199,26 @@ def test_matmul_attention_matches_sdpa_in_blocks():
     torch.testing.assert_close(matmul_attention(q, k, v, max_block=2 * 48 * 7), ref)  # 7 query rows a block
     got = matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert got.dtype == torch.bfloat16 and _rel(got, ref) < 0.02
+    torch.testing.assert_close(matmul_attention(q * 0.25, k, v, scale=1.0), ref)  # a scale folded into q
+
+
+def test_fast_vision_attention_matches_the_float32_path():
+    """The quantized tower's attention (rotary in bf16 with the softmax scale folded into q, bf16 matmuls) gives
+    the float32-rotary SDPA path's result to bf16 accuracy, frames batched or not."""
+    from qwen2vl.config import VisionConfig
+    from qwen2vl.vision import VisionAttention, VisionTransformer
+    torch.manual_seed(0)
+    cfg = VisionConfig(depth=1, embed_dim=64, num_heads=4)
+    attn = VisionAttention(cfg).to(torch.bfloat16)
+    grid = [(2, 4, 6), (1, 6, 4)]
+    cos, sin = VisionTransformer(cfg).rotary(grid, "cpu")
+    x = torch.randn(cos.shape[0], 64).to(torch.bfloat16)
+    runs = [(0, 2, 24), (48, 1, 24)]
+    with torch.no_grad():
+        ref = attn(x, cos, sin, runs)
+        attn.matmul_attention = True
+        got = attn(x, cos, sin, runs)
+    assert got.dtype == torch.bfloat16 and 0 < _rel(got, ref) < 0.02
 
 
 def test_quantized_vision_uses_matmul_attention(ckpt):
