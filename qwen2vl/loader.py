@@ -220,7 +220,8 @@ def _file_embedding(model: nn.Module, f, info: dict, data_start: int, dtype: tor
         raise InvalidInputError(f"weight model.embed_tokens.weight has shape {tuple(info['shape'])}, the config "
                                 f"implies {shape}")
     begin, end = info["data_offsets"]
-    if end - begin != shape[0] * shape[1] * _ST_DTYPES[info["dtype"]].itemsize or os.path.getsize(f.name) < data_start + end:
+    nbytes = shape[0] * shape[1] * _ST_DTYPES[info["dtype"]].itemsize
+    if end - begin != nbytes or os.path.getsize(f.name) < data_start + end:
         raise InvalidInputError(f"{f.name} is truncated")
     return FileEmbedding(f.name, data_start + begin, *shape, _ST_DTYPES[info["dtype"]], dtype)
 
@@ -289,6 +290,13 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     plan = quant.linear_plan(model, quantization, shared_head=cfg.tie_word_embeddings and not in_file) \
         if quantization else {}
     plan = {p: make for p, make in plan.items() if p not in pre}
+    prepack = prepack and device.type == "cpu"
+    if prepack and not quantization and packed.supported(dtype):
+        # each float linear is packed as soon as its tensors are in, so one plain copy at most is in memory besides
+        # the packed ones (modules load largest first: a tied lm_head's copy is packed while little else is in)
+        shared = cfg.tie_word_embeddings and not in_file
+        plan.update({p: packed.PackedLinear for p, m in model.named_modules()
+                     if type(m) is nn.Linear and p not in pre and not (shared and p == "lm_head")})
     waiting: dict[str, set[str]] = {p: set() for p in [*plan, *pre]}  # module -> checkpoint names not read yet
     for n in expected:
         waiting.get(destination(model, n)[0], set()).add(n)
@@ -303,9 +311,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                    desc="Loading weights", leave=False)
     loaded: set[str] = set()
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row -> leaf -> tensor
-    prepack = prepack and device.type == "cpu"
-    if quantization or pre or prepack:  # float weights are freed after they arrive (quantized, or packed at the
-        _malloc_mmap_threshold(1 << 20)  # end): each gets its own pages, given back to the OS when freed
+    if quantization or pre or prepack:  # float weights are freed after they arrive (quantized, or packed as they
+        _malloc_mmap_threshold(1 << 20)  # arrive): each gets its own pages, given back to the OS when freed
     try:
         for file in files:
             with open(file, "rb") as f:
