@@ -18,6 +18,8 @@ import threading
 import torch
 from torch import nn
 
+_PREADV = hasattr(os, "preadv")
+
 
 class FileEmbedding(nn.Module):
     """``nn.Embedding`` whose (num_embeddings, embedding_dim) table of ``stored`` dtype lies at byte ``offset`` of
@@ -36,18 +38,18 @@ class FileEmbedding(nn.Module):
         self._file = open(self.path, "rb")  # kept open: the rows stay readable even if the path is replaced
         self._lock = threading.Lock()  # for platforms without os.preadv (seek + read)
 
+    def _read_at(self, pos: int, into: memoryview) -> int:
+        if _PREADV:
+            return os.preadv(self._file.fileno(), [into], pos)
+        with self._lock:
+            self._file.seek(pos)
+            return self._file.readinto(into)
+
     def _read(self, rows: list[int], out: torch.Tensor) -> None:
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())  # (len(rows) * row_bytes,) bytes
         n = self.row_bytes
         for i, r in enumerate(rows):
-            pos = self.offset + r * n
-            if hasattr(os, "preadv"):
-                got = os.preadv(self._file.fileno(), [buf[i * n:(i + 1) * n]], pos)
-            else:
-                with self._lock:
-                    self._file.seek(pos)
-                    got = self._file.readinto(buf[i * n:(i + 1) * n])
-            if got != n:
+            if self._read_at(self.offset + r * n, buf[i * n:(i + 1) * n]) != n:
                 raise OSError(f"{self.path} is truncated: embedding row {r} is not complete")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

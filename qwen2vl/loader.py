@@ -287,16 +287,15 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     files = checkpoint_files(path)
     pre = _prequantized(model, cfg, files, expected)
     in_file = file_embedding and device.type == "cpu"
-    plan = quant.linear_plan(model, quantization, shared_head=cfg.tie_word_embeddings and not in_file) \
-        if quantization else {}
-    plan = {p: make for p, make in plan.items() if p not in pre}
+    shared_head = cfg.tie_word_embeddings and not in_file  # lm_head will read the embedding's own matrix
+    plan = quant.linear_plan(model, quantization, shared_head=shared_head) if quantization else {}
     prepack = prepack and device.type == "cpu"
     if prepack and not quantization and packed.supported(dtype):
         # each float linear is packed as soon as its tensors are in, so one plain copy at most is in memory besides
         # the packed ones (modules load largest first: a tied lm_head's copy is packed while little else is in)
-        shared = cfg.tie_word_embeddings and not in_file
-        plan.update({p: packed.PackedLinear for p, m in model.named_modules()
-                     if type(m) is nn.Linear and p not in pre and not (shared and p == "lm_head")})
+        plan = {p: packed.PackedLinear for p, m in model.named_modules()
+                if type(m) is nn.Linear and not (shared_head and p == "lm_head")}
+    plan = {p: make for p, make in plan.items() if p not in pre}
     waiting: dict[str, set[str]] = {p: set() for p in [*plan, *pre]}  # module -> checkpoint names not read yet
     for n in expected:
         waiting.get(destination(model, n)[0], set()).add(n)
@@ -352,10 +351,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                             else:
                                 new = plan[mod_path](model.get_submodule(mod_path))
                             quant.replace_module(model, mod_path, new)
-        if cfg.tie_word_embeddings and not quantization and not in_file and not (expected - loaded):
+        if shared_head and not quantization and not (expected - loaded):
             model.lm_head.weight = model.model.embed_tokens.weight
-        if prepack and not (expected - loaded):
-            packed.prepack_(model)
     finally:
         if bar is not None:
             bar.close()

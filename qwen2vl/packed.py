@@ -68,15 +68,20 @@ def supported(dtype: torch.dtype) -> bool:
         return False
 
 
+def shares_head(model: nn.Module) -> bool:
+    """Whether the model's lm_head holds the very matrix its embedding reads (a tied head kept in memory)."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return getattr(head, "weight", None) is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
+
+
 @torch.no_grad()
 def prepack_(model: nn.Module) -> int:
     """Replace the model's float ``nn.Linear`` layers on the CPU by ``PackedLinear`` (a tied lm_head excepted);
     returns how many were replaced. Quantized layers are left to their own kernels."""
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    tied_head = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    shared = shares_head(model)
     paths = [path for path, mod in model.named_modules() if type(mod) is nn.Linear and mod.weight.device.type == "cpu"
-             and supported(mod.weight.dtype) and not (tied_head and mod is head)]
+             and supported(mod.weight.dtype) and not (shared and path == "lm_head")]
     for path in paths:  # by name, so that each plain weight is freed as soon as its packed copy exists
         parent, _, name = path.rpartition(".")
         owner = model.get_submodule(parent)

@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
+from .packed import shares_head
 
 MODES = ("int8", "int4")
 _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quantize the activations (measured)
@@ -267,7 +268,7 @@ def linear_plan(model, mode: str, group_size: int = 128,
     default, whether it does now): then ``quantize_embedding_`` makes that matrix int8 for both."""
     _check(model, mode)
     if shared_head is None:
-        shared_head = _shares_head(model)
+        shared_head = shares_head(model)
 
     def int4(lin: nn.Linear) -> nn.Module:
         g = next((g for g in (group_size, 64, 32) if lin.in_features % g == 0), None)
@@ -288,10 +289,6 @@ def linear_plan(model, mode: str, group_size: int = 128,
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, new)
-
-
-def _shares_head(model) -> bool:
-    return getattr(model.lm_head, "weight", None) is getattr(model.model.embed_tokens, "weight", 0)
 
 
 @torch.no_grad()
@@ -315,5 +312,5 @@ def quantize_(model, mode: str, *, group_size: int = 128) -> None:
     while reading a checkpoint, so the float weights never all sit in memory together."""
     for path, make in linear_plan(model, mode, group_size).items():
         replace_module(model, path, make(model.get_submodule(path)))
-    quantize_embedding_(model, _shares_head(model), model.dtype)
+    quantize_embedding_(model, shares_head(model), model.dtype)
     fast_attention_(model)
