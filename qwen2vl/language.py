@@ -93,7 +93,9 @@ class Attention(nn.Module):
         B = q.shape[0]
         g = self.num_heads // self.num_kv_heads
         qg = q.view(B, self.num_kv_heads, g, self.head_dim)  # (B, kv_heads, group, hd)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.head_dim ** -0.5  # (B, kv_heads, group, L)
+        # k q^T, not q k^T: the cached keys are a strided slice, and as the left operand they need no copy
+        scores = torch.matmul(k, qg.transpose(-1, -2)).transpose(-1, -2)  # (B, kv_heads, group, L)
+        scores = scores.float() * self.head_dim ** -0.5
         if pad is not None:
             scores.masked_fill_(pad, float("-inf"))
         probs = scores.softmax(dim=-1).to(v.dtype)
