@@ -67,6 +67,7 @@ def run_config(cfg: dict, a: argparse.Namespace, model: Path, work: Path) -> dic
                 max_model_len=a.max_model_len, max_num_seqs=max(8, a.requests), device="cpu",
                 bandwidth_bytes=(8 << 20) if a.quick else (512 << 20), bandwidth_rounds=1 if a.quick else 5,
                 bandwidth_reps=1 if a.quick else 3, ttft_runs=1 if a.quick else 3,
+                read_probe_bytes=(8 << 20) if a.quick else (256 << 20),
                 video_frames=a.video_frames)
     for stale in [Path(spec["result"])] + [work / f"{cfg['name']}.{x}.pt" for x in ("logits", "image", "video")]:
         stale.unlink(missing_ok=True)  # a worker that dies before writing must not leave an old run's figures
@@ -270,15 +271,19 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
 
     # ---- second turn
     L.append("## Second turn about the same image\n")
-    L.append("First answer appended plus a new question; time to its first token.\n")
-    _header(L, "configuration", "prompt tokens", "TTFT s", "speed-up vs transformers best",
+    L.append("First answer appended plus a new question; time to its first token. Reused: prompt tokens whose KV "
+             "came from the prefix cache (`num_cached_tokens`). A random model's answer often holds broken UTF-8 "
+             "that does not tokenize back to the tokens it generated, so the reuse stops there and how many tokens "
+             "run again differs between configurations.\n")
+    _header(L, "configuration", "prompt tokens", "reused", "TTFT s", "speed-up vs transformers best",
             "speed-up vs its own first turn")
     for r in engines:
         if r.get("turn2_ttft_s") is None:
             continue
         sp = _x(best_t2["turn2_ttft_s"], r["turn2_ttft_s"]) if best_t2 and r["cfg"]["engine"] == "qwen2vl" else "–"
-        L.append(f"| {r['name']} | {r.get('turn2_prompt_tokens')} | {_f(r['turn2_ttft_s'])} | {sp} | "
-                 f"{_x(r.get('ttft_s'), r['turn2_ttft_s'])} |")
+        cached = r.get("turn2_cached_tokens")
+        L.append(f"| {r['name']} | {r.get('turn2_prompt_tokens')} | {'–' if cached is None else cached} | "
+                 f"{_f(r['turn2_ttft_s'])} | {sp} | {_x(r.get('ttft_s'), r['turn2_ttft_s'])} |")
     L.append("")
 
     # ---- concurrency
@@ -366,7 +371,7 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     L.append("Achieved decode against the bound (bytes per token measured on the loaded model: decoder layers, "
              "final norm and lm_head, one embedding row):\n")
     _header(L, "configuration", "bytes / token GB", "bound tok/s (machine)", "decode tok/s", "% of bound",
-            "bound at format's matvec rate", "% of it")
+            "bound at format's matvec rate", "% of it", "read rate beside the decode GB/s", "% of that bound")
     for r in engines:
         b = r.get("lm_bytes_per_token")
         if not b:
@@ -375,10 +380,17 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
         fmt_bw = (bw.get("matvec_GBps") or {}).get(r["cfg"].get("matvec") or r["cfg"].get("format"))
         fbound = fmt_bw * GB / b if fmt_bw else None
         d = r.get("decode_tok_s")
+        near = [x for x in (r.get("read_GBps_before"), r.get("read_GBps_after")) if x]
+        nbound = max(near) * GB / b if near else None
         L.append(f"| {r['name']} | {b / GB:.2f} | {_f(bound)} | {_f(d)} | "
                  f"{_f(d and bound and 100 * d / bound, 0, '%')} | {_f(fbound)} | "
-                 f"{_f(d and fbound and 100 * d / fbound, 0, '%')} |")
+                 f"{_f(d and fbound and 100 * d / fbound, 0, '%')} | {' / '.join(_f(x, 1) for x in near) or '–'} | "
+                 f"{_f(d and nbound and 100 * d / nbound, 0, '%')} |")
     L.append("")
+    L.append("The last two columns: the same sum probe (256 MB) run in the configuration's own process just before "
+             "its first request and again after its second turn, the decode run lying between them; the bound "
+             "there uses the higher of the two. This machine's read rate swings by up to 2× over an hour, so "
+             "these compare the decode with the bandwidth it had at the time.\n")
 
     # ---- quality
     L.append("## Quality against float32\n")

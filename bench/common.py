@@ -96,6 +96,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def read_rate_GBps(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Best rate of summing a float32 buffer far larger than the caches: the machine's read bandwidth at this
+    moment (a shared machine's swings by up to 2x over an hour, so the decode runs measure it beside them)."""
+    import torch
+
+    src = torch.rand(nbytes // 4)
+    src.sum()  # page in
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        src.sum()
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 # ---------------------------------------------------------------------------------------------------- weights
 def _direct_tensors(mod) -> list:
     """Tensors a module holds itself: parameters, buffers and plain tensor attributes (packed weights)."""

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bench.common import (CONCURRENT_SEED0, DECODE_SEED, ENDOFTEXT_ID, IMAGE_PAD_ID, PROMPT_SEED, STRESS_IMAGE_SIZE,
                           STRESS_MAX_PIXELS, VIDEO_PAD_ID, WARMUP_SEED, Result, Timer, conversation, lm_bytes_per_token,
-                          make_image, model_weight_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, second_turn,
-                          set_threads, stress_video_frames)
+                          make_image, model_weight_bytes, peak_rss_bytes, read_rate_GBps, reset_peak_rss, rss_bytes,
+                          second_turn, set_threads, stress_video_frames)
 
 
 class Unsupported(Exception):
@@ -153,7 +153,8 @@ class Qwen2VLEngine:
             out = self.llm.chat(conv, self.params(n))[0]
             res = {}
         c = out.outputs[0]
-        res.update(tokens=list(c.token_ids), text=c.text, prompt_tokens=len(out.prompt_token_ids))
+        res.update(tokens=list(c.token_ids), text=c.text, prompt_tokens=len(out.prompt_token_ids),
+                   cached_tokens=getattr(out, "num_cached_tokens", None))
         if logits:
             res["logits"] = self.last_logits(conv)
         return res
@@ -190,6 +191,13 @@ def engine_worker(spec: dict, res: Result) -> None:
     gc.collect()
     res.update(load_s=t.s, peak_rss_load=peak_rss_bytes(), rss_after_load=rss_bytes(),
                weights_bytes=model_weight_bytes(eng.model), lm_bytes_per_token=lm_bytes_per_token(eng.model))
+
+    # The machine's read rate now and again after the decode run (a probe buffer of its own, so only where the
+    # serving peak below can be reset past it).
+    probe = spec.get("read_probe_bytes", 256 << 20)
+    if probe and reset_peak_rss():
+        res.update(read_GBps_before=read_rate_GBps(probe))
+        gc.collect()
 
     # Serving one image: the peak from here on, apart from loading (VmHWM reset where the kernel allows it).
     res.update(peak_reset=reset_peak_rss())
@@ -229,7 +237,10 @@ def engine_worker(spec: dict, res: Result) -> None:
     conv2 = second_turn(conv_b, dec["text"])
     with Timer() as t:
         turn2 = eng.run(conv2, 1)
-    res.update(turn2_ttft_s=t.s, turn2_prompt_tokens=turn2["prompt_tokens"], peak_rss_serve=peak_rss_bytes())
+    res.update(turn2_ttft_s=t.s, turn2_prompt_tokens=turn2["prompt_tokens"], turn2_cached_tokens=turn2.get("cached_tokens"),
+               peak_rss_serve=peak_rss_bytes())
+    if res.get("read_GBps_before"):
+        res.update(read_GBps_after=read_rate_GBps(probe))
 
     if spec["engine"] == "qwen2vl":  # quality reference / comparison: the first prompt's last-token logits
         try:

@@ -44,6 +44,7 @@ def test_second_turn_reuses_prefix_and_media(env):
     second = llm.chat(conv2, P)[0]
     reused = stats["reused_tokens"] - before["reused_tokens"]
     assert reused >= len(first.prompt_token_ids)  # the whole first prompt, and more of the answer
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == reused  # reported as vLLM does
     assert stats["vision_items"] == before["vision_items"]  # the image sits in the reused prefix: not encoded
     no_cache = _fresh(env, prefix_cache_mb=0, vision_cache_mb=0)
     expected = no_cache.chat(conv2, P)[0]
@@ -59,6 +60,7 @@ def test_same_size_different_image_is_not_reused(env):
     out = llm.chat(_turn1(env["b"]), P)[0]
     ids = out.prompt_token_ids
     assert stats["reused_tokens"] - before == ids.index(151655)  # only the text before the image
+    assert out.num_cached_tokens == ids.index(151655)
     assert out.outputs[0].token_ids == _fresh(env, prefix_cache_mb=0).chat(_turn1(env["b"]), P)[0].outputs[0].token_ids
 
 

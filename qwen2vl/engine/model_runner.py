@@ -87,6 +87,8 @@ class ModelRunner:
         embeds = m.embed(torch.tensor(ids[n:], device=m.device), img, vid)  # (T - n, hidden)
         self.stats["prefill_tokens"] += len(ids) - n
         self.stats["reused_tokens"] += n
+        if seq.num_cached_tokens is None:  # a preempted sequence's later prefills do not change what it reports
+            seq.num_cached_tokens = n
         return m.prefill(embeds, pos[:, n:], self._view(slot=seq.row, start=n))[None]
 
     @torch.inference_mode()

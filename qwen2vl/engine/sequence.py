@@ -38,6 +38,7 @@ class RequestOutput:
     finished: bool
     delta_text: str = ""  # text added since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: not run yet)
 
 
 _ids = itertools.count()
@@ -58,6 +59,7 @@ class Sequence:
         self.rope_delta = 0
         self.row = -1  # KV cache row while running
         self.prefix_keys: list = []  # content keys of the prompt (prefix cache)
+        self.num_cached_tokens: int | None = None  # set by its first prefill
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -91,7 +93,7 @@ class Sequence:
                                self.stop_reason,
                                self.cumulative_logprob if self.logprobs is not None else None)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], self.finished,
-                             delta_text, delta_tokens)
+                             delta_text, delta_tokens, self.num_cached_tokens)
 
     def _stop_holdback(self) -> int:
         """Characters at the end of the text that could be the start of a stop string: not streamed yet."""

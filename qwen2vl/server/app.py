@@ -547,18 +547,23 @@ class _Ctx:
         self.prepared, self.prefix, self.handle, self.admitted = prepared, prefix, handle, admitted
         self.first_token: float | None = None
         self.completion_tokens = 0
+        self.cached_tokens: int | None = None  # prompt tokens the prefix cache served (the first choice's)
         self.status: int | None = None
         self.states: list = []  # streamed choices
 
     def saw_output(self, out: RequestOutput, metrics: Metrics) -> None:
+        if self.cached_tokens is None and out.num_cached_tokens is not None:
+            self.cached_tokens = out.num_cached_tokens
         if self.first_token is None and out.outputs and out.outputs[0].token_ids:
             self.first_token = time.monotonic()
             metrics.first_token(self.first_token - self.t0)
 
     def usage(self) -> dict:
         p = len(self.prepared.token_ids)
-        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
-                "total_tokens": p + self.completion_tokens}
+        u = {"prompt_tokens": p, "completion_tokens": self.completion_tokens, "total_tokens": p + self.completion_tokens}
+        if self.cached_tokens is not None:
+            u["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return u
 
 
 class _ChoiceStream:
