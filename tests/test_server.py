@@ -629,7 +629,15 @@ def test_bad_input(server, client, media_dir):
 
 
 def test_metrics_and_log(server, client):
-    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    before = metrics(server)["qwen2vl_prompt_tokens_cached_total"]
+    r1 = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)  # its prompt is cached after
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+    expected = r1.usage.prompt_tokens_details.cached_tokens + r.usage.prompt_tokens_details.cached_tokens
+    deadline = time.monotonic() + 5  # counted as each request ends
+    while time.monotonic() < deadline and metrics(server)["qwen2vl_prompt_tokens_cached_total"] - before < expected:
+        time.sleep(0.05)
+    assert metrics(server)["qwen2vl_prompt_tokens_cached_total"] - before == expected
     m = metrics(server)
     for name in ("qwen2vl_prompt_tokens_total", "qwen2vl_generation_tokens_total", "qwen2vl_requests_running",
                  "qwen2vl_requests_waiting", "qwen2vl_time_to_first_token_seconds_count",

@@ -534,7 +534,8 @@ class OpenAIServer:
 
     def _done(self, ctx: "_Ctx", status: int) -> None:
         latency = time.monotonic() - ctx.t0
-        self.metrics.request_done(status, len(ctx.prepared.token_ids), ctx.completion_tokens, latency)
+        self.metrics.request_done(status, len(ctx.prepared.token_ids), ctx.completion_tokens, latency,
+                                  ctx.cached_tokens or 0)
         ttft = "-" if ctx.first_token is None else f"{ctx.first_token - ctx.t0:.3f}s"
         log.info("%s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s latency=%.3fs%s", ctx.rid, status,
                  len(ctx.prepared.token_ids), ctx.completion_tokens, ttft, latency,
@@ -547,7 +548,7 @@ class _Ctx:
         self.prepared, self.prefix, self.handle, self.admitted = prepared, prefix, handle, admitted
         self.first_token: float | None = None
         self.completion_tokens = 0
-        self.cached_tokens: int | None = None  # prompt tokens the prefix cache served (the first choice's)
+        self.cached_tokens: int | None = None  # prompt tokens the prefix cache served (n > 1: the first reported)
         self.status: int | None = None
         self.states: list = []  # streamed choices
 
