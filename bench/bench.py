@@ -41,6 +41,12 @@ def configurations(a: argparse.Namespace) -> list[dict]:
     for q in QUANT_FORMATS:
         cfgs.append({"name": f"qwen2vl-{q}", "kind": "engine", "engine": "qwen2vl", "dtype": a.quant_dtype,
                      "quantization": q, "format": q})
+    # decode steps through torch.compile (LLM(compile=True)): the same weights and kernels, fewer small ops
+    cfgs.append({"name": "qwen2vl-bfloat16-compiled", "kind": "engine", "engine": "qwen2vl", "dtype": "bfloat16",
+                 "format": "bfloat16", "compile": True})
+    for q in QUANT_FORMATS:
+        cfgs.append({"name": f"qwen2vl-{q}-compiled", "kind": "engine", "engine": "qwen2vl", "dtype": a.quant_dtype,
+                     "quantization": q, "format": q, "compile": True})
     for q in (None, "int4"):  # the same weights in the GPTQ-Int4 release layout: as loaded, and with the flag
         cfgs.append({"name": "qwen2vl-gptq" + (f"-{q}" if q else ""), "kind": "engine", "engine": "qwen2vl",
                      "dtype": a.quant_dtype, "checkpoint": "gptq", "format": "gptq-" + (q or "bf16"), "matvec": "int4",

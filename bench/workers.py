@@ -124,6 +124,8 @@ class Qwen2VLEngine:
             kw["max_model_len"] = min(spec["max_model_len"], limit)
         if spec.get("max_num_seqs"):
             kw["max_num_seqs"] = spec["max_num_seqs"]
+        if spec.get("compile"):
+            kw["compile"] = True
         q = spec.get("quantization")
         if q:
             try:

@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,
                    help="quantize the weights after loading (CPU): faster decode, less memory. GPTQ / AWQ "
                         "checkpoints load as 4-bit without it; int4 then makes their vision tower and lm_head int8")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (CPU): faster decode after 10-30 s of compiling "
+                        "at start; needs a C++ compiler")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +92,8 @@ def run_chat(args, stdin=None, out=None) -> int:
     out = out if out is not None else sys.stdout
     from .llm import LLM
     llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
-              max_pixels=args.max_pixels, max_model_len=args.max_model_len, quantization=args.quantization)
+              max_pixels=args.max_pixels, max_model_len=args.max_model_len, quantization=args.quantization,
+              compile=args.compile)
     params = _sampling(llm, args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:

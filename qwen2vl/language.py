@@ -23,19 +23,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        # the reference's x * rsqrt(mean(x^2) + eps) in float32, as one fused op
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def mrope_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype):
-    """positions (3, B, T) -> cos, sin (B, T, head_dim).
+    """positions (3, B, T) -> cos, sin (B, T, head_dim), sin with its first half negated (see ``rope``).
 
     The rotary half-dim is split by mrope_section, e.g. [16, 24, 24] for head_dim 128: frequencies 0..15 turn
     with the temporal position, 16..39 with the height position, 40..63 with the width position. For text
@@ -47,7 +40,15 @@ def mrope_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype):
     chunks = freqs.split(cfg.mrope_section, dim=-1)
     freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., :hd // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The reference's x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) written as
+    roll(x) = cat(x2, x1) times a sin whose first half is negated: the same products, bit for bit, in four ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 @dataclass
@@ -101,21 +102,21 @@ class Attention(nn.Module):
         probs = scores.softmax(dim=-1).to(v.dtype)
         return torch.matmul(probs, v).view(B, self.num_heads, 1, self.head_dim)  # (B, heads, 1, hd)
 
-    def forward(self, x, cos, sin, kv: KVView | None):
+    def forward(self, x, cos, sin, kv: KVView | None, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``cache``: this layer's (k, v) cache tensors, (slots, kv_heads, capacity, hd) each, when ``kv`` is set."""
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # (B, T, (heads + 2 kv_heads) * hd)
+        qk = rope(qkv[..., :(H + Hk) * hd].view(B, T, H + Hk, hd), cos[:, :, None], sin[:, :, None])  # q, k heads
+        q = qk[:, :, :H].transpose(1, 2)  # (B, heads, T, hd)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, kv_heads, T, hd)
+        v = qkv[..., (H + Hk) * hd:].view(B, T, Hk, hd).transpose(1, 2)
         gqa = self.num_heads != self.num_kv_heads
 
         if kv is None:  # plain causal forward, no cache
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif kv.lengths is None:  # prefill of one sequence into its slot
-            kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            kc, vc = cache
             s, e = kv.start, kv.start + T
             kc[kv.slot, :, s:e] = k[0]
             vc[kv.slot, :, s:e] = v[0]
@@ -126,7 +127,7 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(q, kc[kv.slot:kv.slot + 1, :, :e], vc[kv.slot:kv.slot + 1, :, :e],
                                                    attn_mask=mask, enable_gqa=gqa)
         else:  # batched decode: row b writes at lengths[b] and attends to keys 0..lengths[b]
-            kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            kc, vc = cache
             kc[kv.rows, :, kv.lengths] = k[:, :, 0]  # (B, kv_heads, hd)
             vc[kv.rows, :, kv.lengths] = v[:, :, 0]
             o = self._decode_attention(q, kc[:B, :, :kv.width], vc[:B, :, :kv.width], kv.pad)
@@ -154,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+    def forward(self, x, cos, sin, kv, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,11 +167,14 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.decode_layer = None  # (layer, x, cos, sin, kv, cache) -> x for decode steps: see qwen2vl.compiled
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv: KVView | None = None) -> torch.Tensor:
         """embeds (B, T, hidden), positions (3, B, T) -> final hidden states (B, T, hidden)."""
         cos, sin = mrope_cos_sin(positions, self.cfg, embeds.dtype)
         x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, kv)
+        step = self.decode_layer if kv is not None and kv.lengths is not None and self.decode_layer else None
+        for i, layer in enumerate(self.layers):
+            cache = None if kv is None else (kv.k[i], kv.v[i])
+            x = layer(x, cos, sin, kv, cache) if step is None else step(layer, x, cos, sin, kv, cache)
         return self.norm(x)

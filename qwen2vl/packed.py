@@ -46,6 +46,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
+        if torch.compiler.is_compiling():  # the opaque weight stays out of the graph (qwen2vl.compiled)
+            return torch.ops.qwen2vl.packed_linear(x, self.handle, self.out_features).view(*lead, self.out_features)
         return linear(x, self.packed, self.bias).view(*lead, self.out_features)
 
 

@@ -55,10 +55,12 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, in) float -> int8 rows and float32 scales (M, 1) with x ~ (q - offset) * scale; offset 128 gives uint8."""
-    xf = x.to(torch.float32, copy=True)
-    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
-    xf.div_(sx).round_()  # |x / sx| <= 127
+    """(M, in) float -> int8 rows and float32 scales (M, 1) with x ~ (q - offset) * scale; offset 128 gives uint8.
+    Seven tensor ops, since a decode step runs this for every linear: the max-abs as one float32 norm, and the
+    division makes the float32 copy."""
+    sx = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    sx = sx.clamp_min_(1e-12).div_(127.0)  # (M, 1)
+    xf = torch.div(x, sx).round_()  # (M, in) float32, |x / sx| <= 127
     return (xf.add_(offset).to(torch.uint8) if offset else xf.to(torch.int8)), sx
 
 
@@ -96,6 +98,7 @@ class Int8Linear(nn.Module):
         packed = None
         if prepack and q.device.type == "cpu" and _prepack_checked():
             packed, q = torch.ops.onednn.qlinear_prepack(q, None), None
+        self.prepacked = packed is not None
         self.register_buffer("weight", q)  # (out, in) int8, or None when prepacked
         self.register_buffer("packed", packed)  # oneDNN's layout of the same int8 matrix (opaque)
         self.register_buffer("scales", s)  # (out,) float32
@@ -105,7 +108,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
-        if self.packed is not None:
+        if self.prepacked:
             return self._prepacked(x).view(*lead, self.out_features)
         if x.device.type == "cpu" and not 1 < x.shape[0] <= _SMALL_M:
             return self._dynamic(x).view(*lead, self.out_features)
@@ -116,15 +119,23 @@ class Int8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _prepacked(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, in) -> (M, out) through the prepacked weight, ``_PACKED_M`` rows at a time."""
+        """(M, in) -> (M, out) through the prepacked weight, ``_PACKED_M`` rows at a time (one call for a decode
+        step: no output buffer to copy into)."""
+        if x.shape[0] <= _PACKED_M:
+            return self._prepacked_rows(x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
         for i in range(0, x.shape[0], _PACKED_M):
-            xq, sx = _quantize_rows(x[i:i + _PACKED_M], 128)
-            y = _qlinear(xq, self.packed, self.scales).mul_(sx)  # (rows, out) float32
-            if self.bias is not None:
-                y.add_(self.bias)
-            out[i:i + _PACKED_M] = y
+            out[i:i + _PACKED_M] = self._prepacked_rows(x[i:i + _PACKED_M])
         return out
+
+    def _prepacked_rows(self, x: torch.Tensor) -> torch.Tensor:
+        xq, sx = _quantize_rows(x, 128)
+        if torch.compiler.is_compiling():  # the opaque weight stays out of the graph (qwen2vl.compiled)
+            y = torch.ops.qwen2vl.qlinear(xq, self.handle, self.out_features)
+        else:
+            y = _qlinear(xq, self.packed, self.scales)  # (rows, out) float32: int32 products times weight scales
+        y = y.mul_(sx) if self.bias is None else torch.addcmul(self.bias, y, sx)  # bias + y * sx
+        return y.to(x.dtype)
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """(M, in) -> (M, out): activations quantized per row to int8, int8 x int8 GEMM, rescaled in float32."""

@@ -94,8 +94,8 @@ def serve(args: argparse.Namespace, out=None) -> int:
         return 1
     llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
               max_pixels=args.max_pixels, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              media_timeout=args.media_timeout, **({"quantization": args.quantization}
-                                                    if getattr(args, "quantization", None) else {}))
+              media_timeout=args.media_timeout, compile=getattr(args, "compile", False),
+              **({"quantization": args.quantization} if getattr(args, "quantization", None) else {}))
     names = args.served_model_name or [args.model]
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key or None, max_queue_size=args.max_queue_size,
