@@ -59,7 +59,8 @@ def _quantize_rows(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torc
     A decode step runs this for every linear, so few ops; all arithmetic on float32 tensors, since mixed
     bf16/float32 element-wise ops take a slow unvectorised path (int8 TTFT 5.1 against 5.7 s, measured)."""
     xf = x.to(torch.float32, copy=True)  # (M, in): one pass that converts, then in-place float32 arithmetic
-    sx = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)  # (M, 1)
+    # abs().amax(): linalg.vector_norm(ord=inf) gives the same values 6-16x slower on the CPU (measured)
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)  # (M, 1)
     xf.div_(sx).round_()  # |x / sx| <= 127
     return (xf.add_(offset).to(torch.uint8) if offset else xf.to(torch.int8)), sx
 
