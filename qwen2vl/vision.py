@@ -45,8 +45,10 @@ def vision_position_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> tor
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d(3, D, kernel=stride=(2, 14, 14)) over the (N, 3, 2, 14, 14) patches (the reference's arithmetic;
-    a matmul with the flat kernel is the same map but rounds differently in float32)."""
+    """Conv3d(3, D, kernel=stride=(2, 14, 14)) over the (N, 3, 2, 14, 14) patches. In float32 it runs as the
+    conv (the reference's arithmetic; a matmul with the flat kernel is the same map but rounds differently); in
+    bf16 as that matmul, within one unit in the last place of the bf16 result and about 100x faster on the CPU
+    (measured for 1024 patches: 1.7 against 165 ms; float32: 13 against 90 ms)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -55,7 +57,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight  # (D, 3, 2, 14, 14)
-        x = x.to(w.dtype).view(-1, w.shape[1], *self.kernel)  # (N, 1176) -> (N, 3, 2, 14, 14)
+        x = x.to(w.dtype)
+        if w.dtype != torch.float32:
+            return F.linear(x.reshape(-1, w[0].numel()), w.reshape(w.shape[0], -1))  # (N, 1176) @ (1176, D)
+        x = x.view(-1, w.shape[1], *self.kernel)  # (N, 1176) -> (N, 3, 2, 14, 14)
         return F.conv3d(x, w, stride=self.kernel).view(-1, w.shape[0])  # (N, D)
 
 

@@ -176,6 +176,26 @@ def test_vision_position_ids_are_in_merge_window_order():
     assert vision_position_ids([(3, 2, 2)], 2).shape == (12, 2)
 
 
+def test_patch_embed_is_the_conv():
+    """float32 runs the reference's conv itself; bf16 the flat matmul, within one bf16 rounding of the conv."""
+    from qwen2vl.config import VisionConfig
+    from qwen2vl.vision import PatchEmbed
+
+    g = torch.Generator().manual_seed(0)
+    pe = PatchEmbed(VisionConfig(embed_dim=64))
+    with torch.no_grad():
+        pe.proj.weight.copy_(torch.randn(pe.proj.weight.shape, generator=g) * 0.05)
+    x = torch.randn(37, 3 * 2 * 14 * 14, generator=g)
+    conv = torch.nn.functional.conv3d(x.view(-1, 3, 2, 14, 14), pe.proj.weight, stride=(2, 14, 14)).view(37, 64)
+    assert torch.equal(pe(x), conv)
+    pe.to(torch.bfloat16)
+    out = pe(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (37, 64)
+    ref = torch.nn.functional.conv3d(x.bfloat16().view(-1, 3, 2, 14, 14), pe.proj.weight, stride=(2, 14, 14))
+    ulp = 2.0 ** (torch.floor(torch.log2(ref.float().abs().clamp_min(1e-3))) - 7)
+    assert ((out.float() - ref.view(37, 64).float()).abs() <= ulp).all()
+
+
 def test_config_defaults_and_layouts():
     d = official_config("tiny")
     d["vision_config"] = {"hidden_size": d["hidden_size"]}  # omitted fields take the reference defaults
