@@ -59,7 +59,7 @@ class PatchEmbed(nn.Module):
         w = self.proj.weight  # (D, 3, 2, 14, 14)
         x = x.to(w.dtype)
         if w.dtype != torch.float32:
-            return F.linear(x.reshape(-1, w[0].numel()), w.reshape(w.shape[0], -1))  # (N, 1176) @ (1176, D)
+            return F.linear(x, w.flatten(1))  # (N, 1176) @ (1176, D)
         x = x.view(-1, w.shape[1], *self.kernel)  # (N, 1176) -> (N, 3, 2, 14, 14)
         return F.conv3d(x, w, stride=self.kernel).view(-1, w.shape[0])  # (N, D)
 
