@@ -365,7 +365,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                  f"best of {bw.get('bandwidth_rounds', '?')} rounds × {bw.get('bandwidth_reps', '?')}): "
                  f"copy {_f(bw.get('copy_GBps'), 1)} GB/s (read + write), sum "
                  f"{_f(bw.get('sum_GBps'), 1)} GB/s; matrix-vector over many distinct 8960×1536 matrices, with "
-                 "the kernels qwen2vl's decode runs (oneDNN's linears on prepacked weights; int4: "
+                 "the kernels qwen2vl's decode runs (float: oneDNN's linears on prepacked weights; int8: "
+                 "qwen2vl's int8 linear on fbgemm's packed weights, activation quantization included; int4: "
                  "`_weight_int4pack_mm_for_cpu`), weight bytes per second: " + ", ".join(f"{k} {_f(v, 1)}" for k, v in mv.items()) +
                  f" GB/s. Machine bandwidth = the best read rate of these: **{_f(machine_bw, 1)} GB/s**.\n")
     if nominal and machine_bw:

@@ -128,6 +128,17 @@ def _direct_tensors(mod) -> list:
     return out
 
 
+def _opaque(mod) -> tuple[int, int] | None:
+    """A weight a module holds in a kernel's own object rather than a tensor (qwen2vl's fbgemm-packed int8):
+    (key, bytes), the bytes as the module reports them."""
+    import torch
+
+    packed = vars(mod).get("packed")
+    if packed is None or isinstance(packed, torch.Tensor):
+        return None
+    return id(packed), int(getattr(mod, "packed_nbytes", 0))
+
+
 def _storage_key(t) -> tuple[int, int] | None:
     if t.device.type == "meta":
         return None
@@ -142,8 +153,7 @@ def model_weight_bytes(model) -> int:
     """Bytes of every distinct storage held by the model's modules (tied and fused tensors counted once)."""
     seen: dict[int, int] = {}
     for mod in model.modules():
-        for t in _direct_tensors(mod):
-            k = _storage_key(t)
+        for k in [_storage_key(t) for t in _direct_tensors(mod)] + [_opaque(mod)]:
             if k:
                 seen[k[0]] = max(seen.get(k[0], 0), k[1])
     return sum(seen.values())
@@ -162,14 +172,14 @@ def lm_bytes_per_token(model) -> int:
         is_embed = isinstance(mod, torch.nn.Embedding) or name.endswith("embed_tokens")
         if is_embed and hasattr(mod, "row_bytes"):  # qwen2vl's embedding read from the checkpoint file
             embed_rows = max(embed_rows, mod.row_bytes)
-        for t in _direct_tensors(mod):
-            k = _storage_key(t)
+        for t in _direct_tensors(mod) + [None]:
+            k = _opaque(mod) if t is None else _storage_key(t)
             if not k:
                 continue
             size, kinds = owners.get(k[0], (0, set()))
             kinds.add(is_embed)
             owners[k[0]] = (max(size, k[1]), kinds)
-            if is_embed and t.dim() == 2:
+            if is_embed and t is not None and t.dim() == 2:
                 embed_rows = max(embed_rows, t.shape[-1] * t.element_size())
     total = 0
     for size, kinds in owners.values():

@@ -294,13 +294,12 @@ def bandwidth_worker(spec: dict, res: Result) -> None:
                 return (lambda: [packed.linear(x, w) for w in ws]), per * len(ws)
             return (lambda: [F.linear(x, w) for w in ws]), per * len(ws)
         x = torch.randn(1, k_in, generator=gen).to(torch.bfloat16)
-        if fmt == "int8":  # the kernel int8 decode runs: oneDNN's int8 linear on a prepacked weight
-            from qwen2vl.quant import _qlinear, _quantize_rows
+        if fmt == "int8":  # the kernel int8 decode runs: qwen2vl's Int8Linear in the language model's layout
+            from qwen2vl.quant import Int8Linear, linear_layout
             per = n_out * k_in + 4 * n_out
-            ws = [(torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n_out, k_in), generator=gen,
-                                                                   dtype=torch.int8), None),
-                   torch.rand(n_out, generator=gen) / 64) for _ in range(max(2, math.ceil(total / per)))]
-            return (lambda: [_qlinear(_quantize_rows(x, 128)[0], w, s) for w, s in ws]), per * len(ws)
+            ws = [Int8Linear(torch.randn(n_out, k_in, generator=gen).mul_(0.02), None, layout=linear_layout("lm_head"))
+                  for _ in range(max(2, math.ceil(total / per)))]
+            return (lambda: [w(x) for w in ws]), per * len(ws)
         if fmt == "int4":
             group = 128
             per = n_out * k_in // 2 + (k_in // group) * n_out * 2 * 2

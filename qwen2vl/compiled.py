@@ -3,14 +3,14 @@
 A decode step is about a hundred small tensor ops per decoder layer around four matrix products. On a 2-core CPU
 their dispatch costs as much as a third of the step (20 ms of a 2B int8 step, measured on a 28-layer model with
 tiny matrices). Inductor fuses those ops into a few C++ loops per layer; the matrix products stay the prepacked
-oneDNN kernels (``qwen2vl.packed``, ``qwen2vl.quant``), called through the custom ops below.
+oneDNN kernels (``qwen2vl.packed``, ``qwen2vl.quant``; oneDNN's and fbgemm's), called through the custom ops below.
 
 Regional compilation: one compiled function serves every decoder layer (their weights are its inputs, not
 constants), so the compile cost is one layer's, paid once per variant of the step: one row or several, with or
 without a padding mask. ``compile_decode_`` runs those variants on a throwaway cache row so that no request
 pays for them.
 
-The packed weights are opaque oneDNN tensors, which the compiler cannot trace; each packed layer gets a small
+The packed weights are opaque (oneDNN tensors, fbgemm objects), which the compiler cannot trace; each packed layer gets a small
 integer handle (a tensor, so that the layers share the compiled code) through which the custom op finds it.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .packed import PackedLinear
-from .quant import Int8Linear, _qlinear
+from .quant import Int8Linear, _fbgemm, _qlinear
 
 log = logging.getLogger("qwen2vl")
 
@@ -62,6 +62,17 @@ def _(xq, handle, out_features):
     return xq.new_empty(xq.shape[0], out_features, dtype=torch.float32)
 
 
+@torch.library.custom_op("qwen2vl::fbgemm_linear", mutates_args=())
+def fbgemm_linear(x: Tensor, handle: Tensor, out_features: int) -> Tensor:
+    """(M, in) float32 -> (M, out) float32 through the fbgemm-packed Int8Linear registered under ``handle``."""
+    return _fbgemm(x, _layer(handle).packed)
+
+
+@fbgemm_linear.register_fake
+def _(x, handle, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 def _register(mod: nn.Module) -> None:
     handle = len(_LAYERS)
     while handle in _LAYERS:
@@ -85,7 +96,7 @@ def compile_decode_(model, warmup: bool = True) -> bool:
     if not supported(model):
         return False
     for mod in model.model.layers.modules():
-        if (isinstance(mod, PackedLinear) or (isinstance(mod, Int8Linear) and mod.packed is not None)) \
+        if (isinstance(mod, PackedLinear) or (isinstance(mod, Int8Linear) and mod.prepacked)) \
                 and getattr(mod, "handle", None) is None:
             _register(mod)
     # emulate_precision_casts: round to bf16 wherever eager does, so the compiled step gives the eager step's bits

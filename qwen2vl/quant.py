@@ -1,12 +1,17 @@
 """Weight quantization applied after loading (gpt-fast style): ``quantize_(model, "int8" | "int4")``.
 
 int8: symmetric per-output-channel int8 weights; activations are quantized per row on the fly and multiplied in
-    int8 x int8 -> int32, rescaled in float32. Every int8 linear keeps its weight only in oneDNN's prepacked
-    layout (``onednn::qlinear_pointwise``, unsigned activations offset by 128): one kernel for every row count,
-    2x faster than the unpacked kernels for the 2-16 rows of a batched decode step and about 10% faster than
-    ``torch._int_mm`` for the vision tower's 1024-row prefills (measured on the 2B shapes). A weight that must
-    stay plain (a tied lm_head whose matrix an int8 embedding reads, or a torch without oneDNN's int8 linear)
-    runs ``torch._int_mm`` in row and column blocks (each int32 product rescaled in cache), and
+    int8 x int8 -> int32, rescaled in float32. Every int8 linear keeps its weight only in a prepacked layout:
+    - the language model's linears and lm_head (read once per decode step) in fbgemm's, through
+      ``quantized::linear_dynamic``: it quantizes, multiplies and rescales in one call, and streams the weights
+      1.4-1.9x faster than oneDNN's int8 linear for the 1-8 rows of a decode step (2B shapes, AMD bench
+      machine); at 128-281 rows it is within 10% of it. It quantizes the whole input with one scale, so each row
+      is first scaled to max |x| = 1 and a row holding -1 and 1 is appended: the scale is then always 2/255 and
+      a row's result does not depend on the rows computed with it;
+    - the vision tower's and merger's (1024-row prefills) in oneDNN's, through ``onednn::qlinear_pointwise``
+      (unsigned activations offset by 128, per-row scales), 10% faster than ``torch._int_mm`` there.
+    A weight that must stay plain (a tied lm_head whose matrix an int8 embedding reads, or a torch without these
+    kernels) runs ``torch._int_mm`` in row and column blocks (each int32 product rescaled in cache), and
     ``_weight_int8pack_mm`` (bf16 activations) for 2-8 rows.
 int4: the language model's decoder linears as asymmetric 4-bit with groups of 128 along the input, packed for
     ``_weight_int4pack_mm_for_cpu`` (decode); above 128 rows (prefill) the weight is unpacked to bf16 a block of
@@ -21,6 +26,7 @@ read in int8 or int4 during decode.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -34,7 +40,8 @@ MODES = ("int8", "int4")
 _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quantize the activations (measured)
 _BLOCK_M, _BLOCK_N = 512, 1024  # int8 GEMM blocks: rows, and at least this many output columns...
 _BLOCK_ELEMS = 1 << 19  # ...or as many as keep a block's product under this many elements (rescaled in cache)
-_PACKED_M = 256  # prepacked int8: rows per call, so the float32 product stays small on long prompts
+_PACKED_M = 256  # prepacked int8: at most this many rows per call, so the float32 product stays small
+LAYOUTS = ("plain", "onednn", "fbgemm")
 _INT4_GEMM_M = 128  # above this many rows int4 unpacks to bf16 blocks for the GEMM (measured crossover)
 _INT4_BLOCK_N = 1024  # output rows unpacked at a time (a multiple of 64, the kernel layout's row block)
 
@@ -75,33 +82,88 @@ def _qlinear(xq: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> to
 
 
 @functools.cache
-def _prepack_checked() -> bool:
-    """Whether this torch has oneDNN's int8 linear and it computes the exact int32 product (checked once per
-    process on a known matrix); if not, every int8 weight stays plain."""
+def _pad_row(k: int) -> torch.Tensor:
+    """The row appended to every fbgemm call: its -1 and 1 fix the whole-input quantization range."""
+    row = torch.zeros(1, k)
+    row[0, 0], row[0, 1 % k] = -1.0, 1.0
+    return row
+
+
+def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
+    """int8 (out, in) and float32 scales (out,) -> fbgemm's packed weight (an opaque object)."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated; if they go, _layout_checked says so
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(len(scales), dtype=torch.long),
+                                                      0)
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"  # the engine at packing time picks the kernel
+    try:
+        return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def _fbgemm(x: torch.Tensor, packed) -> torch.Tensor:
+    """(M, in) float32 -> (M, out) float32, x quantized with one scale (its min and max) and zero point."""
+    return torch.ops.quantized.linear_dynamic(x, packed, False)
+
+
+def _reference_int8(layout: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What a layout computes, from the int8 matrix: x (M, in) float32 quantized per row, exact int32 products
+    (float64), rescaled. The check below and the tests hold the kernels to it."""
+    s = x.abs().amax(1, keepdim=True).clamp_min(1e-12)  # (M, 1)
+    if layout == "fbgemm":  # x / s in [-1, 1] on 255 levels: scale 2/255, zero point 128, as fbgemm chooses
+        step, zp = torch._choose_qparams_per_tensor(torch.cat([x / s, _pad_row(x.shape[1])]), False)
+        inv = torch.tensor(step, dtype=torch.float32).reciprocal()  # fbgemm: round(x * (1 / scale) + zp), float32
+        xq = (x / s * inv).add(zp).round().clamp(0, 255).sub(zp).double()
+        unit = s.double() * step
+    else:
+        xq, unit = (x / (s / 127)).round().double(), s.double() / 127
+    return (xq @ q.double().t() * unit * scales.double()).float()
+
+
+@functools.cache
+def _layout_checked(layout: str) -> bool:
+    """Whether this torch has the layout's kernel and it computes the int8 product ``_reference_int8`` gives
+    (checked once per process on a known matrix); if not, int8 weights stay plain."""
     try:
         g = torch.Generator().manual_seed(0)
-        w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
-        x = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
-        y = _qlinear((x.int() + 128).to(torch.uint8), torch.ops.onednn.qlinear_prepack(w, None), torch.ones(48))
-        return bool(torch.equal(y, (x.int() @ w.int().t()).float()))
+        w = torch.randn(48, 64, generator=g)
+        x = torch.randn(3, 64, generator=g) * torch.tensor([[1.0], [30.0], [0.01]])
+        lin = Int8Linear(w, None, layout=layout, _check=False)
+        q, s = _int8_rows(w)
+        return lin.layout == layout and torch.allclose(lin(x), _reference_int8(layout, x, q, s), rtol=1e-4,
+                                                       atol=1e-4 * float(x.abs().amax() * w.abs().amax()))
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
 
 
-class Int8Linear(nn.Module):
-    """``prepack=True`` (CPU, where oneDNN's int8 linear works): the weight is held only prepacked, in
-    ``packed``, and ``weight`` is None; otherwise ``weight`` is the plain (out, in) int8 matrix."""
+def _prepack_checked() -> bool:
+    return _layout_checked("onednn")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool = False):
+
+class Int8Linear(nn.Module):
+    """``layout``: "plain" keeps ``weight``, the (out, in) int8 matrix; "onednn" and "fbgemm" (CPU, where that
+    kernel works; otherwise plain) hold the matrix only in ``packed``, that kernel's layout, and ``weight`` is
+    None. ``packed_nbytes``: the bytes ``packed`` holds (fbgemm's is not a tensor)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain", _check: bool = True):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown int8 layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, s = _int8_rows(weight)
-        packed = None
-        if prepack and q.device.type == "cpu" and _prepack_checked():
-            packed, q = torch.ops.onednn.qlinear_prepack(q, None), None
-        self.prepacked = packed is not None
-        self.register_buffer("weight", q)  # (out, in) int8, or None when prepacked
-        self.register_buffer("packed", packed)  # oneDNN's layout of the same int8 matrix (opaque)
+        if layout != "plain" and (q.device.type != "cpu" or (_check and not _layout_checked(layout))):
+            layout = "plain"
+        self.layout = layout
+        self.prepacked = layout != "plain"
+        self.packed_nbytes = q.numel() if self.prepacked else 0
+        if layout == "fbgemm":
+            self.register_buffer("weight", None)
+            self.packed = _fbgemm_pack(q, s)  # not a tensor: a plain attribute
+        else:
+            self.register_buffer("weight", None if self.prepacked else q)  # (out, in) int8
+            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None) if self.prepacked else None)
         self.register_buffer("scales", s)  # (out,) float32
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dtype = weight.dtype
@@ -120,22 +182,39 @@ class Int8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _prepacked(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, in) -> (M, out) through the prepacked weight, ``_PACKED_M`` rows at a time (one call for a decode
-        step: no output buffer to copy into)."""
+        """(M, in) -> (M, out) through the prepacked weight, in calls of at most ``_PACKED_M`` rows of about
+        equal size (one call for a decode step: no output buffer to copy into)."""
+        rows = self._fbgemm_rows if self.layout == "fbgemm" else self._onednn_rows
         if x.shape[0] <= _PACKED_M:
-            return self._prepacked_rows(x)
+            return rows(x)
+        step = -(-x.shape[0] // -(-x.shape[0] // _PACKED_M))
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-        for i in range(0, x.shape[0], _PACKED_M):
-            out[i:i + _PACKED_M] = self._prepacked_rows(x[i:i + _PACKED_M])
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = rows(x[i:i + step])
         return out
 
-    def _prepacked_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _onednn_rows(self, x: torch.Tensor) -> torch.Tensor:
         xq, sx = _quantize_rows(x, 128)
         if torch.compiler.is_compiling():  # the opaque weight stays out of the graph (qwen2vl.compiled)
             y = torch.ops.qwen2vl.qlinear(xq, self.handle, self.out_features)
         else:
             y = _qlinear(xq, self.packed, self.scales)  # (rows, out) float32: int32 products times weight scales
         y = y.mul_(sx) if self.bias is None else y.mul_(sx).add_(self.bias)
+        return y.to(x.dtype)
+
+    def _fbgemm_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows scaled to max |x| = 1 plus ``_pad_row``: fbgemm's one scale is 2/255 for every row."""
+        M = x.shape[0]
+        xf = torch.empty(M + 1, self.in_features, dtype=torch.float32)  # (M + 1, in)
+        xf[:M] = x  # float32 from here on: mixed bf16/float32 element-wise ops are slow (see _quantize_rows)
+        xf[M:] = _pad_row(self.in_features)
+        sx = xf[:M].abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (M, 1)
+        xf[:M].div_(sx)
+        if torch.compiler.is_compiling():
+            y = torch.ops.qwen2vl.fbgemm_linear(xf, self.handle, self.out_features)
+        else:
+            y = _fbgemm(xf, self.packed)  # (M + 1, out) float32, weight scales applied
+        y = y[:M].mul_(sx) if self.bias is None else y[:M].mul_(sx).add_(self.bias)
         return y.to(x.dtype)
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,14 +367,20 @@ def linear_plan(model, mode: str, group_size: int = 128,
             raise InvalidInputError(f"int4 needs in_features divisible by 32, got {lin.in_features}")
         return Int4Linear(lin.weight, lin.bias, g)
 
-    def int8(lin: nn.Linear) -> nn.Module:
-        return Int8Linear(lin.weight, lin.bias, prepack=True)
+    def int8(layout: str) -> Callable[[nn.Linear], nn.Module]:
+        return lambda lin: Int8Linear(lin.weight, lin.bias, layout=layout)
 
     plan = {}
     for path, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and not (shared_head and path == "lm_head"):
-            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8
+            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8(linear_layout(path))
     return plan
+
+
+def linear_layout(path: str) -> str:
+    """The int8 layout of the linear at ``path``: fbgemm's for the language model's (read once per decode step),
+    oneDNN's for the vision tower's and the merger's (large prefills)."""
+    return "fbgemm" if path.startswith("model.layers.") or path == "lm_head" else "onednn"
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -17,40 +17,62 @@ def _rel(a, b):
 
 
 needs_prepack = pytest.mark.skipif(not quant._prepack_checked(), reason="no oneDNN int8 linear in this torch")
+needs_fbgemm = pytest.mark.skipif(not quant._layout_checked("fbgemm"), reason="no fbgemm int8 linear in this torch")
+PACKED = [pytest.param("onednn", marks=needs_prepack), pytest.param("fbgemm", marks=needs_fbgemm)]
 
 
-@pytest.mark.parametrize("prepack", [False, pytest.param(True, marks=needs_prepack)])
+@pytest.mark.parametrize("layout", ["plain"] + PACKED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 64])  # int8 x int8 (1 row, many rows) and weight-only (2-8 rows) paths
-def test_int8_linear_close_to_float(dtype, rows, prepack):
+def test_int8_linear_close_to_float(dtype, rows, layout):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384).to(dtype)
     x = torch.randn(2, rows, 256).to(dtype)
-    q = Int8Linear(lin.weight, lin.bias, prepack=prepack)
+    q = Int8Linear(lin.weight, lin.bias, layout=layout)
+    assert q.layout == layout
     y = q(x)
     assert y.shape == (2, rows, 384) and y.dtype == dtype
     assert _rel(y, lin(x)) < 0.02
-    held = q.packed if prepack else q.weight  # one copy of the int8 matrix, whichever layout
-    assert (q.weight is None) == prepack and (q.packed is None) != prepack
-    assert held.dtype == torch.int8 and held.numel() == 384 * 256
+    prepacked = layout != "plain"
+    assert (q.weight is None) == prepacked and (q.packed is None) != prepacked  # one copy of the int8 matrix
+    if layout == "plain":
+        assert q.weight.dtype == torch.int8 and q.weight.numel() == 384 * 256
+    else:
+        assert q.packed_nbytes == 384 * 256
 
 
-@needs_prepack
+@pytest.mark.parametrize("layout", PACKED)
 @pytest.mark.parametrize("rows", [1, 5, quant._PACKED_M + 37])  # decode, a batched step, a prompt in two calls
-def test_int8_prepacked_is_the_exact_int8_product(rows):
-    """The prepacked weight gives the per-row-quantized int8 product the plain path computes, and each row's result
-    does not depend on the rows computed with it (a decode batch gives every sequence what it would get alone)."""
+def test_int8_prepacked_is_the_exact_int8_product(rows, layout):
+    """A prepacked weight gives the exact int8 product of its activation quantization (per row: scale |x|max/127;
+    fbgemm: x / |x|max on 255 levels), and each row's result does not depend on the rows computed with it (a
+    decode batch gives every sequence what it would get alone)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 200)
-    plain, packed = Int8Linear(lin.weight, lin.bias), Int8Linear(lin.weight, lin.bias, prepack=True)
-    x = torch.randn(rows, 96)
-    sx = x.abs().amax(1, keepdim=True) / 127
-    xq = torch.round(x / sx).to(torch.int8)
-    ref = torch._int_mm(xq, plain.weight.t()).float() * sx * plain.scales + lin.bias
+    plain, packed = Int8Linear(lin.weight, lin.bias), Int8Linear(lin.weight, lin.bias, layout=layout)
+    x = torch.randn(rows, 96) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different sizes
+    ref = quant._reference_int8(layout, x, plain.weight, plain.scales) + lin.bias
     y = packed(x)
-    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
-    for i in (0, rows - 1):
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    for i in (0, rows // 2, rows - 1):
         assert torch.equal(packed(x[i:i + 1]), y[i:i + 1])
+    if rows > 1:
+        assert torch.equal(packed(x[1:]), y[1:])
+
+
+@needs_fbgemm
+@needs_prepack
+def test_fbgemm_int8_is_as_fine_as_per_row_int8():
+    """fbgemm's 255 levels over [-|x|max, |x|max] lose no more than oneDNN's per-row symmetric int8 (127 levels
+    each side), whatever the rows computed together."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256)
+    x = torch.randn(64, 512) * torch.logspace(-3, 3, 64)[:, None]
+    x[1, 7] = 40.0  # an outlier in one row
+    ref = lin(x).detach()
+    err = {lay: ((Int8Linear(lin.weight, lin.bias, layout=lay)(x) - ref).abs().amax(1) / ref.abs().amax(1)).mean()
+           for lay in ("onednn", "fbgemm")}
+    assert err["fbgemm"] < 1.1 * err["onednn"]
 
 
 @pytest.mark.parametrize("rows", [1, 64])
@@ -125,8 +147,9 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
     full = LLM(str(ckpt), dtype="bfloat16", device="cpu")
     llm = LLM(str(ckpt), dtype="bfloat16", device="cpu", quantization=mode, prefix_cache_mb=0)
 
-    def nbytes(m):
-        return sum(t.numel() * t.element_size() for t in list(m.model.parameters()) + list(m.model.buffers()))
+    def nbytes(m):  # tensors, and the weights fbgemm holds in its own objects
+        return sum(t.numel() * t.element_size() for t in list(m.model.parameters()) + list(m.model.buffers())) + \
+            sum(getattr(mod, "packed_nbytes", 0) for mod in m.model.modules() if mod.__dict__.get("packed") is not None)
     assert nbytes(llm) < 0.6 * nbytes(full)
     assert not any(isinstance(m, torch.nn.Linear) for m in llm.model.model.layers.modules())
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -162,6 +185,9 @@ def test_int8_linears_are_prepacked(tmp_path, variant):
     assert layer and all(mod.packed is not None and mod.weight is None for mod in layer)
     assert vision and all(mod.packed is not None and mod.weight is None for mod in vision)
     assert m.lm_head.packed is not None and isinstance(m.model.embed_tokens, FileEmbedding)
+    if quant._layout_checked("fbgemm"):  # read every decode step: fbgemm's kernel; the vision tower: oneDNN's
+        assert all(mod.layout == "fbgemm" for mod in layer) and m.lm_head.layout == "fbgemm"
+    assert all(mod.layout == "onednn" for mod in vision)
     held = load_model(ck, torch.bfloat16, quantization="int8", file_embedding=False)
     tied = variant != "tiny-untied"
     assert (held.lm_head.packed is None) == tied
