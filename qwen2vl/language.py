@@ -66,15 +66,15 @@ class KVView:
     lengths: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.rows = self.pad = None
+        self.rows = self.mask = None
         self.width = 0
         if self.lengths is not None:
             B = self.lengths.shape[0]
             self.rows = torch.arange(B, device=self.lengths.device)
             self.width = int(self.lengths.max()) + 1  # keys each row may attend to, at most
             if B > 1 and bool((self.lengths != self.width - 1).any()):  # shorter rows: later keys are not theirs
-                pad = torch.arange(self.width, device=self.lengths.device) > self.lengths[:, None]  # (B, L)
-                self.pad = pad[:, None, None, :]  # (B, 1, 1, L)
+                keep = torch.arange(self.width, device=self.lengths.device) <= self.lengths[:, None]  # (B, L)
+                self.mask = keep[:, None, None, :]  # (B, 1, 1, L): True where a row may attend
 
 
 class Attention(nn.Module):
@@ -88,19 +88,14 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=True)  # q_proj, k_proj, v_proj stacked
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def _decode_attention(self, q, k, v, pad):
-        """One query per row against its cached keys, heads grouped over their shared kv head: two small
-        batched matmuls (on CPU many times faster than SDPA for a single query, and no repeated K/V)."""
+    def _decode_attention(self, q, k, v, mask):
+        """One query per row against its cached keys: each kv head's group of query heads passed to SDPA as that
+        many queries of one head, so K/V are neither repeated nor copied. On the CPU 1.3-3x faster than scores
+        and softmax as separate ops, and than SDPA over (B, heads, 1, hd) (measured on the 2B's shapes)."""
         B = q.shape[0]
-        g = self.num_heads // self.num_kv_heads
-        qg = q.view(B, self.num_kv_heads, g, self.head_dim)  # (B, kv_heads, group, hd)
-        # k q^T, not q k^T: the cached keys are a strided slice, and as the left operand they need no copy
-        scores = torch.matmul(k, qg.transpose(-1, -2)).transpose(-1, -2)  # (B, kv_heads, group, L)
-        scores = scores.float() * self.head_dim ** -0.5
-        if pad is not None:
-            scores.masked_fill_(pad, float("-inf"))
-        probs = scores.softmax(dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).view(B, self.num_heads, 1, self.head_dim)  # (B, heads, 1, hd)
+        qg = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)  # (B, kv_heads, group, hd)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (B, kv_heads, group, hd)
+        return o.view(B, self.num_heads, 1, self.head_dim)  # (B, heads, 1, hd)
 
     def forward(self, x, cos, sin, kv: KVView | None, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``cache``: this layer's (k, v) cache tensors, (slots, kv_heads, capacity, hd) each, when ``kv`` is set."""
@@ -130,7 +125,7 @@ class Attention(nn.Module):
             kc, vc = cache
             kc[kv.rows, :, kv.lengths] = k[:, :, 0]  # (B, kv_heads, hd)
             vc[kv.rows, :, kv.lengths] = v[:, :, 0]
-            o = self._decode_attention(q, kc[:B, :, :kv.width], vc[:B, :, :kv.width], kv.pad)
+            o = self._decode_attention(q, kc[:B, :, :kv.width], vc[:B, :, :kv.width], kv.mask)
         o = o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads*hd)
         return self.o_proj(o)
 
