@@ -144,8 +144,9 @@ def _prepack_checked() -> bool:
 
 class Int8Linear(nn.Module):
     """``layout``: "plain" keeps ``weight``, the (out, in) int8 matrix; "onednn" and "fbgemm" (CPU, where that
-    kernel works; otherwise plain) hold the matrix only in ``packed``, that kernel's layout, and ``weight`` is
-    None. ``packed_nbytes``: the bytes ``packed`` holds (fbgemm's is not a tensor)."""
+    kernel works; otherwise fbgemm falls back to onednn, and onednn to plain) hold the matrix only in ``packed``,
+    that kernel's layout, and ``weight`` is None. ``packed_nbytes``: the bytes ``packed`` holds (fbgemm's is not
+    a tensor)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain", _check: bool = True):
         super().__init__()
@@ -153,6 +154,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"unknown int8 layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, s = _int8_rows(weight)
+        if layout == "fbgemm" and _check and not _layout_checked(layout):
+            layout = "onednn"  # the next fastest
         if layout != "plain" and (q.device.type != "cpu" or (_check and not _layout_checked(layout))):
             layout = "plain"
         self.layout = layout

@@ -251,3 +251,17 @@ def test_quantized_vision_uses_matmul_attention(ckpt):
     from qwen2vl.loader import load_model
     assert all(b.attn.matmul_attention for b in load_model(str(ckpt), torch.bfloat16, quantization="int8").visual.blocks)
     assert not any(b.attn.matmul_attention for b in load_model(str(ckpt), torch.bfloat16).visual.blocks)
+
+
+def test_int8_layout_falls_back_to_the_next_kernel(monkeypatch):
+    """Where this torch lacks fbgemm's int8 linear, the layer takes oneDNN's; lacking both, the plain matrix."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 64)
+    onednn = quant._prepack_checked()
+    monkeypatch.setattr(quant, "_layout_checked", lambda layout: layout == "onednn" and onednn)
+    assert Int8Linear(lin.weight, None, layout="fbgemm").layout == ("onednn" if onednn else "plain")
+    monkeypatch.setattr(quant, "_layout_checked", lambda layout: False)
+    q = Int8Linear(lin.weight, lin.bias, layout="fbgemm")
+    assert q.layout == "plain" and q.weight.dtype == torch.int8
+    assert _rel(q(x), lin(x)) < 0.02
