@@ -129,14 +129,10 @@ def _direct_tensors(mod) -> list:
 
 
 def _opaque(mod) -> tuple[int, int] | None:
-    """A weight a module holds in a kernel's own object rather than a tensor (qwen2vl's fbgemm-packed int8):
-    (key, bytes), the bytes as the module reports them."""
-    import torch
-
-    packed = vars(mod).get("packed")
-    if packed is None or isinstance(packed, torch.Tensor):
-        return None
-    return id(packed), int(getattr(mod, "packed_nbytes", 0))
+    """Weight bytes a module holds outside any tensor (qwen2vl's fbgemm-packed int8: ``opaque_nbytes``), keyed by
+    the module."""
+    n = getattr(mod, "opaque_nbytes", 0)
+    return (id(mod), n) if n else None
 
 
 def _storage_key(t) -> tuple[int, int] | None:

@@ -3,15 +3,17 @@
 A decode step is about a hundred small tensor ops per decoder layer around four matrix products. On a 2-core CPU
 their dispatch costs as much as a third of the step (20 ms of a 2B int8 step, measured on a 28-layer model with
 tiny matrices). Inductor fuses those ops into a few C++ loops per layer; the matrix products stay the prepacked
-oneDNN kernels (``qwen2vl.packed``, ``qwen2vl.quant``; oneDNN's and fbgemm's), called through the custom ops below.
+kernels (oneDNN's in ``qwen2vl.packed``, oneDNN's and fbgemm's in ``qwen2vl.quant``), called through the custom
+ops below.
 
 Regional compilation: one compiled function serves every decoder layer (their weights are its inputs, not
 constants), so the compile cost is one layer's, paid once per variant of the step: one row or several, with or
 without a padding mask. ``compile_decode_`` runs those variants on a throwaway cache row so that no request
 pays for them.
 
-The packed weights are opaque (oneDNN tensors, fbgemm objects), which the compiler cannot trace; each packed layer gets a small
-integer handle (a tensor, so that the layers share the compiled code) through which the custom op finds it.
+The packed weights are opaque (oneDNN tensors, fbgemm objects), which the compiler cannot trace; each packed
+layer gets a small integer handle (a tensor, so that the layers share the compiled code) through which the custom
+op finds it.
 """
 
 from __future__ import annotations

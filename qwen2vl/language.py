@@ -92,8 +92,8 @@ class Attention(nn.Module):
         """One query per row against its cached keys: each kv head's group of query heads passed to SDPA as that
         many queries of one head, so K/V are neither repeated nor copied. On the CPU 1.3-3x faster than scores
         and softmax as separate ops, and than SDPA over (B, heads, 1, hd) (measured on the 2B's shapes)."""
-        B = q.shape[0]
-        qg = q.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)  # (B, kv_heads, group, hd)
+        B, g = q.shape[0], self.num_heads // self.num_kv_heads
+        qg = q.view(B, self.num_kv_heads, g, self.head_dim)  # (B, kv_heads, group, hd)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (B, kv_heads, group, hd)
         return o.view(B, self.num_heads, 1, self.head_dim)  # (B, heads, 1, hd)
 

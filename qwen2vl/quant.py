@@ -41,7 +41,8 @@ _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quan
 _BLOCK_M, _BLOCK_N = 512, 1024  # int8 GEMM blocks: rows, and at least this many output columns...
 _BLOCK_ELEMS = 1 << 19  # ...or as many as keep a block's product under this many elements (rescaled in cache)
 _PACKED_M = 256  # prepacked int8: at most this many rows per call, so the float32 product stays small
-LAYOUTS = ("plain", "onednn", "fbgemm")
+_FALLBACK = {"fbgemm": ("fbgemm", "onednn"), "onednn": ("onednn",), "plain": ()}  # int8 layouts, and what each
+# becomes where its kernel is missing (quantized tensors, which fbgemm's needs, are deprecated in torch)
 _INT4_GEMM_M = 128  # above this many rows int4 unpacks to bf16 blocks for the GEMM (measured crossover)
 _INT4_BLOCK_N = 1024  # output rows unpacked at a time (a multiple of 64, the kernel layout's row block)
 
@@ -125,7 +126,7 @@ def _reference_int8(layout: str, x: torch.Tensor, q: torch.Tensor, scales: torch
 @functools.cache
 def _layout_checked(layout: str) -> bool:
     """Whether this torch has the layout's kernel and it computes the int8 product ``_reference_int8`` gives
-    (checked once per process on a known matrix); if not, int8 weights stay plain."""
+    (checked once per process on a known matrix); if not, Int8Linear takes the next layout in ``_FALLBACK``."""
     try:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(48, 64, generator=g)
@@ -138,29 +139,25 @@ def _layout_checked(layout: str) -> bool:
         return False
 
 
-def _prepack_checked() -> bool:
-    return _layout_checked("onednn")
-
-
 class Int8Linear(nn.Module):
     """``layout``: "plain" keeps ``weight``, the (out, in) int8 matrix; "onednn" and "fbgemm" (CPU, where that
-    kernel works; otherwise fbgemm falls back to onednn, and onednn to plain) hold the matrix only in ``packed``,
-    that kernel's layout, and ``weight`` is None. ``packed_nbytes``: the bytes ``packed`` holds (fbgemm's is not
-    a tensor)."""
+    kernel works; otherwise the next layout in ``_FALLBACK``) hold the matrix only in ``packed``, that kernel's
+    layout, and ``weight`` is None. ``opaque_nbytes``: the weight bytes held outside any tensor (fbgemm's
+    ``packed`` is a kernel object), for memory accounting."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain", _check: bool = True):
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown int8 layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        if layout not in _FALLBACK:
+            raise ValueError(f"unknown int8 layout {layout!r}; use one of {', '.join(_FALLBACK)}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         q, s = _int8_rows(weight)
-        if layout == "fbgemm" and _check and not _layout_checked(layout):
-            layout = "onednn"  # the next fastest
-        if layout != "plain" and (q.device.type != "cpu" or (_check and not _layout_checked(layout))):
+        if q.device.type != "cpu":
             layout = "plain"
+        elif _check:
+            layout = next((lay for lay in _FALLBACK[layout] if _layout_checked(lay)), "plain")
         self.layout = layout
         self.prepacked = layout != "plain"
-        self.packed_nbytes = q.numel() if self.prepacked else 0
+        self.opaque_nbytes = q.numel() if layout == "fbgemm" else 0
         if layout == "fbgemm":
             self.register_buffer("weight", None)
             self.packed = _fbgemm_pack(q, s)  # not a tensor: a plain attribute

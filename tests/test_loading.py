@@ -151,8 +151,7 @@ def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype, q
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
         m = load_model({str(d)!r}, torch.{dtype}, quantization={quant!r})
         w = sum(p.numel() * p.element_size() for p in {{id(p): p for p in [*m.parameters(), *m.buffers()]}}.values())
-        w += sum(mod.packed_nbytes for mod in m.modules()  # weights packed in a kernel's object, not a tensor
-                 if not isinstance(getattr(mod, "packed", None), (torch.Tensor, type(None))))
+        w += sum(getattr(mod, "opaque_nbytes", 0) for mod in m.modules())  # held in kernel objects, not tensors
         print(w, status("VmHWM") - base)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout

@@ -16,7 +16,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-needs_prepack = pytest.mark.skipif(not quant._prepack_checked(), reason="no oneDNN int8 linear in this torch")
+needs_prepack = pytest.mark.skipif(not quant._layout_checked("onednn"), reason="no oneDNN int8 linear in this torch")
 needs_fbgemm = pytest.mark.skipif(not quant._layout_checked("fbgemm"), reason="no fbgemm int8 linear in this torch")
 PACKED = [pytest.param("onednn", marks=needs_prepack), pytest.param("fbgemm", marks=needs_fbgemm)]
 
@@ -37,8 +37,7 @@ def test_int8_linear_close_to_float(dtype, rows, layout):
     assert (q.weight is None) == prepacked and (q.packed is None) != prepacked  # one copy of the int8 matrix
     if layout == "plain":
         assert q.weight.dtype == torch.int8 and q.weight.numel() == 384 * 256
-    else:
-        assert q.packed_nbytes == 384 * 256
+    assert q.opaque_nbytes == (384 * 256 if layout == "fbgemm" else 0)
 
 
 @pytest.mark.parametrize("layout", PACKED)
@@ -149,7 +148,7 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
 
     def nbytes(m):  # tensors, and the weights fbgemm holds in its own objects
         return sum(t.numel() * t.element_size() for t in list(m.model.parameters()) + list(m.model.buffers())) + \
-            sum(getattr(mod, "packed_nbytes", 0) for mod in m.model.modules() if mod.__dict__.get("packed") is not None)
+            sum(getattr(mod, "opaque_nbytes", 0) for mod in m.model.modules())
     assert nbytes(llm) < 0.6 * nbytes(full)
     assert not any(isinstance(m, torch.nn.Linear) for m in llm.model.model.layers.modules())
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -258,7 +257,7 @@ def test_int8_layout_falls_back_to_the_next_kernel(monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     x = torch.randn(3, 64)
-    onednn = quant._prepack_checked()
+    onednn = quant._layout_checked("onednn")
     monkeypatch.setattr(quant, "_layout_checked", lambda layout: layout == "onednn" and onednn)
     assert Int8Linear(lin.weight, None, layout="fbgemm").layout == ("onednn" if onednn else "plain")
     monkeypatch.setattr(quant, "_layout_checked", lambda layout: False)
