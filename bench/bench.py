@@ -72,7 +72,7 @@ def run_config(cfg: dict, a: argparse.Namespace, model: Path, work: Path) -> dic
                 decode_tokens=a.decode_tokens, concurrent_requests=a.requests, concurrent_tokens=a.tokens,
                 max_model_len=a.max_model_len, max_num_seqs=max(8, a.requests), device="cpu",
                 bandwidth_bytes=(8 << 20) if a.quick else (512 << 20), bandwidth_rounds=1 if a.quick else 5,
-                bandwidth_reps=1 if a.quick else 3, ttft_runs=1 if a.quick else 3,
+                bandwidth_reps=1 if a.quick else 3, ttft_runs=1 if a.quick else 3, decode_runs=1 if a.quick else 3,
                 read_probe_bytes=(8 << 20) if a.quick else (256 << 20),
                 video_frames=a.video_frames)
     for stale in [Path(spec["result"])] + [work / f"{cfg['name']}.{x}.pt" for x in ("logits", "image", "video")]:
@@ -227,8 +227,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
             f"{r['name']} {r.get('code', '?')} at {r.get('ran_at', '?')}" for r in results))
     L.append(f"- Inputs: one {IMAGE_SIDE}×{IMAGE_SIDE} image; first-turn prompt "
              f"{_prompt_tokens(engines)} tokens (TTFT: the median of {1 if a.quick else 3} runs, each with a "
-             f"different image); decode {a.decode_tokens} tokens (greedy, EOS ignored; the rate counts from the first "
-             f"token to the last); "
+             f"different image); decode {a.decode_tokens} tokens (the median of {1 if a.quick else 3} runs, each with a "
+             f"different image; greedy, EOS ignored; the rate counts from the first token to the last); "
              f"concurrency {a.requests} requests × {a.tokens} tokens, {a.requests} different images"
              f"{'; --quick' if a.quick else ''}")
     L.append("- Speed-ups are transformers time / qwen2vl time (TTFT) and qwen2vl rate / transformers rate "
@@ -255,6 +255,8 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
             notes.append(f"prompt {r['prompt_tokens']} tok")
         if len(r.get("ttft_runs_s") or []) > 1:
             notes.append("TTFT runs " + " / ".join(f"{x:.2f}" for x in r["ttft_runs_s"]) + " s")
+        if len(r.get("decode_runs_tok_s") or []) > 1:
+            notes.append("decode runs " + " / ".join(f"{x:.2f}" for x in r["decode_runs_tok_s"]) + " tok/s")
         if r.get("load_s"):
             notes.append(f"load {r['load_s']:.1f} s" + (" (weights memory-mapped)" if _mapped(r) else ""))
         if r.get("other_load_cores") is not None:
