@@ -225,15 +225,16 @@ def engine_worker(spec: dict, res: Result) -> None:
     # Decode: N tokens for a different image of the same size (so no cache of the first request can help), three
     # times with three images; the rate of a run counts from its first token to its last (its prefill left out),
     # and the median is reported, as the machine's speed swings by a third within minutes.
-    rates, dec = [], None
-    for i in range(spec.get("decode_runs", 3)):
+    convs = [conversation(make_image(DECODE_SEED + 10 * i)) for i in range(spec.get("decode_runs", 3))]
+    rates, runs = [], []
+    for conv in convs:
         with Timer() as t:
-            out = eng.run(conversation(make_image(DECODE_SEED + 10 * i)), n_decode, stamps=True)
+            out = eng.run(conv, n_decode, stamps=True)
+        runs.append((out, t.s))
         marks = out.get("stamps") or []
         if len(marks) >= 2 and marks[-1][1] > marks[0][1]:
             rates.append((marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]))
-        if dec is None:
-            dec, conv_b, total = out, conversation(make_image(DECODE_SEED)), t.s
+    (dec, total), conv_b = runs[0], convs[0]  # the second turn and the quality tokens follow the first run
     res.update(decode_total_s=total, decode_tokens=len(dec["tokens"]), greedy_tokens=dec["tokens"],
                decode_tok_s=sorted(rates)[len(rates) // 2] if rates else None, decode_runs_tok_s=rates,
                decode_prompt_tokens=dec["prompt_tokens"])
