@@ -51,9 +51,9 @@ class LLM:
         prefix_cache_mb, vision_cache_mb: memory for reusing the KV of earlier prompts that a new prompt begins
             with (a second turn) and the features of media seen before; 0 turns either off.
         compile: run decode steps through torch.compile (CPU; qwen2vl.compiled): the small ops around each
-            matrix product fused, so more of each step is weight reading (an int8 step of the 2B 20-25% shorter in
-            one-process A/Bs, though not faster in every bench run: see the README). Costs 10-60 s at start, while
-            the step's variants compile; needs a C++ compiler, else decoding stays eager.
+            matrix product fused, so more of each step is weight reading (an int8 step of the 2B from as long as
+            eager to 20-25% shorter in one-process A/Bs, and faster or slower in bench runs: see the README). Costs
+            10-60 s at start, while the step's variants compile; needs a C++ compiler, else decoding stays eager.
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",

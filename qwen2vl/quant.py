@@ -3,11 +3,12 @@
 int8: symmetric per-output-channel int8 weights; activations are quantized per row on the fly and multiplied in
     int8 x int8 -> int32, rescaled in float32. Every int8 linear keeps its weight only in a prepacked layout:
     - the language model's linears and lm_head (read once per decode step) in fbgemm's, through
-      ``quantized::linear_dynamic``: it quantizes, multiplies and rescales in one call, and streams the weights
-      1.25-1.5x faster than oneDNN's int8 linear for one row, 1.1-2.6x for 2-4 rows (2B shapes, AMD bench
-      machine; int8 decode 7 -> 9.6 tok/s); a 281-row prefill is 10-40% slower. It quantizes the whole input
-      with one scale, so each row is first scaled to max |x| = 1 and a row holding -1 and 1 is appended: the
-      scale is then always 2/255 and a row's result does not depend on the rows computed with it;
+      ``quantized::linear_dynamic``: it quantizes, multiplies and rescales in one call. Against oneDNN's int8
+      linear on the 2B's shapes it streamed the weights 1.25-1.5x faster for one row and 1.1-2.6x for 2-4 rows on
+      an AMD bench VM reading 32 GB/s (int8 decode 7 -> 9.6 tok/s), 0.85-1.2x for one row on one reading 46 GB/s;
+      a 281-row prefill is 10-40% slower. It quantizes the whole input with one scale, so each row is first
+      scaled to max |x| = 1 and a row holding -1 and 1 is appended: the scale is then always 2/255 and a row's
+      result does not depend on the rows computed with it;
     - the vision tower's and merger's (1024-row prefills) in oneDNN's, through ``onednn::qlinear_pointwise``
       (unsigned activations offset by 128, per-row scales), 10% faster than ``torch._int_mm`` there.
     A weight that must stay plain (a tied lm_head whose matrix an int8 embedding reads, or a torch without these
