@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
 
 import pytest
 import torch
@@ -158,3 +160,39 @@ def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype, q
     weights, grown = map(int, out.split())
     assert weights > (15e6 if quant else 200e6)
     assert grown <= 1.15 * weights + (24 << 20), (weights, grown)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_packing_on_a_thread_gives_the_model_packing_in_turn_does(ckpt, monkeypatch, quant):
+    """The loader hands fbgemm's packing to a thread while it reads and quantizes the next tensors; the model is the
+    same, every int8 linear packed, and torch's quantized engine and the warnings filters (both process-wide) are
+    as they were."""
+    from qwen2vl import loader
+    from qwen2vl.quant import Int8Linear
+    engine, filters = torch.backends.quantized.engine, list(warnings.filters)
+    monkeypatch.setattr(loader, "_pack_in_background", lambda: False)
+    in_turn = load_model(str(ckpt), torch.bfloat16, quantization=quant)
+    monkeypatch.setattr(loader, "_pack_in_background", lambda: True)
+    threaded = load_model(str(ckpt), torch.bfloat16, quantization=quant)
+    assert torch.backends.quantized.engine == engine and warnings.filters == filters
+    assert all(m.packed is not None for m in threaded.modules() if isinstance(m, Int8Linear) and m.prepacked)
+    assert [m.layout for m in threaded.modules() if isinstance(m, Int8Linear)] == \
+        [m.layout for m in in_turn.modules() if isinstance(m, Int8Linear)]
+    ids = torch.arange(1000, 1020)
+    assert torch.equal(threaded(ids), in_turn(ids))
+
+
+def test_a_packing_failing_on_its_thread_fails_the_load(ckpt, monkeypatch):
+    from qwen2vl import loader, quant
+    monkeypatch.setattr(loader, "_pack_in_background", lambda: True)
+    before = threading.active_count()
+
+    def boom(qw):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(quant, "_fbgemm_pack", boom)
+    quant._layout_checked("fbgemm")  # checked (with the real kernel) before the failing one is in place
+    with pytest.raises(RuntimeError, match="no kernel today"):
+        load_model(str(ckpt), torch.bfloat16, quantization="int8")
+    assert threading.active_count() == before  # the packing thread is gone
+    assert quant._packer is None
