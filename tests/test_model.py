@@ -250,3 +250,10 @@ def test_kv_cache_rows_stay_packed():
     cache.free(1)
     cache.free(0)
     assert cache.num_live == 0 and cache.bytes() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quick_gelu_is_the_reference_formula_bit_for_bit(dtype):
+    from qwen2vl.vision import quick_gelu
+    x = (torch.randn(300, 257) * 4).to(dtype)
+    assert torch.equal(quick_gelu(x.clone()), x * torch.sigmoid(1.702 * x))
