@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from typing import Callable
 
@@ -101,20 +102,19 @@ def _pad_row(k: int) -> torch.Tensor:
     return row
 
 
-_packer: Callable | None = None  # (module, _fbgemm_weight) -> None: packs on another thread, sets module.packed
+_building = threading.local()  # .packer: (module, _fbgemm_weight) -> None, packs elsewhere and sets module.packed
 
 
 @contextlib.contextmanager
 def background_packing(packer: Callable):
-    """Int8Linears built inside hand their fbgemm packing to ``packer`` (which sets their ``packed`` later), with
-    fbgemm set as the quantized engine throughout: the packing threads find it set and leave it so."""
-    global _packer
-    _packer = packer
+    """Int8Linears built inside, on this thread, hand their fbgemm packing to ``packer`` (which sets their ``packed``
+    later), with fbgemm set as the quantized engine throughout: the packing threads find it set and leave it so."""
+    _building.packer = packer
     try:
         with fbgemm_engine():
             yield
     finally:
-        _packer = None
+        _building.packer = None
 
 
 @contextlib.contextmanager
@@ -203,7 +203,8 @@ class Int8Linear(nn.Module):
             # not a tensor: a plain attribute, set later where a background packer (the loader's) takes the job;
             # the layout check runs the kernel at once
             qw, q = _fbgemm_weight(q, s), None  # q freed: the packer holds only the copy it packs
-            self.packed = _packer(self, qw) if _packer is not None and _check else _fbgemm_pack(qw)
+            packer = getattr(_building, "packer", None) if _check else None
+            self.packed = _fbgemm_pack(qw) if packer is None else packer(self, qw)
         else:
             self.register_buffer("weight", None if self.prepacked else q)  # (out, in) int8
             self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None) if self.prepacked else None)

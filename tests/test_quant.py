@@ -264,3 +264,18 @@ def test_int8_layout_falls_back_to_the_next_kernel(monkeypatch):
     q = Int8Linear(lin.weight, lin.bias, layout="fbgemm")
     assert q.layout == "plain" and q.weight.dtype == torch.int8
     assert _rel(q(x), lin(x)) < 0.02
+
+
+@needs_fbgemm
+def test_background_packing_takes_only_the_loading_threads_layers():
+    """The loader's packer gets the int8 linears built on its own thread; one built meanwhile on another thread (a
+    second model loading, say) packs at once."""
+    import threading
+    taken, built = [], []
+    with quant.background_packing(lambda mod, qw: taken.append(mod)):
+        mine = Int8Linear(torch.randn(64, 64), None, layout="fbgemm")
+        other = threading.Thread(target=lambda: built.append(Int8Linear(torch.randn(64, 64), None, layout="fbgemm")))
+        other.start()
+        other.join()
+    assert taken == [mine] and mine.packed is None  # the packer sets it
+    assert built[0].packed is not None and built[0](torch.randn(2, 64)).shape == (2, 64)
