@@ -6,12 +6,9 @@ in place, so peak memory stays near the size of the weights in the target dtype.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -315,7 +312,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row -> leaf -> tensor
     if quantization or pre or prepack:  # float weights are freed after they arrive (quantized, or packed as they
         _malloc_mmap_threshold(1 << 20)  # arrive): each gets its own pages, given back to the OS when freed
-    packs = _Packs(background=bool(quantization) and _pack_in_background())
+    packs = quant.BackgroundPacker(enabled=bool(quantization) and _pack_in_background())
     try:
         for file in files:
             with open(file, "rb") as f:
@@ -376,40 +373,6 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
 
 def _pack_in_background() -> bool:
     return torch.get_num_threads() > 1
-
-
-class _Packs:
-    """fbgemm's packing of each int8 linear (single-threaded: a third of an int8 load) on a thread of its own while
-    the reading thread goes on to the next tensors and quantizes them. The 2B in int8 loaded in 13.8-14.1 s against
-    15.9-16.8 s packing in turn (2026-12-02, AMD bench VM, 2 cores; same peak RSS). At most one packing waits,
-    holding its int8 matrix."""
-
-    def __init__(self, background: bool):
-        self.pending: deque = deque()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qwen2vl-pack") if background else None
-        self.context = contextlib.ExitStack()
-        if self.pool is not None:
-            self.context.enter_context(quant.background_packing(self))
-
-    def __call__(self, mod: nn.Module, qw: torch.Tensor) -> None:
-        self.pending.append((mod, self.pool.submit(quant._fbgemm_pack, qw)))
-        while len(self.pending) > 1:
-            self._take()
-
-    def _take(self) -> None:
-        mod, fut = self.pending.popleft()
-        mod.packed = fut.result()
-
-    def finish(self) -> None:
-        while self.pending:
-            self._take()
-
-    def close(self) -> None:
-        for _, fut in self.pending:
-            fut.cancel()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-        self.context.close()
 
 
 def _prequantized_module(model: nn.Module, cfg: Qwen2VLConfig, path: str, parts: dict[int, dict[str, torch.Tensor]],

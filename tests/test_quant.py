@@ -267,15 +267,21 @@ def test_int8_layout_falls_back_to_the_next_kernel(monkeypatch):
 
 
 @needs_fbgemm
-def test_background_packing_takes_only_the_loading_threads_layers():
-    """The loader's packer gets the int8 linears built on its own thread; one built meanwhile on another thread (a
-    second model loading, say) packs at once."""
+def test_background_packer_takes_only_its_own_threads_layers():
+    """The loader's packer packs the int8 linears built on its own thread, set by ``finish`` at the latest; one
+    built meanwhile on another thread (a second model loading, say) packs at once."""
     import threading
-    taken, built = [], []
-    with quant.background_packing(lambda mod, qw: taken.append(mod)):
-        mine = Int8Linear(torch.randn(64, 64), None, layout="fbgemm")
+    built = []
+    packer = quant.BackgroundPacker()
+    try:
+        mine = [Int8Linear(torch.randn(64, 64), None, layout="fbgemm") for _ in range(3)]
         other = threading.Thread(target=lambda: built.append(Int8Linear(torch.randn(64, 64), None, layout="fbgemm")))
         other.start()
         other.join()
-    assert taken == [mine] and mine.packed is None  # the packer sets it
-    assert built[0].packed is not None and built[0](torch.randn(2, 64)).shape == (2, 64)
+        assert built[0].packed is not None and mine[-1].packed is None  # the last one still waits
+        packer.finish()
+    finally:
+        packer.close()
+    x = torch.randn(2, 64)
+    assert all(m.packed is not None and m(x).shape == (2, 64) for m in mine + built)
+    assert getattr(quant._building, "packer", None) is None
