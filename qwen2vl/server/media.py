@@ -212,31 +212,36 @@ class MediaPolicy:
                     continue
                 if resp.status != 200:
                     raise InvalidInputError(f"HTTP error {resp.status} ({resp.reason}) fetching {short(url, 100)!r}")
-                length = resp.getheader("Content-Length")
-                if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                    raise InvalidInputError(f"{short(url, 100)!r} is {int(length)} bytes, over the limit of "
-                                            f"{self.max_bytes} bytes")
-                chunks, total = [], 0
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise InvalidInputError(f"timed out fetching {short(url, 100)!r} (limit {self.timeout:g} s)")
-                    if conn.sock is not None:
-                        conn.sock.settimeout(remaining)
-                    try:
-                        chunk = resp.read(1 << 16)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise InvalidInputError(f"error reading {short(url, 100)!r}: {e}") from None
-                    if not chunk:
-                        return b"".join(chunks)
-                    total += len(chunk)
-                    if total > self.max_bytes:
-                        raise InvalidInputError(f"{short(url, 100)!r} is over the download limit of {self.max_bytes} "
-                                                "bytes")
-                    chunks.append(chunk)
+                return self._read_body(conn, resp, url, deadline)
             finally:
                 conn.close()
         raise InvalidInputError(f"too many redirects fetching {short(url, 100)!r}")
+
+    def _read_body(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, url: str,
+                   deadline: float) -> bytes:
+        """The body of a 200 response, within the size limit and the time left until ``deadline``."""
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            raise InvalidInputError(f"{short(url, 100)!r} is {int(length)} bytes, over the limit of "
+                                    f"{self.max_bytes} bytes")
+        chunks, total = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InvalidInputError(f"timed out fetching {short(url, 100)!r} (limit {self.timeout:g} s)")
+            if conn.sock is not None:
+                conn.sock.settimeout(remaining)
+            try:
+                chunk = resp.read(1 << 16)
+            except (OSError, http.client.HTTPException) as e:
+                raise InvalidInputError(f"error reading {short(url, 100)!r}: {e}") from None
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise InvalidInputError(f"{short(url, 100)!r} is over the download limit of {self.max_bytes} "
+                                        "bytes")
+            chunks.append(chunk)
 
     # ------------------------------------------------------------------ sources
     def _temp_file(self, data: bytes, suffix: str, resolved: ResolvedMedia) -> str:
