@@ -21,7 +21,7 @@ def __getattr__(name):  # heavy modules load on first use
         from .llm import LLM
         return LLM
     if name == "process_vision_info":
-        from .vision_input import process_vision_info
+        from .media.vision_info import process_vision_info
         return process_vision_info
     if name in ("RequestOutput", "CompletionOutput"):
         from .engine import sequence

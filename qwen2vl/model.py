@@ -5,23 +5,13 @@ Module names follow the official checkpoint (``visual.*``, ``model.*``, ``lm_hea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .config import Qwen2VLConfig
+from .inputs import VisionInputs
 from .language import KVView, Qwen2Model
 from .vision import VisionTransformer
-
-
-@dataclass
-class VisionInputs:
-    """Preprocessed media of one prompt, in prompt order within each kind."""
-    pixel_values: torch.Tensor | None = None  # (N_img_patches, 1176)
-    image_grid_thw: list[tuple[int, int, int]] | None = None
-    pixel_values_videos: torch.Tensor | None = None  # (N_vid_patches, 1176)
-    video_grid_thw: list[tuple[int, int, int]] | None = None
 
 
 def mrope_positions(input_ids: list[int], image_grid_thw, video_grid_thw, cfg: Qwen2VLConfig,

@@ -1,5 +1,7 @@
-"""From chat messages to model input: checked messages, the rendered chat template, token ids with each
-image / video pad expanded to its feature count, and the preprocessed pixels.
+"""From chat messages to model input: the rendered chat template, token ids with each image / video pad expanded
+to its feature count, and the preprocessed pixels (:class:`~qwen2vl.inputs.VisionInputs`). Messages are checked
+and brought into one form by :func:`qwen2vl.media.messages.normalize_messages`; media is loaded with
+:mod:`qwen2vl.media`. Pure data preparation: no model code.
 
 Token expansion, worked example: an image resized to 84 x 56 (h x w) has grid_thw (1, 6, 4): 24 patches of
 14 x 14, merged 2 x 2 into 24 // 4 = 6 tokens. The template's single ``<|image_pad|>`` becomes 6 of them:
@@ -9,20 +11,16 @@ Token expansion, worked example: an image resized to 84 x 56 (h x w) has grid_th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from . import vision_input as vi
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
-from .model import VisionInputs
+from .inputs import VisionInputs
+from .media.image import fetch_image, image_to_patches
+from .media.messages import normalize_messages
+from .media.video import fetch_video, video_to_patches
 from .tokenizer import Tokenizer
-
-_IMAGE_TYPES = ("image", "image_url", "input_image")
-_VIDEO_TYPES = ("video", "video_url")
-_MEDIA_OPTS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
-               "max_frames", "total_pixels", "video_start", "video_end")
 
 
 @dataclass
@@ -31,83 +29,6 @@ class ProcessedPrompt:
     token_ids: list[int]
     vision: VisionInputs | None
     media: list[dict] = field(default_factory=list)  # the normalised media items, in prompt order
-
-
-def _media_source(item: dict, kind: str) -> Any:
-    if kind == "image":
-        for key in ("image", "image_url", "input_image"):
-            if key in item and item[key] is not None:
-                src = item[key]
-                return src.get("url") if isinstance(src, dict) else src
-    else:
-        for key in ("video", "video_url"):
-            if key in item and item[key] is not None:
-                src = item[key]
-                return src.get("url") if isinstance(src, dict) else src
-    raise InvalidInputError(f"a {kind} content item has no {kind} source: {_short(item)}")
-
-
-def _short(x: Any) -> str:
-    s = repr(x)
-    return s if len(s) <= 120 else s[:117] + "..."
-
-
-def normalize_messages(messages: Any) -> tuple[list[dict], list[dict]]:
-    """Check a conversation and bring its content into one form.
-
-    Returns (messages for the chat template, media items in prompt order). Each media item is a
-    qwen-vl-utils style dict: {"type": "image", "image": src, ...options} or {"type": "video", "video": src, ...}.
-    """
-    if isinstance(messages, dict):
-        messages = [messages]
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidInputError("a conversation must be a non-empty list of messages")
-    out, media = [], []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg:
-            raise InvalidInputError(f"message {i} must be a dict with a 'role': {_short(msg)}")
-        role, content = msg["role"], msg.get("content")
-        if not isinstance(role, str):
-            raise InvalidInputError(f"message {i}: role must be a string")
-        new = dict(msg)
-        if content is None:
-            new["content"] = ""
-        elif isinstance(content, str):
-            pass
-        elif isinstance(content, (list, tuple)):
-            items = []
-            for j, item in enumerate(content):
-                if isinstance(item, str):
-                    items.append({"type": "text", "text": item})
-                    continue
-                if not isinstance(item, dict):
-                    raise InvalidInputError(f"message {i} content item {j} must be a dict: {_short(item)}")
-                typ = item.get("type")
-                if typ is None:  # qwen-vl-utils allows {"image": ...} without a type
-                    typ = next((k for k in ("text",) + _IMAGE_TYPES + _VIDEO_TYPES if k in item), None)
-                if typ == "text":
-                    text = item.get("text")
-                    if not isinstance(text, str):
-                        raise InvalidInputError(f"message {i} content item {j}: 'text' must be a string")
-                    items.append({"type": "text", "text": text})
-                elif typ in _IMAGE_TYPES or typ in _VIDEO_TYPES:
-                    kind = "image" if typ in _IMAGE_TYPES else "video"
-                    ele = {"type": kind, kind: _media_source(item, kind)}
-                    opts = item.get(typ) if isinstance(item.get(typ), dict) else {}
-                    for key in _MEDIA_OPTS:  # options may sit on the item or inside image_url / video_url
-                        if key in item:
-                            ele[key] = item[key]
-                        elif key in opts:
-                            ele[key] = opts[key]
-                    media.append(ele)
-                    items.append({"type": kind})
-                else:
-                    raise InvalidInputError(f"message {i} content item {j} has unknown type {typ!r}")
-            new["content"] = items
-        else:
-            raise InvalidInputError(f"message {i}: content must be a string or a list of content items")
-        out.append(new)
-    return out, media
 
 
 class Processor:
@@ -149,13 +70,13 @@ class Processor:
         imgs, img_grids, vids, vid_grids = [], [], [], []
         for ele in media:
             if ele["type"] == "image":
-                image = vi.fetch_image(ele, self.factor, min_pixels=lo, max_pixels=hi, **net)
-                pv, grid = vi.image_to_patches(image)
+                image = fetch_image(ele, self.factor, min_pixels=lo, max_pixels=hi, **net)
+                pv, grid = image_to_patches(image)
                 imgs.append(pv)
                 img_grids.append(tuple(grid))
             else:
-                frames = vi.fetch_video(ele, image_factor=self.factor, **net)
-                pv, grid = vi.video_to_patches(frames)
+                frames = fetch_video(ele, image_factor=self.factor, **net)
+                pv, grid = video_to_patches(frames)
                 vids.append(pv)
                 vid_grids.append(tuple(grid))
         return VisionInputs(torch.cat(imgs) if imgs else None, img_grids or None,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from qwen2vl import LLM, SamplingParams
 from tests.fixtures import load_reference, write_checkpoint
-from tests.test_vision_input import qvu  # noqa: F401  (qwen_vl_utils imported with a torchvision stand-in)
+from tests.media_fixtures import qvu  # noqa: F401  (qwen_vl_utils imported with a torchvision stand-in)
 
 IMG, VID = 151655, 151656
 N = 32
@@ -140,7 +140,7 @@ def _video_frames(media, n, w, h):
 
 def _ref_video(setup, prepared):
     """transformers' model on our video patches (transformers' video processor needs torchvision; our
-    patches are checked against its patchify code in test_vision_input)."""
+    patches are checked against its patchify code in test_media_video)."""
     ids = torch.tensor([prepared.token_ids])
     v = prepared.vision
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=v.pixel_values_videos,
@@ -166,7 +166,7 @@ def test_video_as_frame_list_odd_count(setup, qvu):
     ref_frames = videos[0]
     assert prepared.vision.video_grid_thw[0][0] == 3  # 5 frames padded to 6 -> 3 temporal patches
     ours = llm.processor.load_media([{"type": "video", "video": frames}]).pixel_values_videos
-    from qwen2vl.vision_input import video_to_patches
+    from qwen2vl.media.video import video_to_patches
     ref_pv, _ = video_to_patches(ref_frames)
     assert torch.equal(ours, ref_pv)
     _check_video_against_reference(setup, msgs, prepared)

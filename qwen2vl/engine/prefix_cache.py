@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import VisionInputs
+from ..inputs import VisionInputs
 
 
 def media_hashes(v: VisionInputs | None, merge_len: int) -> tuple[list[str], list[str]]:

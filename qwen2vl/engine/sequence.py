@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import VisionInputs
+from ..inputs import VisionInputs
 from ..sampling_params import SamplingParams
 
 

@@ -33,7 +33,8 @@ from starlette.routing import Route
 from ..engine.async_engine import AsyncEngine, EngineError
 from ..engine.sequence import RequestOutput, Sequence
 from ..errors import InvalidInputError
-from ..processor import ProcessedPrompt, normalize_messages
+from ..media.messages import Resolver, normalize_messages
+from ..processor import ProcessedPrompt
 from . import tool_calls as tc
 from .media import MediaPolicy, ResolvedMedia
 from .metrics import Metrics
@@ -44,8 +45,6 @@ __all__ = ["ServerConfig", "OpenAIServer", "build_app"]
 
 log = logging.getLogger("qwen2vl.server")
 
-_MEDIA_OPTS = ("min_pixels", "max_pixels", "resized_height", "resized_width", "fps", "nframes", "min_frames",
-               "max_frames", "total_pixels", "video_start", "video_end")
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
                              "chat_template", "conversation"}
 
@@ -316,6 +315,22 @@ class OpenAIServer:
         except InvalidInputError as e:
             raise APIError(400, str(e), param="messages") from None
 
+    def _media_resolver(self, resolved: ResolvedMedia) -> Resolver:
+        """The normalizer's ``resolve`` hook for one request: counts its images and videos against the limits,
+        then applies the media policy (downloads land in ``resolved``)."""
+        cfg = self.config
+        counts = {"image": 0, "video": 0}
+
+        def resolve(source: Any, kind: str) -> Any:
+            counts[kind] += 1
+            limit = cfg.max_images_per_request if kind == "image" else cfg.max_videos_per_request
+            if counts[kind] > limit:
+                raise APIError(400, f"too many {kind}s: the limit is {limit} per request", param="messages",
+                               code=f"too_many_{kind}s")
+            return cfg.media.resolve(source, kind, resolved)
+
+        return resolve
+
     def _prepare_inner(self, req: ChatRequest) -> tuple[ProcessedPrompt, str]:
         cfg = self.config
         tools = req.tools if req.parse_tools else None
@@ -329,47 +344,9 @@ class OpenAIServer:
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
         # media: count, check the policy, fetch; the processor then never touches the network
-        n_img = n_vid = 0
         resolved = ResolvedMedia()
         try:
-            out_msgs = []
-            for m in messages:
-                content = m.get("content")
-                if isinstance(content, list) and any(isinstance(p, dict) and p.get("type", "text") != "text"
-                                                     for p in content):
-                    parts = []
-                    for p in content:
-                        typ = p.get("type") or next((k for k in ("text", "image_url", "image", "input_image",
-                                                                 "video_url", "video") if k in p), "text")
-                        if typ == "text":
-                            parts.append({"type": "text", "text": p["text"]})
-                            continue
-                        kind = "video" if typ in ("video_url", "video") else "image"
-                        if kind == "image":
-                            n_img += 1
-                            if n_img > cfg.max_images_per_request:
-                                raise APIError(400, f"too many images: the limit is {cfg.max_images_per_request} "
-                                               "per request", param="messages", code="too_many_images")
-                        else:
-                            n_vid += 1
-                            if n_vid > cfg.max_videos_per_request:
-                                raise APIError(400, f"too many videos: the limit is {cfg.max_videos_per_request} "
-                                               "per request", param="messages", code="too_many_videos")
-                        key = typ if typ in p else next(k for k in ("image_url", "image", "input_image",
-                                                                     "video_url", "video") if k in p)
-                        src = p[key]
-                        inner = src if isinstance(src, dict) else {}
-                        url = src.get("url") if isinstance(src, dict) else src
-                        item = {"type": kind, kind: cfg.media.resolve(url, kind, resolved)}
-                        for opt in _MEDIA_OPTS:
-                            if opt in p:
-                                item[opt] = p[opt]
-                            elif opt in inner:
-                                item[opt] = inner[opt]
-                        parts.append(item)
-                    m = {**m, "content": parts}
-                out_msgs.append(m)
-            msgs, media = normalize_messages(out_msgs)
+            msgs, media = normalize_messages(messages, resolve=self._media_resolver(resolved))
             kwargs = {k: v for k, v in req.chat_template_kwargs.items() if k not in _RESERVED_TEMPLATE_KWARGS}
             prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tools=native, **kwargs)
             prefix = tc.forced_prefix(req.tool_choice) if req.parse_tools else ""

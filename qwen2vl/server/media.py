@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import InvalidInputError
+from ..media.common import short
 
 __all__ = ["MediaPolicy", "check_address", "ResolvedMedia"]
 
@@ -44,10 +45,6 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 @functools.lru_cache(maxsize=1)
 def _dns_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="qwen2vl-dns")
-
-
-def _short(s: str, limit: int = 100) -> str:
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def check_address(addr: str) -> str | None:
@@ -139,12 +136,12 @@ class MediaPolicy:
             parts = urllib.parse.urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as e:
-            raise InvalidInputError(f"malformed media URL {_short(url)!r}: {e}") from None
+            raise InvalidInputError(f"malformed media URL {short(url, 100)!r}: {e}") from None
         if parts.scheme not in ("http", "https"):
-            raise InvalidInputError(f"media URLs must be http(s), got {_short(url)!r}")
+            raise InvalidInputError(f"media URLs must be http(s), got {short(url, 100)!r}")
         host = parts.hostname
         if not host:
-            raise InvalidInputError(f"the media URL {_short(url)!r} has no host")
+            raise InvalidInputError(f"the media URL {short(url, 100)!r} has no host")
         addrs = self._resolve(host, port)
         if not addrs:
             raise InvalidInputError(f"the media host {host!r} resolves to no address")
@@ -153,7 +150,7 @@ class MediaPolicy:
                 why = check_address(a)
                 if why is not None:
                     raise InvalidInputError(
-                        f"refusing to fetch {_short(url)!r}: {host} resolves to {a}, {why} (start the server "
+                        f"refusing to fetch {short(url, 100)!r}: {host} resolves to {a}, {why} (start the server "
                         "with --allow-private-media-urls to allow it)")
         return parts, addrs
 
@@ -168,9 +165,9 @@ class MediaPolicy:
         path = os.path.realpath(urllib.parse.unquote(parts.path))
         root = self.allowed_local_media_path
         if os.path.commonpath([root, path]) != root:
-            raise InvalidInputError(f"{_short(url)!r} is outside the allowed media directory")
+            raise InvalidInputError(f"{short(url, 100)!r} is outside the allowed media directory")
         if not os.path.isfile(path):
-            raise InvalidInputError(f"media file not found: {_short(url)!r}")
+            raise InvalidInputError(f"media file not found: {short(url, 100)!r}")
         return path
 
     # ------------------------------------------------------------------ download
@@ -185,7 +182,7 @@ class MediaPolicy:
             target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise InvalidInputError(f"timed out fetching {_short(url)!r}")
+                raise InvalidInputError(f"timed out fetching {short(url, 100)!r}")
             conn = None
             last_error: Exception | None = None
             for ip in addrs:
@@ -205,41 +202,46 @@ class MediaPolicy:
                         conn.close()
                     conn = None
             if conn is None:
-                raise InvalidInputError(f"cannot fetch {_short(url)!r}: {last_error}")
+                raise InvalidInputError(f"cannot fetch {short(url, 100)!r}: {last_error}")
             try:
                 if resp.status in _REDIRECTS:
                     loc = resp.getheader("Location")
                     if not loc:
-                        raise InvalidInputError(f"redirect without a Location from {_short(url)!r}")
+                        raise InvalidInputError(f"redirect without a Location from {short(url, 100)!r}")
                     url = urllib.parse.urljoin(url, loc)
                     continue
                 if resp.status != 200:
-                    raise InvalidInputError(f"HTTP error {resp.status} ({resp.reason}) fetching {_short(url)!r}")
-                length = resp.getheader("Content-Length")
-                if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                    raise InvalidInputError(f"{_short(url)!r} is {int(length)} bytes, over the limit of "
-                                            f"{self.max_bytes} bytes")
-                chunks, total = [], 0
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise InvalidInputError(f"timed out fetching {_short(url)!r} (limit {self.timeout:g} s)")
-                    if conn.sock is not None:
-                        conn.sock.settimeout(remaining)
-                    try:
-                        chunk = resp.read(1 << 16)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise InvalidInputError(f"error reading {_short(url)!r}: {e}") from None
-                    if not chunk:
-                        return b"".join(chunks)
-                    total += len(chunk)
-                    if total > self.max_bytes:
-                        raise InvalidInputError(f"{_short(url)!r} is over the download limit of {self.max_bytes} "
-                                                "bytes")
-                    chunks.append(chunk)
+                    raise InvalidInputError(f"HTTP error {resp.status} ({resp.reason}) fetching {short(url, 100)!r}")
+                return self._read_body(conn, resp, url, deadline)
             finally:
                 conn.close()
-        raise InvalidInputError(f"too many redirects fetching {_short(url)!r}")
+        raise InvalidInputError(f"too many redirects fetching {short(url, 100)!r}")
+
+    def _read_body(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, url: str,
+                   deadline: float) -> bytes:
+        """The body of a 200 response, within the size limit and the time left until ``deadline``."""
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            raise InvalidInputError(f"{short(url, 100)!r} is {int(length)} bytes, over the limit of "
+                                    f"{self.max_bytes} bytes")
+        chunks, total = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InvalidInputError(f"timed out fetching {short(url, 100)!r} (limit {self.timeout:g} s)")
+            if conn.sock is not None:
+                conn.sock.settimeout(remaining)
+            try:
+                chunk = resp.read(1 << 16)
+            except (OSError, http.client.HTTPException) as e:
+                raise InvalidInputError(f"error reading {short(url, 100)!r}: {e}") from None
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise InvalidInputError(f"{short(url, 100)!r} is over the download limit of {self.max_bytes} "
+                                        "bytes")
+            chunks.append(chunk)
 
     # ------------------------------------------------------------------ sources
     def _temp_file(self, data: bytes, suffix: str, resolved: ResolvedMedia) -> str:
@@ -284,5 +286,5 @@ class MediaPolicy:
             return self._temp_file(data, "." + mime[6:].split("+")[0][:8], resolved)
         if low.startswith("file:"):
             return self.local_path(s)
-        raise InvalidInputError(f"unsupported {kind} source {_short(s)!r}: use an http(s):// URL, a data: URL"
+        raise InvalidInputError(f"unsupported {kind} source {short(s, 100)!r}: use an http(s):// URL, a data: URL"
                                 + (" or a file:// URL" if self.allowed_local_media_path else ""))

@@ -1,4 +1,10 @@
-"""Video loading (PyAV), qwen-vl-utils 0.0.14 frame sampling, and video patch flattening.
+"""Video content items: loading (PyAV), qwen-vl-utils 0.0.14 frame sampling, and video patch flattening.
+
+This module owns what is particular to videos: the video constants and pixel budgets (:func:`video_total_pixels`
+reads ``MODEL_SEQ_LEN`` from the environment each time a video is sized, as qwen-vl-utils does at import),
+frame sampling (:func:`smart_nframes`, :func:`calculate_video_frame_range`), decoding video files and URLs,
+frame-list videos, :func:`fetch_video`, and :func:`video_to_patches`. What it shares with images (sizing,
+loading one picture, downloads, flattening) comes from :mod:`qwen2vl.media.common`.
 
 Video files are decoded frame by frame with PyAV; only the selected frames are kept, each resized
 as soon as it is decoded, so memory is bounded by the output. The resize is the exact computation
@@ -14,10 +20,11 @@ Differences from qwen-vl-utils 0.0.14 (besides errors being InvalidInputError):
   ``linspace(start, end, nframes).round()``). Without ``video_start``/``video_end`` this is also
   what its torchvision reader selects. When the metadata has no frame count the packets are
   counted; when it overstates the count, the real count is used and the sampling redone.
-* None in what comes back: a frame-list video is a float (T, C, H, W) tensor as in 0.0.14 (0.0.8
-  returned a list of PIL images), with the same pixels. Frames are loaded the way 0.0.14 loads them, including its quirk of calling ``fetch_image`` with ``image_factor`` as the
-  patch size, so each frame is first snapped to a multiple of 56 with image budgets computed
-  for factor 56, and then resized again to the video pixel budget with factor 28.
+* What comes back: a frame-list video is a float (T, C, H, W) tensor as in 0.0.14 (0.0.8
+  returned a list of PIL images), with the same pixels. Frames are loaded the way 0.0.14 loads them,
+  including its quirk of calling ``fetch_image`` with ``image_factor`` as the patch size, so each frame
+  is first snapped to a multiple of 56 with image budgets computed for factor 56, and then resized
+  again to the video pixel budget with factor 28.
 * URLs are downloaded to a temporary file with the same timeout/size limits as images.
 """
 
@@ -37,34 +44,42 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import InvalidInputError
-from .vision_input import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_TIMEOUT,
-    FPS,
-    FPS_MAX_FRAMES,
-    FPS_MIN_FRAMES,
-    FRAME_FACTOR,
-    IMAGE_FACTOR,
-    MODEL_SEQ_LEN,
-    VIDEO_MAX_TOKEN_NUM,
-    VIDEO_MIN_TOKEN_NUM,
-    _is_number,
-    _pixels_arg,
-    _short,
-    ceil_by_factor,
-    check_patchable,
-    fetch_image,
-    flatten_patches,
-    floor_by_factor,
-    iter_url_chunks,
-    normalize_chw,
-    round_by_factor,
-    smart_resize,
-    to_rgb,
-)
+from ..errors import InvalidInputError
+from .common import (DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, IMAGE_FACTOR, ceil_by_factor, check_patchable,
+                     flatten_patches, floor_by_factor, is_number, iter_url_chunks, load_image, normalize_chw,
+                     pixels_arg, resize_image, round_by_factor, short, smart_resize, to_rgb)
 
-__all__ = ["smart_nframes", "calculate_video_frame_range", "fetch_video", "video_to_patches", "resize_frame"]
+__all__ = [
+    "VIDEO_MIN_PIXELS", "VIDEO_MAX_PIXELS", "VIDEO_MIN_TOKEN_NUM", "VIDEO_MAX_TOKEN_NUM", "FRAME_FACTOR", "FPS",
+    "FPS_MIN_FRAMES", "FPS_MAX_FRAMES", "DEFAULT_MODEL_SEQ_LEN", "video_total_pixels",
+    "smart_nframes", "calculate_video_frame_range", "fetch_video", "video_to_patches", "resize_frame",
+]
+
+VIDEO_MIN_TOKEN_NUM = 128
+VIDEO_MAX_TOKEN_NUM = 768
+VIDEO_MIN_PIXELS = VIDEO_MIN_TOKEN_NUM * 28 * 28  # per frame
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKEN_NUM * 28 * 28  # per frame
+FRAME_FACTOR = 2
+FPS = 2.0
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+DEFAULT_MODEL_SEQ_LEN = 128000
+
+
+def video_total_pixels(factor: int = IMAGE_FACTOR) -> float:
+    """The default total pixel budget of one video: ``MODEL_SEQ_LEN * factor * factor * 0.9``.
+
+    qwen-vl-utils 0.0.14 derives it from the environment variable ``MODEL_SEQ_LEN`` (default 128000, i.e.
+    90,316,800 pixels for factor 28; 0.0.8 used the constant 24576*28*28). It reads the variable once at
+    import; here it is read on each call, so setting it later takes effect. The expression is written in the
+    same order as qwen-vl-utils so the float is bit-identical.
+    """
+    raw = os.environ.get("MODEL_SEQ_LEN", DEFAULT_MODEL_SEQ_LEN)
+    try:
+        seq_len = int(float(raw))
+    except ValueError:
+        raise ValueError(f"the environment variable MODEL_SEQ_LEN must be a number, got {raw!r}") from None
+    return seq_len * factor * factor * 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +92,7 @@ def smart_nframes(ele: dict, total_frames: int, video_fps: float) -> int:
     if "fps" in ele and "nframes" in ele:
         raise InvalidInputError("a video item accepts either 'fps' or 'nframes', not both")
     for key in ("nframes", "fps", "min_frames", "max_frames"):
-        if key in ele and not _is_number(ele[key]):
+        if key in ele and not is_number(ele[key]):
             raise InvalidInputError(f"video {key} must be a number, got {ele[key]!r}")
     if "nframes" in ele:
         nframes = round_by_factor(ele["nframes"], FRAME_FACTOR)
@@ -104,7 +119,7 @@ def calculate_video_frame_range(ele: dict, total_frames: int, video_fps: float) 
         raise InvalidInputError("the video has no frames")
     video_start, video_end = ele.get("video_start"), ele.get("video_end")
     for key, value in (("video_start", video_start), ("video_end", video_end)):
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise InvalidInputError(f"{key} must be a number of seconds, got {value!r}")
     if video_start is None and video_end is None:
         return 0, total_frames - 1, total_frames
@@ -128,12 +143,12 @@ def _video_budget(ele: dict, nframes: int, factor: int, min_pixels, max_pixels, 
     """(min_pixels, max_pixels) per frame, qwen-vl-utils 0.0.14's formula."""
     frame_min = VIDEO_MIN_TOKEN_NUM * factor * factor
     frame_max = VIDEO_MAX_TOKEN_NUM * factor * factor
-    lo = _pixels_arg(ele, "min_pixels", min_pixels if min_pixels is not None else frame_min)
-    total = _pixels_arg(
-        ele, "total_pixels", total_pixels if total_pixels is not None else MODEL_SEQ_LEN * factor * factor * 0.9
+    lo = pixels_arg(ele, "min_pixels", min_pixels if min_pixels is not None else frame_min)
+    total = pixels_arg(
+        ele, "total_pixels", total_pixels if total_pixels is not None else video_total_pixels(factor)
     )
     cap = max(min(frame_max, total / nframes * FRAME_FACTOR), int(lo * 1.05))
-    hi = min(_pixels_arg(ele, "max_pixels", max_pixels if max_pixels is not None else cap), cap)
+    hi = min(pixels_arg(ele, "max_pixels", max_pixels if max_pixels is not None else cap), cap)
     return lo, hi
 
 
@@ -160,12 +175,12 @@ def _open(path: str):
     try:
         return av.open(path)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise InvalidInputError(f"cannot open video {_short(path)}: {e}") from None
+        raise InvalidInputError(f"cannot open video {short(path)}: {e}") from None
 
 
 def _video_stream(container, path: str):
     if not container.streams.video:
-        raise InvalidInputError(f"{_short(path)} has no video stream")
+        raise InvalidInputError(f"{short(path)} has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     return stream
@@ -176,17 +191,17 @@ def _probe(path: str) -> tuple[int, Fraction]:
     with _open(path) as container:
         fmt = container.format.name
         if fmt in ("tty", "image2") or fmt.endswith("_pipe"):  # text as "ANSI art", still images
-            raise InvalidInputError(f"{_short(path)} is not a video file (FFmpeg reads it as {fmt!r})")
+            raise InvalidInputError(f"{short(path)} is not a video file (FFmpeg reads it as {fmt!r})")
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not rate or rate <= 0:
-            raise InvalidInputError(f"{_short(path)} has no frame rate")
+            raise InvalidInputError(f"{short(path)} has no frame rate")
         total = stream.frames
         if total <= 0:
             try:
                 total = sum(1 for p in container.demux(stream) if p.size > 0)
             except av.FFmpegError as e:
-                raise InvalidInputError(f"cannot read video {_short(path)}: {e}") from None
+                raise InvalidInputError(f"cannot read video {short(path)}: {e}") from None
     return total, Fraction(rate)
 
 
@@ -241,7 +256,7 @@ def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, see
                 elif index > last:
                     break
         except av.FFmpegError as e:
-            raise InvalidInputError(f"error decoding video {_short(path)}: {e}") from None
+            raise InvalidInputError(f"error decoding video {short(path)}: {e}") from None
     if wanted:
         return None, seen
     return out, None
@@ -267,7 +282,7 @@ def _read_video_file(path: str, ele: dict, factor: int, budget) -> tuple[torch.T
         if seen >= total or seen == 0:
             break
         total = seen  # the metadata overstated the frame count: resample with the real one
-    raise InvalidInputError(f"could not decode the selected frames of {_short(path)} (video has {total} frames?)")
+    raise InvalidInputError(f"could not decode the selected frames of {short(path)} (video has {total} frames?)")
 
 
 def _download_to_temp(url: str, timeout: float, max_bytes: int) -> str:
@@ -294,7 +309,7 @@ def _read_frame_list(frames, ele: dict, factor: int, budget, timeout, max_bytes)
     def load(frame):
         # qwen-vl-utils 0.0.14 passes image_factor where fetch_image expects the patch size,
         # so frames are snapped with factor 2 * image_factor first (kept for pixel parity).
-        return fetch_image({"image": frame, **info}, 2 * factor, timeout=timeout, max_bytes=max_bytes)
+        return resize_image(load_image(frame, timeout=timeout, max_bytes=max_bytes), info, 2 * factor)
 
     with ThreadPoolExecutor(max_workers=min(4, len(frames))) as pool:
         images = list(pool.map(load, frames))
@@ -335,7 +350,7 @@ def fetch_video(
     fps / nframes / min_frames / max_frames / video_start / video_end (files), min_pixels /
     max_pixels / total_pixels / resized_height / resized_width, sample_fps (frame lists).
     The keyword ``min_pixels``/``max_pixels``/``total_pixels`` replace the module defaults
-    (128 and 768 tokens' worth of pixels per frame, VIDEO_TOTAL_PIXELS); item keys override them,
+    (128 and 768 tokens' worth of pixels per frame, :func:`video_total_pixels`); item keys override them,
     and the per-frame max stays capped by ``max(min(768*f*f, total/nframes*2), 1.05*min)``.
 
     Returns a float32 tensor (T, C, H, W) with integer values 0..255 (T even for frame lists, padded by
@@ -360,7 +375,7 @@ def fetch_video(
         else:
             path = s[7:] if s.startswith("file://") else s
             if not os.path.isfile(path):
-                raise InvalidInputError(f"video file not found: {_short(path)}")
+                raise InvalidInputError(f"video file not found: {short(path)}")
             video, sample_fps = _read_video_file(path, ele, image_factor, budget)
     else:
         raise InvalidInputError(
