@@ -1,7 +1,8 @@
 """Load an official Qwen2-VL checkpoint directory (or hub id) into ``Qwen2VLForConditionalGeneration``.
 
-The model is built on the meta device and each tensor read from the safetensors files is cast and assigned
-in place, so peak memory stays near the size of the weights in the target dtype.
+The model is built on the meta device, its load plan made (qwen2vl.load_plan: how each linear and the embedding
+are built), and each tensor read from the safetensors files is cast and assigned in place, each planned module
+built as soon as its tensors are in, so peak memory stays near the size of the weights as they end up.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import sys
 import torch
 from torch import nn
 
-from . import packed, prequant, quant
+from . import prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
+from .load_plan import EMBEDDING, FILE, HEAD, PREQUANTIZED, LoadPlan, build_plan, replace_module
 from .model import Qwen2VLForConditionalGeneration
 
 # Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
@@ -269,13 +271,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
                quantization: str | None = None, prepack: bool = True,
                file_embedding: bool = True) -> Qwen2VLForConditionalGeneration:
-    """Build on the meta device, then read each tensor into place. With ``quantization``, each linear layer is
-    quantized as soon as its tensors have arrived (see qwen2vl.quant), so memory peaks near the quantized size.
-    A GPTQ / AWQ checkpoint's quantized linears load as 4-bit (see qwen2vl.prequant); ``quantization="int4"``
-    then quantizes the rest as it would for a float checkpoint. On the CPU, ``prepack`` leaves the float linears
-    in oneDNN's layout (qwen2vl.packed); without it they are plain ``nn.Linear`` layers. On the CPU,
-    ``file_embedding`` leaves the embedding table in the checkpoint file, its rows read when looked up
-    (qwen2vl.file_embedding); a tied lm_head then holds its own copy of the matrix."""
+    """Build on the meta device, plan how each module is built (qwen2vl.load_plan), then read each tensor into
+    place. With ``quantization``, each linear layer is quantized as soon as its tensors have arrived (see
+    qwen2vl.quant), so memory peaks near the quantized size. A GPTQ / AWQ checkpoint's quantized linears load as
+    4-bit (see qwen2vl.prequant); ``quantization="int4"`` then quantizes the rest as it would for a float
+    checkpoint. On the CPU, ``prepack`` leaves the float linears in oneDNN's layout (qwen2vl.packed); without it
+    they are plain ``nn.Linear`` layers. On the CPU, ``file_embedding`` leaves the embedding table in the
+    checkpoint file, its rows read when looked up (qwen2vl.file_embedding); a tied lm_head then holds its own copy
+    of the matrix."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
@@ -286,21 +289,73 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     expected = checkpoint_names(model)
     files = checkpoint_files(path)
     pre = _prequantized(model, cfg, files, expected)
-    in_file = file_embedding and device.type == "cpu"
-    shared_head = cfg.tie_word_embeddings and not in_file  # lm_head will read the embedding's own matrix
-    plan = quant.linear_plan(model, quantization, shared_head=shared_head) if quantization else {}
-    prepack = prepack and device.type == "cpu"
-    if prepack and not quantization and packed.supported(dtype):
-        # each float linear is packed as soon as its tensors are in, so one plain copy at most is in memory besides
-        # the packed ones (modules load largest first: a tied lm_head's copy is packed while little else is in)
-        plan = {p: packed.PackedLinear for p, m in model.named_modules()
-                if type(m) is nn.Linear and not (shared_head and p == "lm_head")}
-    plan = {p: make for p, make in plan.items() if p not in pre}
-    waiting: dict[str, set[str]] = {p: set() for p in [*plan, *pre]}  # module -> checkpoint names not read yet
-    for n in expected:
-        waiting.get(destination(model, n)[0], set()).add(n)
-    if cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+    plan = build_plan(model, quantization, device, dtype, prepack=prepack, file_embedding=file_embedding,
+                      prequantized=pre)
+    reader = _Reader(model, plan, expected, device)
+    if cfg.tie_word_embeddings:  # after the reader has counted it: a tied head's own copy is read from the
+        expected.discard("lm_head.weight")  # embedding's tensor, never from the checkpoint's lm_head
+    _read_checkpoint(reader, files, progress)
+    missing = sorted(expected - reader.loaded)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
+    plan.finish(model)
+    _release_free_memory()
+    return model
+
+
+class _Reader:
+    """Puts each checkpoint tensor where the plan wants it, and builds a planned module once its tensors are in."""
+
+    def __init__(self, model: Qwen2VLForConditionalGeneration, plan: LoadPlan, expected: set[str],
+                 device: torch.device):
+        self.model, self.plan, self.expected, self.device = model, plan, expected, device
+        self.waiting: dict[str, set[str]] = {p: set() for p in plan.to_build()}  # module -> names not read yet
+        for n in expected:
+            self.waiting.get(destination(model, n)[0], set()).add(n)
+        self.loaded: set[str] = set()
+        self.parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row ->
+        # leaf -> tensor
+
+    def tensor(self, f, name: str, info: dict, data_start: int) -> None:
+        """Read checkpoint tensor ``name`` (our naming) of open file ``f``."""
+        model, cfg, dtype = self.model, self.model.cfg, self.plan.dtype
+        if name == "model.embed_tokens.weight" and self.plan.kinds[EMBEDDING] == FILE:
+            model.model.embed_tokens = _file_embedding(model, f, info, data_start, dtype)
+            self.loaded.add(name)
+            if not cfg.tie_word_embeddings or self.plan.kinds[HEAD] == PREQUANTIZED:
+                return
+            name = "lm_head.weight"  # the tied lm_head gets its own copy, read from the same tensor
+        dest = destination(model, name)
+        mod_path = dest[0]
+        if self.plan.kinds.get(mod_path) == PREQUANTIZED and dest[1] in prequant.LEAVES:
+            part = self.parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
+            part[dest[1]] = read_tensor(f, info, data_start)
+        else:
+            dst = _param_slot(model, name, dest, info["shape"], dtype, self.device)
+            if dst.device.type == "cpu":
+                read_tensor(f, info, data_start, dtype, out=dst)
+            else:
+                dst.copy_(read_tensor(f, info, data_start, dtype))
+        self.loaded.add(name)
+        if mod_path in self.waiting:
+            self.waiting[mod_path].discard(name)
+            if not self.waiting[mod_path]:  # all of this module's tensors are in: build it now
+                del self.waiting[mod_path]
+                self._build(mod_path)
+
+    def _build(self, path: str) -> None:
+        if self.plan.kinds[path] == PREQUANTIZED:
+            new = _prequantized_module(self.model, self.model.cfg, path, self.parts.pop(path), self.plan.dtype,
+                                       self.device)
+            replace_module(self.model, path, new)
+        else:
+            self.plan.build(self.model, path)
+
+
+def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -> None:
+    """Every file's tensors through ``reader``, module by module (see ``_load_order``), with a progress bar (by
+    default when stderr is a terminal) and int8 packing on a thread of its own where that helps."""
     if progress is None:
         progress = sys.stderr.isatty()
     bar = None
@@ -308,67 +363,28 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         from tqdm import tqdm
         bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                    desc="Loading weights", leave=False)
-    loaded: set[str] = set()
-    parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row -> leaf -> tensor
-    if quantization or pre or prepack:  # float weights are freed after they arrive (quantized, or packed as they
-        _malloc_mmap_threshold(1 << 20)  # arrive): each gets its own pages, given back to the OS when freed
-    packs = quant.BackgroundPacker(enabled=bool(quantization) and _pack_in_background())
+    transient = reader.plan.transient
+    if transient:  # float weights are freed after they arrive (quantized, or packed as they arrive): each gets
+        _malloc_mmap_threshold(1 << 20)  # its own pages, given back to the OS when freed
+    packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and _pack_in_background())
     try:
         for file in files:
             with open(file, "rb") as f:
                 header, data_start = read_safetensors_header(f)
-                for key, info in _load_order(model, header):
+                for key, info in _load_order(reader.model, header):
                     name = map_name(key)
-                    if name not in expected:
+                    if name not in reader.expected:
                         continue  # a tied checkpoint's stored lm_head copy, rotary inv_freq buffers, ...
                     if bar is not None:
                         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
-                    if in_file and name == "model.embed_tokens.weight":
-                        model.model.embed_tokens = _file_embedding(model, f, info, data_start, dtype)
-                        loaded.add(name)
-                        if not cfg.tie_word_embeddings or "lm_head" in pre:
-                            continue
-                        name = "lm_head.weight"  # the tied lm_head gets its own copy, read from the same tensor
-                    dest = destination(model, name)
-                    mod_path = dest[0]
-                    if mod_path in pre and dest[1] in prequant.LEAVES:
-                        part = parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
-                        part[dest[1]] = read_tensor(f, info, data_start)
-                    else:
-                        dst = _param_slot(model, name, dest, info["shape"], dtype, device)
-                        if dst.device.type == "cpu":
-                            read_tensor(f, info, data_start, dtype, out=dst)
-                        else:
-                            dst.copy_(read_tensor(f, info, data_start, dtype))
-                    loaded.add(name)
-                    if quantization and name == "model.embed_tokens.weight":
-                        quant.quantize_embedding_(model, cfg.tie_word_embeddings, dtype)
-                    if mod_path in waiting:
-                        waiting[mod_path].discard(name)
-                        if not waiting[mod_path]:  # all of this linear's tensors are in: build its module now
-                            del waiting[mod_path]
-                            if mod_path in pre:
-                                new = _prequantized_module(model, cfg, mod_path, parts.pop(mod_path), dtype, device)
-                            else:
-                                new = plan[mod_path](model.get_submodule(mod_path))
-                            quant.replace_module(model, mod_path, new)
+                    reader.tensor(f, name, info, data_start)
         packs.finish()
-        if shared_head and not quantization and not (expected - loaded):
-            model.lm_head.weight = model.model.embed_tokens.weight
     finally:
         packs.close()
         if bar is not None:
             bar.close()
-        if quantization or pre or prepack:
+        if transient:
             _malloc_mmap_threshold(32 << 20)
-    missing = sorted(expected - loaded)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
-    if quantization:
-        quant.fast_attention_(model)
-    _release_free_memory()
-    return model
 
 
 def _pack_in_background() -> bool:

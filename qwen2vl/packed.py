@@ -1,4 +1,5 @@
-"""Float linears with their weight prepacked for oneDNN on the CPU (a transform applied after loading).
+"""Float linears with their weight prepacked for oneDNN on the CPU (built by the loader where qwen2vl.load_plan
+says "packed").
 
 ``F.linear`` on a CPU tensor re-lays the weight out for its kernel on every call (bf16), or runs a BLAS GEMM
 that is slow on some CPUs (float32: half the measured oneDNN rate on the AMD machine of the bench). Reordering
@@ -8,8 +9,8 @@ bf16 matrix-vector products 2.7x faster (decode reads its weights at the machine
 of 281-1024 rows 2.3x faster. The packed weight replaces the plain one: no extra memory.
 
 Results are float32-accurate but not bit-identical to ``F.linear`` (another summation order): float32 logits
-move by about 1e-6 of their scale. ``prepack_`` leaves a tied lm_head alone, since the embedding reads that
-matrix by rows; the loader avoids the case on the CPU by leaving the embedding in the file
+move by about 1e-6 of their scale. A lm_head tied to an embedding held in memory is not packed, since the
+embedding reads that matrix by rows; the loader avoids the case on the CPU by leaving the embedding in the file
 (qwen2vl.file_embedding).
 """
 
@@ -68,24 +69,3 @@ def supported(dtype: torch.dtype) -> bool:
         return bool(torch.allclose(got, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5))
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
-
-
-def shares_head(model: nn.Module) -> bool:
-    """Whether the model's lm_head holds the very matrix its embedding reads (a tied head kept in memory)."""
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    return getattr(head, "weight", None) is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
-
-
-@torch.no_grad()
-def prepack_(model: nn.Module) -> int:
-    """Replace the model's float ``nn.Linear`` layers on the CPU by ``PackedLinear`` (a tied lm_head excepted);
-    returns how many were replaced. Quantized layers are left to their own kernels."""
-    shared = shares_head(model)
-    paths = [path for path, mod in model.named_modules() if type(mod) is nn.Linear and mod.weight.device.type == "cpu"
-             and supported(mod.weight.dtype) and not (shared and path == "lm_head")]
-    for path in paths:  # by name, so that each plain weight is freed as soon as its packed copy exists
-        parent, _, name = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, name, PackedLinear(getattr(owner, name)))
-    return len(paths)

@@ -1,4 +1,5 @@
-"""Weight quantization applied after loading (gpt-fast style): ``quantize_(model, "int8" | "int4")``.
+"""Weight quantization (gpt-fast style), "int8" and "int4": the quantized layers. Which linear becomes which is
+the load plan's (qwen2vl.load_plan); the loader quantizes each as soon as its tensors are read.
 
 int8: symmetric per-output-channel int8 weights; activations are quantized per row on the fly and multiplied in
     int8 x int8 -> int32, rescaled in float32. Every int8 linear keeps its weight only in a prepacked layout:
@@ -32,14 +33,10 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import InvalidInputError
-from .file_embedding import FileEmbedding
-from .packed import shares_head
 
 MODES = ("int8", "int4")
 _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quantize the activations (measured)
@@ -426,69 +423,20 @@ def fast_attention_(model) -> None:
         blk.attn.matmul_attention = True
 
 
-def _check(model, mode: str) -> None:
-    if mode not in MODES:
-        raise InvalidInputError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-    if model.device.type not in ("cpu", "meta"):
-        raise InvalidInputError("int8/int4 quantization runs on the CPU; use dtype bfloat16 on GPUs")
-
-
-def linear_plan(model, mode: str, group_size: int = 128,
-                shared_head: bool | None = None) -> dict[str, Callable[[nn.Linear], nn.Module]]:
-    """Module path -> how to quantize that nn.Linear: the decoder's linears (int8 or int4), the vision tower's,
-    the merger's and lm_head (int8), unless lm_head shares its matrix with the embedding (``shared_head``; by
-    default, whether it does now): then ``quantize_embedding_`` makes that matrix int8 for both."""
-    _check(model, mode)
-    if shared_head is None:
-        shared_head = shares_head(model)
-
-    def int4(lin: nn.Linear) -> nn.Module:
-        g = next((g for g in (group_size, 64, 32) if lin.in_features % g == 0), None)
-        if g is None:
-            raise InvalidInputError(f"int4 needs in_features divisible by 32, got {lin.in_features}")
-        return Int4Linear(lin.weight, lin.bias, g)
-
-    def int8(layout: str) -> Callable[[nn.Linear], nn.Module]:
-        return lambda lin: Int8Linear(lin.weight, lin.bias, layout=layout)
-
-    plan = {}
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not (shared_head and path == "lm_head"):
-            plan[path] = int4 if mode == "int4" and path.startswith("model.layers.") else int8(linear_layout(path))
-    return plan
-
-
 def linear_layout(path: str) -> str:
     """The int8 layout of the linear at ``path``: fbgemm's for the language model's (read once per decode step),
     oneDNN's for the vision tower's and the merger's (large prefills)."""
     return "fbgemm" if path.startswith("model.layers.") or path == "lm_head" else "onednn"
 
 
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, new)
-
-
 @torch.no_grad()
 def quantize_embedding_(model, tied: bool, dtype: torch.dtype) -> None:
-    """The embedding reads int8 rows (returned in ``dtype``); when lm_head is tied to it, lm_head becomes the int8
-    matrix they share. An embedding left in the checkpoint file (qwen2vl.file_embedding) costs no memory and is
-    left as it is."""
-    if isinstance(model.model.embed_tokens, FileEmbedding):
-        return
+    """The embedding, held in memory, reads int8 rows (returned in ``dtype``); when lm_head is tied to it, lm_head
+    becomes the int8 matrix they share. (An embedding left in the checkpoint file, qwen2vl.file_embedding, costs
+    no memory and is not quantized.)"""
     if tied:
         head = Int8Linear(model.model.embed_tokens.weight, None)
         model.lm_head = head
         model.model.embed_tokens = Int8Embedding(head.weight, head.scales, dtype)
     else:
         model.model.embed_tokens = Int8Embedding(*_int8_rows(model.model.embed_tokens.weight), dtype)
-
-
-@torch.no_grad()
-def quantize_(model, mode: str, *, group_size: int = 128) -> None:
-    """Quantize a loaded model in place (see the module docstring). The loader does the same tensor by tensor
-    while reading a checkpoint, so the float weights never all sit in memory together."""
-    for path, make in linear_plan(model, mode, group_size).items():
-        replace_module(model, path, make(model.get_submodule(path)))
-    quantize_embedding_(model, shares_head(model), model.dtype)
-    fast_attention_(model)

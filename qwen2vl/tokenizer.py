@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "render_chat_template"]
 
@@ -141,9 +141,6 @@ class Tokenizer:
             return self.token_to_id(tokens)
         return [self.token_to_id(t) for t in tokens]
 
-    def get_vocab(self) -> dict[str, int]:
-        return self._tok.get_vocab(with_added_tokens=True)
-
     @property
     def added_tokens(self) -> dict[int, str]:
         """id -> content of every added token (the 14 Qwen2-VL specials)."""
@@ -196,9 +193,6 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; invalid or incomplete UTF-8 becomes U+FFFD (like transformers)."""

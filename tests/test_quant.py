@@ -203,14 +203,20 @@ def test_unknown_quantization(ckpt):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
-def test_quantizing_while_loading_equals_quantizing_after(tmp_path, mode, variant):
+@pytest.mark.parametrize("variant, file_embedding", [("tiny-hd32", True), ("tiny-untied", True),
+                                                     ("tiny-hd32", False)])  # False: a tied head shares int8 rows
+def test_quantizing_while_loading_equals_quantizing_after(checkpoint_factory, mode, variant, file_embedding):
+    """Each module quantized as its tensors arrive (largest first, fbgemm packing on a thread) is what the plan
+    builds from the whole float model loaded first."""
+    from qwen2vl.load_plan import build_plan
     from qwen2vl.loader import load_model
-    from qwen2vl.quant import quantize_
-    ck = write_checkpoint(tmp_path / "ck", variant=variant)
-    during = load_model(str(ck), torch.bfloat16, quantization=mode)
-    after = load_model(str(ck), torch.bfloat16, prepack=False)
-    quantize_(after, mode)
+    ck = checkpoint_factory(variant=variant)
+    during = load_model(str(ck), torch.bfloat16, quantization=mode, file_embedding=file_embedding)
+    after = load_model(str(ck), torch.bfloat16, prepack=False, file_embedding=file_embedding)
+    plan = build_plan(after, mode, torch.device("cpu"), torch.bfloat16, file_embedding=file_embedding)
+    for path in plan.to_build():
+        plan.build(after, path)
+    plan.finish(after)
     ids = torch.arange(1000, 1020)
     assert torch.equal(during(ids), after(ids))
     assert during.model.embed_tokens(ids).dtype == torch.bfloat16
