@@ -454,8 +454,8 @@ def test_batch_in_order_equals_each_alone(llm, solo):
 
 
 def _drive(engine, adds, abort=None):
-    """Step ``engine`` to completion. ``adds``: {step number: [sequences to add before it]}; ``abort``: (step,
-    sequence). Returns ({request id: final output}, most sequences running at once)."""
+    """Step the engine core to completion. ``adds``: {step number: [sequences to add before it]}; ``abort``: (step,
+    sequence). Returns ({request id: finished sequence}, most sequences running at once)."""
     final, step, most = {}, 0, 0
     while adds or engine.has_unfinished_requests():
         for seq in adds.pop(step, []):
@@ -465,10 +465,10 @@ def _drive(engine, adds, abort=None):
             engine.abort_request(abort[1].request_id)
             assert abort[1].finish_reason == "abort" and abort[1].row == -1
             assert engine.runner.cache.num_live == live - 1  # its cache row is freed at once
-        for out in engine.step():
-            assert out.request_id not in final
-            if out.finished:
-                final[out.request_id] = out
+        for seq in engine.step():  # the core works in ids: the sequences that got a token
+            assert seq.request_id not in final
+            if seq.finished:
+                final[seq.request_id] = seq
         most = max(most, engine.num_running)
         step += 1
         assert step < 200
@@ -484,9 +484,9 @@ def test_requests_join_midway(llm, solo):
     a, b = _seq(llm, C_IMG), _seq(llm, C2, SamplingParams(temperature=0, max_tokens=N + 4, ignore_eos=True))
     final, most = _drive(llm.engine, {0: [a], 3: [b]})
     assert most == 2
-    assert final[a.request_id].outputs[0].token_ids == solo(C_IMG).token_ids
-    assert final[b.request_id].outputs[0].token_ids[:N] == solo(C2).token_ids
-    assert final[b.request_id].outputs[0].finish_reason == "length"
+    assert final[a.request_id].output_token_ids == solo(C_IMG).token_ids
+    assert final[b.request_id].output_token_ids[:N] == solo(C2).token_ids
+    assert final[b.request_id].finish_reason == "length"
 
 
 def test_abort_midway(llm, solo):
@@ -494,8 +494,8 @@ def test_abort_midway(llm, solo):
     engine = llm.engine
     final, _ = _drive(engine, {0: [a, b], 2: [c]}, abort=(5, b))
     assert set(final) == {a.request_id, c.request_id}
-    assert final[a.request_id].outputs[0].token_ids == solo(C1).token_ids
-    assert final[c.request_id].outputs[0].token_ids == solo(C2).token_ids
+    assert final[a.request_id].output_token_ids == solo(C1).token_ids
+    assert final[c.request_id].output_token_ids == solo(C2).token_ids
     assert b.row == -1 and engine.runner.cache.num_live == 0
     engine.abort_request(b.request_id)  # aborting twice, or an unknown id, is a no-op
     engine.abort_request("no-such-request")
@@ -505,7 +505,7 @@ def test_abort_midway(llm, solo):
     engine.add_request(e)
     engine.abort_request(e.request_id)
     final, _ = _drive(engine, {})
-    assert list(final) == [d.request_id] and final[d.request_id].outputs[0].token_ids == solo(C1).token_ids
+    assert list(final) == [d.request_id] and final[d.request_id].output_token_ids == solo(C1).token_ids
 
 
 def test_max_num_seqs(llm, solo):
@@ -517,7 +517,7 @@ def test_max_num_seqs(llm, solo):
     final, most = _drive(engine, {0: seqs})
     assert most == 2
     for s, c, k in zip(seqs, (C1, C2, C_IMG, C3), lengths):
-        assert final[s.request_id].outputs[0].token_ids == solo(c).token_ids[:k]
+        assert final[s.request_id].output_token_ids == solo(c).token_ids[:k]
     assert engine.runner.cache.num_live == 0 and not engine.requests
 
 
