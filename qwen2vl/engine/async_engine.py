@@ -2,11 +2,11 @@
 
 :class:`LLMEngine` is not thread-safe, so one thread owns it. Everything else talks to that thread through a
 command queue (``add`` / ``abort`` / ``stop``) and gets each request's outputs back on an ``asyncio.Queue`` of the
-event loop that submitted it. The thread also runs the output processor (qwen2vl.engine.output_processor: ids
-to text deltas, stop strings) right after each step, as ``LLM`` does. The thread drains the commands between steps, so requests join the running batch
+event loop that submitted it. The thread drains the commands between steps, so requests join the running batch
 between two decode steps and leave it the step they finish (or the moment they are aborted: the engine frees
 their cache row at once); every step decodes the whole running batch in one forward. Continuous batching is
-therefore simply what the loop does.
+therefore simply what the loop does. After each step the thread runs the output processor
+(qwen2vl.engine.output_processor: ids to text deltas, stop strings), as ``LLM`` does.
 
     engine = AsyncEngine(llm.engine); engine.start()
     handle = engine.submit([Sequence(ids, params, vision)])      # from a coroutine

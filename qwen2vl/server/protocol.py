@@ -313,7 +313,8 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
     return ChatRequest(model=model, messages=messages, params=params, n=n, stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
                        tool_choice=tool_choice, parallel_tool_calls=parallel,
-                       default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm), chat_template_kwargs=dict(ctk))
+                       default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm),
+                       chat_template_kwargs=dict(ctk))
 
 
 # ---------------------------------------------------------------------------------------------- tokens
