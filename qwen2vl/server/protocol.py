@@ -271,8 +271,6 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
         raise APIError(400, "'logit_bias' is not supported", param="logit_bias")
     tools, tool_choice = check_tools(body.get("tools"), body.get("tool_choice"))
     parallel = _opt(body, "parallel_tool_calls", "bool", True)
-    skip = _opt(body, "skip_special_tokens", "bool", True)
-    keep_grounding = _opt(body, "keep_grounding_tokens", "bool", True)
     mm = _opt(body, "mm_processor_kwargs", "dict", {})
     unknown = set(mm) - {"min_pixels", "max_pixels"}
     if unknown:
@@ -282,14 +280,30 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
             raise _schema(f"mm_processor_kwargs.{k} must be a number", f"mm_processor_kwargs.{k}")
     ctk = _opt(body, "chat_template_kwargs", "dict", {})
 
+    params = _sampling_params(body, defaults, logprobs, top_logprobs)
+    if n < 1:
+        raise APIError(400, f"n must be >= 1, got {n}", param="n")
+    return ChatRequest(model=model, messages=messages, params=params, n=n, stream=stream,
+                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
+                       tool_choice=tool_choice, parallel_tool_calls=parallel,
+                       default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm),
+                       chat_template_kwargs=dict(ctk))
+
+
+_SAMPLING_FIELDS = (("temperature", "num"), ("top_p", "num"), ("top_k", "int"), ("min_p", "num"),
+                    ("repetition_penalty", "num"), ("presence_penalty", "num"), ("frequency_penalty", "num"),
+                    ("seed", "int"), ("min_tokens", "int"), ("ignore_eos", "bool"),
+                    ("include_stop_str_in_output", "bool"), ("skip_special_tokens", "bool"),
+                    ("keep_grounding_tokens", "bool"))
+
+
+def _sampling_params(body: dict, defaults: dict, logprobs: bool, top_logprobs: int | None) -> SamplingParams:
+    """One completion's SamplingParams: the body's values over ``defaults`` (but max_tokens: see seq_params)."""
     max_tokens = _opt(body, "max_completion_tokens", "int")
     if max_tokens is None:
         max_tokens = _opt(body, "max_tokens", "int")
     kw: dict[str, Any] = {k: v for k, v in defaults.items() if k != "max_tokens"}
-    for key, kind in (("temperature", "num"), ("top_p", "num"), ("top_k", "int"), ("min_p", "num"),
-                      ("repetition_penalty", "num"), ("presence_penalty", "num"), ("frequency_penalty", "num"),
-                      ("seed", "int"), ("min_tokens", "int"), ("ignore_eos", "bool"),
-                      ("include_stop_str_in_output", "bool")):
+    for key, kind in _SAMPLING_FIELDS:
         v = _opt(body, key, kind)
         if v is not None:
             kw[key] = v
@@ -301,20 +315,12 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
     if sti is not None and not (isinstance(sti, list) and all(_is_int(t) for t in sti)):
         raise _schema("'stop_token_ids' must be an array of integers", "stop_token_ids")
     try:
-        params = SamplingParams(n=1, max_tokens=max_tokens, stop=stop, stop_token_ids=sti,
-                                logprobs=(top_logprobs or 0) if logprobs else None, skip_special_tokens=skip,
-                                keep_grounding_tokens=keep_grounding, **kw)
-        if n < 1:
-            raise InvalidInputError(f"n must be >= 1, got {n}")
+        return SamplingParams(n=1, max_tokens=max_tokens, stop=stop, stop_token_ids=sti,
+                              logprobs=(top_logprobs or 0) if logprobs else None, **kw)
     except InvalidInputError as e:
         msg = str(e)
         param = msg.split(" ", 1)[0] if msg.split(" ", 1)[0].isidentifier() else None
         raise APIError(400, msg, param=param) from None
-    return ChatRequest(model=model, messages=messages, params=params, n=n, stream=stream,
-                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
-                       tool_choice=tool_choice, parallel_tool_calls=parallel,
-                       default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm),
-                       chat_template_kwargs=dict(ctk))
 
 
 # ---------------------------------------------------------------------------------------------- tokens
