@@ -11,26 +11,13 @@ In a session, lines starting with / are commands: /image PATH, /video PATH (atta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+from .engine.config import add_engine_args, engine_config_from_args
 from .errors import InvalidInputError
 
 HELP = "commands: /image PATH, /video PATH (attach to your next message), /clear, /exit"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (official layout) or hub id")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--min-pixels", type=int, default=None, help="smallest image size in pixels")
-    p.add_argument("--max-pixels", type=int, default=None, help="largest image size in pixels")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
-                   help="quantize the weights after loading (CPU): faster decode, less memory. GPTQ / AWQ "
-                        "checkpoints load as 4-bit without it; int4 then makes their vision tower and lm_head int8")
-    p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile (CPU): faster decode after 10-30 s of compiling "
-                        "at start; needs a C++ compiler")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     chat = sub.add_parser("chat", help="chat with a model (one prompt, or a multi-turn session)")
-    _add_model_args(chat)
+    add_engine_args(chat.add_argument_group("engine"))
     _add_sampling_args(chat)
     chat.add_argument("--image", action="append", default=[], help="an image path or URL (repeatable)")
     chat.add_argument("--video", action="append", default=[], help="a video path or URL (repeatable)")
@@ -55,19 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt", nargs="?", default=None, help="the question; omit it for a session")
     from .server.serve import add_serve_args
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    _add_model_args(serve)
+    add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve)
     return parser
 
 
 def _sampling(llm, args):
-    from .sampling_params import SamplingParams
-    base = llm.get_default_sampling_params()
-    kw = {k: getattr(base, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
-    for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
-    return SamplingParams(max_tokens=args.max_tokens, **kw)
+    """The checkpoint's defaults (generation_config.json), with the flags given on top."""
+    kw = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+          if getattr(args, k) is not None}
+    return dataclasses.replace(llm.get_default_sampling_params(), max_tokens=args.max_tokens, **kw)
 
 
 def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
@@ -91,9 +75,7 @@ def run_chat(args, stdin=None, out=None) -> int:
     stdin = stdin if stdin is not None else sys.stdin
     out = out if out is not None else sys.stdout
     from .llm import LLM
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
-              max_pixels=args.max_pixels, max_model_len=args.max_model_len, quantization=args.quantization,
-              compile=args.compile)
+    llm = LLM(engine_config_from_args(args))
     params = _sampling(llm, args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:

@@ -11,17 +11,15 @@ import torch
 
 from .compiled import compile_decode_
 from .config import Qwen2VLConfig
+from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine
+from .engine.output_processor import OutputCollector, OutputProcessor
 from .engine.sequence import RequestOutput, Sequence
 from .errors import InvalidInputError
 from .loader import load_model, resolve_device, resolve_dtype, resolve_model_path
 from .processor import ProcessedPrompt, Processor
-from .quant import MODES
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, generation_config_defaults
 from .tokenizer import Tokenizer
-
-_GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty")
 
 
 def _read_json(path: str, name: str) -> dict:
@@ -35,7 +33,10 @@ def _read_json(path: str, name: str) -> dict:
 class LLM:
     """A Qwen2-VL checkpoint ready to chat.
 
-    Args:
+    ``LLM(model, **options)`` or ``LLM(EngineConfig(...))`` (options then replace the config's fields). The
+    options are :class:`~qwen2vl.engine.config.EngineConfig`'s fields, the same as ``qwen2vl chat`` and
+    ``qwen2vl serve`` flags:
+
         model: a checkpoint directory in the official layout, or a hub id (needs huggingface_hub and a network).
         dtype: "auto" (the checkpoint's dtype; bfloat16 for a GPTQ / AWQ checkpoint on the CPU), "float32",
             "bfloat16" or "float16".
@@ -45,52 +46,55 @@ class LLM:
             checkpoint's preprocessor_config.json.
         max_model_len: context length (prompt + output); default the model's max_position_embeddings.
         max_num_seqs: how many requests decode together in one batch.
+        max_num_batched_tokens: prompt tokens prefilled in one engine step (a longer prompt runs alone).
         quantization: None, "int8" or "int4": quantize the weights after loading (CPU; see qwen2vl.quant).
             GPTQ-Int4 and AWQ checkpoints load their 4-bit weights as they are (see qwen2vl.prequant); with
             "int4" the rest of such a model (vision tower, lm_head) is quantized to int8 as well.
-        prefix_cache_mb, vision_cache_mb: memory for reusing the KV of earlier prompts that a new prompt begins
-            with (a second turn) and the features of media seen before; 0 turns either off.
+        enable_prefix_caching, prefix_cache_mb, vision_cache_mb: memory for reusing the KV of earlier prompts
+            that a new prompt begins with (a second turn) and the features of media seen before; 0 (or
+            enable_prefix_caching=False for the first) turns either off.
         compile: run decode steps through torch.compile (CPU; qwen2vl.compiled): the small ops around each
             matrix product fused, so more of each step is weight reading (an int8 step of the 2B from as long as
             eager to 20-25% shorter in one-process A/Bs, and faster or slower in bench runs: see the README). Costs
             10-60 s at start, while the step's variants compile; needs a C++ compiler, else decoding stays eager.
+        revision, media_timeout, file_embedding, progress: see EngineConfig.
     """
 
-    def __init__(self, model: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-                 min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 8, revision: str | None = None, progress: bool | None = None,
-                 media_timeout: float = 10.0, quantization: str | None = None, prefix_cache_mb: int = 1024,
-                 vision_cache_mb: int = 256, file_embedding: bool = True, compile: bool = False):
-        path = resolve_model_path(model, revision)
+    def __init__(self, model: str | os.PathLike | EngineConfig, **options: Any):
+        if isinstance(model, EngineConfig):
+            ec = dataclasses.replace(model, **options) if options else model
+        else:
+            ec = EngineConfig(model=model, **options)
+        self.engine_config = ec
+        path = resolve_model_path(ec.model, ec.revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)
         self.config = cfg
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, cfg, self.device)
+        self.device = resolve_device(ec.device)
+        self.dtype = resolve_dtype(ec.dtype, cfg, self.device)
         self.tokenizer = Tokenizer.from_pretrained(path)
         self.generation_config = _read_json(path, "generation_config.json")
         pre = _read_json(path, "preprocessor_config.json")
-        min_pixels = min_pixels if min_pixels is not None else pre.get("min_pixels")
-        max_pixels = max_pixels if max_pixels is not None else pre.get("max_pixels")
+        min_pixels = ec.min_pixels if ec.min_pixels is not None else pre.get("min_pixels")
+        max_pixels = ec.max_pixels if ec.max_pixels is not None else pre.get("max_pixels")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise InvalidInputError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
         self.processor = Processor(self.tokenizer, cfg, min_pixels=min_pixels, max_pixels=max_pixels,
-                                   media_timeout=media_timeout)
+                                   media_timeout=ec.media_timeout)
         limit = cfg.text.max_position_embeddings
-        if max_model_len is not None and not 1 < max_model_len <= limit:
-            raise InvalidInputError(f"max_model_len must be in 2..{limit}, got {max_model_len}")
-        self.max_model_len = max_model_len or limit
-        if quantization is not None and quantization not in MODES:
-            raise InvalidInputError(f"unknown quantization {quantization!r}; use one of {', '.join(MODES)}")
-        self.quantization = quantization
-        self.model = load_model(path, self.dtype, self.device, cfg, progress=progress, quantization=quantization,
-                                file_embedding=file_embedding)
-        self.compiled = bool(compile) and compile_decode_(self.model)
+        if ec.max_model_len is not None and not ec.max_model_len <= limit:
+            raise InvalidInputError(f"max_model_len must be in 2..{limit}, got {ec.max_model_len}")
+        self.max_model_len = ec.max_model_len or limit
+        self.quantization = ec.quantization
+        self.model = load_model(path, self.dtype, self.device, cfg, progress=ec.progress,
+                                quantization=ec.quantization, file_embedding=ec.file_embedding)
+        self.compiled = ec.compile and compile_decode_(self.model)
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
-                                max_model_len=self.max_model_len, max_num_seqs=max_num_seqs)
-        if prefix_cache_mb < 0 or vision_cache_mb < 0:
-            raise InvalidInputError("prefix_cache_mb and vision_cache_mb must be >= 0")
-        self.engine.runner.configure(int(prefix_cache_mb) << 20, int(vision_cache_mb) << 20)
+                                max_model_len=self.max_model_len, max_num_seqs=ec.max_num_seqs,
+                                max_num_batched_tokens=ec.max_num_batched_tokens,
+                                prefix_cache_bytes=ec.prefix_cache_bytes, vision_cache_bytes=ec.vision_cache_bytes)
+        self.output_processor = OutputProcessor(self.tokenizer, self.engine.finish_request)
+        self._collectors: dict[str, OutputCollector] = {}  # request id -> outputs its caller has not taken yet
 
     # ------------------------------------------------------------------ defaults
     @property
@@ -104,13 +108,7 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams from the checkpoint's generation_config.json (what vLLM does when none are given)."""
-        g = self.generation_config
-        kw = {k: g[k] for k in _GEN_KEYS if k in g}
-        if g.get("do_sample") is False:
-            kw["temperature"] = 0.0
-        if "max_new_tokens" in g:
-            kw["max_tokens"] = g["max_new_tokens"]
-        return SamplingParams(**kw)
+        return SamplingParams(**generation_config_defaults(self.generation_config))
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, conversation, *, add_generation_prompt, chat_template_kwargs, tools,
@@ -178,6 +176,27 @@ class LLM:
             raise InvalidInputError("sampling_params must be one SamplingParams or one per prompt")
         return params
 
+    def _add(self, seq: Sequence) -> None:
+        self.engine.add_request(seq)
+        self.output_processor.add_request(seq)
+        self._collectors[seq.request_id] = OutputCollector()
+
+    def _abort(self, seq: Sequence) -> None:
+        self.engine.abort_request(seq.request_id)
+        self.output_processor.abort_request(seq.request_id)
+        self._collectors.pop(seq.request_id, None)
+
+    def _step(self) -> None:
+        """One engine step; its outputs go to the collectors of the calls waiting for them (a chat() may step
+        the engine for an unfinished chat_stream too, which then takes them when it resumes)."""
+        try:
+            self.engine.step()
+        finally:
+            for out in self.output_processor.process():
+                col = self._collectors.get(out.request_id)
+                if col is not None:
+                    col.put(out)
+
     def _run(self, prepared: list[ProcessedPrompt], params: list[SamplingParams]) -> list[RequestOutput]:
         """Run prompts to completion as one batch. A prompt with ``n > 1`` runs as n sequences (child i seeded
         with seed + i when a seed is given) whose completions come back together, indexed 0..n-1."""
@@ -189,19 +208,17 @@ class LLM:
                     child = sp if sp.n == 1 else dataclasses.replace(
                         sp, n=1, seed=None if sp.seed is None else (sp.seed + i) % 2**64)
                     seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt)
-                    self.engine.add_request(seq)
+                    self._add(seq)
                     kids.append(seq)
                 groups.append(kids)
-            ids = {s.request_id for kids in groups for s in kids}
-            final: dict[str, RequestOutput] = {}
-            while len(final) < len(ids):
-                for out in self.engine.step():  # may also step other requests (an unfinished chat_stream)
-                    if out.finished and out.request_id in ids:
-                        final[out.request_id] = out
+            cols = [self._collectors[s.request_id] for kids in groups for s in kids]
+            while not all(c.finished for c in cols):
+                self._step()
+            final = {s.request_id: self._collectors.pop(s.request_id).take() for kids in groups for s in kids}
         except BaseException:
             for kids in groups:
                 for s in kids:
-                    self.engine.abort_request(s.request_id)
+                    self._abort(s)
             raise
         results = []
         for kids in groups:
@@ -249,21 +266,16 @@ class LLM:
         if params.n != 1:
             raise InvalidInputError("chat_stream streams one completion: n must be 1")
         seq = Sequence(p.token_ids, params, p.vision, prompt=p.prompt)
-        self.engine.add_request(seq)
-        sent_text = sent_tokens = 0  # what this stream has handed out: between two of its chunks, another call
-        try:                         # (chat, a second stream) may step the engine and take this request's outputs
+        self._add(seq)
+        col = self._collectors[seq.request_id]
+        try:
             while True:
-                outs = [o for o in self.engine.step() if o.request_id == seq.request_id]
-                if seq.finished and not any(o.finished for o in outs):
-                    outs.append(seq.to_output())  # it finished while another call was stepping the engine
-                for out in outs:
-                    c = out.outputs[0]
-                    if len(c.text) > sent_text or out.finished:  # tokens that add no text go with the next chunk
-                        out.delta_text, out.delta_token_ids = c.text[sent_text:], c.token_ids[sent_tokens:]
-                        sent_text, sent_tokens = len(c.text), len(c.token_ids)
-                        yield out
+                out = col.take()
+                if out is not None:
+                    yield out
                     if out.finished:
                         return
+                else:
+                    self._step()
         finally:
-            if not seq.finished:
-                self.engine.abort_request(seq.request_id)
+            self._abort(seq)

@@ -40,7 +40,12 @@ class SamplingParams:
         ignore_eos: keep generating after EOS (EOS then no longer ends generation).
         logprobs: None, or k in [0, 20]: return for each generated token the log-probabilities
             of the k most likely tokens plus the sampled token.
-        skip_special_tokens: drop special tokens when detokenizing the output.
+        skip_special_tokens: drop special tokens when detokenizing the output (but see
+            keep_grounding_tokens).
+        keep_grounding_tokens: with skip_special_tokens, still keep the grounding tokens the model
+            writes to mark objects and boxes (``<|object_ref_start|>`` ... ``<|quad_end|>``; see
+            qwen2vl.engine.output_processor.GROUNDING_TOKENS). Every surface (LLM.chat, chat_stream,
+            the server) uses the same default, so the same request gives the same text.
         include_stop_str_in_output: keep the matched stop string in the output text.
     """
 
@@ -61,21 +66,22 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    keep_grounding_tokens: bool = True
 
     def __post_init__(self) -> None:
-        self.n = _int("n", self.n, lo=1)
-        self.temperature = _float("temperature", self.temperature, lo=0.0)
-        self.top_p = _float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        self.top_k = _int("top_k", self.top_k, lo=-1)
-        self.min_p = _float("min_p", self.min_p, lo=0.0, hi=1.0)
-        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
-        self.presence_penalty = _float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
-        self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        self.n = check_int("n", self.n, lo=1)
+        self.temperature = check_float("temperature", self.temperature, lo=0.0)
+        self.top_p = check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        self.top_k = check_int("top_k", self.top_k, lo=-1)
+        self.min_p = check_float("min_p", self.min_p, lo=0.0, hi=1.0)
+        self.repetition_penalty = check_float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        self.presence_penalty = check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        self.frequency_penalty = check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         if self.seed is not None:
-            self.seed = _int("seed", self.seed, lo=-(2**63), hi=2**64 - 1)
+            self.seed = check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1)
         if self.max_tokens is not None:
-            self.max_tokens = _int("max_tokens", self.max_tokens, lo=1)
-        self.min_tokens = _int("min_tokens", self.min_tokens, lo=0)
+            self.max_tokens = check_int("max_tokens", self.max_tokens, lo=1)
+        self.min_tokens = check_int("min_tokens", self.min_tokens, lo=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidInputError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
@@ -83,15 +89,15 @@ class SamplingParams:
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         elif isinstance(self.stop_token_ids, (list, tuple)):
-            self.stop_token_ids = [_int("stop_token_ids", t, lo=0) for t in self.stop_token_ids]
+            self.stop_token_ids = [check_int("stop_token_ids", t, lo=0) for t in self.stop_token_ids]
         else:
             raise InvalidInputError(
                 f"stop_token_ids must be a list of ints or None, got {type(self.stop_token_ids).__name__}")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "keep_grounding_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs, lo=0, hi=20)
+            self.logprobs = check_int("logprobs", self.logprobs, lo=0, hi=20)
 
     @property
     def greedy(self) -> bool:
@@ -99,7 +105,25 @@ class SamplingParams:
         return self.temperature < _SAMPLING_EPS or self.top_k == 1
 
 
-def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+#: generation_config.json keys that are SamplingParams fields of the same name.
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty")
+
+
+def generation_config_defaults(generation_config: dict) -> dict:
+    """SamplingParams keywords from a checkpoint's generation_config.json, what vLLM uses when a request leaves a
+    value out: its sampling keys, ``do_sample: false`` as temperature 0, and ``max_new_tokens`` as ``max_tokens``.
+    The one source of defaults for ``LLM.get_default_sampling_params``, the CLI and the server."""
+    g = generation_config
+    kw = {k: g[k] for k in _GENERATION_KEYS if k in g}
+    if g.get("do_sample") is False:
+        kw["temperature"] = 0.0
+    if "max_new_tokens" in g:
+        kw["max_tokens"] = g["max_new_tokens"]
+    return kw
+
+
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise InvalidInputError(f"{name} must be an int, got {value!r}")
     value = int(value)
@@ -109,7 +133,7 @@ def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     return value
 
 
-def _float(name: str, value, lo: float | None = None, hi: float | None = None,
+def check_float(name: str, value, lo: float | None = None, hi: float | None = None,
            lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidInputError(f"{name} must be a number, got {value!r}")

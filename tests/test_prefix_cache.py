@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from qwen2vl import LLM, SamplingParams
-from qwen2vl.engine.prefix_cache import LRUBytes
+from qwen2vl.engine.prefix_cache import LRUBytes, PrefixCache
 from tests.fixtures import write_checkpoint
 
 P = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -100,8 +100,17 @@ def test_budgets_evict_least_recently_used():
 
 def test_prefix_cache_respects_its_budget(env):
     llm = _fresh(env)
-    llm.engine.runner.configure(prefix_cache_bytes=150_000, vision_cache_bytes=0)
+    llm.engine.runner.prefix_cache = PrefixCache(150_000)
     for i in range(6):
         llm.chat([{"role": "user", "content": f"Question number {i} " * 20}], P)
     store = llm.engine.runner.prefix_cache.store
     assert 0 < store.bytes <= 150_000 and 0 < len(store.items) < 6
+
+
+def test_engine_config_sizes_the_caches_once(env):
+    llm = _fresh(env, enable_prefix_caching=False, vision_cache_mb=3)
+    r = llm.engine.runner
+    assert r.prefix_cache.store.max_bytes == 0 and r.vision_cache.max_bytes == 3 << 20
+    for _ in range(2):
+        llm.chat(_turn1(env["a"]), P)
+    assert r.stats["reused_tokens"] == 0 and r.stats["vision_cached"] == 1  # prefix cache off, vision cache on

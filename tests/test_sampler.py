@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from qwen2vl.engine.sampler import (Sampler, SamplerOutput, SeqHistory, apply_min_tokens,
-                                    apply_penalties, apply_warpers, make_generator)
+from qwen2vl.engine.sampler import (Sampler, SamplerOutput, apply_min_tokens, apply_penalties, apply_warpers,
+                                    make_generator)
 from qwen2vl.errors import InvalidInputError
 from qwen2vl.sampling_params import SamplingParams
 
@@ -17,7 +17,7 @@ def _logits(B=1, V=V, seed=0):
 
 def _run(logits, params, hists=None, gens=None, **kw):
     B = logits.shape[0]
-    hists = hists or [SeqHistory([1, 2, 3], []) for _ in range(B)]
+    hists = hists or [([1, 2, 3], []) for _ in range(B)]
     gens = gens if gens is not None else [make_generator(p) for p in params]
     return Sampler()(logits, params, hists, gens, **kw)
 
@@ -156,11 +156,11 @@ def test_seed_reproducible_and_batch_independent():
 def test_repetition_penalty_matches_transformers():
     lp = pytest.importorskip("transformers.generation.logits_process")
     logits = _logits(B=2)
-    hists = [SeqHistory([1, 2, 3, 2], [7, 7, 40]), SeqHistory([0, 49], [5])]
+    hists = [([1, 2, 3, 2], [7, 7, 40]), ([0, 49], [5])]
     params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.7)]
     ours = apply_penalties(logits.clone(), params, hists)
     for i, (h, p) in enumerate(zip(hists, params)):
-        ids = torch.tensor([list(h.prompt_token_ids) + list(h.output_token_ids)])
+        ids = torch.tensor([list(h[0]) + list(h[1])])
         ref = lp.RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, logits[i:i + 1].clone())
         torch.testing.assert_close(ours[i:i + 1], ref)
     # greedy sampling uses the penalised logits
@@ -170,12 +170,12 @@ def test_repetition_penalty_matches_transformers():
 
 def test_presence_frequency_penalty_openai_formula():
     logits = _logits(B=1)
-    h = SeqHistory([4, 4, 9], [3, 3, 3, 8, 4])
+    h = ([4, 4, 9], [3, 3, 3, 8, 4])
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.25)
     ours = apply_penalties(logits.clone(), [p], [h])[0]
     ref = logits[0].clone()
-    for t in set(h.output_token_ids):  # OpenAI: mu - c*alpha_freq - (c>0)*alpha_pres; output only
-        c = list(h.output_token_ids).count(t)
+    for t in set(h[1]):  # OpenAI: mu - c*alpha_freq - (c>0)*alpha_pres; output only
+        c = list(h[1]).count(t)
         ref[t] -= c * p.frequency_penalty + p.presence_penalty
     torch.testing.assert_close(ours, ref)
     assert ours[9] == logits[0, 9]  # prompt-only token untouched
@@ -184,23 +184,12 @@ def test_presence_frequency_penalty_openai_formula():
 def test_penalties_do_not_touch_input_or_default_rows():
     logits = _logits(B=2)
     before = logits.clone()
-    hists = [SeqHistory([1], [2, 2]), SeqHistory([1], [2, 2])]
+    hists = [([1], [2, 2]), ([1], [2, 2])]
     params = [SamplingParams(temperature=0, frequency_penalty=2.0), SamplingParams(temperature=0)]
     ours = apply_penalties(logits.clone(), params, hists)
     assert torch.equal(ours[1], logits[1]) and not torch.equal(ours[0], logits[0])
     _run(logits, params, hists)
     assert torch.equal(logits, before)
-
-
-def test_plain_pair_histories():
-    logits = _logits(B=1)
-    p = [SamplingParams(repetition_penalty=2.0)]
-    a = apply_penalties(logits.clone(), p, [([1, 2], [3])])
-    b = apply_penalties(logits.clone(), p, [SeqHistory([1, 2], [3])])
-    assert torch.equal(a, b)
-
-
-# ---------------------------------------------------------------- logprobs / min_tokens
 
 
 def test_logprobs_topk_plus_sampled_from_raw_logits():
@@ -209,7 +198,7 @@ def test_logprobs_topk_plus_sampled_from_raw_logits():
     params = [SamplingParams(logprobs=3, temperature=5.0, seed=0, repetition_penalty=1.5),
               SamplingParams(),
               SamplingParams(logprobs=0, temperature=0, presence_penalty=2.0)]
-    hists = [SeqHistory([int(raw[0].argmax())], []), SeqHistory([1], []), SeqHistory([1], [int(raw[2].argmax())])]
+    hists = [([int(raw[0].argmax())], []), ([1], []), ([1], [int(raw[2].argmax())])]
     for _ in range(5):
         out = _run(logits, params, hists)
         assert out.logprobs[1] is None
@@ -229,7 +218,7 @@ def test_min_tokens_masks_eos_and_stop_ids():
     logits[:, 8] = 9.0  # a stop token id is next
     params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[8])] * 2 + [
         SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[8], ignore_eos=True)]
-    hists = [SeqHistory([1], [0]), SeqHistory([1], [0, 0]), SeqHistory([1], [])]
+    hists = [([1], [0]), ([1], [0, 0]), ([1], [])]
     out = _run(logits, params, hists, eos_token_ids=[9])
     assert out.token_ids.tolist() == [0, 9, 9]  # masked / min reached / ignore_eos: eos not a stop
     masked = apply_min_tokens(logits.clone(), params, hists, [9])

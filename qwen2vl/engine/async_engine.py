@@ -5,7 +5,8 @@ command queue (``add`` / ``abort`` / ``stop``) and gets each request's outputs b
 event loop that submitted it. The thread drains the commands between steps, so requests join the running batch
 between two decode steps and leave it the step they finish (or the moment they are aborted: the engine frees
 their cache row at once); every step decodes the whole running batch in one forward. Continuous batching is
-therefore simply what the loop does.
+therefore simply what the loop does. After each step the thread runs the output processor
+(qwen2vl.engine.output_processor: ids to text deltas, stop strings), as ``LLM`` does.
 
     engine = AsyncEngine(llm.engine); engine.start()
     handle = engine.submit([Sequence(ids, params, vision)])      # from a coroutine
@@ -25,10 +26,9 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import Callable
-
 from ..errors import InvalidInputError
 from .llm_engine import LLMEngine
+from .output_processor import OutputProcessor, merge_outputs
 from .sequence import RequestOutput, Sequence
 
 __all__ = ["AsyncEngine", "EngineError", "RequestHandle"]
@@ -46,8 +46,8 @@ class RequestHandle:
     it raises :class:`~qwen2vl.errors.InvalidInputError` or :class:`EngineError` if the engine refused or lost
     the request.
 
-    Outputs a slow consumer has not taken yet are merged (their ``delta_text`` / ``delta_token_ids`` joined), so
-    a client that reads slowly costs one pending output per sequence, however far the engine runs ahead."""
+    Outputs a slow consumer has not taken yet are merged (:func:`~qwen2vl.engine.output_processor.merge_outputs`),
+    so a client that reads slowly costs one pending output per sequence, however far the engine runs ahead."""
 
     def __init__(self, seqs: list[Sequence], loop: asyncio.AbstractEventLoop):
         self.seqs = seqs
@@ -70,10 +70,7 @@ class RequestHandle:
             prev = self._pending.get(index)
             if prev is None:
                 self._order.append(index)
-            else:
-                item.delta_text = prev.delta_text + item.delta_text
-                item.delta_token_ids = prev.delta_token_ids + item.delta_token_ids
-            self._pending[index] = item
+            self._pending[index] = merge_outputs(prev, item)
         self._wakeup.set()
 
     def __aiter__(self):
@@ -102,16 +99,15 @@ def _put_all(items: list[tuple[RequestHandle, int, object]]) -> None:
 
 
 class AsyncEngine:
-    """Runs ``engine`` on a daemon thread. ``detokenizer_factory(seq)``, when given, replaces the incremental
-    detokenizer the engine gives each new sequence (the server uses it to keep grounding tokens in the text).
+    """Runs ``engine`` and an output processor on a daemon thread.
 
     Read-only gauges, refreshed by the engine thread after every step: ``num_running`` (sequences in the decode
     batch), ``num_waiting`` (sequences queued in the engine), ``num_cache_rows`` (live KV-cache rows), ``steps``.
     """
 
-    def __init__(self, engine: LLMEngine, *, detokenizer_factory: Callable[[Sequence], object] | None = None):
+    def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.detokenizer_factory = detokenizer_factory
+        self.processor = OutputProcessor(engine.tokenizer, engine.finish_request)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._live: dict[str, tuple[RequestHandle, int]] = {}  # engine thread only
@@ -177,21 +173,23 @@ class AsyncEngine:
                     self._deliver(out)
                     break
                 if self.engine.has_unfinished_requests():
+                    failed = None
                     try:
-                        outputs = self.engine.step()
+                        self.engine.step()
                     except Exception as e:  # noqa: BLE001 - the model failed; keep serving the others
                         self.failures += 1
                         log.exception("engine step failed")
-                        self._recover(e, out)
-                        outputs = []
+                        failed = e
                     self.steps += 1
-                    for o in outputs:
+                    for o in self.processor.process():  # after a failed step too: what finished is reported
                         entry = self._live.get(o.request_id)
                         if entry is None:
                             continue
                         out.append((entry[0], entry[1], o))
                         if o.finished:
                             del self._live[o.request_id]
+                    if failed is not None:
+                        self._recover(failed, out)
                 self._refresh()
                 self._deliver(out)
         except BaseException:  # pragma: no cover - a bug in this loop: fail everything rather than hang
@@ -201,6 +199,7 @@ class AsyncEngine:
             out = []
             for rid, (handle, index) in list(self._live.items()):
                 self.engine.abort_request(rid)
+                self.processor.abort_request(rid)
                 out.append((handle, index, EngineError("the server is shutting down")))
             self._live.clear()
             self._refresh()
@@ -212,11 +211,11 @@ class AsyncEngine:
             for seq in handle.seqs:
                 self.engine.add_request(seq)
                 added.append(seq)
-                if self.detokenizer_factory is not None:
-                    seq.detok = self.detokenizer_factory(seq)
+                self.processor.add_request(seq)
         except Exception as e:  # noqa: BLE001 - refused (InvalidInputError) or broken: tell that request only
             for seq in added:
                 self.engine.abort_request(seq.request_id)
+                self.processor.abort_request(seq.request_id)
             err = e if isinstance(e, InvalidInputError) else EngineError(f"could not queue the request: {e}")
             out.append((handle, 0, err))
             return
@@ -227,24 +226,23 @@ class AsyncEngine:
         for rid in handle.request_ids:
             if self._live.pop(rid, None) is not None:
                 self.engine.abort_request(rid)
+                self.processor.abort_request(rid)
 
     def _recover(self, error: Exception, out: list) -> None:
-        """After a failed step: the sequence the engine dropped gets the error; sequences that finished in the
-        failed step get their final output; if nothing was dropped, everything in flight is ended."""
+        """After a failed step (whose finished sequences the processor has reported already): the sequence the
+        engine dropped gets the error; if nothing was dropped, everything in flight is ended."""
         culprit = False
         for rid, (handle, index) in list(self._live.items()):
             seq = handle.seqs[index]
-            if seq.finished and rid not in self.engine.requests:
+            if seq.finished and seq.finish_reason == "abort" and rid not in self.engine.requests:
                 del self._live[rid]
-                if seq.finish_reason == "abort":
-                    culprit = True
-                    out.append((handle, index, EngineError(f"the model failed on this request: {error}")))
-                else:
-                    out.append((handle, index, seq.to_output()))
+                culprit = True
+                out.append((handle, index, EngineError(f"the model failed on this request: {error}")))
         if not culprit:
             for rid, (handle, index) in list(self._live.items()):
                 del self._live[rid]
                 self.engine.abort_request(rid)
+                self.processor.abort_request(rid)
                 out.append((handle, index, EngineError(f"the engine failed: {error}")))
 
     def _refresh(self) -> None:

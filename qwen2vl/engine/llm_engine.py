@@ -1,5 +1,9 @@
-"""The engine loop: requests join between steps, each step decodes the whole running batch in one forward,
-then prefills newly admitted requests; finished requests leave and free their cache rows at once."""
+"""The engine core: requests join between steps, each step decodes the whole running batch in one forward, then
+prefills newly admitted requests; finished requests leave and free their cache rows at once.
+
+It works in token ids and decides only token-level finishes: EOS, stop token ids, max_tokens and the context.
+Text (detokenizing, stop strings, streaming deltas) is qwen2vl.engine.output_processor's, which ends a request a
+stop string finished through :meth:`LLMEngine.finish_request`."""
 
 from __future__ import annotations
 
@@ -7,22 +11,27 @@ import torch
 
 from ..errors import InvalidInputError
 from ..model import Qwen2VLForConditionalGeneration
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..tokenizer import Tokenizer
 from .model_runner import ModelRunner
 from .sampler import Sampler, make_generator
 from .scheduler import Scheduler
-from .sequence import RequestOutput, Sequence, Status
+from .sequence import Sequence, Status
 
 
 class LLMEngine:
+    """The batch loop over one model. ``max_num_seqs``: sequences decoded together; ``max_num_batched_tokens``:
+    prompt tokens prefilled in one step; ``prefix_cache_bytes`` / ``vision_cache_bytes``: memory for reuse across
+    requests (0: off). ``LLM`` builds it from its EngineConfig."""
+
     def __init__(self, model: Qwen2VLForConditionalGeneration, tokenizer: Tokenizer, *, eos_token_ids: list[int],
-                 max_model_len: int, max_num_seqs: int = 8, max_prefill_tokens: int = 8192):
+                 max_model_len: int, max_num_seqs: int = 8, max_num_batched_tokens: int = 8192,
+                 prefix_cache_bytes: int = 1 << 30, vision_cache_bytes: int = 256 << 20):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, max_model_len)
-        self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
+        self.runner = ModelRunner(model, max_model_len, prefix_cache_bytes, vision_cache_bytes)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
 
@@ -42,18 +51,22 @@ class LLMEngine:
         p = seq.params
         seq.max_total = self.max_model_len if p.max_tokens is None else min(self.max_model_len, n + p.max_tokens)
         seq.generator = make_generator(p, self.model.device)
-        seq.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return
-        if seq.row >= 0:
-            self.runner.release(seq)
-        self.scheduler.remove(seq)
-        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        """Stop a queued or running request now (its cache row is freed); unknown or finished ids: a no-op."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self._drop(seq)
+
+    def finish_request(self, seq: Sequence, stop: str) -> None:
+        """A stop string (found by the output processor) ended ``seq``: it finishes with reason "stop" and, if
+        still running, leaves the batch and frees its cache row now."""
+        seq.finish_reason, seq.stop_reason = "stop", stop
+        if not seq.finished:
+            seq.status = Status.FINISHED
+            self._free(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -63,9 +76,9 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> list[RequestOutput]:
-        """Decode every running sequence one token, then prefill admitted ones. Returns an output for each
-        request that produced a token (with the text delta since its previous output)."""
+    def step(self) -> list[Sequence]:
+        """Decode every running sequence one token, then prefill admitted ones; returns the sequences that got a
+        token (each with its new id appended, finished or not)."""
         touched: list[Sequence] = []
         running = sorted(self.scheduler.running, key=lambda s: s.row)
         if running:
@@ -85,18 +98,16 @@ class LLMEngine:
             self.scheduler.running.append(seq)
             self._sample([seq], logits)
             touched.append(seq)
-        outputs = []
-        for seq in touched:
-            outputs.append(seq.to_output())
-            if seq.finished:
-                self.requests.pop(seq.request_id, None)
-        return outputs
+        return touched
 
-    def _drop(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
         if seq.row >= 0:
             self.runner.release(seq)
         self.scheduler.remove(seq)
         self.requests.pop(seq.request_id, None)
+
+    def _drop(self, seq: Sequence) -> None:
+        self._free(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = "abort"
 
@@ -108,34 +119,20 @@ class LLMEngine:
             if seq.logprobs is not None and out.logprobs is not None:
                 seq.logprobs.append(out.logprobs[i])
                 seq.cumulative_logprob += out.logprobs[i][tok]
-            self._advance(seq, tok)
-            if seq.finished:
-                self.runner.release(seq)
-                self.scheduler.remove(seq)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                seq.status, seq.finish_reason = Status.FINISHED, reason
+                self._free(seq)
 
-    def _advance(self, seq: Sequence, tok: int) -> None:
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        """Token-level finishes: EOS (unless ignore_eos), a stop token id (its stop_reason), max_tokens or the
+        context ("length"). min_tokens needs no check here: the sampler masks EOS and stop ids until then."""
         p = seq.params
-        old_len = len(seq.text)
-        reason = None
         if tok in self.eos_token_ids and not p.ignore_eos:
-            reason = "stop"
-        elif tok in p.stop_token_ids:
-            reason, seq.stop_reason = "stop", tok
-        elif len(seq.output_token_ids) >= (p.max_tokens or 1 << 62) or seq.num_tokens >= seq.max_total:
-            reason = "length"
-        if reason != "stop" or p.include_stop_str_in_output:  # as vLLM: an EOS / stop token's text is left out
-            seq.text += seq.detok.add(tok)
-        if reason is not None:
-            seq.text += seq.detok.finish()  # bytes that never became a whole character
-        if p.stop and len(seq.output_token_ids) > p.min_tokens:  # as vLLM: no stop strings within min_tokens
-            # a stop string may end inside the new text or straddle the boundary with older text
-            window = max(len(s) for s in p.stop)
-            begin = max(0, old_len - window + 1)
-            hits = [(seq.text.find(s, begin), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                seq.text = seq.text[: i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-                reason, seq.stop_reason = "stop", s
-        if reason is not None:
-            seq.status, seq.finish_reason = Status.FINISHED, reason
+            return "stop"
+        if tok in p.stop_token_ids:
+            seq.stop_reason = tok
+            return "stop"
+        if len(seq.output_token_ids) >= (p.max_tokens or 1 << 62) or seq.num_tokens >= seq.max_total:
+            return "length"
+        return None

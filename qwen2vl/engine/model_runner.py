@@ -19,13 +19,9 @@ class ModelRunner:
         self.cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, model.dtype, model.device,
                              max_model_len)
         self.merge_len = model.cfg.vision.spatial_merge_size ** 2
-        self.configure(prefix_cache_bytes, vision_cache_bytes)
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "vision_items": 0, "vision_cached": 0}
-
-    def configure(self, prefix_cache_bytes: int, vision_cache_bytes: int) -> None:
-        """Memory for reuse across requests; 0 turns a cache off."""
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)  # memory for reuse across requests; 0: off
         self.vision_cache = LRUBytes(vision_cache_bytes)
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "vision_items": 0, "vision_cached": 0}
 
     def _view(self, **kw) -> KVView:
         return KVView(self.cache.k, self.cache.v, **kw)
@@ -87,8 +83,7 @@ class ModelRunner:
         embeds = m.embed(torch.tensor(ids[n:], device=m.device), img, vid)  # (T - n, hidden)
         self.stats["prefill_tokens"] += len(ids) - n
         self.stats["reused_tokens"] += n
-        if seq.num_cached_tokens is None:  # a preempted sequence's later prefills do not change what it reports
-            seq.num_cached_tokens = n
+        seq.num_cached_tokens = n
         return m.prefill(embeds, pos[:, n:], self._view(slot=seq.row, start=n))[None]
 
     @torch.inference_mode()

@@ -86,20 +86,12 @@ class LRUBytes:
             _, (_, s) = self.items.popitem(last=False)
             self.bytes -= s
 
-    def clear(self) -> None:
-        self.items.clear()
-        self.bytes = 0
-
 
 @dataclass
 class PrefixEntry:
     keys: list
     k: list[torch.Tensor]  # per layer (kv_heads, n, head_dim)
     v: list[torch.Tensor]
-
-    @property
-    def length(self) -> int:
-        return len(self.keys)
 
 
 class PrefixCache:

@@ -15,7 +15,7 @@ Rows with default settings skip every filter they do not use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,12 +24,8 @@ from torch import Tensor
 from qwen2vl.sampling_params import SamplingParams
 
 
-@dataclass
-class SeqHistory:
-    """The token ids a sequence has seen so far: its prompt and what it has generated."""
-
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int] = field(default_factory=list)
+#: What the engine passes per row: (prompt token ids, output token ids so far).
+History = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass
@@ -47,13 +43,13 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return torch.Generator(device=device).manual_seed(params.seed % 2**64)
 
 
-def apply_min_tokens(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence,
+def apply_min_tokens(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[History],
                      eos_token_ids: Sequence[int]) -> Tensor:
     """In place: for rows with fewer than ``min_tokens`` generated tokens, set the logits of the
     stop_token_ids and (unless ignore_eos) the EOS ids to -inf. Returns ``logits``."""
     V = logits.shape[-1]
     for i, p in enumerate(params):
-        if p.min_tokens and len(_hist(histories[i])[1]) < p.min_tokens:
+        if p.min_tokens and len(histories[i][1]) < p.min_tokens:
             ids = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_token_ids))
             ids = [t for t in ids if 0 <= t < V]
             if ids:
@@ -61,7 +57,7 @@ def apply_min_tokens(logits: Tensor, params: Sequence[SamplingParams], histories
     return logits
 
 
-def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence) -> Tensor:
+def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[History]) -> Tensor:
     """In place: repetition penalty over prompt + output tokens (logit > 0 -> /p, else *p), then
     ``logit -= frequency_penalty * count + presence_penalty * (count > 0)`` over output tokens."""
     V = logits.shape[-1]
@@ -69,7 +65,7 @@ def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories:
         rep, pres, freq = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
         if rep == 1.0 and pres == 0.0 and freq == 0.0:
             continue
-        prompt, output = _hist(histories[i])
+        prompt, output = histories[i]
         row = logits[i]
         out = torch.as_tensor(list(output), dtype=torch.long, device=logits.device)
         if rep != 1.0:
@@ -83,18 +79,12 @@ def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories:
     return logits
 
 
-def _hist(h) -> tuple[Sequence[int], Sequence[int]]:
-    if isinstance(h, SeqHistory):
-        return h.prompt_token_ids, h.output_token_ids
-    return h[0], h[1]  # a plain (prompt_ids, output_ids) pair
-
-
 class Sampler:
-    def __call__(self, logits: Tensor, params: list[SamplingParams], histories: list[SeqHistory],
+    def __call__(self, logits: Tensor, params: list[SamplingParams], histories: list[History],
                  generators: list[torch.Generator | None],
                  eos_token_ids: Sequence[int] = ()) -> SamplerOutput:
-        """Pick one token per row of ``logits`` (B, V). ``histories[i]`` is a SeqHistory or a
-        (prompt_ids, output_ids) pair; ``generators[i]`` the row's generator (None: default).
+        """Pick one token per row of ``logits`` (B, V). ``histories[i]`` is the row's (prompt_ids, output_ids)
+        (``Sequence.history``); ``generators[i]`` the row's generator (None: default).
         ``eos_token_ids``: masked while a row has fewer than ``min_tokens`` outputs."""
         B, V = logits.shape
         logits = logits.float()

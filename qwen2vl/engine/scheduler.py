@@ -8,9 +8,9 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int):
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -23,7 +23,7 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Waiting sequences to prefill this step: as many as free rows allow, up to a prompt-token budget
         (the first one always goes, however long, so nothing starves)."""
-        out, budget = [], self.max_prefill_tokens
+        out, budget = [], self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(out) < self.max_num_seqs:
             n = len(self.waiting[0].prompt_token_ids)
             if out and n > budget:

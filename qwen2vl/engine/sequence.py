@@ -1,4 +1,5 @@
-"""One request as the engine sees it, and the output objects it hands back (vLLM's shapes)."""
+"""One request as the engine sees it (token ids, no text), and the output objects users get (vLLM's shapes;
+built by qwen2vl.engine.output_processor)."""
 
 from __future__ import annotations
 
@@ -59,14 +60,10 @@ class Sequence:
         self.rope_delta = 0
         self.row = -1  # KV cache row while running
         self.prefix_keys: list = []  # content keys of the prompt (prefix cache)
-        self.num_cached_tokens: int | None = None  # set by its first prefill
+        self.num_cached_tokens: int | None = None  # set by its prefill
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self.text = ""  # detokenised output, stop strings already cut
-        self.sent_len = 0  # characters of self.text already handed out
-        self.sent_tokens = 0
-        self.detok = None  # incremental detokenizer, set by the engine
+        self.stop_reason: int | str | None = None  # the stop token id, or the stop string, that ended it
         self.max_total = 0  # prompt + generated tokens allowed, set by the engine
 
     @property
@@ -80,27 +77,3 @@ class Sequence:
     @property
     def history(self) -> tuple[list[int], list[int]]:
         return self.prompt_token_ids, self.output_token_ids
-
-    def to_output(self, delta: bool = True) -> RequestOutput:
-        hold = 0 if self.finished else self._stop_holdback()
-        visible = max(self.sent_len, len(self.text) - hold)
-        delta_text = self.text[self.sent_len:visible]
-        delta_tokens = self.output_token_ids[self.sent_tokens:]
-        if delta:
-            self.sent_len, self.sent_tokens = visible, len(self.output_token_ids)
-        out = CompletionOutput(0, self.text if self.finished else self.text[:visible], list(self.output_token_ids),
-                               list(self.logprobs) if self.logprobs is not None else None, self.finish_reason,
-                               self.stop_reason,
-                               self.cumulative_logprob if self.logprobs is not None else None)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], self.finished,
-                             delta_text, delta_tokens, self.num_cached_tokens)
-
-    def _stop_holdback(self) -> int:
-        """Characters at the end of the text that could be the start of a stop string: not streamed yet."""
-        hold = 0
-        for s in self.params.stop:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return hold

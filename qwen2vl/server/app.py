@@ -35,11 +35,11 @@ from ..engine.sequence import RequestOutput, Sequence
 from ..errors import InvalidInputError
 from ..media.messages import Resolver, normalize_messages
 from ..processor import ProcessedPrompt
+from ..sampling_params import generation_config_defaults
 from . import tool_calls as tc
 from .media import MediaPolicy, ResolvedMedia
 from .metrics import Metrics
-from .protocol import (GROUNDING_TOKENS, APIError, ChatRequest, FilteredDetokenizer, TokenInfo, openai_logprobs,
-                       parse_chat_request)
+from .protocol import APIError, ChatRequest, TokenInfo, openai_logprobs, parse_chat_request
 
 __all__ = ["ServerConfig", "OpenAIServer", "build_app"]
 
@@ -97,12 +97,8 @@ class OpenAIServer:
         self.model_name = config.served_model_names[0]
         self.tokenizer = llm.tokenizer
         self.token_info = TokenInfo(self.tokenizer)
-        specials = self.tokenizer.special_token_ids
-        keep = {self.tokenizer.token_to_id(t) for t in GROUNDING_TOKENS}
-        self.skip_ids = frozenset(i for i in specials if i not in keep)
-        self.engine = AsyncEngine(llm.engine, detokenizer_factory=self._detok)
-        self.capacity = llm.engine.scheduler.max_num_seqs + config.max_queue_size
-        self._keep_all: set[str] = set()  # request ids whose text keeps every special token
+        self.engine = AsyncEngine(llm.engine)
+        self.capacity = llm.engine_config.max_num_seqs + config.max_queue_size
         self.inflight = 0  # sequences admitted and not yet finished (preprocessing, queued or running)
         self.metrics = Metrics(self.model_name)
         m = self.metrics
@@ -116,7 +112,7 @@ class OpenAIServer:
         m.add_gauge("qwen2vl_engine_failures", "Engine steps that raised.", lambda: self.engine.failures)
         self.pool = ThreadPoolExecutor(max_workers=max(1, config.preprocess_workers),
                                        thread_name_prefix="qwen2vl-prep")
-        self.sampling_defaults = self._sampling_defaults()
+        self.sampling_defaults = generation_config_defaults(llm.generation_config)  # as LLM's
         template = None
         with contextlib.suppress(Exception):
             template = self.tokenizer.get_chat_template()
@@ -124,20 +120,6 @@ class OpenAIServer:
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ setup
-    def _sampling_defaults(self) -> dict:
-        g = self.llm.generation_config
-        d = {k: g[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in g}
-        if g.get("do_sample") is False:
-            d["temperature"] = 0.0
-        return d
-
-    def _detok(self, seq: Sequence):
-        """Runs on the engine thread for each new sequence: keep grounding tokens, drop the other specials
-        (all special tokens are kept for requests that set skip_special_tokens=false)."""
-        keep_all = seq.request_id in self._keep_all
-        self._keep_all.discard(seq.request_id)
-        return FilteredDetokenizer(self.tokenizer, frozenset() if keep_all else self.skip_ids)
-
     def build_app(self, on_ready=None) -> Starlette:
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -259,8 +241,6 @@ class OpenAIServer:
             prepared, prefix = await self._prepare(req, deadline)
             seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}")
                     for i, p in enumerate(req.seq_params())]
-            if not req.skip_special_tokens:
-                self._keep_all.update(s.request_id for s in seqs)
             handle = self.engine.submit(seqs)
             ctx = _Ctx(rid, t0, deadline, req, prepared, prefix, handle, admitted)
             if req.stream:

@@ -15,10 +15,9 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..sampling_params import SamplingParams
-from ..tokenizer import IncrementalDetokenizer, Tokenizer, bytes_to_unicode
+from ..tokenizer import Tokenizer, bytes_to_unicode
 
-__all__ = ["APIError", "ChatRequest", "parse_chat_request", "GROUNDING_TOKENS", "FilteredDetokenizer",
-           "TokenInfo", "openai_logprobs"]
+__all__ = ["APIError", "ChatRequest", "parse_chat_request", "TokenInfo", "openai_logprobs"]
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -219,7 +218,7 @@ class ChatRequest:
     tools: list[dict] | None = None
     tool_choice: Any = "none"
     parallel_tool_calls: bool = True
-    skip_special_tokens: bool = True
+    default_max_tokens: int | None = None  # generation_config.json's max_new_tokens, when the request gives none
     mm_processor_kwargs: dict = field(default_factory=dict)
     chat_template_kwargs: dict = field(default_factory=dict)
 
@@ -228,19 +227,21 @@ class ChatRequest:
         return bool(self.tools) and self.tool_choice != "none"
 
     def seq_params(self) -> list[SamplingParams]:
+        """One SamplingParams per completion: the default max_tokens applied (a cap: the engine stops at the
+        context anyway) and completion i seeded seed + i."""
         p = self.params
+        if p.max_tokens is None and self.default_max_tokens is not None:
+            p = dataclasses.replace(p, max_tokens=max(self.default_max_tokens, p.min_tokens, 1))
         if self.n == 1:
             return [p]
         return [dataclasses.replace(p, seed=None if p.seed is None else (p.seed + i) % 2**64)
                 for i in range(self.n)]
 
 
-_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatRequest:
-    """Check a decoded JSON body. ``defaults``: sampling values used when the request leaves them out (the
-    checkpoint's generation_config.json, as vLLM does). Raises APIError."""
+    """Check a decoded JSON body. ``defaults``: SamplingParams keywords used when the request leaves them out
+    (``generation_config_defaults`` of the checkpoint's generation_config.json, as vLLM does). Raises
+    APIError."""
     if not isinstance(body, dict):
         raise _schema("the request body must be a JSON object", None)
     defaults = defaults or {}
@@ -270,7 +271,6 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
         raise APIError(400, "'logit_bias' is not supported", param="logit_bias")
     tools, tool_choice = check_tools(body.get("tools"), body.get("tool_choice"))
     parallel = _opt(body, "parallel_tool_calls", "bool", True)
-    skip = _opt(body, "skip_special_tokens", "bool", True)
     mm = _opt(body, "mm_processor_kwargs", "dict", {})
     unknown = set(mm) - {"min_pixels", "max_pixels"}
     if unknown:
@@ -280,17 +280,30 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
             raise _schema(f"mm_processor_kwargs.{k} must be a number", f"mm_processor_kwargs.{k}")
     ctk = _opt(body, "chat_template_kwargs", "dict", {})
 
+    params = _sampling_params(body, defaults, logprobs, top_logprobs)
+    if n < 1:
+        raise APIError(400, f"n must be >= 1, got {n}", param="n")
+    return ChatRequest(model=model, messages=messages, params=params, n=n, stream=stream,
+                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
+                       tool_choice=tool_choice, parallel_tool_calls=parallel,
+                       default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm),
+                       chat_template_kwargs=dict(ctk))
+
+
+_SAMPLING_FIELDS = (("temperature", "num"), ("top_p", "num"), ("top_k", "int"), ("min_p", "num"),
+                    ("repetition_penalty", "num"), ("presence_penalty", "num"), ("frequency_penalty", "num"),
+                    ("seed", "int"), ("min_tokens", "int"), ("ignore_eos", "bool"),
+                    ("include_stop_str_in_output", "bool"), ("skip_special_tokens", "bool"),
+                    ("keep_grounding_tokens", "bool"))
+
+
+def _sampling_params(body: dict, defaults: dict, logprobs: bool, top_logprobs: int | None) -> SamplingParams:
+    """One completion's SamplingParams: the body's values over ``defaults`` (but max_tokens: see seq_params)."""
     max_tokens = _opt(body, "max_completion_tokens", "int")
     if max_tokens is None:
         max_tokens = _opt(body, "max_tokens", "int")
-    kw: dict[str, Any] = {}
-    for key in _SAMPLING_DEFAULT_KEYS:
-        if key in defaults:
-            kw[key] = defaults[key]
-    for key, kind in (("temperature", "num"), ("top_p", "num"), ("top_k", "int"), ("min_p", "num"),
-                      ("repetition_penalty", "num"), ("presence_penalty", "num"), ("frequency_penalty", "num"),
-                      ("seed", "int"), ("min_tokens", "int"), ("ignore_eos", "bool"),
-                      ("include_stop_str_in_output", "bool")):
+    kw: dict[str, Any] = {k: v for k, v in defaults.items() if k != "max_tokens"}
+    for key, kind in _SAMPLING_FIELDS:
         v = _opt(body, key, kind)
         if v is not None:
             kw[key] = v
@@ -302,42 +315,15 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
     if sti is not None and not (isinstance(sti, list) and all(_is_int(t) for t in sti)):
         raise _schema("'stop_token_ids' must be an array of integers", "stop_token_ids")
     try:
-        params = SamplingParams(n=1, max_tokens=max_tokens, stop=stop, stop_token_ids=sti,
-                                logprobs=(top_logprobs or 0) if logprobs else None, skip_special_tokens=False,
-                                **kw)
-        if n < 1:
-            raise InvalidInputError(f"n must be >= 1, got {n}")
+        return SamplingParams(n=1, max_tokens=max_tokens, stop=stop, stop_token_ids=sti,
+                              logprobs=(top_logprobs or 0) if logprobs else None, **kw)
     except InvalidInputError as e:
         msg = str(e)
         param = msg.split(" ", 1)[0] if msg.split(" ", 1)[0].isidentifier() else None
         raise APIError(400, msg, param=param) from None
-    return ChatRequest(model=model, messages=messages, params=params, n=n, stream=stream,
-                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
-                       tool_choice=tool_choice, parallel_tool_calls=parallel, skip_special_tokens=skip,
-                       mm_processor_kwargs=dict(mm), chat_template_kwargs=dict(ctk))
 
 
 # ---------------------------------------------------------------------------------------------- tokens
-
-#: Special tokens that are text the model means to write (grounding): kept when special tokens are skipped.
-GROUNDING_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-                    "<|quad_start|>", "<|quad_end|>")
-
-
-class FilteredDetokenizer(IncrementalDetokenizer):
-    """Streams text like :class:`IncrementalDetokenizer` but drops exactly the ids in ``skip_ids`` (the
-    tokenizer marks every added token special, grounding tokens included, so its own ``skip_special_tokens``
-    would lose the boxes)."""
-
-    def __init__(self, tokenizer: Tokenizer, skip_ids: frozenset[int]):
-        super().__init__(tokenizer, skip_special_tokens=False)
-        self.skip_ids = skip_ids
-
-    def _decode(self, ids: list[int]) -> str:
-        if self.skip_ids:
-            ids = [i for i in ids if i not in self.skip_ids]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:

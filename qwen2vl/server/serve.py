@@ -21,7 +21,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN2VL_API_KEY; none: open)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use (default: the --model argument)")
-    g.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together in one batch (default: 8)")
     g.add_argument("--max-queue-size", type=int, default=64,
                    help="sequences that may wait beyond the running batch before 429 (default: 64)")
     g.add_argument("--request-timeout", type=float, default=600.0,
@@ -36,7 +35,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="allow file:// media URLs for files under DIR (default: file:// refused)")
     g.add_argument("--allow-private-media-urls", action="store_true",
                    help="allow media URLs on loopback / private / link-local addresses (default: refused)")
-    g.add_argument("--media-timeout", type=float, default=10.0, help="seconds per media download (default: 10)")
     g.add_argument("--max-media-bytes", type=int, default=64 << 20,
                    help="largest media download in bytes (default: 64 MiB)")
     g.add_argument("--preprocess-workers", type=int, default=2,
@@ -66,7 +64,7 @@ def serve(args: argparse.Namespace, out=None) -> int:
     if missing:
         print(f"qwen2vl: error: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
         return 1
-    for name in ("max_num_seqs", "max_request_bytes", "max_media_bytes", "preprocess_workers"):
+    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers"):
         if getattr(args, name) < 1:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -80,9 +78,12 @@ def serve(args: argparse.Namespace, out=None) -> int:
         return 2
     import uvicorn
 
+    from ..engine.config import engine_config_from_args
     from ..llm import LLM
     from .app import ServerConfig, build_app
     from .media import MediaPolicy
+
+    engine_config = engine_config_from_args(args)  # the engine flags (--max-num-seqs, --media-timeout, ...)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -92,10 +93,7 @@ def serve(args: argparse.Namespace, out=None) -> int:
     except OSError as e:
         print(f"qwen2vl: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
-              max_pixels=args.max_pixels, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              media_timeout=args.media_timeout, compile=getattr(args, "compile", False),
-              **({"quantization": args.quantization} if getattr(args, "quantization", None) else {}))
+    llm = LLM(engine_config)
     names = args.served_model_name or [args.model]
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key or None, max_queue_size=args.max_queue_size,

@@ -1,0 +1,116 @@
+"""EngineConfig: every knob for loading a checkpoint and running the engine, checked once, in one place.
+
+``LLM`` takes one (or builds one from its keywords), and the ``qwen2vl chat`` / ``qwen2vl serve`` commands build
+theirs from command-line flags made from these fields (:func:`add_engine_args`, :func:`engine_config_from_args`),
+so a new field is reachable from all three. Names follow vLLM's where vLLM has the knob (``max_model_len``,
+``max_num_seqs``, ``max_num_batched_tokens``, ``enable_prefix_caching``, ``quantization``). This module imports
+nothing heavy: the CLI builds its parser from it before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..sampling_params import check_float, check_int
+
+
+def _knob(default: Any, help: str, type: Any = None, flag: str | None = None) -> Any:
+    """A field whose metadata says how it appears on the command line (``type`` None: a bool switch)."""
+    return field(default=default, metadata={"help": help, "type": type, "flag": flag})
+
+
+@dataclass
+class EngineConfig:
+    """How to load the model and run the engine. Checked on construction (InvalidInputError); values that need
+    the checkpoint (``max_model_len`` against the model's context, the pixel defaults) are checked by ``LLM``."""
+
+    model: str = field(metadata={"help": "checkpoint directory (official layout) or hub id", "type": str})
+    revision: str | None = _knob(None, "hub revision (branch, tag or commit) when --model is a hub id", type=str)
+    dtype: Any = _knob("auto", "auto | float32 | bfloat16 | float16 (default: auto, the checkpoint's)", type=str)
+    device: Any = _knob("auto", "auto | cpu | cuda | cuda:N (default: auto)", type=str)
+    min_pixels: int | None = _knob(None, "smallest image size in pixels (default: the checkpoint's)", type=int)
+    max_pixels: int | None = _knob(None, "largest image size in pixels (default: the checkpoint's)", type=int)
+    max_model_len: int | None = _knob(None, "context length, prompt + output (default: the model's)", type=int)
+    max_num_seqs: int = _knob(8, "sequences decoded together in one batch (default: 8)", type=int)
+    max_num_batched_tokens: int = _knob(
+        8192, "prompt tokens prefilled in one engine step; a longer prompt still runs, alone (default: 8192)",
+        type=int)
+    enable_prefix_caching: bool = _knob(True, "reuse the KV of earlier prompts that a new prompt begins with")
+    prefix_cache_mb: int = _knob(1024, "memory for the prefix cache in MiB (default: 1024; 0: off)", type=int)
+    vision_cache_mb: int = _knob(256, "memory for features of images and videos seen before, in MiB "
+                                      "(default: 256; 0: off)", type=int)
+    quantization: str | None = _knob(
+        None, "int8 | int4: quantize the weights after loading (CPU): faster decode, less memory. GPTQ / AWQ "
+              "checkpoints load as 4-bit without it; int4 then makes their vision tower and lm_head int8", type=str)
+    compile: bool = _knob(False, "run decode steps through torch.compile (CPU): faster decode after 10-60 s of "
+                                 "compiling at start; needs a C++ compiler")
+    media_timeout: float = _knob(10.0, "seconds per media download (default: 10)", type=float)
+    file_embedding: bool = _knob(True, "leave the embedding table in the checkpoint file, rows read on use (CPU)")
+    progress: bool | None = _knob(None, "show a progress bar while loading (default: when stderr is a terminal)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise InvalidInputError(f"model must be a checkpoint directory or hub id, got {self.model!r}")
+        self.model = os.fspath(self.model)
+        for name in ("revision", "quantization"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInputError(f"{name} must be a string or None, got {value!r}")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise InvalidInputError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        if self.max_model_len is not None:
+            self.max_model_len = check_int("max_model_len", self.max_model_len, lo=2)
+        self.max_num_seqs = check_int("max_num_seqs", self.max_num_seqs, lo=1)
+        self.max_num_batched_tokens = check_int("max_num_batched_tokens", self.max_num_batched_tokens, lo=1)
+        self.prefix_cache_mb = check_int("prefix_cache_mb", self.prefix_cache_mb, lo=0)
+        self.vision_cache_mb = check_int("vision_cache_mb", self.vision_cache_mb, lo=0)
+        self.media_timeout = check_float("media_timeout", self.media_timeout, lo=0.0, lo_open=True)
+        for name in ("enable_prefix_caching", "compile", "file_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise InvalidInputError(f"progress must be a bool or None, got {self.progress!r}")
+        if self.quantization is not None:
+            from ..quant import MODES  # torch: only when a quantization is asked for
+            if self.quantization not in MODES:
+                raise InvalidInputError(f"unknown quantization {self.quantization!r}; use one of "
+                                        f"{', '.join(MODES)}")
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache_mb << 20 if self.enable_prefix_caching else 0
+
+    @property
+    def vision_cache_bytes(self) -> int:
+        return self.vision_cache_mb << 20
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_engine_args(parser: argparse.ArgumentParser | Any) -> None:
+    """One command-line option per EngineConfig field (``--max-num-seqs``, ``--compile`` / ``--no-compile``, ...);
+    ``--model`` is required. Defaults are the dataclass's."""
+    for f in dataclasses.fields(EngineConfig):
+        kind, help = f.metadata["type"], f.metadata["help"]
+        if f.name == "model":
+            parser.add_argument(_flag(f), dest=f.name, required=True, help=help)
+        elif kind is None:
+            parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help)
+        else:
+            parser.add_argument(_flag(f), dest=f.name, type=kind, default=f.default, help=help)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of parsed arguments (from a parser that :func:`add_engine_args` filled)."""
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
