@@ -480,12 +480,13 @@ class OpenAIServer:
             return _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
                          "model": self.model_name, "choices": choices, **usage_field})
 
-        states = [_ChoiceStream(i, req, ctx.prefix, self) for i in range(req.n)]
+        states: list[_ChoiceStream] = []
         ctx.states = states
-        for s in states:
-            yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
         try:
+            states += [_ChoiceStream(i, req, ctx.prefix, self) for i in range(req.n)]
+            for s in states:
+                yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
             while not ctx.handle.done:
                 remaining = self._remaining(ctx)
                 try:
@@ -510,6 +511,13 @@ class OpenAIServer:
             ctx.completion_tokens = sum(s.num_tokens for s in states)
             ctx.status = 500 if isinstance(e, EngineError) else 400
             yield _sse(APIError(ctx.status, str(e)).body())
+            yield "data: [DONE]\n\n"
+            return
+        except Exception as e:  # noqa: BLE001 - a stream never ends without its error event and [DONE]
+            log.exception("request %s failed mid-stream", ctx.rid)
+            ctx.completion_tokens = sum(s.num_tokens for s in states)
+            ctx.status = 500
+            yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body())
             yield "data: [DONE]\n\n"
             return
         ctx.completion_tokens = sum(s.num_tokens for s in states)
