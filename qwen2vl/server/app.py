@@ -105,6 +105,7 @@ class OpenAIServer:
         self.capacity = llm.engine.scheduler.max_num_seqs + config.max_queue_size
         self._keep_all: set[str] = set()  # request ids whose text keeps every special token
         self.inflight = 0  # sequences admitted and not yet finished (preprocessing, queued or running)
+        self.stopping = False  # set at shutdown: requests cancelled from now on were ended by it (503)
         self.metrics = Metrics(self.model_name)
         m = self.metrics
         m.add_gauge("qwen2vl_requests_running", "Sequences in the running (decoding) batch.",
@@ -285,6 +286,12 @@ class OpenAIServer:
             log.exception("request %s failed", rid)
             self.metrics.request_done(500, latency=time.monotonic() - t0)
             return self._error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+        except asyncio.CancelledError:
+            if self.stopping and not handed_over:  # ended by the shutdown (shutdown.Drain answers the client)
+                self._log_error(rid, 503, "ended by the server's shutdown", t0)
+                self.metrics.aborted("shutdown")
+                self.metrics.request_done(503, latency=time.monotonic() - t0)
+            raise
         finally:
             if not handed_over:
                 self.inflight -= admitted
@@ -430,6 +437,10 @@ class OpenAIServer:
         try:
             done, _ = await asyncio.wait({task, watcher}, timeout=self._remaining(ctx),
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request was ended (shutdown): its sequences stop too
+            task.cancel()
+            self.engine.abort(ctx.handle)
+            raise
         finally:
             watcher.cancel()
         if task not in done:
@@ -532,9 +543,9 @@ class OpenAIServer:
             await gen.aclose()
         if not ctx.handle.done:
             self.engine.abort(ctx.handle)
-        if ctx.status is None:  # the stream ended without its end: the client went away
-            self.metrics.aborted("disconnect")
-            ctx.status = 499
+        if ctx.status is None:  # the stream ended without its end: the client went away, or the shutdown ended it
+            self.metrics.aborted("shutdown" if self.stopping else "disconnect")
+            ctx.status = 503 if self.stopping else 499
             ctx.completion_tokens = sum(s.num_tokens for s in ctx.states)
         self.inflight -= ctx.admitted
         ctx.admitted = 0

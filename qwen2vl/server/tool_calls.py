@@ -14,9 +14,10 @@ its text exactly, as a rewrite of the messages that the checkpoint's own templat
 The result is byte-identical to Qwen2.5-Instruct's template for the same messages (``tests/test_tool_calls.py``
 renders both), except for the default system line, which stays the checkpoint's own.
 
-Every name this module puts into a prompt is JSON-escaped (``json.dumps``); function names offered in ``tools``
-or forced by ``tool_choice`` must match :data:`TOOL_NAME_PATTERN` (OpenAI's rule), which :func:`check_tool_name`
-enforces, so a name can never close a block or inject text.
+Every name this module puts into a prompt is JSON-escaped (``json.dumps``). Function names offered in ``tools``
+or forced by ``tool_choice`` must also match :data:`TOOL_NAME_PATTERN` (OpenAI's rule; the request check refuses
+others with :func:`check_tool_name`, and :func:`forced_prefix` does too), so they can neither close a block nor
+add text to the prompt.
 
 The model answers ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``; :class:`ToolCallParser`
 turns the text back into content and tool calls, incrementally for streams (the same rules either way, so a
@@ -31,9 +32,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TOOL_NAME_PATTERN", "check_tool_name", "TOOLS_HEADER", "TOOLS_FOOTER", "TOOL_CALL_START", "TOOL_CALL_END", "DEFAULT_SYSTEM", "ToolCall",
+__all__ = ["TOOLS_HEADER", "TOOLS_FOOTER", "TOOL_CALL_START", "TOOL_CALL_END", "DEFAULT_SYSTEM", "ToolCall",
            "ToolCallParser", "parse_tool_calls", "tools_system_prompt", "convert_tool_messages",
-           "forced_prefix", "template_has_tools", "needs_conversion"]
+           "forced_prefix", "template_has_tools", "needs_conversion", "TOOL_NAME_PATTERN", "check_tool_name"]
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
