@@ -208,12 +208,25 @@ def test_slowloris_headers_get_408_and_are_closed(guarded):
     s = socket.create_connection(("127.0.0.1", guarded["port"]), timeout=10)
     t0 = time.monotonic()
     assert _read_all(s, limit=5).startswith(b"HTTP/1.1 408") and 0.8 < time.monotonic() - t0 < 4
+    # and so is a kept-alive connection's next request (the clock starts at its first byte)
+    s = socket.create_connection(("127.0.0.1", guarded["port"]), timeout=10)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = b""
+    while not first.endswith(b'{"status":"ok"}'):
+        first += s.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    time.sleep(0.7)
+    s.sendall(b"G")
+    t0 = time.monotonic()
+    got = _read_all(s, limit=5)
+    assert got.startswith(b"HTTP/1.1 408") and 0.8 < time.monotonic() - t0 < 4
 
 
 @pytest.mark.parametrize("key, status", [("k", b"408"), (None, b"401")])
-def test_slowloris_body_gets_408_and_is_closed(guarded, key, status):
+def test_slowloris_body_gets_408_and_is_closed(guarded, key, status, caplog):
     # with the key the server waits for the body, and cuts it off; without, it answers 401 at once and then
     # closes the connection all the same when the body is late
+    caplog.set_level("INFO", logger="qwen2vl.server")
     s = socket.create_connection(("127.0.0.1", guarded["port"]), timeout=10)
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + (b"Authorization: Bearer k\r\n" if key else b"") + b"Content-Length: 1000\r\n\r\n")
@@ -227,6 +240,9 @@ def test_slowloris_body_gets_408_and_is_closed(guarded, key, status):
     got = _read_all(s, limit=5)
     assert got.startswith(b"HTTP/1.1 " + status) and got.count(b"HTTP/1.1") == 1 and time.monotonic() - t0 < 4
     assert _health(guarded["port"])[0] == 200  # and the server is fine
+    if key:  # the request is logged as the client's going away, not as a server failure
+        assert "status=499" in caplog.text and "client disconnected" in caplog.text
+        assert "Traceback" not in caplog.text and "failed" not in caplog.text
 
 
 def test_connections_per_client_are_capped(guarded):

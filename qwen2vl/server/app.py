@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   chat, streamed (SSE) or not; images, videos, tools
     GET  /v1/models             the served model (and /v1/models/{id})
-    GET  /health                200 while the engine runs
+    GET  /health                200 while the engine runs (503 once ``qwen2vl serve`` drains: server.shutdown)
     GET  /metrics               Prometheus text
 
 One :class:`~qwen2vl.engine.async_engine.AsyncEngine` thread owns the model. A request is checked, admitted
@@ -26,7 +26,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -225,10 +225,14 @@ class OpenAIServer:
             raise APIError(413, f"the request body is {int(length)} bytes, over the limit of {limit} bytes",
                            code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is over the limit of {limit} bytes",
+                                   code="request_too_large")
+        except ClientDisconnect:  # gone, or cut off by the body timeout (server.connections)
+            raise _ClientGone() from None
         try:
             return json.loads(bytes(body))
         except (ValueError, RecursionError) as e:

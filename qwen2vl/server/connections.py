@@ -81,11 +81,14 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self.conn = _WatchedConnection(self._on_event, self.config.h11_max_incomplete_event_size)
         self._timer: asyncio.TimerHandle | None = None
+        self._waiting_for = "headers"  # what the running timer waits for: "headers" or "body"
         self._address: str | None = None
 
     # -- timers
-    def _arm(self, seconds: float | None) -> None:
+    def _arm(self, waiting_for: str) -> None:
         self._disarm()
+        self._waiting_for = waiting_for
+        seconds = self.limits.header_timeout if waiting_for == "headers" else self.limits.body_timeout
         if seconds is not None:
             self._timer = self.loop.call_later(seconds, self._timed_out)
 
@@ -98,9 +101,9 @@ class GuardedH11Protocol(H11Protocol):
         self._timer = None
         if self.transport.is_closing():
             return
-        cycle = self.cycle
+        cycle = self.cycle if self._waiting_for == "body" else None  # (a kept-alive connection's last one is done)
         if cycle is not None and cycle.response_started and not cycle.response_complete:
-            self._arm(self.limits.body_timeout)  # the app is answering (it did not wait for the body): later
+            self._arm("body")  # the app is answering without the body: look again later
             return
         if cycle is None or not cycle.response_started:
             if cycle is not None:  # the app, if it still reads the body, sees the client gone
@@ -117,7 +120,7 @@ class GuardedH11Protocol(H11Protocol):
                 self._disarm()
                 raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", error_status_hint=400)
             if self.conn.their_state is h11.SEND_BODY:
-                self._arm(self.limits.body_timeout)
+                self._arm("body")
             else:
                 self._disarm()
         elif isinstance(event, h11.EndOfMessage):
@@ -136,7 +139,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self._address is not None:
             self.clients[self._address] += 1
-        self._arm(self.limits.header_timeout)
+        self._arm("headers")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -149,7 +152,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._timer is None and self.conn.their_state is h11.IDLE:
-            self._arm(self.limits.header_timeout)  # the first byte of the next request on a kept-alive connection
+            self._arm("headers")  # the first byte of the next request on a kept-alive connection
         super().data_received(data)
 
 
