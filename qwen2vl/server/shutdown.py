@@ -168,26 +168,29 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.drain = drain
         self.shutdown_timeout = shutdown_timeout
-        self._signals = 0
+        self._signals: list[int] = []
+        self._seen = 0  # signals logged and acted on
         self._deadline: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        # not recorded in _captured_signals: uvicorn would raise it again once stopped, and the exit code is 0
-        self._signals += 1
-        self.drain.start_draining()  # at once: /health says 503 from now on (the deadline starts at the next tick)
-        if self._signals == 1:
-            log.info("%s: draining (at most %g s); /health answers 503", signal.Signals(sig).name,
-                     self.shutdown_timeout)
-        else:
-            log.info("%s again: ending the requests in flight now", signal.Signals(sig).name)
+        # Runs as the signal handler: no logging or waiting here, on_tick acts within 0.1 s. The signal is not put
+        # in _captured_signals, from which uvicorn would raise it again once stopped (the exit code is to be 0).
+        self._signals.append(sig)
+        self.drain.start_draining()  # at once: /health says 503 from now on
 
     async def on_tick(self, counter: int) -> bool:
         if self._signals and not self.should_exit:
             now = time.monotonic()
-            if self._deadline is None:
-                self.drain.start_draining()
-                self._deadline = now + self.shutdown_timeout
-            if not self.drain.active or now >= self._deadline or self._signals > 1:
+            if self._seen < len(self._signals):
+                name = signal.Signals(self._signals[-1]).name
+                if self._seen == 0:
+                    self._deadline = now + self.shutdown_timeout
+                    log.info("%s: draining for at most %g s (/health and new requests: 503)", name,
+                             self.shutdown_timeout)
+                else:
+                    log.info("%s again: ending the requests in flight now", name)
+                self._seen = len(self._signals)
+            if not self.drain.active or now >= self._deadline or self._seen > 1:
                 if self.drain.active:
                     log.warning("ending %d request(s) still in flight", self.drain.active)
                     self.drain.stop()
