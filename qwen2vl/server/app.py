@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   chat, streamed (SSE) or not; images, videos, tools
     GET  /v1/models             the served model (and /v1/models/{id})
-    GET  /health                200 while the engine runs
+    GET  /health                200 while the engine runs (503 once ``qwen2vl serve`` drains: server.shutdown)
     GET  /metrics               Prometheus text
 
 One :class:`~qwen2vl.engine.async_engine.AsyncEngine` thread owns the model. A request is checked, admitted
@@ -26,7 +26,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -100,6 +100,7 @@ class OpenAIServer:
         self.engine = AsyncEngine(llm.engine)
         self.capacity = llm.engine_config.max_num_seqs + config.max_queue_size
         self.inflight = 0  # sequences admitted and not yet finished (preprocessing, queued or running)
+        self.stopping = False  # set at shutdown: requests cancelled from now on were ended by it (503)
         self.metrics = Metrics(self.model_name)
         m = self.metrics
         m.add_gauge("qwen2vl_requests_running", "Sequences in the running (decoding) batch.",
@@ -205,10 +206,14 @@ class OpenAIServer:
             raise APIError(413, f"the request body is {int(length)} bytes, over the limit of {limit} bytes",
                            code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is over the limit of {limit} bytes",
+                                   code="request_too_large")
+        except ClientDisconnect:  # gone, or cut off by the body timeout (server.connections)
+            raise _ClientGone() from None
         try:
             return json.loads(bytes(body))
         except (ValueError, RecursionError) as e:
@@ -264,6 +269,12 @@ class OpenAIServer:
             log.exception("request %s failed", rid)
             self.metrics.request_done(500, latency=time.monotonic() - t0)
             return self._error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+        except asyncio.CancelledError:
+            if self.stopping and not handed_over:  # ended by the shutdown (shutdown.Drain answers the client)
+                self._log_error(rid, 503, "ended by the server's shutdown", t0)
+                self.metrics.aborted("shutdown")
+                self.metrics.request_done(503, latency=time.monotonic() - t0)
+            raise
         finally:
             if not handed_over:
                 self.inflight -= admitted
@@ -387,6 +398,10 @@ class OpenAIServer:
         try:
             done, _ = await asyncio.wait({task, watcher}, timeout=self._remaining(ctx),
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request was ended (shutdown): its sequences stop too
+            task.cancel()
+            self.engine.abort(ctx.handle)
+            raise
         finally:
             watcher.cancel()
         if task not in done:
@@ -437,12 +452,13 @@ class OpenAIServer:
             return _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
                          "model": self.model_name, "choices": choices, **usage_field})
 
-        states = [_ChoiceStream(i, req, ctx.prefix, self) for i in range(req.n)]
+        states: list[_ChoiceStream] = []
         ctx.states = states
-        for s in states:
-            yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
         try:
+            states += [_ChoiceStream(i, req, ctx.prefix, self) for i in range(req.n)]
+            for s in states:
+                yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
             while not ctx.handle.done:
                 remaining = self._remaining(ctx)
                 try:
@@ -469,6 +485,13 @@ class OpenAIServer:
             yield _sse(APIError(ctx.status, str(e)).body())
             yield "data: [DONE]\n\n"
             return
+        except Exception as e:  # noqa: BLE001 - a stream never ends without its error event and [DONE]
+            log.exception("request %s failed mid-stream", ctx.rid)
+            ctx.completion_tokens = sum(s.num_tokens for s in states)
+            ctx.status = 500
+            yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body())
+            yield "data: [DONE]\n\n"
+            return
         ctx.completion_tokens = sum(s.num_tokens for s in states)
         if req.include_usage:
             yield _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
@@ -481,9 +504,9 @@ class OpenAIServer:
             await gen.aclose()
         if not ctx.handle.done:
             self.engine.abort(ctx.handle)
-        if ctx.status is None:  # the stream ended without its end: the client went away
-            self.metrics.aborted("disconnect")
-            ctx.status = 499
+        if ctx.status is None:  # the stream ended without its end: the client went away, or the shutdown ended it
+            self.metrics.aborted("shutdown" if self.stopping else "disconnect")
+            ctx.status = 503 if self.stopping else 499
             ctx.completion_tokens = sum(s.num_tokens for s in ctx.states)
         self.inflight -= ctx.admitted
         ctx.admitted = 0

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, bytes_to_unicode
+from .tool_calls import check_tool_name
 
 __all__ = ["APIError", "ChatRequest", "parse_chat_request", "TokenInfo", "openai_logprobs"]
 
@@ -182,6 +183,10 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
                     not isinstance(fn.get("name"), str) or not isinstance(fn.get("parameters", {}), dict):
                 raise _schema(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': str, "
                               "'description': str, 'parameters': object}}", f"tools[{i}]")
+            problem = check_tool_name(fn["name"])
+            if problem is not None:
+                raise APIError(400, f"tools[{i}]: {problem}", param=f"tools[{i}].function.name",
+                               code="invalid_tool_name")
         tools = tools or None
     if tool_choice is None:
         return tools, ("auto" if tools else "none")
@@ -195,6 +200,9 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
     if isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict) and \
             isinstance(tool_choice["function"].get("name"), str):
         name = tool_choice["function"]["name"]
+        problem = check_tool_name(name)
+        if problem is not None:
+            raise APIError(400, f"tool_choice: {problem}", param="tool_choice", code="invalid_tool_name")
         if not tools or name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among 'tools'",
                            param="tool_choice")

@@ -40,6 +40,37 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preprocess-workers", type=int, default=2,
                    help="threads that fetch and preprocess media (default: 2)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_connection_args(p)
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connections and shutdown")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM / SIGINT, seconds the requests in flight may take to finish while /health and "
+                        "new requests get 503; those still running then end with an error (default: 30)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, from connecting or from the request's "
+                        "first byte; then 408 and the connection is closed (default: 10; 0: no limit)")
+    g.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request's body once its headers are in; then 408 and the "
+                        "connection is closed (default: 60; 0: no limit)")
+    g.add_argument("--max-connections-per-client", type=int, default=64,
+                   help="connections one client address may hold open; more are answered 429 and closed "
+                        "(default: 64; 0: no cap)")
+    g.add_argument("--keep-alive-timeout", type=int, default=5,
+                   help="seconds an idle keep-alive connection stays open (default: 5)")
+
+
+def _check_connection_args(args: argparse.Namespace) -> str | None:
+    for name in ("shutdown_timeout", "header_timeout", "body_timeout"):
+        value = getattr(args, name)
+        if not value >= 0 or value == float("inf"):
+            return f"--{name.replace('_', '-')} must be a finite number >= 0"
+    if args.max_connections_per_client < 0:
+        return "--max-connections-per-client must be >= 0"
+    if args.keep_alive_timeout < 1:
+        return "--keep-alive-timeout must be >= 1"
+    return None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -72,12 +103,14 @@ def serve(args: argparse.Namespace, out=None) -> int:
         if getattr(args, name) < 0:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
+    problem = _check_connection_args(args)
+    if problem is not None:
+        print(f"qwen2vl: error: {problem}", file=sys.stderr)
+        return 2
     if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
         print(f"qwen2vl: error: --allowed-local-media-path {args.allowed_local_media_path!r} is not a directory",
               file=sys.stderr)
         return 2
-    import uvicorn
-
     from ..engine.config import engine_config_from_args
     from ..llm import LLM
     from .app import ServerConfig, build_app
@@ -110,7 +143,22 @@ def serve(args: argparse.Namespace, out=None) -> int:
                f"{llm.device}, context {llm.max_model_len}) at http://{shown}:{port}/v1"
                + ("" if config.api_key else " (no API key)"))
     app = build_app(llm, config, on_ready=lambda: (print(message, file=out, flush=True)))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    build_server(app, args).run(sockets=[sock])
     return 0
+
+
+def build_server(app, args: argparse.Namespace):
+    """The uvicorn server for ``app`` (built by ``build_app``): h11 with the guards of server.connections, drained
+    on SIGTERM / SIGINT as server.shutdown describes, per the connection and shutdown flags of ``args``.
+    ``.run(sockets=[sock])`` serves until then."""
+    import uvicorn
+
+    from .connections import ConnectionLimits, guarded_protocol
+    from .shutdown import Drain, GracefulServer
+
+    limits = ConnectionLimits(header_timeout=args.header_timeout or None, body_timeout=args.body_timeout or None,
+                              max_per_client=args.max_connections_per_client or None)
+    drain = Drain(app, on_stop=lambda: setattr(app.state.server, "stopping", True))
+    config = uvicorn.Config(drain, http=guarded_protocol(limits), log_level="warning", access_log=False,
+                            lifespan="on", timeout_keep_alive=args.keep_alive_timeout, timeout_graceful_shutdown=5)
+    return GracefulServer(config, drain, args.shutdown_timeout)

@@ -14,6 +14,11 @@ its text exactly, as a rewrite of the messages that the checkpoint's own templat
 The result is byte-identical to Qwen2.5-Instruct's template for the same messages (``tests/test_tool_calls.py``
 renders both), except for the default system line, which stays the checkpoint's own.
 
+Every name this module puts into a prompt is JSON-escaped (``json.dumps``). Function names offered in ``tools``
+or forced by ``tool_choice`` must also match :data:`TOOL_NAME_PATTERN` (OpenAI's rule; the request check refuses
+others with :func:`check_tool_name`, and :func:`forced_prefix` does too), so they can neither close a block nor
+add text to the prompt.
+
 The model answers ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``; :class:`ToolCallParser`
 turns the text back into content and tool calls, incrementally for streams (the same rules either way, so a
 stream's pieces add up to the non-streamed answer).
@@ -29,7 +34,7 @@ from typing import Any
 
 __all__ = ["TOOLS_HEADER", "TOOLS_FOOTER", "TOOL_CALL_START", "TOOL_CALL_END", "DEFAULT_SYSTEM", "ToolCall",
            "ToolCallParser", "parse_tool_calls", "tools_system_prompt", "convert_tool_messages",
-           "forced_prefix", "template_has_tools", "needs_conversion"]
+           "forced_prefix", "template_has_tools", "needs_conversion", "TOOL_NAME_PATTERN", "check_tool_name"]
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -39,6 +44,19 @@ TOOLS_HEADER = ("\n\n# Tools\n\nYou may call one or more functions to assist wit
 TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
                 "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
+
+#: OpenAI's rule for function names: letters, digits, underscores and dashes, 1 to 64 of them.
+TOOL_NAME_PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def check_tool_name(name: Any) -> str | None:
+    """Why ``name`` may not name a function (None when it may)."""
+    if not isinstance(name, str):
+        return f"a function name must be a string, got {type(name).__name__}"
+    if TOOL_NAME_PATTERN.fullmatch(name) is None:
+        return (f"the function name {name[:80]!r} is invalid: it must be 1 to 64 letters, digits, underscores or "
+                "dashes (^[a-zA-Z0-9_-]{1,64}$)")
+    return None
 
 
 def _dumps(x: Any) -> str:
@@ -82,7 +100,9 @@ def _arguments_for_template(arguments: Any) -> Any:
 
 
 def tool_call_block(name: str, arguments: Any) -> str:
-    return f'<tool_call>\n{{"name": "{name}", "arguments": {_dumps(_arguments_for_template(arguments))}}}\n</tool_call>'
+    """One past call as the template writes it (the name JSON-escaped: the same text for a valid name)."""
+    return (f'<tool_call>\n{{"name": {_dumps(name)}, "arguments": {_dumps(_arguments_for_template(arguments))}}}'
+            '\n</tool_call>')
 
 
 def needs_conversion(messages: list[dict], tools: list[dict] | None) -> bool:
@@ -156,10 +176,14 @@ def for_tools_template(messages: list[dict]) -> list[dict]:
 
 def forced_prefix(tool_choice: Any) -> str:
     """Text put at the start of the answer to make the model call a tool: for a named function, up to its
-    arguments; for "required", up to the name. (There is no constrained decoding: what follows is the model's.)"""
+    arguments; for "required", up to the name. (There is no constrained decoding: what follows is the model's.)
+    A named function must pass :func:`check_tool_name` (ValueError otherwise); its name is JSON-escaped."""
     if isinstance(tool_choice, dict):
         name = tool_choice["function"]["name"]
-        return f'{TOOL_CALL_START}\n{{"name": "{name}", "arguments": '
+        problem = check_tool_name(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return f'{TOOL_CALL_START}\n{{"name": {_dumps(name)}, "arguments": '
     if tool_choice == "required":
         return f'{TOOL_CALL_START}\n{{"name": "'
     return ""
@@ -235,7 +259,8 @@ class ToolCallParser:
         self.calls: list[ToolCall] = []
         if prefix:
             events = self.feed(prefix)
-            assert not events, "a forced prefix must open a tool call"
+            if events or not self._inside:
+                raise ValueError(f"the forced prefix {prefix[:80]!r} does not open a tool call")
 
     # -- helpers
     def _outside(self, text: str, events: list) -> None:
