@@ -205,6 +205,9 @@ def _layout_checked(layout: str) -> bool:
         return False
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class Int8Linear(nn.Module):
     """``layout``: "plain" keeps ``weight``, the (out, in) int8 matrix; "onednn" and "fbgemm" (CPU, where that
     kernel works; otherwise the next layout in ``_FALLBACK``) hold the matrix only in ``packed``, that kernel's
@@ -235,6 +238,9 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight", None if self.prepacked else q)  # (out, in) int8
             self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None) if self.prepacked else None)
         self.register_buffer("scales", s)  # (out,) float32
+        # the plain kernel takes its scales in the activations' dtype: cast once here, not in every forward (where
+        # the cast is also an op that inductor cannot lower into the kernel's input)
+        self.register_buffer("scales_lp", s.to(weight.dtype) if weight.dtype in _LOW_PRECISION else None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dtype = weight.dtype
 
@@ -246,7 +252,8 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu" and not 1 < x.shape[0] <= _SMALL_M:
             return self._dynamic(x).view(*lead, self.out_features)
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        y = torch._weight_int8pack_mm(x.to(dt), self.weight, self.scales.to(dt)).to(x.dtype)
+        scales = self.scales_lp if self.scales_lp is not None and self.scales_lp.dtype == dt else self.scales.to(dt)
+        y = torch._weight_int8pack_mm(x.to(dt), self.weight, scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
@@ -361,14 +368,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.cat(sz).transpose(0, 1).contiguous())  # (groups, out, 2)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def dequantize(self, start: int = 0, end: int | None = None, block_n: int | None = None) -> torch.Tensor:
         """Output rows start..end of the weight as bf16 (out rows, in). The packed layout (torch's CPU int4
-        format) is [out/64][in][32] bytes: byte j of row block b holds row 64b+j in its low nibble and row
-        64b+32+j in its high one; ``_unpack_checked`` verifies that against torch once per process."""
+        format) is [out/N][in][N/2] bytes, N = 64 where torch's kernel uses AVX-512 and 32 where it uses AVX2:
+        byte j of row block b holds row N*b+j in its low nibble and row N*b+N/2+j in its high one. N is found
+        once per process by ``_unpack_block_n``, which checks this against torch's kernel.
+
+        Worked example, N = 32: bytes [0][k][0..15] hold rows 0..15 (low) and 16..31 (high) at input k."""
+        block_n = block_n or _unpack_block_n() or 64
+        half = block_n // 2
         end = self.out_features if end is None else end
         n, K, g = end - start, self.in_features, self.group_size
-        packed = self.weight.view(-1, K, 32)[start // 64:end // 64].transpose(1, 2)  # (n/64, 32, in)
-        q = torch.empty(n // 64, 2, 32, K, dtype=torch.uint8, device=packed.device)
+        packed = self.weight.view(-1, K, half)[start // block_n:end // block_n].transpose(1, 2)  # (n/N, N/2, in)
+        q = torch.empty(n // block_n, 2, half, K, dtype=torch.uint8, device=packed.device)  # (n/N, lo|hi, N/2, in)
         torch.bitwise_and(packed, 15, out=q[:, 0])
         torch.bitwise_right_shift(packed, 4, out=q[:, 1])
         w = q.view(torch.int8).sub_(8).view(n, K // g, g).to(torch.bfloat16)  # (n, groups, g): q - 8 in -8..7
@@ -378,7 +390,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if xb.shape[0] > _INT4_GEMM_M and self.out_features % 64 == 0 and _unpack_checked():
+        if xb.shape[0] > _INT4_GEMM_M and self.out_features % 64 == 0 and _unpack_block_n():
             y = torch.empty(xb.shape[0], self.out_features, dtype=torch.bfloat16)
             for r in range(0, self.out_features, _INT4_BLOCK_N):
                 e = min(r + _INT4_BLOCK_N, self.out_features)
@@ -392,15 +404,19 @@ class Int4Linear(nn.Module):
 
 
 @functools.cache
-def _unpack_checked() -> bool:
-    """Whether ``Int4Linear.dequantize`` reads this torch's packed layout right (checked once on a known matrix);
-    if not, prefill keeps the int4 kernel."""
+def _unpack_block_n() -> int:
+    """The row-block size N of this torch's packed int4 layout (64 with AVX-512, 32 with AVX2) for which
+    ``Int4Linear.dequantize`` reads what torch's kernel multiplies by, checked once on a known matrix; 0 if
+    neither reads it right (then prefill keeps the int4 kernel)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 64, generator=g)
     lin = Int4Linear(w, None, group_size=32)
     eye = torch.eye(64, dtype=torch.bfloat16)
-    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, 32, lin.scales_and_zeros).t()
-    return bool(torch.allclose(lin.dequantize().float(), ref.float(), rtol=1e-2, atol=1e-2))
+    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, 32, lin.scales_and_zeros).t().float()
+    for block_n in (64, 32):
+        if torch.allclose(lin.dequantize(block_n=block_n).float(), ref, rtol=1e-2, atol=1e-2):
+            return block_n
+    return 0
 
 
 class Int8Embedding(nn.Module):

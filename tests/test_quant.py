@@ -101,7 +101,7 @@ def test_int8_prefill_blocks_match_one_gemm():
 def test_int4_prefill_unpacks_what_the_kernel_reads(out_features):
     """Above _INT4_GEMM_M rows the packed weight is unpacked for a bf16 GEMM: same weights as the int4 kernel."""
     from qwen2vl import quant
-    assert quant._unpack_checked()
+    assert quant._unpack_block_n() in (32, 64)
     torch.manual_seed(0)
     q = Int4Linear(torch.randn(out_features, 256), torch.randn(out_features), group_size=64)
     eye = torch.eye(256, dtype=torch.bfloat16)
