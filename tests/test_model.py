@@ -12,7 +12,7 @@ from qwen2vl.errors import InvalidInputError
 from qwen2vl.language import KVView
 from qwen2vl.loader import load_model
 from qwen2vl.inputs import VisionInputs
-from qwen2vl.model import mrope_positions
+from qwen2vl.positions import mrope_positions
 from qwen2vl.vision import vision_position_ids
 from tests.fixtures import load_reference, official_config, write_checkpoint
 

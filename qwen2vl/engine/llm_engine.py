@@ -7,15 +7,19 @@ stop string finished through :meth:`LLMEngine.finish_request`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..errors import InvalidInputError
-from ..model import Qwen2VLForConditionalGeneration
 from ..tokenizer import Tokenizer
 from .model_runner import ModelRunner
 from .sampler import Sampler, make_generator
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+
+if TYPE_CHECKING:  # the engine takes the model it is given; the name is for annotations only
+    from ..model import Qwen2VLForConditionalGeneration
 
 
 class LLMEngine:

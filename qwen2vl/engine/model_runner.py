@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..model import Qwen2VLForConditionalGeneration, mrope_positions
+from ..language import KVView
+from ..positions import mrope_positions
 from .kv_cache import KVCache
 from .prefix_cache import LRUBytes, PrefixCache, media_hashes, prefix_keys
 from .sequence import Sequence
-from ..language import KVView
+
+if TYPE_CHECKING:  # the engine takes the model it is given; the name is for annotations only
+    from ..model import Qwen2VLForConditionalGeneration
 
 
 class ModelRunner:
