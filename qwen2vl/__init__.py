@@ -12,7 +12,7 @@ from .errors import InvalidInputError
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "InvalidInputError", "process_vision_info", "RequestOutput",
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "InvalidInputError", "process_vision_info", "RequestOutput",
            "CompletionOutput", "__version__"]
 
 
@@ -20,6 +20,9 @@ def __getattr__(name):  # heavy modules load on first use
     if name == "LLM":
         from .llm import LLM
         return LLM
+    if name == "EngineConfig":
+        from .engine.config import EngineConfig
+        return EngineConfig
     if name == "process_vision_info":
         from .media.vision_info import process_vision_info
         return process_vision_info
