@@ -6,7 +6,12 @@ This module owns:
   :func:`smart_resize` and the factor rounding it uses, and :func:`resize_image`, the resize step of its
   ``fetch_image`` (images, and each frame of a frame-list video);
 * :func:`load_image`: any single picture (PIL image, numpy array, bytes, path, ``file://`` / ``http(s)://`` /
-  base64 data URL) as an RGB PIL image, transparency composited onto white;
+  base64 data URL) as an RGB PIL image, transparency composited onto white; its pixel count checked against
+  ``max_image_pixels`` from the header, before anything is decoded; a JPEG far over the size it will be
+  resized to decoded at a reduced scale (:func:`draft_size` says when); :func:`release_heap` hands the memory
+  of a big decode back to the system;
+* :func:`target_size`: the size an image item is resized to, ``resized_height`` / ``resized_width``
+  included, which are held to the item's pixel budget (:func:`resized_within`);
 * bounded URL downloads (:func:`iter_url_chunks`, :func:`download_bytes`): a timeout per connect/read and a
   size limit;
 * CLIP normalisation and the merge-window patch flattening of transformers' Qwen2-VL processors
@@ -21,12 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import functools
 import math
 import os
 import urllib.error
 import urllib.request
 from io import BytesIO
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,9 +43,10 @@ from ..errors import InvalidInputError
 
 __all__ = [
     "IMAGE_FACTOR", "MIN_PIXELS", "MAX_PIXELS", "MAX_RATIO", "IMAGE_MIN_TOKEN_NUM", "IMAGE_MAX_TOKEN_NUM",
-    "CLIP_MEAN", "CLIP_STD", "DEFAULT_TIMEOUT", "DEFAULT_MAX_BYTES",
+    "CLIP_MEAN", "CLIP_STD", "DEFAULT_TIMEOUT", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_IMAGE_PIXELS",
+    "DRAFT_MIN_PIXELS", "TRIM_BYTES",
     "round_by_factor", "ceil_by_factor", "floor_by_factor", "is_number", "pixels_arg", "smart_resize",
-    "resize_image", "short", "open_url", "iter_url_chunks", "download_bytes", "to_rgb", "load_image",
+    "resized_within", "target_size", "resize_image", "short", "draft_size", "release_heap", "open_url", "iter_url_chunks", "download_bytes", "to_rgb", "load_image",
     "normalize_chw", "flatten_patches", "check_patchable",
 ]
 
@@ -57,6 +65,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_TIMEOUT = 10.0  # seconds, for connecting and for each read
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: The most pixels (width x height, read from the header) an encoded image may have before it is decoded: PIL's
+#: own DecompressionBombError bound (2 x Image.MAX_IMAGE_PIXELS), as an error. The server sets its own, lower.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+#: A JPEG is decoded at a reduced scale only when it has at least this many pixels (and see draft_size).
+DRAFT_MIN_PIXELS = 16_000_000
+#: A decode of at least this many bytes (RGB) is followed by release_heap().
+TRIM_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +114,8 @@ def smart_resize(
     Exactly qwen-vl-utils' ``smart_resize``. ``None`` bounds mean ``4 * factor**2`` and
     ``16384 * factor**2`` (equal to MIN_PIXELS / MAX_PIXELS for factor 28).
     """
-    if not (is_number(height) and is_number(width)) or height <= 0 or width <= 0:
-        raise InvalidInputError(f"image height and width must be positive numbers, got {height}x{width}")
+    if not (is_number(height) and is_number(width)) or not (0 < height < math.inf and 0 < width < math.inf):
+        raise InvalidInputError(f"image height and width must be positive finite numbers, got {height}x{width}")
     if min_pixels is None:
         min_pixels = IMAGE_MIN_TOKEN_NUM * factor**2
     if max_pixels is None:
@@ -131,6 +146,40 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def resized_within(ele: dict, factor: int, max_pixels: float) -> tuple[int, int]:
+    """``ele``'s "resized_height" x "resized_width" snapped by :func:`smart_resize` with its default bounds, the
+    upper bound lowered to ``max_pixels`` (the item's pixel budget): a requested size over the budget is scaled
+    down to it, aspect ratio kept, by the same rules (qwen-vl-utils snaps it with the default bounds alone, so
+    a tiny image could ask for 16384 tokens whatever ``max_pixels`` says)."""
+    cap = min(IMAGE_MAX_TOKEN_NUM * factor**2, max_pixels)
+    return smart_resize(ele["resized_height"], ele["resized_width"], factor=factor,
+                        min_pixels=min(IMAGE_MIN_TOKEN_NUM * factor**2, cap), max_pixels=cap)
+
+
+def target_size(
+    width: int,
+    height: int,
+    ele: dict,
+    factor: int = IMAGE_FACTOR,
+    *,
+    min_pixels: float | None = None,
+    max_pixels: float | None = None,
+) -> tuple[int, int]:
+    """(height, width) an image of ``width`` x ``height`` is resized to for the item options ``ele``.
+
+    The pixel budget is ``ele``'s "min_pixels"/"max_pixels" over ``min_pixels``/``max_pixels`` over 4 and 16384
+    tokens' worth of pixels for ``factor``. With both "resized_height" and "resized_width" in ``ele`` those are
+    snapped with ``smart_resize`` (:func:`resized_within`: held to the budget's upper bound); otherwise the
+    image's own size is, within the budget.
+    """
+    lo = min_pixels if min_pixels is not None else IMAGE_MIN_TOKEN_NUM * factor**2
+    hi = max_pixels if max_pixels is not None else IMAGE_MAX_TOKEN_NUM * factor**2
+    lo, hi = pixels_arg(ele, "min_pixels", lo), pixels_arg(ele, "max_pixels", hi)
+    if "resized_height" in ele and "resized_width" in ele:
+        return resized_within(ele, factor, hi)
+    return smart_resize(height, width, factor=factor, min_pixels=lo, max_pixels=hi)
+
+
 def resize_image(
     image: Image.Image,
     ele: dict,
@@ -139,27 +188,10 @@ def resize_image(
     min_pixels: float | None = None,
     max_pixels: float | None = None,
 ) -> Image.Image:
-    """The resize step of qwen-vl-utils' ``fetch_image`` for the item options ``ele``.
-
-    With both "resized_height" and "resized_width" in ``ele`` those are snapped with ``smart_resize`` and
-    the default bounds; otherwise the image's own size is, with ``ele``'s "min_pixels"/"max_pixels" over
-    ``min_pixels``/``max_pixels`` over 4 and 16384 tokens' worth of pixels for ``factor``. Bicubic (PIL).
-    """
-    if "resized_height" in ele and "resized_width" in ele:
-        resized_height, resized_width = smart_resize(
-            ele["resized_height"], ele["resized_width"], factor=factor, min_pixels=None, max_pixels=None
-        )
-    else:
-        width, height = image.size
-        lo = min_pixels if min_pixels is not None else IMAGE_MIN_TOKEN_NUM * factor**2
-        hi = max_pixels if max_pixels is not None else IMAGE_MAX_TOKEN_NUM * factor**2
-        resized_height, resized_width = smart_resize(
-            height,
-            width,
-            factor=factor,
-            min_pixels=pixels_arg(ele, "min_pixels", lo),
-            max_pixels=pixels_arg(ele, "max_pixels", hi),
-        )
+    """The resize step of qwen-vl-utils' ``fetch_image`` for the item options ``ele``: to
+    :func:`target_size` of the image's own size, bicubic (PIL)."""
+    resized_height, resized_width = target_size(*image.size, ele, factor, min_pixels=min_pixels,
+                                                max_pixels=max_pixels)
     return image.resize((resized_width, resized_height), resample=Image.Resampling.BICUBIC)
 
 
@@ -212,15 +244,73 @@ def download_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int
 # ---------------------------------------------------------------------------------------------
 # Loading one picture
 # ---------------------------------------------------------------------------------------------
-def _decode_image(fp: Any, what: str) -> Image.Image:
+#: ``plan(width, height) -> (height, width)``: the size a picture of that size will be resized to.
+Plan = Callable[[int, int], tuple[int, int]]
+
+
+def draft_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int] | None:
+    """The (width, height) to ask a JPEG decoder for, or None to decode at full size.
+
+    Only for pictures of at least :data:`DRAFT_MIN_PIXELS` that are 4 times the ``target`` (height, width) or more
+    on both sides: they are decoded at 1/2, 1/4 or 1/8 scale, never below twice the target on a side, then resized
+    as usual. Their pixels then differ slightly from qwen-vl-utils' (which decodes at full size); every smaller
+    picture is decoded as it does.
+    """
+    th, tw = target
+    if width * height < DRAFT_MIN_PIXELS or width < 4 * tw or height < 4 * th:
+        return None
+    return 2 * tw, 2 * th
+
+
+def _check_pixels(img: Image.Image, what: str, max_image_pixels: int | None) -> None:
+    width, height = img.size
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise InvalidInputError(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                                f"{max_image_pixels:,} pixels")
+
+
+def _reason(e: Exception) -> str:
+    """PIL's reason for a failed decode, unless it quotes a file name or an object's repr (ours, not the user's)."""
+    text = str(e)
+    if isinstance(e, Image.UnidentifiedImageError) or "<" in text or os.sep in text or not text:
+        return "not a known image format or a damaged file"
+    return text
+
+
+def _decode_image(fp: Any, what: str, max_image_pixels: int | None, plan: Plan | None) -> Image.Image:
     try:
         img = Image.open(fp)
+        _check_pixels(img, what, max_image_pixels)
+        if plan is not None:
+            target = plan(img.width, img.height)
+            size = draft_size(img.width, img.height, target) if img.format == "JPEG" else None
+            if size is not None:
+                img.draft(None, size)
         img.load()
         return img
-    except Image.DecompressionBombError as e:
-        raise InvalidInputError(f"{what} is too large to decode: {e}") from None
+    except Image.DecompressionBombError:
+        raise InvalidInputError(f"{what} has more pixels than PIL decodes") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
-        raise InvalidInputError(f"{what} is not a readable image: {e}") from None
+        if isinstance(e, InvalidInputError):
+            raise
+        raise InvalidInputError(f"{what} is not a readable image: {_reason(e)}") from None
+
+
+def release_heap(nbytes: int) -> None:
+    """After a decode of ``nbytes``: give the C heap's free memory back to the system (glibc's ``malloc_trim``),
+    when ``nbytes`` is at least :data:`TRIM_BYTES` and the C library has it; otherwise nothing."""
+    if nbytes >= TRIM_BYTES:
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -252,7 +342,7 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), mode=mode)
 
 
-def _load_data_url(s: str) -> Image.Image:
+def _load_data_url(s: str, limit: int | None, plan: Plan | None) -> Image.Image:
     if "base64," not in s:
         raise InvalidInputError("data URL images must be base64 encoded ('data:image/...;base64,...')")
     payload = s.split("base64,", 1)[1]
@@ -260,37 +350,48 @@ def _load_data_url(s: str) -> Image.Image:
         data = base64.b64decode(payload)  # lenient like qwen-vl-utils (skips stray characters)
     except (binascii.Error, ValueError) as e:
         raise InvalidInputError(f"corrupt base64 in data URL image: {e}") from None
-    return _decode_image(BytesIO(data), "the data URL image")
+    return _decode_image(BytesIO(data), "the data URL image", limit, plan)
 
 
-def _load_str(s: str, timeout: float, max_bytes: int) -> Image.Image:
+def _load_str(s: str, timeout: float, max_bytes: int, limit: int | None, plan: Plan | None) -> Image.Image:
     if s.startswith(("http://", "https://")):
-        return _decode_image(BytesIO(download_bytes(s, timeout=timeout, max_bytes=max_bytes)), short(s))
+        data = download_bytes(s, timeout=timeout, max_bytes=max_bytes)
+        return _decode_image(BytesIO(data), f"the image at {short(s)}", limit, plan)
     if s.startswith("data:image"):
-        return _load_data_url(s)
+        return _load_data_url(s, limit, plan)
     path = s[7:] if s.startswith("file://") else s
     if not os.path.isfile(path):
         raise InvalidInputError(f"image file not found: {short(path)}")
     with open(path, "rb") as f:
-        return _decode_image(f, f"image file {short(path)}")
+        return _decode_image(f, f"image file {short(path)}", limit, plan)
 
 
 def load_image(
-    source: Any, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES
+    source: Any,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    plan: Plan | None = None,
 ) -> Image.Image:
     """Load ``source`` as an RGB PIL image.
 
     ``source``: a PIL image, a numpy array (HWC uint8 with 1/3/4 channels, or HW), bytes, a local
     path, a ``file://`` URL, an ``http(s)://`` URL, or a ``data:image/...;base64,`` URL.
+    ``max_image_pixels``: the most pixels the picture may have (None: no limit); an encoded picture is checked
+    from its header, before it is decoded. ``plan``: the size the picture will be resized to, asked once with
+    its size; with it a big JPEG may be decoded at a reduced scale (:func:`draft_size`), so the image returned
+    may be smaller than the file.
     """
+    limit = max_image_pixels
     if isinstance(source, Image.Image):
         img = source
     elif isinstance(source, np.ndarray):
         img = _array_to_pil(source)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        img = _decode_image(BytesIO(bytes(source)), "the image bytes")
+        img = _decode_image(BytesIO(bytes(source)), "the image bytes", limit, plan)
     elif isinstance(source, (str, os.PathLike)):
-        img = _load_str(os.fspath(source), timeout, max_bytes)
+        img = _load_str(os.fspath(source), timeout, max_bytes, limit, plan)
     else:
         raise InvalidInputError(
             "unrecognized image input: expected a PIL image, numpy array, bytes, local path, file:// or "
@@ -298,6 +399,10 @@ def load_image(
         )
     if img.width == 0 or img.height == 0:
         raise InvalidInputError(f"image has zero size ({img.width}x{img.height})")
+    if isinstance(source, (Image.Image, np.ndarray)):  # decoded already: the limit and the plan as for files
+        _check_pixels(img, "the image", limit)
+        if plan is not None:
+            plan(img.width, img.height)
     return to_rgb(img)
 
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidInputError
-from .common import (DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, IMAGE_FACTOR, check_patchable, flatten_patches, load_image,
-                     normalize_chw, resize_image, to_rgb)
+from .common import (DEFAULT_MAX_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_TIMEOUT, IMAGE_FACTOR, check_patchable,
+                     flatten_patches, load_image, normalize_chw, release_heap, target_size, to_rgb)
 
 __all__ = ["image_source", "fetch_image", "image_to_patches"]
 
@@ -49,16 +49,31 @@ def fetch_image(
     max_pixels: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Image.Image:
     """Load and resize one image item exactly like qwen-vl-utils' ``fetch_image``.
 
     ``min_pixels``/``max_pixels`` replace qwen-vl-utils' module defaults (4 and 16384 tokens' worth
     of pixels); the item's own "min_pixels"/"max_pixels" keys override them. When the item has both
     "resized_height" and "resized_width", those are snapped with ``smart_resize`` using the module
-    defaults, as in qwen-vl-utils.
+    defaults, as in qwen-vl-utils, but held to the item's ``max_pixels``. ``max_image_pixels``: the most
+    pixels the picture may have, checked before it is decoded (:func:`~qwen2vl.media.common.load_image`,
+    which also decodes a JPEG far over its target size at a reduced scale).
     """
-    image = load_image(image_source(ele), timeout=timeout, max_bytes=max_bytes)
-    return resize_image(image, ele, size_factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    size: dict[str, tuple[int, int]] = {}
+
+    def plan(width: int, height: int) -> tuple[int, int]:
+        size["source"] = (width, height)
+        size["target"] = target_size(width, height, ele, size_factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return size["target"]
+
+    image = load_image(image_source(ele), timeout=timeout, max_bytes=max_bytes, max_image_pixels=max_image_pixels,
+                       plan=plan)
+    height, width = size["target"]
+    resized = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+    del image
+    release_heap(3 * size["source"][0] * size["source"][1])  # the RGB decode, freed by now
+    return resized
 
 
 def image_to_patches(

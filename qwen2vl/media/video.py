@@ -47,7 +47,7 @@ from PIL import Image
 from ..errors import InvalidInputError
 from .common import (DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, IMAGE_FACTOR, ceil_by_factor, check_patchable,
                      flatten_patches, floor_by_factor, is_number, iter_url_chunks, load_image, normalize_chw,
-                     pixels_arg, resize_image, round_by_factor, short, smart_resize, to_rgb)
+                     pixels_arg, resize_image, resized_within, round_by_factor, short, smart_resize, to_rgb)
 
 __all__ = [
     "VIDEO_MIN_PIXELS", "VIDEO_MAX_PIXELS", "VIDEO_MIN_TOKEN_NUM", "VIDEO_MAX_TOKEN_NUM", "FRAME_FACTOR", "FPS",
@@ -153,9 +153,9 @@ def _video_budget(ele: dict, nframes: int, factor: int, min_pixels, max_pixels, 
 
 
 def _target_size(ele: dict, height: int, width: int, nframes: int, factor: int, budget) -> tuple[int, int]:
-    if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(ele["resized_height"], ele["resized_width"], factor=factor, min_pixels=None, max_pixels=None)
     lo, hi = _video_budget(ele, nframes, factor, *budget)
+    if "resized_height" in ele and "resized_width" in ele:
+        return resized_within(ele, factor, hi)  # held to the frame budget
     return smart_resize(height, width, factor=factor, min_pixels=lo, max_pixels=hi)
 
 
