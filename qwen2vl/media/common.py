@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ctypes
 import functools
 import math
@@ -46,7 +47,8 @@ __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DEFAULT_TIMEOUT", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_IMAGE_PIXELS",
     "DRAFT_MIN_PIXELS", "TRIM_BYTES",
     "round_by_factor", "ceil_by_factor", "floor_by_factor", "is_number", "pixels_arg", "smart_resize",
-    "resized_within", "target_size", "resize_image", "short", "draft_size", "release_heap", "open_url", "iter_url_chunks", "download_bytes", "to_rgb", "load_image",
+    "resized_within", "target_size", "resize_image", "short", "draft_size", "check_image_header",
+    "release_heap", "open_url", "iter_url_chunks", "download_bytes", "to_rgb", "load_image",
     "normalize_chw", "flatten_patches", "check_patchable",
 ]
 
@@ -277,8 +279,21 @@ def _reason(e: Exception) -> str:
     return text
 
 
-def _decode_image(fp: Any, what: str, max_image_pixels: int | None, plan: Plan | None) -> Image.Image:
+@contextlib.contextmanager
+def _pil_errors(what: str):
+    """PIL's decode errors as InvalidInputError naming ``what``."""
     try:
+        yield
+    except Image.DecompressionBombError:
+        raise InvalidInputError(f"{what} has more pixels than PIL decodes") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        if isinstance(e, InvalidInputError):
+            raise
+        raise InvalidInputError(f"{what} is not a readable image: {_reason(e)}") from None
+
+
+def _decode_image(fp: Any, what: str, max_image_pixels: int | None, plan: Plan | None) -> Image.Image:
+    with _pil_errors(what):
         img = Image.open(fp)
         _check_pixels(img, what, max_image_pixels)
         if plan is not None:
@@ -288,12 +303,14 @@ def _decode_image(fp: Any, what: str, max_image_pixels: int | None, plan: Plan |
                 img.draft(None, size)
         img.load()
         return img
-    except Image.DecompressionBombError:
-        raise InvalidInputError(f"{what} has more pixels than PIL decodes") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
-        if isinstance(e, InvalidInputError):
-            raise
-        raise InvalidInputError(f"{what} is not a readable image: {_reason(e)}") from None
+
+
+def check_image_header(fp: Any, what: str, max_image_pixels: int | None) -> tuple[int, int]:
+    """(width, height) of the encoded picture ``fp`` (a path or a binary file object), read from its header alone;
+    InvalidInputError if it is no image PIL reads or has more than ``max_image_pixels`` pixels."""
+    with _pil_errors(what), Image.open(fp) as img:
+        _check_pixels(img, what, max_image_pixels)
+        return img.size
 
 
 def release_heap(nbytes: int) -> None:

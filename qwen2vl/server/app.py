@@ -7,8 +7,13 @@
 
 One :class:`~qwen2vl.engine.async_engine.AsyncEngine` thread owns the model. A request is checked, admitted
 against the bounded queue (429 with Retry-After past it), its media fetched under the :class:`MediaPolicy` and
-preprocessed on a worker thread, then submitted to the engine, where it joins the running batch at the next step.
+preprocessed on a worker thread (one task per request, its media one after the other; a bounded number of tasks
+waiting, 429 past it), then submitted to the engine, where it joins the running batch at the next step.
 A client that goes away, or a request past its timeout, is aborted at once (its cache row is freed).
+
+Error messages name the user's input (an item's index and URL), never the server's internals: no temporary or
+local paths (:meth:`ResolvedMedia.redact`), no exception names or reprs; unexpected errors are logged with the
+request id and answered with that id only. ``/v1/models`` and ``/metrics`` show served names, not paths.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2.exceptions import TemplateError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -37,7 +44,7 @@ from ..media.messages import Resolver, normalize_messages
 from ..processor import ProcessedPrompt
 from ..sampling_params import generation_config_defaults
 from . import tool_calls as tc
-from .media import MediaPolicy, ResolvedMedia
+from .media import MediaPolicy, ResolvedMedia, describe_source
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, TokenInfo, openai_logprobs, parse_chat_request
 
@@ -53,7 +60,9 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_p
 class ServerConfig:
     """How the server behaves. ``max_queue_size``: sequences that may wait beyond the running batch (preprocessing
     included) before new requests get 429. ``request_timeout``: seconds from arrival to the end of a request
-    (None: no limit). Limits per request: body bytes, images, videos, visual tokens (None: only the context)."""
+    (None: no limit). Limits per request: body bytes, images, videos, visual tokens (None: only the context).
+    ``max_preprocess_queue``: requests that may wait for a preprocessing worker (``preprocess_workers`` of them
+    prepare one request each at a time) before new requests get 429."""
 
     served_model_names: list[str]
     api_key: str | None = None
@@ -65,6 +74,7 @@ class ServerConfig:
     max_visual_tokens: int | None = 16384
     media: MediaPolicy = field(default_factory=MediaPolicy)
     preprocess_workers: int = 2
+    max_preprocess_queue: int = 16
     retry_after_s: int = 1
 
 
@@ -111,6 +121,10 @@ class OpenAIServer:
                     lambda: self.capacity)
         m.add_gauge("qwen2vl_kv_cache_rows", "KV-cache rows in use.", lambda: self.engine.num_cache_rows)
         m.add_gauge("qwen2vl_engine_failures", "Engine steps that raised.", lambda: self.engine.failures)
+        m.add_gauge("qwen2vl_preprocess_pending", "Requests being prepared or waiting for a preprocessing worker.",
+                    lambda: self.preparing)
+        self.preparing = 0  # preparation tasks submitted to the pool and not finished
+        self._preparing_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=max(1, config.preprocess_workers),
                                        thread_name_prefix="qwen2vl-prep")
         self.sampling_defaults = generation_config_defaults(llm.generation_config)  # as LLM's
@@ -171,7 +185,7 @@ class OpenAIServer:
 
     def _model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "qwen2vl",
-                "root": str(self.llm.model_path), "parent": None, "max_model_len": self.llm.max_model_len}
+                "root": self.model_name, "parent": None, "max_model_len": self.llm.max_model_len}
 
     async def list_models(self, request: Request) -> Response:
         try:
@@ -243,7 +257,7 @@ class OpenAIServer:
                                headers={"Retry-After": str(self.config.retry_after_s)})
             self.inflight += req.n
             admitted = req.n
-            prepared, prefix = await self._prepare(req, deadline)
+            prepared, prefix = await self._prepare(req, deadline, rid)
             seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}")
                     for i, p in enumerate(req.seq_params())]
             handle = self.engine.submit(seqs)
@@ -265,10 +279,10 @@ class OpenAIServer:
             self.metrics.aborted("disconnect")
             self.metrics.request_done(499, latency=time.monotonic() - t0)
             return Response(status_code=499)
-        except Exception as e:  # noqa: BLE001 - a bad request never takes the server down
+        except Exception:  # noqa: BLE001 - a bad request never takes the server down
             log.exception("request %s failed", rid)
             self.metrics.request_done(500, latency=time.monotonic() - t0)
-            return self._error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+            return self._error(_internal_error(rid))
         except asyncio.CancelledError:
             if self.stopping and not handed_over:  # ended by the shutdown (shutdown.Drain answers the client)
                 self._log_error(rid, 503, "ended by the server's shutdown", t0)
@@ -283,42 +297,71 @@ class OpenAIServer:
         log.info("%s status=%d latency=%.3fs error=%s", rid, status, time.monotonic() - t0, message[:200])
 
     # ------------------------------------------------------------------ preparing the prompt
-    async def _prepare(self, req: ChatRequest, deadline: float | None) -> tuple[ProcessedPrompt, str]:
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, self._prepare_sync, req)
+    async def _prepare(self, req: ChatRequest, deadline: float | None, rid: str) -> tuple[ProcessedPrompt, str]:
+        cfg = self.config
+        with self._preparing_lock:
+            if self.preparing >= max(1, cfg.preprocess_workers) + cfg.max_preprocess_queue:
+                self.metrics.aborted("preprocess_queue_full")
+                raise APIError(429, f"the server is busy preparing media ({self.preparing} requests being prepared "
+                               "or waiting); retry later", code="queue_full",
+                               headers={"Retry-After": str(cfg.retry_after_s)})
+            self.preparing += 1
+        try:
+            task = self.pool.submit(self._prepare_sync, req, rid)
+        except BaseException:
+            self._prepared(None)
+            raise
+        task.add_done_callback(self._prepared)  # also when cancelled before it ran
         try:
             if deadline is None:
-                return await fut
-            return await asyncio.wait_for(fut, max(0.001, deadline - time.monotonic()))
+                return await asyncio.wrap_future(task)
+            return await asyncio.wait_for(asyncio.wrap_future(task), max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             self.metrics.aborted("timeout")
-            raise APIError(504, f"the request timed out after {self.config.request_timeout:g} s while its media "
+            raise APIError(504, f"the request timed out after {cfg.request_timeout:g} s while its media "
                            "was being prepared", code="timeout") from None
-        except (InvalidInputError, APIError):
-            raise
-        except (ValueError, TypeError, KeyError) as e:  # template errors and the like: the request's fault
-            msg = str(e) if isinstance(e, InvalidInputError) else f"{type(e).__name__}: {e}"
-            raise APIError(400, msg) from None
 
-    def _prepare_sync(self, req: ChatRequest) -> tuple[ProcessedPrompt, str]:
+    def _prepared(self, _task) -> None:
+        with self._preparing_lock:
+            self.preparing -= 1
+
+    def _prepare_sync(self, req: ChatRequest, rid: str) -> tuple[ProcessedPrompt, str]:
         try:
             return self._prepare_inner(req)
         except InvalidInputError as e:
             raise APIError(400, str(e), param="messages") from None
+        except TemplateError as e:  # raise_exception() in the chat template: its message is for the user
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+        except (ValueError, TypeError, KeyError):  # the request's fault, but the message would be ours
+            log.exception("request %s: preparing the messages failed", rid)
+            raise APIError(400, f"the messages could not be prepared (request {rid})", param="messages") from None
 
     def _media_resolver(self, resolved: ResolvedMedia) -> Resolver:
         """The normalizer's ``resolve`` hook for one request: counts its images and videos against the limits,
-        then applies the media policy (downloads land in ``resolved``)."""
+        applies the media policy (downloads land in ``resolved``, with how the user named each local file) and
+        checks each image's header; its errors name the item ("image 2: ...")."""
         cfg = self.config
         counts = {"image": 0, "video": 0}
 
         def resolve(source: Any, kind: str) -> Any:
             counts[kind] += 1
+            n = counts[kind]
             limit = cfg.max_images_per_request if kind == "image" else cfg.max_videos_per_request
-            if counts[kind] > limit:
+            if n > limit:
                 raise APIError(400, f"too many {kind}s: the limit is {limit} per request", param="messages",
                                code=f"too_many_{kind}s")
-            return cfg.media.resolve(source, kind, resolved)
+            try:
+                value = cfg.media.resolve(source, kind, resolved)
+                is_list = isinstance(value, list)  # a frame-list video: each frame is an image
+                for i, (src, val) in enumerate(zip(source, value) if is_list else [(source, value)]):
+                    what = describe_source(src, "image" if is_list else kind)
+                    if isinstance(val, str) and not val.startswith("data:"):  # a local file: never shown
+                        resolved.labels[val] = f"{kind} {n}" + (f" frame {i}" if is_list else "") + f" ({what})"
+                    if kind == "image" or is_list:
+                        cfg.media.check_image(val, f"frame {i} ({what})" if is_list else what)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{kind} {n}: {resolved.redact(str(e))}") from None
+            return value
 
         return resolve
 
@@ -345,6 +388,8 @@ class OpenAIServer:
             mm = req.mm_processor_kwargs
             prepared = self.llm.processor.from_prompt(prompt, media, min_pixels=mm.get("min_pixels"),
                                                       max_pixels=mm.get("max_pixels"))
+        except InvalidInputError as e:
+            raise InvalidInputError(resolved.redact(str(e))) from None
         finally:
             resolved.cleanup()
         ids = prepared.token_ids
@@ -416,7 +461,7 @@ class OpenAIServer:
         except InvalidInputError as e:
             raise APIError(400, str(e), param="messages") from None
         except EngineError as e:
-            raise APIError(500, str(e), code="engine_error") from None
+            raise APIError(500, _engine_message(e, ctx.rid), code="engine_error") from None
         req = ctx.req
         choices = []
         completion_tokens = 0
@@ -482,14 +527,14 @@ class OpenAIServer:
         except (EngineError, InvalidInputError) as e:
             ctx.completion_tokens = sum(s.num_tokens for s in states)
             ctx.status = 500 if isinstance(e, EngineError) else 400
-            yield _sse(APIError(ctx.status, str(e)).body())
+            yield _sse(APIError(ctx.status, _engine_message(e, ctx.rid) if ctx.status == 500 else str(e)).body())
             yield "data: [DONE]\n\n"
             return
-        except Exception as e:  # noqa: BLE001 - a stream never ends without its error event and [DONE]
+        except Exception:  # noqa: BLE001 - a stream never ends without its error event and [DONE]
             log.exception("request %s failed mid-stream", ctx.rid)
             ctx.completion_tokens = sum(s.num_tokens for s in states)
             ctx.status = 500
-            yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body())
+            yield _sse(_internal_error(ctx.rid).body())
             yield "data: [DONE]\n\n"
             return
         ctx.completion_tokens = sum(s.num_tokens for s in states)
@@ -593,6 +638,20 @@ class _ChoiceStream:
             return None
         lp, self.pending_lp = self.pending_lp, []
         return {"content": lp}
+
+
+def _internal_error(rid: str) -> APIError:
+    return APIError(500, f"internal server error (request {rid}; the server log has the details)",
+                    code="internal_error")
+
+
+def _engine_message(e: Exception, rid: str) -> str:
+    """What the client is told of an EngineError: its first clause; the detail after ': ' is the server's (logged)."""
+    head, sep, detail = str(e).partition(": ")
+    if sep:
+        log.error("request %s: %s", rid, e)
+        return f"{head} (request {rid}; the server log has the details)"
+    return head
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -15,6 +15,11 @@ The server must not become a proxy into its user's network, so every media sourc
 * Anything else (a bare path, ftp://, ...) is refused.
 
 Refusals raise :class:`~qwen2vl.errors.InvalidInputError` (the server answers 400).
+
+After the policy, :meth:`MediaPolicy.check_image` reads each image's header and refuses one of more than
+``max_image_pixels`` pixels before anything is decoded. :class:`ResolvedMedia` remembers how the user named each
+local file it handed on (a temporary file, a ``file://`` URL's real path), so that error messages quote the
+user's input, never the server's paths (:meth:`ResolvedMedia.redact`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import binascii
 import concurrent.futures
 import functools
 import http.client
+import io
 import ipaddress
 import os
 import socket
@@ -35,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import InvalidInputError
-from ..media.common import short
+from ..media.common import check_image_header, short
 
-__all__ = ["MediaPolicy", "check_address", "ResolvedMedia"]
+__all__ = ["MediaPolicy", "check_address", "ResolvedMedia", "describe_source"]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -66,10 +72,28 @@ def check_address(addr: str) -> str | None:
     return None
 
 
+def describe_source(source: Any, kind: str) -> str:
+    """How an error message names a media source the user gave: a URL (shortened), or what kind of value it is."""
+    if isinstance(source, str):
+        s = source.strip()
+        return f"a data URL {kind}" if s[:5].lower() == "data:" else repr(short(s, 100))
+    return f"a {type(source).__name__}"
+
+
 @dataclass
 class ResolvedMedia:
-    """A request's media after the policy: sources rewritten to local values, plus temporary files to delete."""
+    """A request's media after the policy: sources rewritten to local values, plus temporary files to delete.
+    ``labels``: local path -> how the user named it, for :meth:`redact`."""
     temp_files: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def redact(self, message: str) -> str:
+        """``message`` with every local path in ``labels`` (whole, or shortened as media errors quote it) replaced
+        by the user's name for it."""
+        for path, label in self.labels.items():
+            for form in dict.fromkeys((path, short(path), short(path, 100))):
+                message = message.replace(form, label)
+        return message
 
     def cleanup(self) -> None:
         for path in self.temp_files:
@@ -104,7 +128,8 @@ class MediaPolicy:
     """``allowed_local_media_path``: directory whose files ``file://`` URLs may name (None: no file:// at all).
     ``allow_private``: also fetch from loopback / private / link-local addresses. ``timeout``: seconds for a
     whole download (redirects included). ``max_bytes``: the most bytes one download may have.
-    ``resolver``: ``host -> [addresses]`` (tests replace it)."""
+    ``resolver``: ``host -> [addresses]`` (tests replace it). ``max_image_pixels``: the most pixels an image
+    may have, read from its header before it is decoded (:meth:`check_image`; None: no limit)."""
 
     allowed_local_media_path: str | None = None
     allow_private: bool = False
@@ -112,6 +137,7 @@ class MediaPolicy:
     max_bytes: int = 64 << 20
     max_redirects: int = 5
     resolver: Callable[[str, int], list[str]] | None = None
+    max_image_pixels: int | None = 50_000_000
 
     def __post_init__(self):
         if self.allowed_local_media_path is not None:
@@ -244,6 +270,19 @@ class MediaPolicy:
             chunks.append(chunk)
 
     # ------------------------------------------------------------------ sources
+    def check_image(self, value: Any, what: str) -> None:
+        """Read the header of a resolved image (bytes, a ``data:image`` URL or a local path; other values are the
+        loaders' to check) and refuse it if it is no image or has more than ``max_image_pixels`` pixels."""
+        if isinstance(value, str) and value.startswith("data:"):
+            try:
+                value = base64.b64decode(value.partition(",")[2])  # as the loader decodes it
+            except (binascii.Error, ValueError) as e:
+                raise InvalidInputError(f"corrupt base64 in {what}: {e}") from None
+        if isinstance(value, (bytes, bytearray)):
+            check_image_header(io.BytesIO(value), what, self.max_image_pixels)
+        elif isinstance(value, str):
+            check_image_header(value, what, self.max_image_pixels)
+
     def _temp_file(self, data: bytes, suffix: str, resolved: ResolvedMedia) -> str:
         fd, path = tempfile.mkstemp(prefix="qwen2vl-media-", suffix=suffix)
         with os.fdopen(fd, "wb") as f:

@@ -20,7 +20,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=os.environ.get("QWEN2VL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN2VL_API_KEY; none: open)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="model name(s) clients use (default: the --model argument)")
+                   help="model name(s) clients use (default: the base name of the --model directory, or the "
+                        "hub id as given)")
     g.add_argument("--max-queue-size", type=int, default=64,
                    help="sequences that may wait beyond the running batch before 429 (default: 64)")
     g.add_argument("--request-timeout", type=float, default=600.0,
@@ -41,6 +42,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="threads that fetch and preprocess media (default: 2)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_connection_args(p)
+    _add_decode_args(p)
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("media decoding")
+    g.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                   help="most pixels (width x height, read from the header before decoding) an image may have; "
+                        "more is a 400 (default: 50000000, about 7000x7000; 0: no limit)")
+    g.add_argument("--max-preprocess-queue", type=int, default=16,
+                   help="requests that may wait for a preprocessing worker; more get 429 with Retry-After "
+                        "(default: 16)")
+
+
+def default_served_name(model: str) -> str:
+    """The name clients use when --served-model-name is not given: a local directory's base name (its path is
+    never shown), or a hub id as given."""
+    if os.path.exists(model):
+        return os.path.basename(os.path.normpath(os.path.abspath(model)))
+    return model
 
 
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +119,8 @@ def serve(args: argparse.Namespace, out=None) -> int:
         if getattr(args, name) < 1:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens"):
+    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens",
+                 "max_image_pixels", "max_preprocess_queue"):
         if getattr(args, name) < 0:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
@@ -127,7 +148,7 @@ def serve(args: argparse.Namespace, out=None) -> int:
         print(f"qwen2vl: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     llm = LLM(engine_config)
-    names = args.served_model_name or [args.model]
+    names = args.served_model_name or [default_served_name(args.model)]
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key or None, max_queue_size=args.max_queue_size,
         request_timeout=args.request_timeout or None, max_request_bytes=args.max_request_bytes,
@@ -135,8 +156,8 @@ def serve(args: argparse.Namespace, out=None) -> int:
         max_visual_tokens=args.max_visual_tokens or None,
         media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                           allow_private=args.allow_private_media_urls, timeout=args.media_timeout,
-                          max_bytes=args.max_media_bytes),
-        preprocess_workers=args.preprocess_workers)
+                          max_bytes=args.max_media_bytes, max_image_pixels=args.max_image_pixels or None),
+        preprocess_workers=args.preprocess_workers, max_preprocess_queue=args.max_preprocess_queue)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "
