@@ -461,7 +461,7 @@ class OpenAIServer:
         except InvalidInputError as e:
             raise APIError(400, str(e), param="messages") from None
         except EngineError as e:
-            raise APIError(500, _engine_message(e, ctx.rid), code="engine_error") from None
+            raise APIError(500, str(e), code="engine_error") from None
         req = ctx.req
         choices = []
         completion_tokens = 0
@@ -527,7 +527,7 @@ class OpenAIServer:
         except (EngineError, InvalidInputError) as e:
             ctx.completion_tokens = sum(s.num_tokens for s in states)
             ctx.status = 500 if isinstance(e, EngineError) else 400
-            yield _sse(APIError(ctx.status, _engine_message(e, ctx.rid) if ctx.status == 500 else str(e)).body())
+            yield _sse(APIError(ctx.status, str(e)).body())
             yield "data: [DONE]\n\n"
             return
         except Exception:  # noqa: BLE001 - a stream never ends without its error event and [DONE]
@@ -643,15 +643,6 @@ class _ChoiceStream:
 def _internal_error(rid: str) -> APIError:
     return APIError(500, f"internal server error (request {rid}; the server log has the details)",
                     code="internal_error")
-
-
-def _engine_message(e: Exception, rid: str) -> str:
-    """What the client is told of an EngineError: its first clause; the detail after ': ' is the server's (logged)."""
-    head, sep, detail = str(e).partition(": ")
-    if sep:
-        log.error("request %s: %s", rid, e)
-        return f"{head} (request {rid}; the server log has the details)"
-    return head
 
 
 async def _wait_disconnect(request: Request) -> None:
