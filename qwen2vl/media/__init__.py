@@ -22,6 +22,11 @@ Deliberate differences from qwen-vl-utils (everything else is meant to be pixel-
 * ``load_image`` also takes numpy arrays (HWC uint8 with 1/3/4 channels or HW grayscale) and bytes.
 * ``smart_resize`` raises instead of returning a side of 0 when a tiny ``max_pixels`` would floor a
   side to 0 (qwen-vl-utils would fail later inside the resize).
+* An encoded image over ``max_image_pixels`` (default 178,956,970, PIL's own error bound) is refused from its
+  header before decoding; a JPEG of 16 MP or more that is 4x its target size on both sides is decoded at a
+  reduced scale (``draft``), so its pixels differ slightly (``common.draft_size``).
+* ``resized_height`` / ``resized_width`` are held to the item's ``max_pixels`` (images and videos;
+  ``common.resized_within``), where qwen-vl-utils snaps them with the default bounds alone.
 * ``MODEL_SEQ_LEN`` (the default total pixel budget of a video) is read from the environment when a video is
   sized, not once at import. Video-specific differences are listed in :mod:`~qwen2vl.media.video`.
 """
