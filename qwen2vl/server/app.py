@@ -92,6 +92,9 @@ def _sse(obj: Any) -> str:
 
 class OpenAIServer:
     def __init__(self, llm, config: ServerConfig):
+        if llm.processor.trusted_local_media:  # client bytes become local temp files: never trusted
+            raise InvalidInputError("an LLM with trusted_local_media=True cannot be served: the server never lets "
+                                    "FFmpeg read its clients' media in formats that open other files")
         self.llm = llm
         self.config = config
         self.model_name = config.served_model_names[0]

@@ -117,6 +117,10 @@ def serve(args: argparse.Namespace, out=None) -> int:
     from .media import MediaPolicy
 
     engine_config = engine_config_from_args(args)  # the engine flags (--max-num-seqs, --media-timeout, ...)
+    if engine_config.trusted_local_media:
+        print("qwen2vl: error: --trusted-local-media is for offline use: the server never lets FFmpeg read its "
+              "clients' media in formats that open other files", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
