@@ -236,7 +236,7 @@ def test_a_big_n_request_does_not_starve_the_next_one(small_llm):
         del sched.admit
         engine.sampler = real_sampler
     assert status == 200 and first["r"][0] == 200 and len(first["r"][2]["choices"]) == 8
-    groups = [g for g in dict.fromkeys(admitted)]
+    groups = list(dict.fromkeys(admitted))  # the first request's id, then the second's
     assert len(groups) == 2 and admitted.count(groups[0]) == 8 and admitted.count(groups[1]) == 1
     # max_num_seqs 4: the first 4 children, then (a share of 2 each) 2 more, then the second request
     assert admitted.index(groups[1]) == 6 and admitted[7:] == [groups[0]] * 2
