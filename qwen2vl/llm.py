@@ -207,7 +207,8 @@ class LLM:
                 for i in range(sp.n):
                     child = sp if sp.n == 1 else dataclasses.replace(
                         sp, n=1, seed=None if sp.seed is None else (sp.seed + i) % 2**64)
-                    seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt)
+                    seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt,
+                                   group_id=kids[0].request_id if kids else None)
                     self._add(seq)
                     kids.append(seq)
                 groups.append(kids)

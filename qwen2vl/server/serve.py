@@ -31,6 +31,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-videos-per-request", type=int, default=2, help="default: 2")
     g.add_argument("--max-visual-tokens", type=int, default=16384,
                    help="most image + video tokens per request (default: 16384; 0: only the context limits)")
+    g.add_argument("--max-tokens-default", type=int, default=2048,
+                   help="max_tokens of a request that gives none (default: 2048, or the checkpoint's "
+                        "generation_config max_new_tokens if smaller; 0: up to the context)")
+    g.add_argument("--max-completion-tokens", type=int, default=0,
+                   help="most tokens a request may ask to generate per completion, max_tokens or "
+                        "max_completion_tokens or min_tokens; more gets 400 (default: 0, only the context)")
+    g.add_argument("--max-n", type=int, default=8,
+                   help="most completions ('n') per request; more gets 400 (default: 8)")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow file:// media URLs for files under DIR (default: file:// refused)")
     g.add_argument("--allow-private-media-urls", action="store_true",
@@ -95,11 +103,12 @@ def serve(args: argparse.Namespace, out=None) -> int:
     if missing:
         print(f"qwen2vl: error: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
         return 1
-    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers"):
+    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers", "max_n"):
         if getattr(args, name) < 1:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens"):
+    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens",
+                 "max_tokens_default", "max_completion_tokens"):
         if getattr(args, name) < 0:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
@@ -140,7 +149,8 @@ def serve(args: argparse.Namespace, out=None) -> int:
         media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                           allow_private=args.allow_private_media_urls, timeout=args.media_timeout,
                           max_bytes=args.max_media_bytes),
-        preprocess_workers=args.preprocess_workers)
+        preprocess_workers=args.preprocess_workers, max_tokens_default=args.max_tokens_default or None,
+        max_completion_tokens=args.max_completion_tokens or None, max_n=args.max_n)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "
