@@ -143,7 +143,11 @@ class Qwen2VLEngine:
         self.model = self.llm.model
 
     def params(self, n: int):
-        return self.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        # the text seeds the second turn: drop grounding tokens as transformers' decode(skip_special_tokens=True)
+        # does, so both engines' second turns see the same prompt (an older qwen2vl lacks the option)
+        kw = {"keep_grounding_tokens": False} \
+            if "keep_grounding_tokens" in getattr(self.SamplingParams, "__dataclass_fields__", {}) else {}
+        return self.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
 
     def run(self, conv: list[dict], n: int, *, logits: bool = False, stamps: bool = False) -> dict:
         if stamps and hasattr(self.llm, "chat_stream"):

@@ -57,7 +57,7 @@ class LLM:
             matrix product fused, so more of each step is weight reading (an int8 step of the 2B from as long as
             eager to 20-25% shorter in one-process A/Bs, and faster or slower in bench runs: see the README). Costs
             10-60 s at start, while the step's variants compile; needs a C++ compiler, else decoding stays eager.
-        revision, media_timeout, file_embedding, progress: see EngineConfig.
+        revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
     def __init__(self, model: str | os.PathLike | EngineConfig, **options: Any):
@@ -80,7 +80,7 @@ class LLM:
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise InvalidInputError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
         self.processor = Processor(self.tokenizer, cfg, min_pixels=min_pixels, max_pixels=max_pixels,
-                                   media_timeout=ec.media_timeout)
+                                   media_timeout=ec.media_timeout, trusted_local_media=ec.trusted_local_media)
         limit = cfg.text.max_position_embeddings
         if ec.max_model_len is not None and not ec.max_model_len <= limit:
             raise InvalidInputError(f"max_model_len must be in 2..{limit}, got {ec.max_model_len}")
@@ -207,7 +207,8 @@ class LLM:
                 for i in range(sp.n):
                     child = sp if sp.n == 1 else dataclasses.replace(
                         sp, n=1, seed=None if sp.seed is None else (sp.seed + i) % 2**64)
-                    seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt)
+                    seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt,
+                                   group_id=kids[0].request_id if kids else None)
                     self._add(seq)
                     kids.append(seq)
                 groups.append(kids)

@@ -35,13 +35,15 @@ class Processor:
     """Turns conversations into ``ProcessedPrompt``s. Pixel limits: per item > per request > per model."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: Qwen2VLConfig, *, min_pixels: int | None = None,
-                 max_pixels: int | None = None, media_timeout: float = 10.0, media_max_bytes: int = 64 << 20):
+                 max_pixels: int | None = None, media_timeout: float = 10.0, media_max_bytes: int = 64 << 20,
+                 trusted_local_media: bool = False):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.media_timeout = media_timeout
         self.media_max_bytes = media_max_bytes
+        self.trusted_local_media = trusted_local_media  # video files in any FFmpeg format (see media.video)
         v = cfg.vision
         self.factor = v.patch_size * v.spatial_merge_size  # 28
         self.merge_len = v.spatial_merge_size ** 2
@@ -75,7 +77,8 @@ class Processor:
                 imgs.append(pv)
                 img_grids.append(tuple(grid))
             else:
-                frames = fetch_video(ele, image_factor=self.factor, **net)
+                frames = fetch_video(ele, image_factor=self.factor, trusted_local_files=self.trusted_local_media,
+                                     **net)
                 pv, grid = video_to_patches(frames)
                 vids.append(pv)
                 vid_grids.append(tuple(grid))

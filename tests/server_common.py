@@ -108,7 +108,7 @@ def server(tiny_checkpoint, media_dir):
     cmd = [sys.executable, "-m", "qwen2vl.cli", "serve", "--model", str(tiny_checkpoint), "--served-model-name",
            MODEL, "alias", "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
            "--api-key", KEY, "--max-num-seqs", "8", "--max-queue-size", "24", "--allowed-local-media-path",
-           str(media_dir), "--max-images-per-request", "3", "--max-request-bytes", str(2 << 20),
+           str(media_dir), "--max-n", "32", "--max-images-per-request", "3", "--max-request-bytes", str(2 << 20),
            "--media-timeout", "3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT}
     env.pop("QWEN2VL_API_KEY", None)

@@ -121,7 +121,7 @@ def test_video_file_variants(video_mp4, video_mkv):
 
 def test_frame_count_overstated_by_metadata(video_mp4, monkeypatch):
     real = vid._probe
-    monkeypatch.setattr(vid, "_probe", lambda path: (real(path)[0] + 10, real(path)[1]))
+    monkeypatch.setattr(vid, "_probe", lambda *a: (real(*a)[0] + 10, real(*a)[1]))
     video, fps = vid.fetch_video({"video": video_mp4}, return_fps=True)  # 40 -> 8 frames; 30 really
     assert which_frames(video, frame_colours(video_mp4)) == [0, 6, 12, 17, 23, 29] and fps == 2.0
 
@@ -172,13 +172,17 @@ def test_bad_content(tmp_path):
     bad.write_bytes(b"hello, I am text")
     truncated = tmp_path / "trunc.png"
     truncated.write_bytes(png_bytes(noise(64, 64))[:200])
-    for path in (bad, truncated):  # an image (or a file named .png) is no video
-        with pytest.raises(InvalidInputError, match="not a video file"):
-            vid.fetch_video({"video": str(path)})
     text = tmp_path / "text.mp4"
     text.write_bytes(b"hello, I am text")
+    for path in (bad, truncated, text):  # an image (or a file named .png), text: no video of an accepted format
+        with pytest.raises(InvalidInputError, match="not a file in an accepted container format"):
+            vid.fetch_video({"video": str(path)})
+    # trusted local files may be any format FFmpeg reads, but still no image or text read as a video
+    for path in (bad, truncated):
+        with pytest.raises(InvalidInputError, match="not a video file"):
+            vid.fetch_video({"video": str(path)}, trusted_local_files=True)
     with pytest.raises(InvalidInputError, match="cannot open video"):
-        vid.fetch_video({"video": str(text)})
+        vid.fetch_video({"video": str(text)}, trusted_local_files=True)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,10 @@ class EngineConfig:
     compile: bool = _knob(False, "run decode steps through torch.compile (CPU): faster decode after 10-60 s of "
                                  "compiling at start; needs a C++ compiler")
     media_timeout: float = _knob(10.0, "seconds per media download (default: 10)", type=float)
+    trusted_local_media: bool = _knob(
+        False, "let FFmpeg read local video files (paths, file://) in any format it knows, playlists and list "
+               "files included, which can open other files and URLs; off: only plain containers (mp4/mov, mkv/webm, "
+               "avi, gif, mpegts, flv, ogg, mpeg). Only for inputs you trust")
     file_embedding: bool = _knob(True, "leave the embedding table in the checkpoint file, rows read on use (CPU)")
     progress: bool | None = _knob(None, "show a progress bar while loading (default: when stderr is a terminal)")
 
@@ -73,7 +77,7 @@ class EngineConfig:
         self.prefix_cache_mb = check_int("prefix_cache_mb", self.prefix_cache_mb, lo=0)
         self.vision_cache_mb = check_int("vision_cache_mb", self.vision_cache_mb, lo=0)
         self.media_timeout = check_float("media_timeout", self.media_timeout, lo=0.0, lo_open=True)
-        for name in ("enable_prefix_caching", "compile", "file_embedding"):
+        for name in ("enable_prefix_caching", "compile", "file_embedding", "trusted_local_media"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):

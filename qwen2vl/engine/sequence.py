@@ -47,8 +47,10 @@ _ids = itertools.count()
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, vision: VisionInputs | None = None,
-                 prompt: str | None = None, request_id: str | None = None):
+                 prompt: str | None = None, request_id: str | None = None, group_id: str | None = None):
         self.request_id = request_id if request_id is not None else str(next(_ids))
+        # the request this is one of n completions of (the scheduler's fair share); alone: its own id
+        self.group_id = group_id if group_id is not None else self.request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params

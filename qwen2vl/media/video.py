@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any
@@ -171,11 +170,31 @@ def resize_frame(frame: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Video files
 # ---------------------------------------------------------------------------------------------
-def _open(path: str):
+# Media bytes are demuxed only by container formats that cannot open other files or URLs. FFmpeg's playlist and
+# list demuxers (hls, concat, image2 sequences, dash, ...) read whatever paths or URLs the bytes name: an HLS
+# playlist sent as a "video" would make the server decode any local video it can read. So FFmpeg is told which
+# demuxers it may use (``format_whitelist``, which nested opens inherit) and which protocol (``file``: the one
+# file given), and what it opened is checked again against the same list.
+SAFE_VIDEO_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "gif", "mpegts", "flv",
+                      "ogg", "mpeg")
+VIDEO_TEMP_SUFFIX = ".video"  # downloaded and uploaded video bytes: a fixed suffix, never the client's
+_SAFE_OPTIONS = {"format_whitelist": ",".join(SAFE_VIDEO_FORMATS), "protocol_whitelist": "file"}
+
+
+def _open(path: str, trusted: bool = False):
+    """Open a video file with PyAV. Unless ``trusted`` (local files the user vouches for), only the container
+    formats of ``SAFE_VIDEO_FORMATS`` are read."""
+    refused = ("the video is not a file in an accepted container format (" + ", ".join(SAFE_VIDEO_FORMATS) + ")")
     try:
-        return av.open(path)
+        container = av.open(path) if trusted else av.open(path, options=dict(_SAFE_OPTIONS))
     except (av.FFmpegError, OSError, ValueError) as e:
+        if not trusted and isinstance(e, av.FFmpegError):  # no path or FFmpeg text: they may name a temp file
+            raise InvalidInputError(refused) from None
         raise InvalidInputError(f"cannot open video {short(path)}: {e}") from None
+    if not trusted and not set(container.format.name.split(",")) <= set(SAFE_VIDEO_FORMATS):
+        container.close()
+        raise InvalidInputError(refused)
+    return container
 
 
 def _video_stream(container, path: str):
@@ -186,9 +205,9 @@ def _video_stream(container, path: str):
     return stream
 
 
-def _probe(path: str) -> tuple[int, Fraction]:
+def _probe(path: str, trusted: bool) -> tuple[int, Fraction]:
     """(frame count, average frame rate) from metadata; counts packets when there is no count."""
-    with _open(path) as container:
+    with _open(path, trusted) as container:
         fmt = container.format.name
         if fmt in ("tty", "image2") or fmt.endswith("_pipe"):  # text as "ANSI art", still images
             raise InvalidInputError(f"{short(path)} is not a video file (FFmpeg reads it as {fmt!r})")
@@ -209,7 +228,7 @@ class _Restart(Exception):
     """Seeking did not give usable timestamps: decode from the beginning instead."""
 
 
-def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, seek: bool):
+def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, seek: bool, trusted: bool):
     """Decode the frames at ``indices`` (presentation order), resizing each right away.
 
     Returns (float32 tensor (T, C, h, w), None) or (None, frames_seen) when the stream ended early.
@@ -220,7 +239,7 @@ def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, see
     first, last = min(wanted), max(wanted)
     out = None
     seen = 0
-    with _open(path) as container:
+    with _open(path, trusted) as container:
         stream = _video_stream(container, path)
         tb, t0 = stream.time_base, stream.start_time or 0
         if seek:
@@ -262,8 +281,8 @@ def _decode_selected(path: str, indices: list[int], rate: Fraction, size_fn, see
     return out, None
 
 
-def _read_video_file(path: str, ele: dict, factor: int, budget) -> tuple[torch.Tensor, float]:
-    total, rate = _probe(path)
+def _read_video_file(path: str, ele: dict, factor: int, budget, trusted: bool = False) -> tuple[torch.Tensor, float]:
+    total, rate = _probe(path, trusted)
     video_fps = float(rate)
     for _attempt in range(3):
         start, end, count = calculate_video_frame_range(ele, total, video_fps)
@@ -274,9 +293,9 @@ def _read_video_file(path: str, ele: dict, factor: int, budget) -> tuple[torch.T
             return _target_size(ele, h, w, nframes, factor, budget)
 
         try:
-            video, seen = _decode_selected(path, indices, rate, size_fn, seek=start > 0)
+            video, seen = _decode_selected(path, indices, rate, size_fn, start > 0, trusted)
         except _Restart:
-            video, seen = _decode_selected(path, indices, rate, size_fn, seek=False)
+            video, seen = _decode_selected(path, indices, rate, size_fn, False, trusted)
         if video is not None:
             return video, nframes / max(count, 1e-6) * video_fps
         if seen >= total or seen == 0:
@@ -286,8 +305,7 @@ def _read_video_file(path: str, ele: dict, factor: int, budget) -> tuple[torch.T
 
 
 def _download_to_temp(url: str, timeout: float, max_bytes: int) -> str:
-    suffix = os.path.splitext(urllib.parse.urlparse(url).path)[1][:10]
-    fd, tmp = tempfile.mkstemp(prefix="qwen2vl-video-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(prefix="qwen2vl-video-", suffix=VIDEO_TEMP_SUFFIX)  # never the client's suffix
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in iter_url_chunks(url, timeout, max_bytes):
@@ -342,6 +360,7 @@ def fetch_video(
     return_fps: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    trusted_local_files: bool = False,
 ):
     """Load one video item like qwen-vl-utils 0.0.14's ``fetch_video``.
 
@@ -352,6 +371,9 @@ def fetch_video(
     The keyword ``min_pixels``/``max_pixels``/``total_pixels`` replace the module defaults
     (128 and 768 tokens' worth of pixels per frame, :func:`video_total_pixels`); item keys override them,
     and the per-frame max stays capped by ``max(min(768*f*f, total/nframes*2), 1.05*min)``.
+
+    Video files are read only in the container formats of ``SAFE_VIDEO_FORMATS`` (no playlists or lists that open
+    other files); ``trusted_local_files`` lifts that for local paths and ``file://`` URLs, never for downloads.
 
     Returns a float32 tensor (T, C, H, W) with integer values 0..255 (T even for frame lists, padded by
     repeating the last frame), as qwen-vl-utils 0.0.14 does; with ``return_fps`` also the sample fps.
@@ -376,7 +398,7 @@ def fetch_video(
             path = s[7:] if s.startswith("file://") else s
             if not os.path.isfile(path):
                 raise InvalidInputError(f"video file not found: {short(path)}")
-            video, sample_fps = _read_video_file(path, ele, image_factor, budget)
+            video, sample_fps = _read_video_file(path, ele, image_factor, budget, trusted_local_files)
     else:
         raise InvalidInputError(
             "a video must be a path, file:// or http(s):// URL, or a list of frames, "

@@ -61,8 +61,13 @@ class ServerConfig:
     """How the server behaves. ``max_queue_size``: sequences that may wait beyond the running batch (preprocessing
     included) before new requests get 429. ``request_timeout``: seconds from arrival to the end of a request
     (None: no limit). Limits per request: body bytes, images, videos, visual tokens (None: only the context).
-    ``max_preprocess_queue``: requests that may wait for a preprocessing worker (``preprocess_workers`` of them
-    prepare one request each at a time) before new requests get 429."""
+    Generation limits: ``max_tokens_default``, the max_tokens of a request that gives none (the checkpoint's
+    generation_config max_new_tokens when smaller; the context always ends a completion; None: the context);
+    ``max_completion_tokens``, a hard cap (a request asking for more gets 400; None: only the context);
+    ``max_n``, the most completions per request (more: 400). The engine's scheduler gives each request a fair
+    share of the running rows (qwen2vl.engine.scheduler). ``max_preprocess_queue``: requests that may wait for a
+    preprocessing worker (``preprocess_workers`` of them prepare one request each at a time) before new requests
+    get 429."""
 
     served_model_names: list[str]
     api_key: str | None = None
@@ -76,6 +81,15 @@ class ServerConfig:
     preprocess_workers: int = 2
     max_preprocess_queue: int = 16
     retry_after_s: int = 1
+    max_tokens_default: int | None = 2048
+    max_completion_tokens: int | None = None
+    max_n: int = 8
+
+    def default_max_tokens(self, checkpoint: int | None) -> int | None:
+        """The max_tokens of a request without one: the smallest of ``checkpoint`` (generation_config's
+        max_new_tokens), ``max_tokens_default`` and ``max_completion_tokens``; None (the context) when all are."""
+        limits = [v for v in (checkpoint, self.max_tokens_default, self.max_completion_tokens) if v is not None]
+        return min(limits) if limits else None
 
 
 class _ClientGone(Exception):
@@ -102,6 +116,9 @@ def _sse(obj: Any) -> str:
 
 class OpenAIServer:
     def __init__(self, llm, config: ServerConfig):
+        if llm.processor.trusted_local_media:  # client bytes become local temp files: never trusted
+            raise InvalidInputError("an LLM with trusted_local_media=True cannot be served: the server never lets "
+                                    "FFmpeg read its clients' media in formats that open other files")
         self.llm = llm
         self.config = config
         self.model_name = config.served_model_names[0]
@@ -127,7 +144,8 @@ class OpenAIServer:
         self._preparing_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=max(1, config.preprocess_workers),
                                        thread_name_prefix="qwen2vl-prep")
-        self.sampling_defaults = generation_config_defaults(llm.generation_config)  # as LLM's
+        self.sampling_defaults = generation_config_defaults(llm.generation_config)  # as LLM's, but max_tokens:
+        self.sampling_defaults["max_tokens"] = config.default_max_tokens(self.sampling_defaults.get("max_tokens"))
         template = None
         with contextlib.suppress(Exception):
             template = self.tokenizer.get_chat_template()
@@ -247,7 +265,8 @@ class OpenAIServer:
                 raise APIError(404, f"the model {body['model']!r} does not exist (served: "
                                f"{', '.join(self.config.served_model_names)})", param="model",
                                code="model_not_found")
-            req = parse_chat_request(body, defaults=self.sampling_defaults)
+            req = parse_chat_request(body, defaults=self.sampling_defaults, max_n=self.config.max_n,
+                                     max_completion_tokens=self.config.max_completion_tokens)
             if req.n > self.capacity:
                 raise APIError(400, f"n={req.n} is more than the server can ever hold ({self.capacity})", param="n")
             if self.inflight + req.n > self.capacity:
@@ -258,8 +277,8 @@ class OpenAIServer:
             self.inflight += req.n
             admitted = req.n
             prepared, prefix = await self._prepare(req, deadline, rid)
-            seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}")
-                    for i, p in enumerate(req.seq_params())]
+            seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}",
+                             group_id=rid) for i, p in enumerate(req.seq_params())]
             handle = self.engine.submit(seqs)
             ctx = _Ctx(rid, t0, deadline, req, prepared, prefix, handle, admitted)
             if req.stream:

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidInputError
 from ..media.common import check_image_header, short
+from ..media.video import VIDEO_TEMP_SUFFIX
 
 __all__ = ["MediaPolicy", "check_address", "ResolvedMedia", "describe_source"]
 
@@ -305,8 +306,7 @@ class MediaPolicy:
             data = self.download(s)
             if kind == "image":
                 return data
-            suffix = os.path.splitext(urllib.parse.urlsplit(s).path)[1][:10]
-            return self._temp_file(data, suffix, resolved)
+            return self._temp_file(data, VIDEO_TEMP_SUFFIX, resolved)  # never the client's suffix
         if low.startswith("data:"):
             header, sep, payload = s.partition(",")
             mime = header[5:].split(";", 1)[0].strip().lower()
@@ -322,7 +322,7 @@ class MediaPolicy:
                 data = base64.b64decode(payload, validate=False)
             except (binascii.Error, ValueError) as e:
                 raise InvalidInputError(f"corrupt base64 in the video data URL: {e}") from None
-            return self._temp_file(data, "." + mime[6:].split("+")[0][:8], resolved)
+            return self._temp_file(data, VIDEO_TEMP_SUFFIX, resolved)
         if low.startswith("file:"):
             return self.local_path(s)
         raise InvalidInputError(f"unsupported {kind} source {short(s, 100)!r}: use an http(s):// URL, a data: URL"

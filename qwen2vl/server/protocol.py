@@ -246,10 +246,13 @@ class ChatRequest:
                 for i in range(self.n)]
 
 
-def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatRequest:
+def parse_chat_request(body: Any, *, defaults: dict | None = None, max_n: int | None = None,
+                       max_completion_tokens: int | None = None) -> ChatRequest:
     """Check a decoded JSON body. ``defaults``: SamplingParams keywords used when the request leaves them out
-    (``generation_config_defaults`` of the checkpoint's generation_config.json, as vLLM does). Raises
-    APIError."""
+    (``generation_config_defaults`` of the checkpoint's generation_config.json, as vLLM does; its ``max_tokens``
+    is the server's default for a request without one). ``max_n`` / ``max_completion_tokens``: the server's caps
+    on ``n`` and on ``max_tokens`` / ``max_completion_tokens`` / ``min_tokens`` (None: none); a request over one
+    gets 400 naming the parameter. Raises APIError."""
     if not isinstance(body, dict):
         raise _schema("the request body must be a JSON object", None)
     defaults = defaults or {}
@@ -291,11 +294,29 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None) -> ChatReques
     params = _sampling_params(body, defaults, logprobs, top_logprobs)
     if n < 1:
         raise APIError(400, f"n must be >= 1, got {n}", param="n")
+    if max_n is not None and n > max_n:
+        raise _over_max("n", n, max_n, "completions per request")
+    if max_completion_tokens is not None:
+        _check_token_cap(body, params, max_completion_tokens)
     return ChatRequest(model=model, messages=messages, params=params, n=n, stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
                        tool_choice=tool_choice, parallel_tool_calls=parallel,
                        default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm),
                        chat_template_kwargs=dict(ctk))
+
+
+def _over_max(param: str, value: int, limit: int, what: str) -> APIError:
+    return APIError(400, f"'{param}' is {value}, over this server's limit of {limit} {what}", param=param,
+                    code="integer_above_max_value")
+
+
+def _check_token_cap(body: dict, params: SamplingParams, cap: int) -> None:
+    """The hard cap on generated tokens: the body's max_tokens (under whichever name it came) and min_tokens."""
+    if params.max_tokens is not None and params.max_tokens > cap:
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        raise _over_max(key, params.max_tokens, cap, "generated tokens per completion")
+    if params.min_tokens > cap:
+        raise _over_max("min_tokens", params.min_tokens, cap, "generated tokens per completion")
 
 
 _SAMPLING_FIELDS = (("temperature", "num"), ("top_p", "num"), ("top_k", "int"), ("min_p", "num"),

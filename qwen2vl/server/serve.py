@@ -32,6 +32,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-videos-per-request", type=int, default=2, help="default: 2")
     g.add_argument("--max-visual-tokens", type=int, default=16384,
                    help="most image + video tokens per request (default: 16384; 0: only the context limits)")
+    g.add_argument("--max-tokens-default", type=int, default=2048,
+                   help="max_tokens of a request that gives none (default: 2048, or the checkpoint's "
+                        "generation_config max_new_tokens if smaller; 0: up to the context)")
+    g.add_argument("--max-completion-tokens", type=int, default=0,
+                   help="most tokens a request may ask to generate per completion, max_tokens or "
+                        "max_completion_tokens or min_tokens; more gets 400 (default: 0, only the context)")
+    g.add_argument("--max-n", type=int, default=8,
+                   help="most completions ('n') per request; more gets 400 (default: 8)")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow file:// media URLs for files under DIR (default: file:// refused)")
     g.add_argument("--allow-private-media-urls", action="store_true",
@@ -115,12 +123,12 @@ def serve(args: argparse.Namespace, out=None) -> int:
     if missing:
         print(f"qwen2vl: error: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
         return 1
-    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers"):
+    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers", "max_n"):
         if getattr(args, name) < 1:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens",
-                 "max_image_pixels", "max_preprocess_queue"):
+                 "max_tokens_default", "max_completion_tokens", "max_image_pixels", "max_preprocess_queue"):
         if getattr(args, name) < 0:
             print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
@@ -138,6 +146,10 @@ def serve(args: argparse.Namespace, out=None) -> int:
     from .media import MediaPolicy
 
     engine_config = engine_config_from_args(args)  # the engine flags (--max-num-seqs, --media-timeout, ...)
+    if engine_config.trusted_local_media:
+        print("qwen2vl: error: --trusted-local-media is for offline use: the server never lets FFmpeg read its "
+              "clients' media in formats that open other files", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -157,7 +169,9 @@ def serve(args: argparse.Namespace, out=None) -> int:
         media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                           allow_private=args.allow_private_media_urls, timeout=args.media_timeout,
                           max_bytes=args.max_media_bytes, max_image_pixels=args.max_image_pixels or None),
-        preprocess_workers=args.preprocess_workers, max_preprocess_queue=args.max_preprocess_queue)
+        preprocess_workers=args.preprocess_workers, max_tokens_default=args.max_tokens_default or None,
+        max_completion_tokens=args.max_completion_tokens or None, max_n=args.max_n,
+        max_preprocess_queue=args.max_preprocess_queue)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "
