@@ -14,6 +14,7 @@ uvicorn = pytest.importorskip("uvicorn")
 requests = pytest.importorskip("requests")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.core.failures import FailureGroup  # noqa: E402
 from schemathesis.specs.openapi.definitions import OPENAPI_32_VALIDATOR  # noqa: E402
 
 from qwen2vl import LLM  # noqa: E402
@@ -123,6 +124,19 @@ def test_documented_bounds_are_the_servers(name):
         assert e.value.status == 400 and name.replace("_completion", "") in e.value.message
 
 
+def test_integral_floats_are_integers():
+    """JSON Schema's integer includes 2.0 (the fuzz sent it): the server takes it as 2, and refuses 2.5 (422)."""
+    req = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "n": 2.0, "max_tokens": 3.0,
+                              "seed": 7.0, "stop_token_ids": [5.0, 6], "logprobs": True, "top_logprobs": 1.0})
+    p = req.params
+    assert (req.n, p.max_tokens, p.seed, p.stop_token_ids, req.top_logprobs) == (2, 3, 7, [5, 6], 1)
+    assert all(type(v) is int for v in (req.n, p.max_tokens, p.seed, *p.stop_token_ids, req.top_logprobs))
+    for bad in ({"n": 2.5}, {"stop_token_ids": [5.5]}, {"top_k": float("inf")}):
+        with pytest.raises(APIError) as e:
+            parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **bad})
+        assert e.value.status == 422
+
+
 # ------------------------------------------------------------------------------------------------ the fuzz
 
 
@@ -161,7 +175,7 @@ FUZZ = schemathesis.openapi.from_dict(DOC)
 CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.response_schema_conformance,
           schemathesis.checks.status_code_conformance, schemathesis.checks.content_type_conformance]
 #: cases per operation and mode: the chat operation gets the most, the fixed GETs need few
-EXAMPLES = {"POST /v1/chat/completions": 60, "GET /v1/models/{model}": 15}
+EXAMPLES = {"POST /v1/chat/completions": 100, "GET /v1/models/{model}": 15}
 TOKENS = 3  # max_tokens of every fuzzed chat request, so each case is quick
 
 
@@ -179,6 +193,27 @@ def _quick(case) -> None:
         body["min_tokens"] = min(body["min_tokens"], 1)
     if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
         body["n"] = 2
+
+
+def test_the_checks_see_the_bodies(live):
+    """The fuzz's checks read both answer forms: against a document whose chunk, completion and error require a
+    field the server never writes, a streamed answer, a plain one and an error fail validation."""
+    wrong = openapi_schema([MODEL])
+    for name in ("ChatCompletion", "ChatCompletionChunk", "Error"):
+        wrong["components"]["schemas"][name]["required"].append("not_written")
+    op = schemathesis.openapi.from_dict(wrong).find_operation_by_label("POST /v1/chat/completions")
+    hi = [{"role": "user", "content": "hi"}]
+    for body in ({"messages": hi, "max_tokens": 2}, {"messages": hi, "max_tokens": 2, "stream": True},
+                 {"messages": hi, "n": 0}):
+        case = op.Case(body=body, media_type="application/json")
+        response = case.call(base_url=live, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        with pytest.raises(FailureGroup) as e:
+            case.validate_response(response, checks=CHECKS)
+        assert [type(f).__name__ for f in e.value.exceptions] == ["JsonSchemaError"], body
+        assert e.value.exceptions[0].title == ("SSE event" if body.get("stream") else "Response") + \
+            " violates schema", body
+        right = FUZZ.find_operation_by_label("POST /v1/chat/completions").Case(body=body, media_type="application/json")
+        right.validate_response(response, checks=CHECKS)
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
