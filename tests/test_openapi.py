@@ -216,8 +216,17 @@ def test_the_checks_see_the_bodies(live):
         right.validate_response(response, checks=CHECKS)
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
-@pytest.mark.parametrize("label", sorted(op.ok().label for op in FUZZ.get_all_operations()))
+def _fuzz_runs() -> list[tuple[str, str]]:
+    """(operation, mode) pairs: every operation with valid requests, those that take input with invalid ones too."""
+    runs = []
+    for op in (r.ok() for r in FUZZ.get_all_operations()):
+        runs.append((op.label, "positive"))
+        if op.body or op.path_parameters:
+            runs.append((op.label, "negative"))
+    return runs
+
+
+@pytest.mark.parametrize("label,mode", _fuzz_runs())
 def test_fuzz(live, label, mode, record_property):
     """Generated requests (valid ones, then invalid ones) against the live server: no 5xx, every answer's status,
     content type and body as the document says."""
@@ -235,12 +244,7 @@ def test_fuzz(live, label, mode, record_property):
         seen.append(response.status_code)
         case.validate_response(response, checks=CHECKS)
 
-    try:
-        check()
-    except Exception as e:
-        if "Unsatisfiable" in type(e).__name__ and mode == "negative":
-            pytest.skip(f"{label}: no invalid request to generate")
-        raise
+    check()
     record_property("statuses", sorted(set(seen)))
     assert seen and all(s < 500 for s in seen)
     assert requests.get(live + "/health", timeout=10).status_code == 200
