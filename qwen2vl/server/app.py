@@ -46,6 +46,7 @@ from ..sampling_params import generation_config_defaults
 from . import tool_calls as tc
 from .media import MediaPolicy, ResolvedMedia, describe_source
 from .metrics import Metrics
+from .openapi import openapi_endpoint
 from .protocol import APIError, ChatRequest, TokenInfo, openai_logprobs, parse_chat_request
 
 __all__ = ["ServerConfig", "OpenAIServer", "build_app"]
@@ -160,6 +161,7 @@ class OpenAIServer:
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi_endpoint(self.config.served_model_names), methods=["GET"]),
         ]
 
         async def http_error(request, exc: HTTPException):

@@ -50,7 +50,8 @@ def _schema(msg: str, param: str | None) -> APIError:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, or a float without a fractional part: JSON Schema's integer (2.0 is one), as vLLM takes it."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
 def _is_num(v) -> bool:
@@ -70,7 +71,7 @@ def _opt(body: dict, key: str, kind: str, default=None):
         raise _schema(f"'{key}' must be {names[kind]}, got {type(v).__name__}", key)
     if kind == "num" and not math.isfinite(v):
         raise APIError(400, f"'{key}' must be a finite number", param=key)
-    return v
+    return int(v) if kind == "int" else v
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -343,6 +344,7 @@ def _sampling_params(body: dict, defaults: dict, logprobs: bool, top_logprobs: i
     sti = body.get("stop_token_ids")
     if sti is not None and not (isinstance(sti, list) and all(_is_int(t) for t in sti)):
         raise _schema("'stop_token_ids' must be an array of integers", "stop_token_ids")
+    sti = None if sti is None else [int(t) for t in sti]
     try:
         return SamplingParams(n=1, max_tokens=max_tokens, stop=stop, stop_token_ids=sti,
                               logprobs=(top_logprobs or 0) if logprobs else None, **kw)
