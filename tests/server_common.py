@@ -3,12 +3,14 @@ process on a free loopback port (the tiny fixture checkpoint, float32) with its 
 Everything listens on 127.0.0.1 only; every wait is bounded."""
 
 import asyncio
+import contextlib
 import base64
 import http.client
 import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -74,6 +76,25 @@ class Proc:
 
     def log(self):
         return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """Serve an ASGI ``app`` (from ``build_app``) with uvicorn on a thread, on a free loopback port; yields the
+    port once /health answers, and stops the server on exit."""
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    try:
+        assert _wait_health("127.0.0.1", port, time.monotonic() + 30)
+        yield port
+    finally:
+        srv.should_exit = True
+        t.join(10)
 
 
 def _wait_health(host, port, deadline, proc=None):

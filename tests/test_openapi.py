@@ -2,9 +2,6 @@
 enforces, and a live server on the tiny fixture fuzzed against it by schemathesis (no 5xx, every answer as
 documented, the server alive after)."""
 
-import socket
-import threading
-import time
 
 import pytest
 
@@ -21,7 +18,7 @@ from qwen2vl import LLM  # noqa: E402
 from qwen2vl.errors import InvalidInputError  # noqa: E402
 from qwen2vl.server.openapi import openapi_schema  # noqa: E402
 from qwen2vl.server.protocol import APIError, parse_chat_request  # noqa: E402
-from tests.server_common import KEY, MODEL, _wait_health  # noqa: E402
+from tests.server_common import KEY, MODEL, serve_in_thread  # noqa: E402
 
 DOC = openapi_schema([MODEL])
 SCHEMAS = DOC["components"]["schemas"]
@@ -151,18 +148,8 @@ def live(tiny_checkpoint):
     cfg = ServerConfig(served_model_names=[MODEL], api_key=KEY, request_timeout=20.0,
                        media=MediaPolicy(resolver=_no_dns, timeout=2.0, max_bytes=1 << 20))
     app = build_app(llm, cfg)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    try:
-        assert _wait_health("127.0.0.1", port, time.monotonic() + 30)
+    with serve_in_thread(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(10)
 
 
 def test_the_server_serves_its_document(live):

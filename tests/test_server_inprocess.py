@@ -8,7 +8,6 @@ import base64
 import http.server
 import json
 import os
-import socket
 import threading
 import time
 
@@ -24,8 +23,8 @@ from qwen2vl.engine.sampler import SamplerOutput  # noqa: E402
 from qwen2vl.errors import InvalidInputError  # noqa: E402
 from qwen2vl.server.media import MediaPolicy, ResolvedMedia, check_address  # noqa: E402
 from tests.fixtures import IM_END_ID, closed_port  # noqa: E402
-from tests.server_common import (HELLO, MODEL, WEATHER, _wait_health, blocky, data_url, image_msg,  # noqa: E402
-                                 png_bytes, run)
+from tests.server_common import (HELLO, MODEL, WEATHER, blocky, data_url, image_msg,  # noqa: E402
+                                 png_bytes, run, serve_in_thread)
 from tests.server_common import media_dir  # noqa: E402,F401 (fixture)
 
 
@@ -132,25 +131,17 @@ def local(tiny_checkpoint, media_dir):
     cfg = ServerConfig(served_model_names=[MODEL], request_timeout=2.0,
                        media=MediaPolicy(allow_private=True, timeout=3.0, max_bytes=1 << 20))
     app = build_app(llm, cfg)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
     _Files.files = {"/cat.png": png_bytes(blocky(56, 56, 1)), "/clip.mp4": (media_dir / "clip.mp4").read_bytes(),
                     "/big.png": b"\0" * (2 << 20)}
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     try:
-        assert _wait_health("127.0.0.1", port, time.monotonic() + 30)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-        yield dict(client=c, llm=llm, script=script, port=port, files=f"http://127.0.0.1:{files.server_port}",
-                   app=app)
+        with serve_in_thread(app) as port:
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+            yield dict(client=c, llm=llm, script=script, port=port, files=f"http://127.0.0.1:{files.server_port}",
+                       app=app)
     finally:
         files.shutdown()
-        srv.should_exit = True
-        t.join(10)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import base64
 import http.client
 import json
 import os
-import socket
 import threading
 import time
 
@@ -19,7 +18,7 @@ from qwen2vl.media.common import short  # noqa: E402
 from qwen2vl.server import MediaPolicy, ServerConfig, build_app  # noqa: E402
 from qwen2vl.server.media import ResolvedMedia  # noqa: E402
 from qwen2vl.server.serve import default_served_name  # noqa: E402
-from tests.server_common import _wait_health, blocky, data_url, image_msg, png_bytes  # noqa: E402
+from tests.server_common import blocky, data_url, image_msg, png_bytes, serve_in_thread  # noqa: E402
 from tests.test_media_limits import bomb_png  # noqa: E402
 
 
@@ -30,18 +29,8 @@ def srv(tiny_checkpoint, tmp_path_factory):
     name = default_served_name(str(tiny_checkpoint))
     cfg = ServerConfig(served_model_names=[name], media=MediaPolicy(allowed_local_media_path=str(media)))
     app = build_app(llm, cfg)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    try:
-        assert _wait_health("127.0.0.1", port, time.monotonic() + 30)
+    with serve_in_thread(app) as port:
         yield dict(port=port, name=name, path=str(tiny_checkpoint), media=media, server=app.state.server)
-    finally:
-        server.should_exit = True
-        t.join(10)
 
 
 def call(srv, method, path, body=None):
