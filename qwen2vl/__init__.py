@@ -13,7 +13,7 @@ from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "InvalidInputError", "process_vision_info", "RequestOutput",
-           "CompletionOutput", "__version__"]
+           "CompletionOutput", "LoRARequest", "__version__"]
 
 
 def __getattr__(name):  # heavy modules load on first use
@@ -26,6 +26,9 @@ def __getattr__(name):  # heavy modules load on first use
     if name == "process_vision_info":
         from .media.vision_info import process_vision_info
         return process_vision_info
+    if name == "LoRARequest":
+        from .engine.lora_manager import LoRARequest
+        return LoRARequest
     if name in ("RequestOutput", "CompletionOutput"):
         from .engine import sequence
         return getattr(sequence, name)

@@ -13,6 +13,7 @@ from .compiled import compile_decode_
 from .config import Qwen2VLConfig
 from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine
+from .engine.lora_manager import LoRARequest, LoraManager
 from .engine.output_processor import OutputCollector, OutputProcessor
 from .engine.sequence import RequestOutput, Sequence
 from .errors import InvalidInputError
@@ -57,6 +58,9 @@ class LLM:
             matrix product fused, so more of each step is weight reading (an int8 step of the 2B from as long as
             eager to 20-25% shorter in one-process A/Bs, and faster or slower in bench runs: see the README). Costs
             10-60 s at start, while the step's variants compile; needs a C++ compiler, else decoding stays eager.
+        enable_lora, max_loras, max_lora_rank: serve LoRA adapters per request, as vLLM does: ``chat(...,
+            lora_request=LoRARequest(name, id, path))``; up to ``max_loras`` adapters held at once (the base
+            weights shared), each of rank <= ``max_lora_rank``; one batch may mix adapters.
         revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
@@ -89,10 +93,12 @@ class LLM:
         self.model = load_model(path, self.dtype, self.device, cfg, progress=ec.progress,
                                 quantization=ec.quantization, file_embedding=ec.file_embedding)
         self.compiled = ec.compile and compile_decode_(self.model)
+        lora = LoraManager(self.model, ec.max_loras, ec.max_lora_rank) if ec.enable_lora else None
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
                                 max_model_len=self.max_model_len, max_num_seqs=ec.max_num_seqs,
                                 max_num_batched_tokens=ec.max_num_batched_tokens,
-                                prefix_cache_bytes=ec.prefix_cache_bytes, vision_cache_bytes=ec.vision_cache_bytes)
+                                prefix_cache_bytes=ec.prefix_cache_bytes, vision_cache_bytes=ec.vision_cache_bytes,
+                                lora=lora)
         self.output_processor = OutputProcessor(self.tokenizer, self.engine.finish_request)
         self._collectors: dict[str, OutputCollector] = {}  # request id -> outputs its caller has not taken yet
 
@@ -176,6 +182,23 @@ class LLM:
             raise InvalidInputError("sampling_params must be one SamplingParams or one per prompt")
         return params
 
+    def _lora_list(self, lora_request, n: int) -> list[LoRARequest | None]:
+        """One adapter (or None) for every prompt, or a list of one per prompt."""
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * n
+        loras = list(lora_request)
+        if len(loras) != n or not all(r is None or isinstance(r, LoRARequest) for r in loras):
+            raise InvalidInputError("lora_request must be one LoRARequest (or None) or a list of one per prompt")
+        return loras
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter now rather than on its first request (InvalidInputError if it cannot be
+        served: not a LoRA adapter, made for another base model, rank over max_lora_rank)."""
+        if self.engine.lora is None:
+            raise InvalidInputError("LoRA adapters need LLM(..., enable_lora=True)")
+        self.engine.lora.check(lora_request)
+        return True
+
     def _add(self, seq: Sequence) -> None:
         self.engine.add_request(seq)
         self.output_processor.add_request(seq)
@@ -197,18 +220,20 @@ class LLM:
                 if col is not None:
                     col.put(out)
 
-    def _run(self, prepared: list[ProcessedPrompt], params: list[SamplingParams]) -> list[RequestOutput]:
+    def _run(self, prepared: list[ProcessedPrompt], params: list[SamplingParams],
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Run prompts to completion as one batch. A prompt with ``n > 1`` runs as n sequences (child i seeded
         with seed + i when a seed is given) whose completions come back together, indexed 0..n-1."""
         groups: list[list[Sequence]] = []
+        loras = loras or [None] * len(prepared)
         try:
-            for p, sp in zip(prepared, params):
+            for p, sp, lora in zip(prepared, params, loras):
                 kids = []
                 for i in range(sp.n):
                     child = sp if sp.n == 1 else dataclasses.replace(
                         sp, n=1, seed=None if sp.seed is None else (sp.seed + i) % 2**64)
                     seq = Sequence(p.token_ids, child, p.vision, prompt=p.prompt,
-                                   group_id=kids[0].request_id if kids else None)
+                                   group_id=kids[0].request_id if kids else None, lora_request=lora)
                     self._add(seq)
                     kids.append(seq)
                 groups.append(kids)
@@ -238,26 +263,31 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, mm_processor_kwargs: dict | None = None,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate replies for one conversation or a list of them (run as one batch). Returns one
-        RequestOutput per conversation, in order."""
+        RequestOutput per conversation, in order. ``lora_request``: one adapter for all, or one per conversation
+        (None: the base model); needs ``enable_lora``."""
         convs = list(messages) if self._is_batch(messages) else [messages]
         prepared = [self._prepare(c, add_generation_prompt=add_generation_prompt,
                                   chat_template_kwargs=chat_template_kwargs, tools=tools,
                                   mm_processor_kwargs=mm_processor_kwargs) for c in convs]
-        return self._run(prepared, self._params_list(sampling_params, len(prepared)))
+        return self._run(prepared, self._params_list(sampling_params, len(prepared)),
+                         self._lora_list(lora_request, len(prepared)))
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Raw-prompt generation (the prompt must already follow the chat template if one is wanted)."""
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Raw-prompt generation (the prompt must already follow the chat template if one is wanted).
+        ``lora_request`` as in :meth:`chat`."""
         items = prompts if isinstance(prompts, (list, tuple)) else [prompts]
         prepared = [self._prepare_prompt(p) for p in items]
-        return self._run(prepared, self._params_list(sampling_params, len(prepared)))
+        return self._run(prepared, self._params_list(sampling_params, len(prepared)),
+                         self._lora_list(lora_request, len(prepared)))
 
     def chat_stream(self, messages, sampling_params: SamplingParams | None = None, *,
                     add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-                    tools: list[dict] | None = None, mm_processor_kwargs: dict | None = None
-                    ) -> Iterator[RequestOutput]:
+                    tools: list[dict] | None = None, mm_processor_kwargs: dict | None = None,
+                    lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Stream one conversation's reply: yields RequestOutputs whose ``delta_text`` is the new text (never a
         split character, never the start of a stop string); the last one has ``finished=True``."""
         p = self._prepare(messages, add_generation_prompt=add_generation_prompt,
@@ -266,7 +296,8 @@ class LLM:
         params = self._params_list(sampling_params, 1)[0]
         if params.n != 1:
             raise InvalidInputError("chat_stream streams one completion: n must be 1")
-        seq = Sequence(p.token_ids, params, p.vision, prompt=p.prompt)
+        seq = Sequence(p.token_ids, params, p.vision, prompt=p.prompt,
+                       lora_request=self._lora_list(lora_request, 1)[0])
         self._add(seq)
         col = self._collectors[seq.request_id]
         try:

@@ -56,6 +56,12 @@ class EngineConfig:
                "avi, gif, mpegts, flv, ogg, mpeg). Only for inputs you trust")
     file_embedding: bool = _knob(True, "leave the embedding table in the checkpoint file, rows read on use (CPU)")
     progress: bool | None = _knob(None, "show a progress bar while loading (default: when stderr is a terminal)")
+    enable_lora: bool = _knob(False, "serve LoRA adapters per request (vLLM's flag): the base weights shared, "
+                                     "adapters added beside them, a batch may mix adapters")
+    max_loras: int = _knob(1, "LoRA adapters held in the model at once; more wait for a free one (default: 1)",
+                           type=int)
+    max_lora_rank: int = _knob(16, "largest LoRA rank served; a higher-rank adapter is refused (default: 16)",
+                               type=int)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
@@ -77,6 +83,7 @@ class EngineConfig:
         self.prefix_cache_mb = check_int("prefix_cache_mb", self.prefix_cache_mb, lo=0)
         self.vision_cache_mb = check_int("vision_cache_mb", self.vision_cache_mb, lo=0)
         self.media_timeout = check_float("media_timeout", self.media_timeout, lo=0.0, lo_open=True)
+        self._check_lora()
         for name in ("enable_prefix_caching", "compile", "file_embedding", "trusted_local_media"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -87,6 +94,15 @@ class EngineConfig:
             if self.quantization not in MODES:
                 raise InvalidInputError(f"unknown quantization {self.quantization!r}; use one of "
                                         f"{', '.join(MODES)}")
+
+    def _check_lora(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise InvalidInputError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        self.max_loras = check_int("max_loras", self.max_loras, lo=1)
+        self.max_lora_rank = check_int("max_lora_rank", self.max_lora_rank, lo=1)
+        if self.enable_lora and self.compile is True:
+            raise InvalidInputError("enable_lora and compile cannot be used together: the compiled decode step "
+                                    "has no LoRA")
 
     @property
     def prefix_cache_bytes(self) -> int:

@@ -29,7 +29,7 @@ class LLMEngine:
 
     def __init__(self, model: Qwen2VLForConditionalGeneration, tokenizer: Tokenizer, *, eos_token_ids: list[int],
                  max_model_len: int, max_num_seqs: int = 8, max_num_batched_tokens: int = 8192,
-                 prefix_cache_bytes: int = 1 << 30, vision_cache_bytes: int = 256 << 20):
+                 prefix_cache_bytes: int = 1 << 30, vision_cache_bytes: int = 256 << 20, lora=None):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
@@ -38,6 +38,7 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
+        self.lora = self.runner.lora = lora  # a LoraManager (qwen2vl.engine.lora_manager) when serving adapters
 
     # ------------------------------------------------------------------ requests
     def add_request(self, seq: Sequence) -> None:
@@ -52,6 +53,7 @@ class LLMEngine:
             raise InvalidInputError(f"a sequence carries one completion (LLM.chat splits n > 1), got n={seq.params.n}")
         if seq.request_id in self.requests:
             raise InvalidInputError(f"request id {seq.request_id!r} is already in use")
+        self._check_lora(seq)
         p = seq.params
         seq.max_total = self.max_model_len if p.max_tokens is None else min(self.max_model_len, n + p.max_tokens)
         seq.generator = make_generator(p, self.model.device)
@@ -89,7 +91,7 @@ class LLMEngine:
             logits = self.runner.decode(running)
             self._sample(running, logits)
             touched += running
-        admitted = self.scheduler.admit()
+        admitted = self._activate_loras(self.scheduler.admit())
         for i, seq in enumerate(admitted):
             try:
                 logits = self.runner.prefill(seq)
@@ -103,6 +105,33 @@ class LLMEngine:
             self._sample([seq], logits)
             touched.append(seq)
         return touched
+
+    def _check_lora(self, seq: Sequence) -> None:
+        """A request's adapter is read and checked when it is added (InvalidInputError at once if bad)."""
+        if seq.lora_request is None:
+            return
+        if self.lora is None:
+            raise InvalidInputError("a LoRA request needs an engine with LoRA enabled: LLM(..., enable_lora=True)")
+        self.lora.check(seq.lora_request)
+
+    def _activate_loras(self, admitted: list[Sequence]) -> list[Sequence]:
+        """The admitted sequences whose adapter got a slot (qwen2vl.engine.lora_manager); the others go back to
+        the front of the queue, in order, until a running request's adapter frees one."""
+        if self.lora is None or not any(s.lora_request for s in admitted):
+            return admitted
+        pinned = {s.lora_request.lora_int_id for s in self.scheduler.running if s.lora_request is not None}
+        ready, later = [], []
+        for seq in admitted:
+            req = seq.lora_request
+            if req is None or self.lora.activate(req, pinned):
+                ready.append(seq)
+                if req is not None:
+                    pinned.add(req.lora_int_id)
+            else:
+                seq.status = Status.WAITING
+                later.append(seq)
+        self.scheduler.waiting.extendleft(reversed(later))
+        return ready
 
     def _free(self, seq: Sequence) -> None:
         if seq.row >= 0:

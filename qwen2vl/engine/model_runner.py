@@ -9,6 +9,7 @@ import torch
 from ..language import KVView
 from ..positions import mrope_positions
 from .kv_cache import KVCache
+from .lora_manager import with_lora_rows
 from .prefix_cache import LRUBytes, PrefixCache, media_hashes, prefix_keys
 from .sequence import Sequence
 
@@ -27,6 +28,7 @@ class ModelRunner:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)  # memory for reuse across requests; 0: off
         self.vision_cache = LRUBytes(vision_cache_bytes)
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "vision_items": 0, "vision_cached": 0}
+        self.lora = None  # the engine's LoraManager when it serves LoRA adapters
 
     def _view(self, **kw) -> KVView:
         return KVView(self.cache.k, self.cache.v, **kw)
@@ -49,6 +51,7 @@ class ModelRunner:
         return torch.cat(feats) if feats else None
 
     @torch.inference_mode()
+    @with_lora_rows
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """Run the prompt into a fresh cache row, reusing the longest cached prefix and cached media features;
         logits of the last token (1, V)."""
@@ -61,6 +64,9 @@ class ModelRunner:
         vid_lens = [g[0] * g[1] * g[2] // self.merge_len for g in vid_grids]
         seq.prefix_keys = keys = prefix_keys(ids, cfg.image_token_id, cfg.video_token_id, img_h, vid_h,
                                              img_lens, vid_lens)
+        if self.lora is not None:  # KV and (with a vision LoRA) media features under an adapter are its own
+            seq.prefix_keys = keys = self.lora.salt_keys(seq, keys)
+            img_h, vid_h = self.lora.vision_keys(seq, img_h), self.lora.vision_keys(seq, vid_h)
         pos, seq.rope_delta = mrope_positions(ids, img_grids, vid_grids, cfg)  # (3, T)
         entry, n = self.prefix_cache.match(keys)
         n = min(n, len(ids) - 1)  # the last prompt token always runs: its logits are needed
@@ -92,6 +98,7 @@ class ModelRunner:
         return m.prefill(embeds, pos[:, n:], self._view(slot=seq.row, start=n))[None]
 
     @torch.inference_mode()
+    @with_lora_rows
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One step for ``seqs``, which must occupy cache rows 0..B-1 in order; logits (B, V)."""
         m = self.model

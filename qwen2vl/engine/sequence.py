@@ -47,7 +47,8 @@ _ids = itertools.count()
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, vision: VisionInputs | None = None,
-                 prompt: str | None = None, request_id: str | None = None, group_id: str | None = None):
+                 prompt: str | None = None, request_id: str | None = None, group_id: str | None = None,
+                 lora_request=None):
         self.request_id = request_id if request_id is not None else str(next(_ids))
         # the request this is one of n completions of (the scheduler's fair share); alone: its own id
         self.group_id = group_id if group_id is not None else self.request_id
@@ -55,6 +56,7 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.vision = vision
+        self.lora_request = lora_request  # a LoRARequest (qwen2vl.engine.lora_manager), or None: the base model
         self.status = Status.WAITING
         self.output_token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
