@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server (Starlette + uvicorn).
 
     POST /v1/chat/completions   chat, streamed (SSE) or not; images, videos, tools
-    GET  /v1/models             the served model (and /v1/models/{id})
+    GET  /v1/models             the served model and its LoRA adapters (and /v1/models/{id})
     GET  /health                200 while the engine runs (503 once ``qwen2vl serve`` drains: server.shutdown)
     GET  /metrics               Prometheus text
 
@@ -46,6 +46,7 @@ from ..sampling_params import generation_config_defaults
 from . import tool_calls as tc
 from .media import MediaPolicy, ResolvedMedia, describe_source
 from .metrics import Metrics
+from .models import LoRAModule, ServedModels
 from .openapi import openapi_endpoint
 from .protocol import APIError, ChatRequest, TokenInfo, openai_logprobs, parse_chat_request
 
@@ -68,7 +69,8 @@ class ServerConfig:
     ``max_n``, the most completions per request (more: 400). The engine's scheduler gives each request a fair
     share of the running rows (qwen2vl.engine.scheduler). ``max_preprocess_queue``: requests that may wait for a
     preprocessing worker (``preprocess_workers`` of them prepare one request each at a time) before new requests
-    get 429."""
+    get 429. ``lora_modules``: LoRA adapters served beside the base model, picked by a request's ``model``
+    (server.models; the LLM needs ``enable_lora``)."""
 
     served_model_names: list[str]
     api_key: str | None = None
@@ -85,6 +87,7 @@ class ServerConfig:
     max_tokens_default: int | None = 2048
     max_completion_tokens: int | None = None
     max_n: int = 8
+    lora_modules: list[LoRAModule] = field(default_factory=list)
 
     def default_max_tokens(self, checkpoint: int | None) -> int | None:
         """The max_tokens of a request without one: the smallest of ``checkpoint`` (generation_config's
@@ -152,6 +155,7 @@ class OpenAIServer:
             template = self.tokenizer.get_chat_template()
         self.native_tools = tc.template_has_tools(template)
         self.created = int(time.time())
+        self.models = ServedModels(llm, config.served_model_names, config.lora_modules, self.created)
 
     # ------------------------------------------------------------------ setup
     def build_app(self, on_ready=None) -> Starlette:
@@ -161,7 +165,7 @@ class OpenAIServer:
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
-            Route("/openapi.json", openapi_endpoint(self.config.served_model_names), methods=["GET"]),
+            Route("/openapi.json", openapi_endpoint(self.models.names), methods=["GET"]),
         ]
 
         async def http_error(request, exc: HTTPException):
@@ -203,26 +207,20 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
-    def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "qwen2vl",
-                "root": self.model_name, "parent": None, "max_model_len": self.llm.max_model_len}
-
     async def list_models(self, request: Request) -> Response:
         try:
             self._auth(request)
         except APIError as e:
             return self._error(e)
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.config.served_model_names]})
+        return JSONResponse({"object": "list", "data": self.models.cards()})
 
     async def get_model(self, request: Request) -> Response:
         try:
             self._auth(request)
-            name = request.path_params["model"]
-            if name not in self.config.served_model_names:
-                raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+            card = self.models.card(request.path_params["model"])
         except APIError as e:
             return self._error(e)
-        return JSONResponse(self._model_card(name))
+        return JSONResponse(card)
 
     async def health(self, request: Request) -> Response:
         if not self.engine.running:
@@ -262,11 +260,8 @@ class OpenAIServer:
         try:
             self._auth(request)
             body = await self._read_json(request)
-            if isinstance(body, dict) and isinstance(body.get("model"), str) and \
-                    body["model"] not in self.config.served_model_names:
-                raise APIError(404, f"the model {body['model']!r} does not exist (served: "
-                               f"{', '.join(self.config.served_model_names)})", param="model",
-                               code="model_not_found")
+            named = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+            lora = self.models.resolve(named)  # 404 for a name neither the base model nor an adapter has
             req = parse_chat_request(body, defaults=self.sampling_defaults, max_n=self.config.max_n,
                                      max_completion_tokens=self.config.max_completion_tokens)
             if req.n > self.capacity:
@@ -280,9 +275,10 @@ class OpenAIServer:
             admitted = req.n
             prepared, prefix = await self._prepare(req, deadline, rid)
             seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}",
-                             group_id=rid) for i, p in enumerate(req.seq_params())]
+                             group_id=rid, lora_request=lora) for i, p in enumerate(req.seq_params())]
             handle = self.engine.submit(seqs)
             ctx = _Ctx(rid, t0, deadline, req, prepared, prefix, handle, admitted)
+            ctx.model = named if lora is not None else self.model_name
             if req.stream:
                 handed_over = True
                 gen = self._stream(ctx)
@@ -506,7 +502,7 @@ class OpenAIServer:
                             "finish_reason": self._finish_reason(c.finish_reason, n_calls),
                             "stop_reason": c.stop_reason})
         ctx.completion_tokens = completion_tokens
-        return {"id": ctx.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+        return {"id": ctx.rid, "object": "chat.completion", "created": int(time.time()), "model": ctx.model,
                 "choices": choices, "usage": ctx.usage(), "system_fingerprint": None}
 
     async def _stream(self, ctx: "_Ctx"):
@@ -516,7 +512,7 @@ class OpenAIServer:
 
         def chunk(choices):
             return _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
-                         "model": self.model_name, "choices": choices, **usage_field})
+                         "model": ctx.model, "choices": choices, **usage_field})
 
         states: list[_ChoiceStream] = []
         ctx.states = states
@@ -561,7 +557,7 @@ class OpenAIServer:
         ctx.completion_tokens = sum(s.num_tokens for s in states)
         if req.include_usage:
             yield _sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": created,
-                        "model": self.model_name, "choices": [], "usage": ctx.usage()})
+                        "model": ctx.model, "choices": [], "usage": ctx.usage()})
         yield "data: [DONE]\n\n"
         ctx.status = 200
 
@@ -597,6 +593,7 @@ class _Ctx:
         self.cached_tokens: int | None = None  # prompt tokens the prefix cache served (n > 1: the first reported)
         self.status: int | None = None
         self.states: list = []  # streamed choices
+        self.model = ""  # the name answers show: the base model's first served name, or the adapter's
 
     def saw_output(self, out: RequestOutput, metrics: Metrics) -> None:
         if self.cached_tokens is None and out.num_cached_tokens is not None:

@@ -105,7 +105,8 @@ def _request_properties() -> dict:
                                                     ("name",))}, ("function",))]}
     pixels = {"min_pixels": _NUM, "max_pixels": _NUM}
     return {
-        "model": {**_nullable(_STR), "description": "A served model name (else 404); absent: the first."},
+        "model": {**_nullable(_STR), "description": "A served model name or LoRA adapter name (else 404); "
+                  "absent: the first (the base model)."},
         "messages": {"type": "array", "minItems": 1, "items": _ref("Message")},
         "stream": _nullable(_BOOL),
         "stream_options": {**_nullable(_obj({"include_usage": _nullable(_BOOL)})),
@@ -205,7 +206,8 @@ def _answer_schemas() -> dict:
                                                "stream_options.include_usage: null, then set on the last chunk."}},
                                     ("id", "object", "created", "model", "choices")),
         "Model": _obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR, "root": _STR,
-                       "parent": {"type": "null"}, "max_model_len": _INT},
+                       "parent": {**_nullable(_STR), "description": "A LoRA adapter's base model; null for "
+                                  "the base model."}, "max_model_len": _INT},
                       ("id", "object", "created", "owned_by")),
         "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
                           ("object", "data")),

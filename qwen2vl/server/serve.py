@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -22,6 +23,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use (default: the base name of the --model directory, or the "
                         "hub id as given)")
+    g.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters to serve beside the base model, each picked by a request's 'model': "
+                        "name=path, or JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}' "
+                        "(vLLM's forms); implies --enable-lora")
     g.add_argument("--max-queue-size", type=int, default=64,
                    help="sequences that may wait beyond the running batch before 429 (default: 64)")
     g.add_argument("--request-timeout", type=float, default=600.0,
@@ -144,8 +149,12 @@ def serve(args: argparse.Namespace, out=None) -> int:
     from ..llm import LLM
     from .app import ServerConfig, build_app
     from .media import MediaPolicy
+    from .models import parse_lora_module
 
     engine_config = engine_config_from_args(args)  # the engine flags (--max-num-seqs, --media-timeout, ...)
+    lora_modules = [parse_lora_module(m) for m in args.lora_modules]  # vLLM's forms; they imply --enable-lora
+    if lora_modules and not engine_config.enable_lora:
+        engine_config = dataclasses.replace(engine_config, enable_lora=True)
     if engine_config.trusted_local_media:
         print("qwen2vl: error: --trusted-local-media is for offline use: the server never lets FFmpeg read its "
               "clients' media in formats that open other files", file=sys.stderr)
@@ -171,7 +180,7 @@ def serve(args: argparse.Namespace, out=None) -> int:
                           max_bytes=args.max_media_bytes, max_image_pixels=args.max_image_pixels or None),
         preprocess_workers=args.preprocess_workers, max_tokens_default=args.max_tokens_default or None,
         max_completion_tokens=args.max_completion_tokens or None, max_n=args.max_n,
-        max_preprocess_queue=args.max_preprocess_queue)
+        max_preprocess_queue=args.max_preprocess_queue, lora_modules=lora_modules)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "
