@@ -70,6 +70,9 @@ class LLM:
         else:
             ec = EngineConfig(model=model, **options)
         self.engine_config = ec
+        if ec.enable_lora and ec.compile:
+            raise InvalidInputError("enable_lora and compile cannot be used together: the compiled decode step "
+                                    "has no LoRA")
         path = resolve_model_path(ec.model, ec.revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)

@@ -100,9 +100,6 @@ class EngineConfig:
             raise InvalidInputError(f"enable_lora must be a bool, got {self.enable_lora!r}")
         self.max_loras = check_int("max_loras", self.max_loras, lo=1)
         self.max_lora_rank = check_int("max_lora_rank", self.max_lora_rank, lo=1)
-        if self.enable_lora and self.compile is True:
-            raise InvalidInputError("enable_lora and compile cannot be used together: the compiled decode step "
-                                    "has no LoRA")
 
     @property
     def prefix_cache_bytes(self) -> int:
