@@ -281,3 +281,39 @@ def test_server_refuses_bad_lora_modules(lora_llm, base_llm, adapters, tmp_path)
                           LoRAModule("a", str(tmp_path / "missing"))], "not a directory")):
         with pytest.raises(InvalidInputError, match=words):
             build_app(llm, ServerConfig(served_model_names=["tiny"], lora_modules=mods))
+
+
+def test_per_row_lora_beside_any_base_linear(lora_llm):
+    """Rows [slot 5, none, slot 6] of one forward, over a float, prepacked, int8 and int4 base: each row gets
+    exactly its own delta on the output slices of its targets, the base's output untouched elsewhere."""
+    from qwen2vl.packed import PackedLinear
+    from qwen2vl.quant import Int4Linear, Int8Linear
+    multi = lora_llm.engine.lora.multi
+    g = torch.Generator().manual_seed(3)
+    q, k = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
+    rows_q, rows_k = (multi.parts[t] for t in (q, k))
+    ab = {t: (torch.randn(r, 64, generator=g), torch.randn(p.end - p.start, r, generator=g))
+          for t, p, r in ((q, rows_q, 2), (k, rows_k, 3))}
+    multi.load(5, {q: ab[q]}, 0.5)  # slot 5: q only; slot 6: q and k
+    multi.load(6, ab, 2.0)
+    wrapper = lora_llm.model.model.layers[1].self_attn.qkv_proj
+    loaded = wrapper.base
+    lin = torch.nn.Linear(64, loaded.out_features)
+    x = torch.randn(3, 1, 64, generator=g)
+    try:
+        for base in (lin, PackedLinear(lin), Int8Linear(lin.weight, lin.bias),
+                     Int4Linear(lin.weight, lin.bias, group_size=32)):
+            wrapper.base = base
+            with multi.rows([5, None, 6]):
+                y = wrapper(x)
+            want = base(x).float()
+            want[0, :, rows_q.start:rows_q.end] += x[0] @ ab[q][0].T @ ab[q][1].T * 0.5
+            for t, p in ((q, rows_q), (k, rows_k)):
+                want[2, :, p.start:p.end] += x[2] @ ab[t][0].T @ ab[t][1].T * 2.0
+            torch.testing.assert_close(y.float(), want, rtol=2e-2 if base.__class__ is Int4Linear else 1e-5,
+                                       atol=5e-2 if base.__class__ is Int4Linear else 1e-4)
+            assert not torch.equal(y[0], base(x)[0]) and torch.equal(y[1], base(x)[1])
+    finally:
+        wrapper.base = loaded
+        multi.unload(5)
+        multi.unload(6)
