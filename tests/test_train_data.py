@@ -292,6 +292,16 @@ def test_pixel_limits_per_dataset_and_video_file(tmp_path, tok, cfg):
     assert v.video_grid_thw == [(2, 2, 2)]
 
 
+def test_item_options_and_paths_outside_media_dir(tmp_path, tok, cfg, monkeypatch):
+    rec = {"messages": [{"role": "user", "content": [{"type": "image", "image": "sub/b.png", "max_pixels": 3136},
+                                                     {"type": "image", "image": "data/a.png"}]},
+                        {"role": "assistant", "content": "ok"}]}
+    data = write_dataset(tmp_path, [rec], file_name="chat.jsonl", info=False)
+    monkeypatch.chdir(tmp_path)  # "data/a.png" is not under media_dir: read as given, as LLaMA-Factory does
+    v = load(data, tok, cfg, dataset="chat.jsonl")[0].vision
+    assert v.image_grid_thw == [(1, 2, 4), (1, 4, 4)]  # the item's own max_pixels wins over image_max_pixels
+
+
 def test_max_samples_and_num_samples(tmp_path, tok, cfg):
     recs = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]} for i in range(5)]
     data = write_dataset(tmp_path, recs, SHAREGPT)
@@ -421,6 +431,8 @@ def test_all_samples_dropped_is_an_error(tmp_path, tok, cfg):
     (dict(val_size=2.5), "val_size must be"),
     (dict(cutoff_len=0), "cutoff_len must be"),
     (dict(packing=True), "packing is not supported"),
+    (dict(video_maxlen=1), "video_maxlen must be"),
+    (dict(image_max_pixels=0), "image_max_pixels must be"),
 ])
 def test_data_args_checks(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):

@@ -19,7 +19,8 @@ This module owns the dataset formats:
 * openai: ``role`` system / user / assistant / tool, assistant ``tool_calls``, content a string or content parts
   (images and videos as the chat API takes them); consecutive tool messages form one turn.
 * In both, ``<image>`` / ``<video>`` placeholders anywhere in a text take the record's ``images`` / ``videos`` in
-  order; the counts must match. Relative media paths resolve against ``media_dir`` (default ``dataset_dir``).
+  order; the counts must match. Relative media paths resolve against ``media_dir`` (default ``dataset_dir``),
+  else as given.
 
 Every error names the sample (``file[index]`` for a JSON list, ``file:line`` for JSON lines).
 """
@@ -195,12 +196,15 @@ def _media_list(value: Any) -> list:
 
 
 def resolve_source(src: Any, kind: str, n: int, media_dir: str) -> Any:
-    """A local relative path joined to ``media_dir``; a missing file is an error naming the item."""
+    """A local relative path joined to ``media_dir`` (or, when not there, as given, like LLaMA-Factory); a missing
+    file is an error naming the item."""
     if isinstance(src, (list, tuple)):  # a video given as frames
         return [resolve_source(f, kind, n, media_dir) for f in src]
     if not isinstance(src, str) or src.startswith(_URL_PREFIXES):
         return src
     path = src if os.path.isabs(src) else os.path.join(media_dir, src)
+    if not os.path.isfile(path) and not os.path.isabs(src) and os.path.isfile(src):
+        path = src
     if not os.path.isfile(path):
         raise InvalidInputError(f"{kind} {n + 1} not found: {path}")
     return path
