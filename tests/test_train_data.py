@@ -86,7 +86,7 @@ def write_dataset(root, records, entry=None, name="d", file_name="d.json", info=
     return data
 
 
-SHAREGPT = {"columns": {"messages": "conversations", "images": "images", "videos": "videos", "system": "system",
+SHAREGPT = {"formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images", "videos": "videos", "system": "system",
                         "tools": "tools"}}
 
 
@@ -265,8 +265,18 @@ def test_openai_formatting_in_dataset_info_with_placeholders(tmp_path, tok, cfg)
         tok, [(DEFAULT_SYSTEM + user(IMG + "What?"), False), (reply("Red."), True)], images=[4])
 
 
+def test_alpaca_is_the_default_formatting(tmp_path, tok, cfg):
+    rec = {"instruction": "<image>Name it.", "input": "Briefly.", "output": "Red.", "system": "S.",
+           "history": [["Hi", "Hello"]], "images": ["a.png"]}
+    data = write_dataset(tmp_path, [rec], {"columns": {"history": "history", "images": "images", "system": "system"}})
+    sample = load(data, tok, cfg)[0]
+    assert (sample.input_ids, sample.labels) == expected(
+        tok, [(system("S.") + user("Hi"), False), (reply("Hello"), True),
+              (user(f"{IMG}Name it.\nBriefly."), False), (reply("Red."), True)], images=[4])
+
+
 def test_custom_columns_and_tags(tmp_path, tok, cfg):
-    entry = {"columns": {"messages": "dialog", "images": "pics"},
+    entry = {"formatting": "sharegpt", "columns": {"messages": "dialog", "images": "pics"},
              "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "person", "assistant_tag": "bot",
                       "system_tag": "sys"}}
     rec = {"dialog": [{"speaker": "sys", "text": "S."}, {"speaker": "person", "text": "Look <image> here"},
@@ -411,6 +421,12 @@ def test_bad_datasets(tmp_path, tok, cfg):
         load(data, tok, cfg)
     (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "missing.json"}}))
     with pytest.raises(InvalidInputError, match=r"file .*missing\.json not found"):
+        load(data, tok, cfg)
+    (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", "ranking": True}}))
+    with pytest.raises(InvalidInputError, match=r"'d' is a ranking \(preference\) dataset"):
+        load(data, tok, cfg)
+    (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", "formatting": "xml"}}))
+    with pytest.raises(InvalidInputError, match=r"formatting 'xml'; supported"):
         load(data, tok, cfg)
     with pytest.raises(InvalidInputError, match="no dataset given"):
         load_samples(DataArgs(dataset_dir=str(data)), tok, cfg)
