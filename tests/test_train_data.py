@@ -86,8 +86,8 @@ def write_dataset(root, records, entry=None, name="d", file_name="d.json", info=
     return data
 
 
-SHAREGPT = {"formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images", "videos": "videos", "system": "system",
-                        "tools": "tools"}}
+SHAREGPT = {"formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images", "videos": "videos",
+                                                  "system": "system", "tools": "tools"}}
 
 
 def load(data, tok, cfg, **kw):

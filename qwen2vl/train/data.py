@@ -2,7 +2,7 @@
 
 This module owns the data contract the trainer uses: :class:`DataArgs` (LLaMA-Factory's key names and defaults),
 :class:`Sample`, :class:`SampleSet`, :func:`load_samples` and :func:`load_splits`. For each record of each named
-dataset (formats: :mod:`qwen2vl.train.data_formats`) it
+dataset (alpaca, sharegpt or OpenAI messages: :mod:`qwen2vl.train.data_formats`) it
 
 1. checks the conversation and renders it with the model's own chat template; tools, function calls and
    observations are written exactly as the server writes them for this checkpoint
