@@ -18,8 +18,8 @@ import math
 
 from PIL import ImageDraw
 
-from .common import (COLOURS, SIDE, Sample, background, canvas, fit_text, jitter, pick, pick_font, randint,
-                     task_rng, user)
+from .common import (COLOURS, SIDE, Sample, background, canvas, fit_text, ink_box, jitter, pick, pick_font,
+                     randint, task_rng, user)
 from .fonts import latin_fonts
 
 __all__ = ["QUESTION", "sample_blocks", "blocks_answer", "row_labels"]
@@ -82,7 +82,7 @@ def sample_blocks(seed: int) -> Sample:
             name, digit = pick(rng, COLOURS), randint(rng, 0, 9)
             fill = jitter(rng, name)
             draw.rectangle((x, y, x + size - 1, y + size - 1), fill=fill)
-            bb = face.getbbox(str(digit))
+            bb = ink_box(font, face.size, str(digit))
             tx = x + (size - (bb[2] - bb[0])) / 2 - bb[0]
             ty = y + (size - (bb[3] - bb[1])) / 2 - bb[1]
             draw.text((round(tx), round(ty)), str(digit), font=face, fill=(255, 255, 255))

@@ -13,6 +13,7 @@ as a list of PIL frames (:func:`qwen2vl.demo.video_task.with_mp4` swaps in a 4-f
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 from .fonts import Font, load_font
 
 __all__ = ["PALETTE", "COLOURS", "SHAPES", "SIDE", "BACKGROUND", "JITTER", "Sample", "task_rng", "randint",
-           "pick", "pick_font", "jitter", "background", "canvas", "fit_text", "draw_shape", "shape_height",
+           "pick", "pick_font", "jitter", "background", "canvas", "ink_box", "fit_text", "draw_shape", "shape_height",
            "to_thousandths", "user"]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -98,19 +99,31 @@ def canvas(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image
     return Image.new("RGB", (width, height), colour)
 
 
+@functools.lru_cache(maxsize=8192)
+def ink_box(font: Font, size: int, text: str) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom; right / bottom exclusive) of the pixels ``text`` inks when drawn at
+    (0, 0) with PIL's default anchor, measured on a rendering (PIL's getbbox pads the horizontal extent)."""
+    face = load_font(font, size)
+    left, top, right, bottom = face.getbbox(text)
+    pad = 4
+    im = Image.new("L", (right - min(0, left) + 2 * pad, bottom - min(0, top) + 2 * pad))
+    ImageDraw.Draw(im).text((pad - min(0, left), pad - min(0, top)), text, font=face, fill=255)
+    x0, y0, x1, y1 = im.getbbox()
+    return (x0 - pad + min(0, left), y0 - pad + min(0, top), x1 - pad + min(0, left), y1 - pad + min(0, top))
+
+
 def fit_text(font: Font, text: str, height: int):
-    """(FreeTypeFont, ink bbox) of the pixel size whose ink height for ``text`` is closest to ``height`` (ties: the
-    smaller size). The bbox is PIL's (left, top, right, bottom) for drawing at (0, 0) with the default anchor."""
-    ref = load_font(font, 100).getbbox(text)
+    """(FreeTypeFont, ink box) of the pixel size whose ink height for ``text`` is closest to ``height`` (ties: the
+    smaller size). The box is :func:`ink_box`'s, for drawing at (0, 0) with PIL's default anchor."""
+    ref = ink_box(font, 100, text)
     guess = max(4, round(height * 100 / max(1, ref[3] - ref[1])))
     best = None
     for size in range(max(4, guess - 3), guess + 4):
-        f = load_font(font, size)
-        box = f.getbbox(text)
+        box = ink_box(font, size, text)
         err = abs((box[3] - box[1]) - height)
         if best is None or err < best[0]:
-            best = (err, f, box)
-    return best[1], best[2]
+            best = (err, size, box)
+    return load_font(font, best[1]), best[2]
 
 
 def shape_height(kind: str, size: int) -> int:
