@@ -398,3 +398,16 @@ def test_evaluate_on_the_tiny_checkpoint(tiny_checkpoint, capsys):
     assert out.splitlines()[0].split() == ["task", "n", "correct", "accuracy"]
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["counting", "weather", "all"]
     assert math.isfinite(report.min_accuracy)
+
+
+def test_examples(tmp_path):
+    from PIL import Image
+
+    from qwen2vl.demo.examples import EXAMPLES, write_examples
+    written = write_examples(tmp_path)
+    assert sorted(os.path.basename(p) for p in written) == sorted(list(EXAMPLES) + ["questions.json"])
+    shipped = os.path.join(os.path.dirname(__file__), "..", "examples")
+    got = json.loads((tmp_path / "questions.json").read_text(encoding="utf-8"))
+    assert got == json.loads(open(os.path.join(shipped, "questions.json"), encoding="utf-8").read())
+    for name in ("counting.png", "grounding.png"):  # no text: the same pixels whatever the font versions
+        assert (_px(Image.open(tmp_path / name)) == _px(Image.open(os.path.join(shipped, name)))).all()
