@@ -70,8 +70,9 @@ def sample_blocks(seed: int) -> Sample:
     img = canvas(width, height, background(rng))
     draw = ImageDraw.Draw(img)
     font = pick_font(rng, latin_fonts("bold"))
-    digit_h = randint(rng, math.ceil(0.55 * size), math.floor(0.75 * size))
-    face, _ = fit_text(font, DIGITS, digit_h)
+    lo, hi = math.ceil(0.55 * size), math.floor(0.75 * size)
+    digit_h = randint(rng, lo, hi)
+    face, _ = fit_text(font, DIGITS, digit_h, (lo, hi))
     rows, boxes = [], []
     for r, n in enumerate(counts):
         row_x = x0 + (span_w - (n * size + (n - 1) * gap)) // 2

@@ -112,17 +112,21 @@ def ink_box(font: Font, size: int, text: str) -> tuple[int, int, int, int]:
     return (x0 - pad + min(0, left), y0 - pad + min(0, top), x1 - pad + min(0, left), y1 - pad + min(0, top))
 
 
-def fit_text(font: Font, text: str, height: int):
-    """(FreeTypeFont, ink box) of the pixel size whose ink height for ``text`` is closest to ``height`` (ties: the
-    smaller size). The box is :func:`ink_box`'s, for drawing at (0, 0) with PIL's default anchor."""
+def fit_text(font: Font, text: str, height: int, within: tuple[int, int]):
+    """(FreeTypeFont, ink box) of the pixel size whose ink height for ``text`` is closest to ``height`` among the
+    sizes whose ink height lies in ``within`` (inclusive; ties: the smaller size). Sizes step the ink height by
+    about a pixel, sometimes two, so the range keeps a target at its edge inside it. The box is :func:`ink_box`'s,
+    for drawing at (0, 0) with PIL's default anchor."""
     ref = ink_box(font, 100, text)
     guess = max(4, round(height * 100 / max(1, ref[3] - ref[1])))
     best = None
-    for size in range(max(4, guess - 3), guess + 4):
+    for size in range(max(4, guess - 6), guess + 7):
         box = ink_box(font, size, text)
-        err = abs((box[3] - box[1]) - height)
-        if best is None or err < best[0]:
-            best = (err, size, box)
+        h = box[3] - box[1]
+        if within[0] <= h <= within[1] and (best is None or abs(h - height) < best[0]):
+            best = (abs(h - height), size, box)
+    if best is None:
+        raise ValueError(f"no size of {font.name} inks {text!r} between {within[0]} and {within[1]} px high")
     return load_font(font, best[1]), best[2]
 
 

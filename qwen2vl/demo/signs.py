@@ -57,7 +57,7 @@ def draw_sign(rng) -> tuple:
     word = pick(rng, WORDS)
     font = _font(rng, word)
     text_h = randint(rng, *TEXT_HEIGHT)
-    face, bb = fit_text(font, word, text_h)
+    face, bb = fit_text(font, word, text_h, TEXT_HEIGHT)
     pad_x, pad_y = randint(rng, 6, 16), randint(rng, 4, 12)
     sign_w = (bb[2] - bb[0]) + 2 * (pad_x + BORDER)
     sign_h = (bb[3] - bb[1]) + 2 * (pad_y + BORDER)
