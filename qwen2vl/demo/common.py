@@ -99,7 +99,7 @@ def canvas(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image
     return Image.new("RGB", (width, height), colour)
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1 << 16)
 def ink_box(font: Font, size: int, text: str) -> tuple[int, int, int, int]:
     """The box (left, top, right, bottom; right / bottom exclusive) of the pixels ``text`` inks when drawn at
     (0, 0) with PIL's default anchor, measured on a rendering (PIL's getbbox pads the horizontal extent)."""
