@@ -13,7 +13,7 @@ seed) and :func:`export_sharegpt`, which writes samples as LLaMA-Factory multimo
 A ``<image>`` / ``<video>`` placeholder stands where the media part stood in the turn. A target that is a tool call
 (weather) is a ``function_call`` turn holding ``{"name": "get_weather", "arguments": {"city": ...}}`` and the row's
 ``tools`` column is the JSON of the tools list (LLaMA-Factory renders both the Qwen way, as
-:mod:`qwen2vl.server.tool_calls` does); other rows have ``"tools": ""``.
+:mod:`qwen2vl.tool_calls` does); other rows have ``"tools": ""``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 from typing import Iterator
 
 from ..errors import InvalidInputError
-from ..server.tool_calls import parse_tool_calls
+from ..tool_calls import parse_tool_calls
 from .common import Sample
 from .tasks import HELD_OUT_START, check_tasks, sample
 from .video_task import write_mp4

@@ -9,7 +9,7 @@ Owns the rules:
 * counting: the first integer in the answer equals the count.
 * reading: the answer with punctuation and symbols replaced by spaces contains the word (case-insensitive; a Latin
   word as a whole word, so "Rome" is not found in "Romeo"; a CJK word as a substring).
-* weather: the answer holds exactly one tool call (parsed by :func:`qwen2vl.server.tool_calls.parse_tool_calls`,
+* weather: the answer holds exactly one tool call (parsed by :func:`qwen2vl.tool_calls.parse_tool_calls`,
   the server's parser), to ``get_weather``, whose arguments are an object with ``city`` equal to the word.
 * grounding: the first box ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` (or, when the special tokens were
   stripped, the first bare ``(x1,y1),(x2,y2)``) on the 0-1000 scale has IoU >= 0.5 with the true box.
@@ -24,7 +24,7 @@ import re
 import unicodedata
 from typing import Any, Callable
 
-from ..server.tool_calls import parse_tool_calls
+from ..tool_calls import parse_tool_calls
 from .common import COLOURS
 
 __all__ = ["GRADERS", "grade", "read_blocks", "read_box", "iou", "grade_blocks", "grade_counting", "grade_reading",

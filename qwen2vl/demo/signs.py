@@ -12,14 +12,14 @@ uniform position fully inside the image.
 * weather (the release's function-call demo): the request carries :data:`TOOLS` (``get_weather(city: string)``);
   "What's the weather like in the city on this sign?" Answer: one call in the Qwen2-VL / Qwen2.5 Hermes form,
   ``<tool_call>\\n{"name": "get_weather", "arguments": {"city": WORD}}\\n</tool_call>`` (exactly what
-  :func:`qwen2vl.server.tool_calls.tool_call_block` writes; non-ASCII kept). Truth: the word.
+  :func:`qwen2vl.tool_calls.tool_call_block` writes; non-ASCII kept). Truth: the word.
 """
 
 from __future__ import annotations
 
 from PIL import ImageDraw
 
-from ..server.tool_calls import tool_call_block
+from ..tool_calls import tool_call_block
 from .common import SIDE, Sample, background, canvas, fit_text, pick, pick_font, randint, task_rng, user
 from .fonts import cjk_font, latin_fonts
 

@@ -43,7 +43,7 @@ from ..errors import InvalidInputError
 from ..media.messages import Resolver, normalize_messages
 from ..processor import ProcessedPrompt
 from ..sampling_params import generation_config_defaults
-from . import tool_calls as tc
+from .. import tool_calls as tc
 from .media import MediaPolicy, ResolvedMedia, describe_source
 from .metrics import Metrics
 from .openapi import openapi_endpoint

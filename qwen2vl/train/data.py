@@ -6,7 +6,7 @@ dataset (alpaca, sharegpt or OpenAI messages: :mod:`qwen2vl.train.data_formats`)
 
 1. checks the conversation and renders it with the model's own chat template; tools, function calls and
    observations are written exactly as the server writes them for this checkpoint
-   (:mod:`qwen2vl.server.tool_calls`), so what is trained is what is served;
+   (:mod:`qwen2vl.tool_calls`), so what is trained is what is served;
 2. loads the images and videos with this package's media pipeline (:class:`~qwen2vl.processor.Processor`) under
    the dataset's pixel limits (``image_max_pixels`` ... ``video_maxlen``, each also settable per dataset entry);
    local dataset files are trusted input (videos in any FFmpeg format, as ``trusted_local_media``);
@@ -32,7 +32,7 @@ from ..errors import InvalidInputError
 from ..inputs import VisionInputs
 from ..media.messages import normalize_messages
 from ..processor import Processor
-from ..server import tool_calls as tc
+from .. import tool_calls as tc
 from ..tokenizer import Tokenizer
 from .data_formats import (Conversation, DatasetAttr, dataset_attrs, read_records, resolve_source,
                            to_conversation)
