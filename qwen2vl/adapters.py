@@ -100,8 +100,8 @@ def to_original(name: str) -> str:
 
 
 def to_nested(name: str) -> str:
-    """An original-layout name -> the transformers >= 4.52 name."""
-    if name.startswith("model.layers."):
+    """An original-layout module or tensor name -> the transformers >= 4.52 name (``lm_head`` stays)."""
+    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
         return "model.language_model." + name[len("model."):]
     if name.startswith("visual."):
         return "model." + name
