@@ -446,8 +446,14 @@ def staged_output(out_dir: str, *, whole_dir: bool, overwrite: bool, names=()):
     elif whole_dir:
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
         os.rename(out_dir, os.path.join(old, "d"))
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            os.rename(os.path.join(old, "d"), out_dir)  # put the old one back
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         for n in os.listdir(tmp):
             os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
