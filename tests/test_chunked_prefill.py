@@ -227,6 +227,32 @@ def test_abort_during_chunked_prefill_frees_its_row(llm):
     assert not engine.has_unfinished_requests() and engine.runner.cache.num_live == 0
 
 
+def test_a_chunk_that_fails_drops_only_its_request(llm):
+    engine = LLMEngine(llm.model, llm.tokenizer, eos_token_ids=llm.eos_token_ids, max_model_len=llm.max_model_len,
+                       max_num_batched_tokens=32, prefix_cache_bytes=0)
+    a = _seq(llm, C_IMGS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), "a")
+    b = _seq(llm, conv("Hi"), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), "b")
+    real = engine.runner.prefill_chunk
+
+    def chunk(seq, k):
+        if seq is a and seq.num_computed_tokens > 0:  # a's second chunk
+            raise RuntimeError("simulated model failure")
+        return real(seq, k)
+
+    engine.runner.prefill_chunk = chunk
+    engine.add_request(a)
+    engine.add_request(b)
+    engine.step()  # a's first chunk takes the whole budget: b waits
+    assert a.prefill is not None and b.status is Status.WAITING
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    assert a.finish_reason == "abort" and a.prefill is None and a.row == -1 and "a" not in engine.requests
+    assert list(engine.scheduler.waiting) == [b] and b.status is Status.WAITING  # not begun: still queued
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(b.output_token_ids) == 4 and engine.runner.cache.num_live == 0
+
+
 def test_visual_tokens_reported_before_any_model_work(llm):
     cfg = llm.model.cfg
     seq = _seq(llm, C_VIDEO, P, "v")

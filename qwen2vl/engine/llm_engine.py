@@ -105,18 +105,19 @@ class LLMEngine:
         begun = [s for s in self.scheduler.running if s.prefill is not None]  # mid-prefill
         admitted = self.scheduler.admit()  # within what the begun prompts leave of the budget
         budget = self.scheduler.max_num_batched_tokens
-        for i, seq in enumerate(begun + admitted):
-            if budget <= 0:
-                break
-            if i >= len(begun):
+        try:
+            for seq in begun:
+                if budget > 0:
+                    budget -= self._chunk(seq, budget, done)
+            for seq in admitted:  # admit() took only what fits: each gets a chunk
                 self.scheduler.running.append(seq)  # it holds its row from its first chunk on
-            try:
                 budget -= self._chunk(seq, budget, done)
-            except Exception:
-                for later in reversed(admitted[max(0, i + 1 - len(begun)):]):  # not begun: back to the queue's front
-                    later.status = Status.WAITING
-                    self.scheduler.waiting.appendleft(later)
-                raise
+        except Exception:
+            running = set(map(id, self.scheduler.running))
+            for later in reversed([s for s in admitted if id(s) not in running and not s.finished]):
+                later.status = Status.WAITING  # admitted but not begun: back to the queue's front
+                self.scheduler.waiting.appendleft(later)
+            raise
         return done
 
     def _chunk(self, seq: Sequence, budget: int, done: list[Sequence]) -> int:
