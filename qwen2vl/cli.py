@@ -3,6 +3,7 @@
     qwen2vl chat --model DIR --image cat.jpg "Describe this image."   # one answer, streamed
     qwen2vl chat --model DIR                                          # a multi-turn session
     qwen2vl serve --model DIR --port 8000 --api-key KEY               # an OpenAI-compatible server
+    qwen2vl eval --model DIR [--tasks blocks,video] [-n 200]          # accuracy on the demo tasks (qwen2vl.demo)
     qwen2vl export --model DIR --adapter ADAPTER --out OUT            # merge a LoRA adapter into a checkpoint
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
@@ -45,8 +46,52 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve)
+    _add_eval_parser(sub)
     _add_export_parser(sub)
     return parser
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="accuracy on held-out samples of the demo tasks (qwen2vl.demo), per task")
+    add_engine_args(ev.add_argument_group("engine"))
+    ev.add_argument("--tasks", default=None, help="comma-separated tasks (default: all): blocks, counting, reading, "
+                                                 "weather, grounding, video, conversation")
+    ev.add_argument("-n", "--num-samples", dest="num_samples", type=int, default=200,
+                    help="held-out samples per task (default: 200)")
+    ev.add_argument("--seed", type=int, default=0, help="offset of the held-out seeds (default: 0)")
+    ev.add_argument("--batch-size", type=int, default=16, help="conversations per llm.chat call (default: 16)")
+    ev.add_argument("--max-tokens", type=int, default=None,
+                    help="cap on every task's answer length in tokens (default: each task's own budget)")
+    ev.add_argument("--fail-under", type=float, default=None,
+                    help="exit with status 1 when a task's accuracy is below this fraction (e.g. 0.9)")
+
+
+def run_eval(args, out=None) -> int:
+    """``qwen2vl eval``: load the model, score it on the demo tasks (greedy), print the per-task table."""
+    out = out if out is not None else sys.stdout
+    from .demo.evaluate import evaluate
+    from .demo.fonts import FontsNotFoundError
+    from .demo.tasks import check_tasks, held_out_seed, sample
+    from .llm import LLM
+    tasks = check_tasks(args.tasks)
+    try:  # the fonts are checked before the model loads
+        for task in tasks:
+            sample(task, held_out_seed(0, args.seed))
+    except FontsNotFoundError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    llm = LLM(engine_config_from_args(args))
+
+    def progress(task, score):
+        print(f"{task}: {score.correct}/{score.n}", file=sys.stderr, flush=True)
+
+    report = evaluate(llm, args.num_samples, args.seed, tasks, batch_size=args.batch_size, progress=progress,
+                      max_tokens=args.max_tokens)
+    out.write(report.table() + "\n")
+    out.flush()
+    if args.fail_under is not None and report.min_accuracy < args.fail_under:
+        return 1
+    return 0
 
 
 def _add_export_parser(sub) -> None:
@@ -153,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "export":
         return run_export(args)
-    if args.command not in ("chat", "serve"):
+    if args.command not in ("chat", "serve", "eval"):
         parser.print_help()
         return 2
     try:
         if args.command == "serve":
             from .server.serve import serve
             return serve(args)
+        if args.command == "eval":
+            return run_eval(args)
         return run_chat(args)
     except InvalidInputError as e:
         print(f"qwen2vl: error: {e}", file=sys.stderr)

@@ -47,7 +47,7 @@ class LLM:
             checkpoint's preprocessor_config.json.
         max_model_len: context length (prompt + output); default the model's max_position_embeddings.
         max_num_seqs: how many requests decode together in one batch.
-        max_num_batched_tokens: prompt tokens prefilled in one engine step (a longer prompt runs alone).
+        max_num_batched_tokens: prompt tokens prefilled in one engine step (a longer prompt runs in chunks).
         quantization: None, "int8" or "int4": quantize the weights after loading (CPU; see qwen2vl.quant).
             GPTQ-Int4 and AWQ checkpoints load their 4-bit weights as they are (see qwen2vl.prequant); with
             "int4" the rest of such a model (vision tower, lm_head) is quantized to int8 as well.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import tool_calls
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .inputs import VisionInputs
@@ -47,14 +48,34 @@ class Processor:
         v = cfg.vision
         self.factor = v.patch_size * v.spatial_merge_size  # 28
         self.merge_len = v.spatial_merge_size ** 2
+        self._native_tools: bool | None = None  # whether the chat template renders tools (found on first use)
 
     def __call__(self, messages, *, add_generation_prompt: bool = True, tools: list | None = None,
                  chat_template_kwargs: dict | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None) -> ProcessedPrompt:
+        messages, tools = self.with_tools(messages, tools)
         msgs, media = normalize_messages(messages)
         prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools,
                                                     **(chat_template_kwargs or {}))
         return self.from_prompt(prompt, media, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def with_tools(self, messages: list[dict], tools: list | None) -> tuple[list[dict], list | None]:
+        """Messages and tools as the chat template is given them: a template with a tools section renders them
+        itself; for one without (the Qwen2-VL template), tools, tool calls and tool results are written into the
+        messages as Qwen2.5's template writes them (:mod:`qwen2vl.tool_calls`), as the server does."""
+        if self._native_tools is None:
+            try:
+                self._native_tools = tool_calls.template_has_tools(self.tokenizer.get_chat_template())
+            except Exception:  # no template at all: apply_chat_template will say so
+                self._native_tools = False
+        if self._native_tools:
+            return tool_calls.for_tools_template(messages), tools
+        if not tool_calls.needs_conversion(messages, tools):
+            return messages, tools
+        try:
+            return tool_calls.convert_tool_messages(messages, tools), None
+        except (ValueError, AttributeError) as e:
+            raise InvalidInputError(f"messages with tools: {e}") from None
 
     def from_prompt(self, prompt: str, media: list[dict], *, min_pixels: int | None = None,
                     max_pixels: int | None = None) -> ProcessedPrompt:

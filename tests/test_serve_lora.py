@@ -152,11 +152,15 @@ def test_a_batch_mixing_adapters_equals_each_request_alone(lora_llm, adapters, m
 
 
 def test_more_adapters_than_slots_wait_for_a_free_one(tiny_checkpoint, adapters, merged_outputs):
-    llm = _llm(tiny_checkpoint, enable_lora=True, max_loras=1, max_lora_rank=8)
+    """One slot for two adapters, and prompts prefilled in chunks of at most 6 tokens."""
+    llm = _llm(tiny_checkpoint, enable_lora=True, max_loras=1, max_lora_rank=8, max_num_batched_tokens=6,
+               enable_prefix_caching=False)
     lang, vis = adapters["lang"]["request"], adapters["vis"]["request"]
-    got = llm.chat([HELLO, HELLO, HELLO, OTHER], GREEDY, lora_request=[lang, vis, None, lang])
-    for out, name, i in zip(got, ("lang", "vis", None, "lang"), (0, 0, 0, 1)):
+    got = llm.chat([HELLO, HELLO, HELLO, OTHER, image_chat()], GREEDY, lora_request=[lang, vis, None, lang, vis])
+    for out, name, i in zip(got, ("lang", "vis", None, "lang", "vis"), (0, 0, 0, 1, 2)):
         _same(out, merged_outputs[name][i])
+    # alone, the image prompt (its image at tokens 15..18) runs in chunks [0, 6), ..., [12, 18), [18, 24), ...
+    _same(llm.chat(image_chat(), GREEDY, lora_request=vis)[0], merged_outputs["vis"][2])
     assert len(llm.engine.lora.slots) == 1
 
 

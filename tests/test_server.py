@@ -192,7 +192,7 @@ def test_sampling_options(client):
 
 def _expected_tool_prompt(messages, tools):
     """Qwen2.5-Instruct's template, with the Qwen2-VL default system line, tokenized by the checkpoint."""
-    from qwen2vl.server.tool_calls import DEFAULT_SYSTEM
+    from qwen2vl.tool_calls import DEFAULT_SYSTEM
     return _qwen25(messages, tools, DEFAULT_SYSTEM)
 
 

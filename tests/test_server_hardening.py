@@ -24,7 +24,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from qwen2vl import LLM  # noqa: E402
-from qwen2vl.server import tool_calls as tc  # noqa: E402
+from qwen2vl import tool_calls as tc  # noqa: E402
 from qwen2vl.server.app import ServerConfig, build_app  # noqa: E402
 from qwen2vl.server.serve import build_server  # noqa: E402
 

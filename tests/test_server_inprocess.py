@@ -238,14 +238,14 @@ def test_a_failing_model_step_fails_only_its_request(scripted):
     """A request whose prefill raises gets a 500; the requests beside it finish; the server goes on."""
     llm, c = scripted["llm"], scripted["client"]
     runner = llm.engine.runner
-    real = runner.prefill
+    real = runner.prefill_chunk
 
-    def prefill(seq):
+    def prefill(seq, num_tokens):
         if seq.prompt and "BOOM" in seq.prompt:
             raise RuntimeError("simulated model failure")
-        return real(seq)
+        return real(seq, num_tokens)
 
-    runner.prefill = prefill
+    runner.prefill_chunk = prefill
     try:
         async def go():
             a = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{scripted['port']}/v1", api_key="x", max_retries=0)
@@ -260,7 +260,7 @@ def test_a_failing_model_step_fails_only_its_request(scripted):
         assert isinstance(bad, openai.InternalServerError) and "simulated model failure" in str(bad)
         assert ok.usage.completion_tokens == 8
     finally:
-        runner.prefill = real
+        runner.prefill_chunk = real
     assert c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens == 2
 
 

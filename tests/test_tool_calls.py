@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qwen2vl.server import tool_calls as tc
+from qwen2vl import tool_calls as tc
 from qwen2vl.tokenizer import render_chat_template
 from tests.fixtures import CHAT_TEMPLATE
 
@@ -278,3 +278,22 @@ def test_needs_conversion_and_template_detection():
     messages, tools = CONVERSATIONS["round-trip"]
     assert render_chat_template(QWEN25_TEMPLATE, tc.for_tools_template(messages), tools=tools,
                                 add_generation_prompt=True) == _qwen25(messages, tools, QWEN_DEFAULT_SYSTEM)
+
+
+def test_processor_renders_tools_as_the_server_does(tokenizer_dir):
+    """LLM.chat(..., tools=...) goes through Processor: with the Qwen2-VL template (no tools section) the tools,
+    past calls and results are written in as the server writes them, not silently dropped."""
+    from qwen2vl.config import Qwen2VLConfig
+    from qwen2vl.errors import InvalidInputError
+    from qwen2vl.processor import Processor
+    from qwen2vl.tokenizer import Tokenizer
+    from tests.fixtures import official_config
+    proc = Processor(Tokenizer.from_pretrained(tokenizer_dir), Qwen2VLConfig.from_dict(official_config("tiny")))
+    for name, (messages, tools) in CONVERSATIONS.items():
+        want = render_chat_template(CHAT_TEMPLATE, tc.convert_tool_messages(messages, tools),
+                                    add_generation_prompt=True)
+        assert proc(messages, tools=tools).prompt == want, name
+    plain = [{"role": "user", "content": "hi"}]
+    assert proc(plain).prompt == render_chat_template(CHAT_TEMPLATE, plain, add_generation_prompt=True)
+    with pytest.raises(InvalidInputError, match="messages with tools"):
+        proc([{"role": "system", "content": [{"type": "image", "image": "x.png"}]}, *plain], tools=[WEATHER])

@@ -27,7 +27,14 @@ def _knob(default: Any, help: str, type: Any = None, flag: str | None = None) ->
 @dataclass
 class EngineConfig:
     """How to load the model and run the engine. Checked on construction (InvalidInputError); values that need
-    the checkpoint (``max_model_len`` against the model's context, the pixel defaults) are checked by ``LLM``."""
+    the checkpoint (``max_model_len`` against the model's context, the pixel defaults) are checked by ``LLM``.
+
+    ``max_num_batched_tokens`` defaults to 512, not vLLM's 2048 (a GPU's): it bounds how long one step may hold
+    the running streams. On 2 CPU cores the 2B's language model prefills roughly 250-300 tokens/s (bench/HISTORY.md:
+    a 281-token first turn in 0.9-1.1 s) and decodes a step in about 0.1 s (bench/results.md, bfloat16), so a
+    512-token chunk adds about 2 s to a step where 2048 would add 7 s, and a 16k-token prompt unchunked a minute. Smaller chunks cost the
+    long prompt itself little: from a few hundred rows the prefill's matrix products stay compute-bound, and the
+    attention over the earlier chunks is the same work in total. Raise it on a fast machine or a GPU."""
 
     model: str = field(metadata={"help": "checkpoint directory (official layout) or hub id", "type": str})
     revision: str | None = _knob(None, "hub revision (branch, tag or commit) when --model is a hub id", type=str)
@@ -38,8 +45,9 @@ class EngineConfig:
     max_model_len: int | None = _knob(None, "context length, prompt + output (default: the model's)", type=int)
     max_num_seqs: int = _knob(8, "sequences decoded together in one batch (default: 8)", type=int)
     max_num_batched_tokens: int = _knob(
-        8192, "prompt tokens prefilled in one engine step; a longer prompt still runs, alone (default: 8192)",
-        type=int)
+        512, "prompt tokens prefilled in one engine step, between the running batch's decode steps; a longer "
+             "prompt runs in chunks of at most this many over several steps (chunked prefill), so running streams "
+             "keep their pace (default: 512)", type=int)
     enable_prefix_caching: bool = _knob(True, "reuse the KV of earlier prompts that a new prompt begins with")
     prefix_cache_mb: int = _knob(1024, "memory for the prefix cache in MiB (default: 1024; 0: off)", type=int)
     vision_cache_mb: int = _knob(256, "memory for features of images and videos seen before, in MiB "

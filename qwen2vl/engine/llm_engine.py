@@ -1,5 +1,7 @@
 """The engine core: requests join between steps, each step decodes the whole running batch in one forward, then
-prefills newly admitted requests; finished requests leave and free their cache rows at once.
+prefills up to ``max_num_batched_tokens`` prompt tokens: prompts begun earlier go on, newly admitted ones begin,
+and a longer prompt runs in chunks over several steps (chunked prefill), so a 16k-token prompt never stalls the
+running streams for its whole prefill; finished requests leave and free their cache rows at once.
 
 It works in token ids and decides only token-level finishes: EOS, stop token ids, max_tokens and the context.
 Text (detokenizing, stop strings, streaming deltas) is qwen2vl.engine.output_processor's, which ends a request a
@@ -23,12 +25,13 @@ if TYPE_CHECKING:  # the engine takes the model it is given; the name is for ann
 
 
 class LLMEngine:
-    """The batch loop over one model. ``max_num_seqs``: sequences decoded together; ``max_num_batched_tokens``:
-    prompt tokens prefilled in one step; ``prefix_cache_bytes`` / ``vision_cache_bytes``: memory for reuse across
+    """The batch loop over one model. ``max_num_seqs``: sequences decoded together (a sequence mid-prefill holds
+    one of these rows); ``max_num_batched_tokens``: prompt tokens prefilled in one step, longer prompts in chunks
+    (see EngineConfig for the default); ``prefix_cache_bytes`` / ``vision_cache_bytes``: memory for reuse across
     requests (0: off). ``LLM`` builds it from its EngineConfig."""
 
     def __init__(self, model: Qwen2VLForConditionalGeneration, tokenizer: Tokenizer, *, eos_token_ids: list[int],
-                 max_model_len: int, max_num_seqs: int = 8, max_num_batched_tokens: int = 8192,
+                 max_model_len: int, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
                  prefix_cache_bytes: int = 1 << 30, vision_cache_bytes: int = 256 << 20, lora=None):
         self.model = model
         self.tokenizer = tokenizer
@@ -57,6 +60,8 @@ class LLMEngine:
         p = seq.params
         seq.max_total = self.max_model_len if p.max_tokens is None else min(self.max_model_len, n + p.max_tokens)
         seq.generator = make_generator(p, self.model.device)
+        media = (self.model.cfg.image_token_id, self.model.cfg.video_token_id)
+        seq.num_visual_tokens = sum(1 for t in seq.prompt_token_ids if t in media)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -83,28 +88,56 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[Sequence]:
-        """Decode every running sequence one token, then prefill admitted ones; returns the sequences that got a
-        token (each with its new id appended, finished or not)."""
+        """Decode every sequence whose prompt is in, one token each, then prefill up to
+        ``max_num_batched_tokens`` prompt tokens (:meth:`_prefill`); returns the sequences that got a token (each
+        with its new id appended, finished or not)."""
         touched: list[Sequence] = []
-        running = sorted(self.scheduler.running, key=lambda s: s.row)
-        if running:
+        running = sorted((s for s in self.scheduler.running if s.row >= 0), key=lambda s: s.row)
+        if running:  # a sequence mid-prefill has no cache row yet: it is not in the decode batch
             logits = self.runner.decode(running)
             self._sample(running, logits)
             touched += running
-        admitted = self._activate_loras(self.scheduler.admit())
-        for i, seq in enumerate(admitted):
-            try:
-                logits = self.runner.prefill(seq)
-            except Exception:
-                self._drop(seq)
-                for later in reversed(admitted[i + 1:]):  # admitted but not prefilled: back to the queue's front
-                    later.status = Status.WAITING
-                    self.scheduler.waiting.appendleft(later)
-                raise
-            self.scheduler.running.append(seq)
+        return touched + self._prefill()
+
+    def _prefill(self) -> list[Sequence]:
+        """This step's prompt work, within the budget: the prompts begun in earlier steps go on first (oldest
+        first), then newly admitted ones begin; a prompt longer than what is left runs in chunks over the next
+        steps, its first token sampled when its last chunk has run. Returns the sequences whose prompt ended."""
+        done: list[Sequence] = []
+        begun = [s for s in self.scheduler.running if s.prefill is not None]  # mid-prefill
+        admitted = self._activate_loras(self.scheduler.admit())  # within what the begun prompts leave
+        budget = self.scheduler.max_num_batched_tokens
+        try:
+            for seq in begun:
+                if budget > 0:
+                    budget -= self._chunk(seq, budget, done)
+            for seq in admitted:  # admit() took only what fits: each gets a chunk
+                self.scheduler.running.append(seq)  # it holds its row from its first chunk on
+                budget -= self._chunk(seq, budget, done)
+        except Exception:
+            running = set(map(id, self.scheduler.running))
+            for later in reversed([s for s in admitted if id(s) not in running and not s.finished]):
+                later.status = Status.WAITING  # admitted but not begun: back to the queue's front
+                self.scheduler.waiting.appendleft(later)
+            raise
+        return done
+
+    def _chunk(self, seq: Sequence, budget: int, done: list[Sequence]) -> int:
+        """Run the next chunk of ``seq``'s prompt, at most ``budget`` tokens (its prefill begun first if it has not
+        yet: the prefix-cache match); a sequence whose prompt ended samples its first token and joins ``done``.
+        Returns the prompt tokens run. A failure drops the sequence (its row or staging KV freed) and raises."""
+        try:
+            if seq.prefill is None:
+                self.runner.begin(seq)
+            k = min(seq.prefill_left, budget)
+            logits = self.runner.prefill_chunk(seq, k)
+        except Exception:
+            self._drop(seq)
+            raise
+        if logits is not None:
             self._sample([seq], logits)
-            touched.append(seq)
-        return touched
+            done.append(seq)
+        return k
 
     def _check_lora(self, seq: Sequence) -> None:
         """A request's adapter is read and checked when it is added (InvalidInputError at once if bad)."""
@@ -134,8 +167,7 @@ class LLMEngine:
         return ready
 
     def _free(self, seq: Sequence) -> None:
-        if seq.row >= 0:
-            self.runner.release(seq)
+        self.runner.release(seq)
         self.scheduler.remove(seq)
         self.requests.pop(seq.request_id, None)
 

@@ -164,7 +164,7 @@ class OutputProcessor:
                                st.stop if st.stop is not None else seq.stop_reason,
                                seq.cumulative_logprob if with_lp else None)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished, delta_text,
-                             delta_tokens, seq.num_cached_tokens)
+                             delta_tokens, seq.num_cached_tokens, seq.num_visual_tokens)
 
 
 def merge_outputs(prev: RequestOutput | None, new: RequestOutput) -> RequestOutput:

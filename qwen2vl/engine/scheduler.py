@@ -16,8 +16,11 @@ row, 12 children wait. Request B (n = 2) arrives: G = 2, the share is 4. One of 
 then B's second sequence (B holds 1 < 4); then nothing waiting is under its share and A's children take the last
 2 rows: A 6, B 2. In arrival order alone, B would have waited for 12 of A's children to be admitted first.
 
-Each step admits up to ``max_num_batched_tokens`` prompt tokens; the first sequence admitted always goes, however
-long, so nothing starves."""
+Prompt tokens: each engine step prefills at most ``max_num_batched_tokens`` of them (chunked prefill). The engine
+first continues the prompts begun in earlier steps (a sequence mid-prefill holds its row: it is in ``running``);
+:meth:`Scheduler.admit` fills what they leave of the budget: the first sequence admitted always goes (a prompt
+longer than the budget runs in chunks over the next steps, so nothing starves), later ones only while their whole
+prompt fits."""
 
 from __future__ import annotations
 
@@ -39,10 +42,21 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens left for admissions this step, once the prompts begun in earlier steps (``seq.prefill``
+        set: mid-prefill) have their chunks, oldest first."""
+        left = self.max_num_batched_tokens
+        for s in self.running:
+            if s.prefill is not None:
+                left -= min(s.prefill_left, left)
+        return left
+
     def admit(self) -> list[Sequence]:
-        """Waiting sequences to prefill this step: as many as free rows allow, chosen by the fair-share rule of
-        the module docstring, up to the prompt-token budget."""
-        out, budget = [], self.max_num_batched_tokens
+        """Waiting sequences to begin prefilling this step: as many as free rows allow, chosen by the fair-share
+        rule of the module docstring, within :meth:`prefill_budget` (none when it is spent)."""
+        out, budget = [], self.prefill_budget()
+        if budget <= 0:
+            return out
         held = Counter(s.group_id for s in self.running)  # rows each group holds, this step's admissions included
         groups = set(held) | {s.group_id for s in self.waiting}
         share = max(1, self.max_num_seqs // max(1, len(groups)))

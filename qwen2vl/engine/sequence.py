@@ -40,6 +40,7 @@ class RequestOutput:
     delta_text: str = ""  # text added since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: not run yet)
+    num_visual_tokens: int = 0  # image and video pad tokens of the prompt (known before any model work)
 
 
 _ids = itertools.count()
@@ -64,7 +65,10 @@ class Sequence:
         self.rope_delta = 0
         self.row = -1  # KV cache row while running
         self.prefix_keys: list = []  # content keys of the prompt (prefix cache)
-        self.num_cached_tokens: int | None = None  # set by its prefill
+        self.num_cached_tokens: int | None = None  # set when its prefill begins
+        self.num_visual_tokens = 0  # image + video pad tokens of the prompt, set by the engine on arrival
+        self.num_computed_tokens = 0  # prompt tokens whose KV is computed (cached prefix included)
+        self.prefill = None  # the runner's state while the prompt runs in chunks (ChunkedPrefill), else None
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id, or the stop string, that ended it
@@ -73,6 +77,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens still to run (0 once the prompt is in and the sequence decodes)."""
+        return len(self.prompt_token_ids) - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:

@@ -43,7 +43,7 @@ from ..errors import InvalidInputError
 from ..media.messages import Resolver, normalize_messages
 from ..processor import ProcessedPrompt
 from ..sampling_params import generation_config_defaults
-from . import tool_calls as tc
+from .. import tool_calls as tc
 from .media import MediaPolicy, ResolvedMedia, describe_source
 from .metrics import Metrics
 from .models import LoRAModule, ServedModels
@@ -274,11 +274,14 @@ class OpenAIServer:
             self.inflight += req.n
             admitted = req.n
             prepared, prefix = await self._prepare(req, deadline, rid)
+            visual = self._visual_tokens(prepared.token_ids)  # reported before any model work
+            log.info("%s queued prompt_tokens=%d visual_tokens=%d n=%d", rid, len(prepared.token_ids), visual, req.n)
             seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}",
                              group_id=rid, lora_request=lora) for i, p in enumerate(req.seq_params())]
             handle = self.engine.submit(seqs)
             ctx = _Ctx(rid, t0, deadline, req, prepared, prefix, handle, admitted)
             ctx.model = named if lora is not None else self.model_name
+            ctx.visual_tokens = visual
             if req.stream:
                 handed_over = True
                 gen = self._stream(ctx)
@@ -421,12 +424,16 @@ class OpenAIServer:
                            f"({len(ids)} in the messages, {mt} in the completion)", param="max_tokens",
                            code="context_length_exceeded")
         if cfg.max_visual_tokens is not None and prepared.vision is not None:
-            cfg_m = self.llm.config
-            visual = sum(1 for t in ids if t == cfg_m.image_token_id or t == cfg_m.video_token_id)
+            visual = self._visual_tokens(ids)
             if visual > cfg.max_visual_tokens:
                 raise APIError(400, f"the images and videos of this request make {visual} visual tokens, over the "
                                f"limit of {cfg.max_visual_tokens}", param="messages", code="too_many_visual_tokens")
         return prepared, prefix
+
+    def _visual_tokens(self, ids: list[int]) -> int:
+        """Image and video pad tokens of a prepared prompt (what its media cost in prompt tokens)."""
+        media = (self.llm.config.image_token_id, self.llm.config.video_token_id)
+        return sum(1 for t in ids if t in media)
 
     # ------------------------------------------------------------------ results
     def _tool_mode(self, req: ChatRequest) -> dict:
@@ -577,7 +584,7 @@ class OpenAIServer:
     def _done(self, ctx: "_Ctx", status: int) -> None:
         latency = time.monotonic() - ctx.t0
         self.metrics.request_done(status, len(ctx.prepared.token_ids), ctx.completion_tokens, latency,
-                                  ctx.cached_tokens or 0)
+                                  ctx.cached_tokens or 0, ctx.visual_tokens)
         ttft = "-" if ctx.first_token is None else f"{ctx.first_token - ctx.t0:.3f}s"
         log.info("%s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s latency=%.3fs%s", ctx.rid, status,
                  len(ctx.prepared.token_ids), ctx.completion_tokens, ttft, latency,
@@ -591,6 +598,7 @@ class _Ctx:
         self.first_token: float | None = None
         self.completion_tokens = 0
         self.cached_tokens: int | None = None  # prompt tokens the prefix cache served (n > 1: the first reported)
+        self.visual_tokens = 0  # image and video pad tokens of the prompt
         self.status: int | None = None
         self.states: list = []  # streamed choices
         self.model = ""  # the name answers show: the base model's first served name, or the adapter's

@@ -53,6 +53,7 @@ class Metrics:
         self.aborts: dict[str, int] = {}  # by reason
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
+        self.visual_prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -62,12 +63,14 @@ class Metrics:
         self.gauges[name] = (help, fn)
 
     def request_done(self, status: int, prompt_tokens: int = 0, generation_tokens: int = 0,
-                     latency: float | None = None, cached_prompt_tokens: int = 0) -> None:
+                     latency: float | None = None, cached_prompt_tokens: int = 0, visual_prompt_tokens: int = 0
+                     ) -> None:
         with self._lock:
             key = str(status)
             self.requests[key] = self.requests.get(key, 0) + 1
             self.prompt_tokens += prompt_tokens
             self.cached_prompt_tokens += cached_prompt_tokens
+            self.visual_prompt_tokens += visual_prompt_tokens
             self.generation_tokens += generation_tokens
             if latency is not None:
                 self.latency.observe(latency)
@@ -101,6 +104,9 @@ class Metrics:
             head("qwen2vl_prompt_tokens_cached_total", "counter", "Prompt tokens of served requests whose KV came "
                  "from the prefix cache (not computed again).")
             lines.append(f"qwen2vl_prompt_tokens_cached_total{_labels(m)} {self.cached_prompt_tokens}")
+            head("qwen2vl_prompt_tokens_visual_total", "counter", "Prompt tokens of served requests that stand for "
+                 "images and videos (their pad tokens).")
+            lines.append(f"qwen2vl_prompt_tokens_visual_total{_labels(m)} {self.visual_prompt_tokens}")
             head("qwen2vl_generation_tokens_total", "counter", "Generated tokens of served requests.")
             lines.append(f"qwen2vl_generation_tokens_total{_labels(m)} {self.generation_tokens}")
             for name, hist, help in (("qwen2vl_time_to_first_token_seconds", self.ttft,

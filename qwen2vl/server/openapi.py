@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import __version__
-from .tool_calls import TOOL_NAME_PATTERN
+from ..tool_calls import TOOL_NAME_PATTERN
 
 __all__ = ["openapi_schema", "openapi_endpoint", "ERROR_STATUSES"]
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, bytes_to_unicode
-from .tool_calls import check_tool_name
+from ..tool_calls import check_tool_name
 
 __all__ = ["APIError", "ChatRequest", "parse_chat_request", "TokenInfo", "openai_logprobs"]
 

@@ -1,0 +1,94 @@
+"""The demo task registry: task names, one generator per task, and the seed ranges for training and evaluation.
+
+Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
+(task, seed) -> :class:`~qwen2vl.demo.common.Sample`, and the split of seeds: training uses seeds
+``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never
+share a sample (:func:`held_out_seed`).
+
+"conversation": two questions about the same picture in one conversation, the second one graded. Uniform over
+three kinds: a grounding scene (1-4 distinct shapes) asked a counting question then a grounding one, or the other
+way round (uniform order); a sign read aloud, then the weather asked with the tool offered (the request carries
+the tools for both turns); a video asked which block moved, then which way it moved.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import InvalidInputError
+from .blocks import sample_blocks
+from .common import Sample, pick, randint, task_rng, user
+from .shapes import counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding
+from .signs import (READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_answer, sample_reading,
+                    sample_weather, weather_answer)
+from .video_task import draw_video, sample_video, video_qa
+
+__all__ = ["TASKS", "ALL_TASKS", "GENERATORS", "HELD_OUT_START", "sample", "held_out_seed", "check_tasks"]
+
+TASKS: tuple[str, ...] = ("blocks", "counting", "reading", "weather", "grounding", "video")
+ALL_TASKS: tuple[str, ...] = TASKS + ("conversation",)
+HELD_OUT_START = 10 ** 9  # training seeds are 0 .. HELD_OUT_START - 1; evaluation seeds start here
+
+
+def _shapes_conversation(rng) -> tuple:
+    img, placed = draw_scene(rng, grounding_specs)
+    counting = counting_qa(rng, placed)
+    grounding = grounding_qa(rng, placed, *img.size)
+    first, second, kind = (counting, grounding, "grounding") if rng.random() < 0.5 else \
+        (grounding, counting, "counting")
+    media = {"type": "image", "image": img}
+    return media, first, second, kind, None, {"shapes": placed, "image": img}
+
+
+def _sign_conversation(rng) -> tuple:
+    img, info = draw_sign(rng)
+    word = info["word"]
+    first = (READ_QUESTION, reading_answer(word, randint(rng, 0, 2)), word)
+    second = (WEATHER_QUESTION, weather_answer(word), word)
+    return {"type": "image", "image": img}, first, second, "weather", TOOLS, info
+
+
+def _video_conversation(rng) -> tuple:
+    frames, info = draw_video(rng)
+    first = video_qa(rng, info["colour"], info["direction"], which=True)
+    second = video_qa(rng, info["colour"], info["direction"], which=False)
+    return {"type": "video", "video": frames}, first, second, "video", None, info
+
+
+def sample_conversation(seed: int) -> Sample:
+    rng = task_rng("conversation", seed)
+    build = pick(rng, (_shapes_conversation, _sign_conversation, _video_conversation))
+    media, (q1, a1, _), (q2, a2, truth), kind, tools, info = build(rng)
+    messages = [user(media, q1), {"role": "assistant", "content": a1}, user(None, q2)]
+    return Sample("conversation", kind, seed, messages, a2, truth, tools=tools, info=info)
+
+
+GENERATORS: dict[str, Callable[[int], Sample]] = {
+    "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
+    "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation}
+
+
+def check_tasks(tasks) -> tuple[str, ...]:
+    """Task names as a tuple (None: all of :data:`ALL_TASKS`; a string: comma-separated); unknown names refused."""
+    if tasks is None:
+        return ALL_TASKS
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in GENERATORS]
+    if unknown or not tasks:
+        raise InvalidInputError(f"unknown demo task(s) {unknown or tasks!r}; known: {', '.join(ALL_TASKS)}")
+    return tasks
+
+
+def sample(task: str, seed: int) -> Sample:
+    """The sample of ``task`` drawn from ``seed`` (the same seed gives the same sample, bit for bit)."""
+    check_tasks([task])
+    return GENERATORS[task](seed)
+
+
+def held_out_seed(j: int, offset: int = 0) -> int:
+    """The seed of the j-th held-out sample of an evaluation with seed ``offset`` (never a training seed)."""
+    if j < 0 or offset < 0:
+        raise InvalidInputError(f"held-out indices and offsets are >= 0, got j={j}, offset={offset}")
+    return HELD_OUT_START + offset + j
