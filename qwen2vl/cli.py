@@ -3,6 +3,7 @@
     qwen2vl chat --model DIR --image cat.jpg "Describe this image."   # one answer, streamed
     qwen2vl chat --model DIR                                          # a multi-turn session
     qwen2vl serve --model DIR --port 8000 --api-key KEY               # an OpenAI-compatible server
+    qwen2vl train CONFIG.yaml [--key value ...]                       # fine-tune (LoRA or full; qwen2vl.train)
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
 /clear (forget the conversation), /exit.
@@ -44,7 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve)
+    _add_train_parser(sub)
     return parser
+
+
+TRAIN_HELP = """usage: qwen2vl train [CONFIG.yaml] [--key value ...]
+
+Fine-tune a Qwen2-VL checkpoint (LoRA or full) on LLaMA-Factory-format data. CONFIG is a YAML or JSON file of
+LLaMA-Factory / transformers keys (model_name_or_path, finetuning_type, dataset, output_dir, learning_rate, ...);
+--key value (or --key=value) sets or overrides one key. See qwen2vl.train.config for every key."""
+
+
+def _add_train_parser(sub) -> None:
+    # '+' as the option prefix: every --key value after `train` is a config key, read by run_train
+    train = sub.add_parser("train", help="fine-tune a model (LoRA or full) from a YAML config", prefix_chars="+",
+                           add_help=False)
+    train.add_argument("train_args", nargs="*")
+
+
+def run_train(argv: list[str], out=None) -> int:
+    """``qwen2vl train``: the config file (if the first argument is not a flag) and --key value overrides."""
+    out = out if out is not None else sys.stdout
+    if not argv or argv[0] in ("-h", "--help"):
+        out.write(TRAIN_HELP + "\n")
+        return 0 if argv else 2
+    from .train.config import load_config, parse_overrides
+    from .train.trainer import train
+    config, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else ({}, argv)
+    train(load_config(config, parse_overrides(rest)))
+    return 0
 
 
 def _sampling(llm, args):
@@ -128,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import __version__
         print(__version__)
         return 0
+    if args.command == "train":
+        return _guarded(run_train, args.train_args)
     if args.command not in ("chat", "serve"):
         parser.print_help()
         return 2
@@ -136,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             from .server.serve import serve
             return serve(args)
         return run_chat(args)
+    except InvalidInputError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _guarded(fn, *args) -> int:
+    try:
+        return fn(*args)
     except InvalidInputError as e:
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
