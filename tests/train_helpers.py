@@ -13,6 +13,7 @@ from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.inputs import VisionInputs
 from qwen2vl.processor import Processor
 from qwen2vl.tokenizer import Tokenizer
+from tests.fixtures import IMAGE_PAD_ID
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 30)}
 
@@ -42,6 +43,7 @@ def reference_inputs(sample: Sample) -> dict:
     if sample.vision is not None and sample.vision.pixel_values is not None:
         out["pixel_values"] = sample.vision.pixel_values
         out["image_grid_thw"] = torch.tensor(sample.vision.image_grid_thw)
+        out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_PAD_ID).int()  # 1 marks image tokens
     return out
 
 
@@ -80,3 +82,12 @@ def reference_official_name(name: str) -> str:
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):]
     return name
+
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-4) -> None:
+    """float32 agreement relative to the tensor's scale: max |got - want| <= rel * max |want| (elementwise
+    relative error is meaningless for entries near zero in a gradient of magnitude 20)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = float((got.float() - want.float()).abs().max())
+    scale = float(want.float().abs().max())
+    assert err <= rel * scale + 1e-7, f"{what}: max error {err:.3g} against scale {scale:.3g}"

@@ -192,10 +192,10 @@ def _split(d: dict, data_cls) -> tuple[dict, dict]:
         key = str(key).replace("-", "_")
         if key in own:
             mine[key] = _coerce(key, value, _HINTS[key])
-        elif key in data_fields:
+        if key in data_fields:  # a key of both (seed) goes to both
             data[key] = value if isinstance(value, (list, tuple)) and key in ("dataset", "eval_dataset") \
                 else _coerce(key, value, data_hints.get(key, Any))
-        elif key not in IGNORED_KEYS:
+        elif key not in own and key not in IGNORED_KEYS:
             raise InvalidInputError(f"unknown training config key {key!r}")
     return mine, data
 
