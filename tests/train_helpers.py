@@ -4,6 +4,7 @@ transformers + peft side of the parity tests."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,14 @@ class Sample:
     vision: VisionInputs | None
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(ckpt: str) -> Tokenizer:
+    return Tokenizer.from_pretrained(ckpt)
+
+
 def make_sample(ckpt, colour: str, question: str = "What colour is this image?", answer: str | None = None,
                 size: int = 56, name: str = "") -> Sample:
-    tok = Tokenizer.from_pretrained(ckpt)
+    tok = _tokenizer(str(ckpt))
     proc = Processor(tok, Qwen2VLConfig.from_pretrained(ckpt), max_pixels=size * size)
     img = Image.new("RGB", (size, size), COLOURS[colour])
     prompt = proc([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}])

@@ -106,7 +106,8 @@ def save_full(model: nn.Module, raw_config: dict, out: str) -> None:
 def save_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], out: str) -> None:
     from ..adapters import save_adapter
     save_adapter(model, out, base_model_name_or_path=cfg.model_name_or_path, target_modules=targets,
-                 rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora)
+                 rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+                 overwrite=True)
 
 
 def save_result(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: list[str], out: str) -> None:
