@@ -2,7 +2,7 @@
 
 This module owns the data contract the trainer uses: :class:`DataArgs` (LLaMA-Factory's key names and defaults),
 :class:`Sample`, :class:`SampleSet`, :func:`load_samples` and :func:`load_splits`. For each record of each named
-dataset (formats: :mod:`qwen2vl.train.data_formats`) it
+dataset (alpaca, sharegpt or OpenAI messages: :mod:`qwen2vl.train.data_formats`) it
 
 1. checks the conversation and renders it with the model's own chat template; tools, function calls and
    observations are written exactly as the server writes them for this checkpoint
@@ -89,6 +89,11 @@ class DataArgs:
             raise InvalidInputError("mask_history and train_on_prompt cannot both be set (as in LLaMA-Factory)")
         if self.packing:
             raise InvalidInputError("packing is not supported: each sample is its own sequence")
+        if not isinstance(self.video_maxlen, int) or self.video_maxlen < 2:
+            raise InvalidInputError(f"video_maxlen must be an integer >= 2, got {self.video_maxlen!r}")
+        for key in ("image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
+                raise InvalidInputError(f"{key} must be a positive number, got {getattr(self, key)!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise InvalidInputError(f"max_samples must be a positive integer, got {self.max_samples!r}")
 
@@ -218,7 +223,8 @@ def _split(full: SampleSet, args: DataArgs) -> tuple[SampleSet, SampleSet]:
 
 
 def load_splits(args: DataArgs, tokenizer: Tokenizer, model_cfg: Qwen2VLConfig) -> tuple[SampleSet, SampleSet | None]:
-    """(train, eval) sample sets; eval is None without ``eval_dataset`` and ``val_size``."""
+    """(train, eval) sample sets, each dataset read once; eval is None without ``eval_dataset`` and ``val_size``.
+    With ``val_size`` the samples dropped by the cutoff are all listed in the train set's ``dropped``."""
     if not args.dataset:
         raise InvalidInputError("no dataset given (DataArgs.dataset is empty)")
     builder = _Builder(args, tokenizer, model_cfg)
@@ -231,7 +237,8 @@ def load_splits(args: DataArgs, tokenizer: Tokenizer, model_cfg: Qwen2VLConfig) 
 def load_samples(args: DataArgs, tokenizer: Tokenizer, model_cfg: Qwen2VLConfig, *,
                  split: str = "train") -> SampleSet:
     """The samples of one split: "train" (``dataset`` less the ``val_size`` part) or "eval" (``eval_dataset``,
-    or the ``val_size`` part; an empty set when neither is given)."""
+    or the ``val_size`` part; an empty set when neither is given). With ``val_size`` each call reads the whole
+    dataset: use :func:`load_splits` for both splits at once."""
     if split not in ("train", "eval"):
         raise InvalidInputError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "eval" and args.eval_dataset:

@@ -5,8 +5,9 @@ record of LLaMA-Factory's sharegpt format, or of the chat API's OpenAI ``message
 This module owns the dataset formats:
 
 * ``dataset_info.json`` (in ``dataset_dir``) maps a dataset name to ``file_name`` (a file or a folder of files,
-  relative to ``dataset_dir``), ``formatting`` ("sharegpt", default, or "openai"), ``columns`` (``messages``,
-  ``images``, ``videos``, ``system``, ``tools``) and ``tags`` (``role_tag``, ``content_tag``, ``user_tag``,
+  relative to ``dataset_dir``), ``formatting`` ("alpaca", LLaMA-Factory's default, "sharegpt" or "openai"),
+  ``columns`` (``messages``, ``images``, ``videos``, ``system``, ``tools``; alpaca: ``prompt``, ``query``,
+  ``response``, ``history``) and ``tags`` (``role_tag``, ``content_tag``, ``user_tag``,
   ``assistant_tag``, ``observation_tag``, ``function_tag``, ``system_tag``), with LLaMA-Factory's defaults
   ("conversations", "from", "value", "human", "gpt", "observation", "function_call", "system"); "openai" defaults
   to the chat API's names ("messages", "role", "content", "user", "assistant", "tool", "function_call",
@@ -19,7 +20,8 @@ This module owns the dataset formats:
 * openai: ``role`` system / user / assistant / tool, assistant ``tool_calls``, content a string or content parts
   (images and videos as the chat API takes them); consecutive tool messages form one turn.
 * In both, ``<image>`` / ``<video>`` placeholders anywhere in a text take the record's ``images`` / ``videos`` in
-  order; the counts must match. Relative media paths resolve against ``media_dir`` (default ``dataset_dir``).
+  order; the counts must match. Relative media paths resolve against ``media_dir`` (default ``dataset_dir``),
+  else as given.
 
 Every error names the sample (``file[index]`` for a JSON list, ``file:line`` for JSON lines).
 """
@@ -41,15 +43,16 @@ DATASET_INFO = "dataset_info.json"
 #: DataArgs keys a dataset_info.json entry may override for its own media.
 MEDIA_KEYS = ("image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps",
               "video_maxlen")
-_COLUMNS = ("messages", "images", "videos", "system", "tools")
+_COLUMNS = ("messages", "images", "videos", "system", "tools", "prompt", "query", "response", "history")
 _TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 _DEFAULTS = {
+    "alpaca": {},
     "sharegpt": dict(messages="conversations", role_tag="from", content_tag="value", user_tag="human",
                      assistant_tag="gpt"),
     "openai": dict(messages="messages", tools="tools", role_tag="role", content_tag="content", user_tag="user",
                    assistant_tag="assistant", observation_tag="tool"),
 }
-_ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "num_samples", *MEDIA_KEYS}
+_ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "num_samples", "ranking", *MEDIA_KEYS}
 _PLACEHOLDER = re.compile(r"<image>|<video>")
 _URL_PREFIXES = ("http://", "https://", "data:", "file://")
 
@@ -59,6 +62,10 @@ class DatasetAttr:
     name: str
     file_name: str
     formatting: str = "sharegpt"
+    prompt: str | None = "instruction"  # alpaca columns
+    query: str | None = "input"
+    response: str | None = "output"
+    history: str | None = None
     messages: str = "conversations"
     images: str | None = None
     videos: str | None = None
@@ -89,10 +96,13 @@ def _entry_attr(name: str, entry: Any, info_path: str) -> DatasetAttr:
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     if unknown:
         raise InvalidInputError(f"{info_path}: the entry {name!r} has unknown key(s) {unknown}")
-    formatting = entry.get("formatting", "sharegpt")
+    formatting = entry.get("formatting", "alpaca")
     if formatting not in _DEFAULTS:
         raise InvalidInputError(f"{info_path}: the entry {name!r} has formatting {formatting!r}; supported: "
-                                "'sharegpt', 'openai'")
+                                "'alpaca', 'sharegpt', 'openai'")
+    if entry.get("ranking"):
+        raise InvalidInputError(f"{info_path}: the entry {name!r} is a ranking (preference) dataset; only "
+                                "supervised datasets are read here")
     given = {}
     for group, names in (("columns", _COLUMNS), ("tags", _TAGS)):
         values = entry.get(group) or {}
@@ -195,12 +205,15 @@ def _media_list(value: Any) -> list:
 
 
 def resolve_source(src: Any, kind: str, n: int, media_dir: str) -> Any:
-    """A local relative path joined to ``media_dir``; a missing file is an error naming the item."""
+    """A local relative path joined to ``media_dir`` (or, when not there, as given, like LLaMA-Factory); a missing
+    file is an error naming the item."""
     if isinstance(src, (list, tuple)):  # a video given as frames
         return [resolve_source(f, kind, n, media_dir) for f in src]
     if not isinstance(src, str) or src.startswith(_URL_PREFIXES):
         return src
     path = src if os.path.isabs(src) else os.path.join(media_dir, src)
+    if not os.path.isfile(path) and not os.path.isabs(src) and os.path.isfile(src):
+        path = src
     if not os.path.isfile(path):
         raise InvalidInputError(f"{kind} {n + 1} not found: {path}")
     return path
@@ -323,6 +336,22 @@ def _sharegpt(record: dict, attr: DatasetAttr) -> list[dict]:
     return messages
 
 
+def _alpaca(record: dict, attr: DatasetAttr) -> list[dict]:
+    """instruction and input (joined by a newline) -> output, after the ``history`` pairs."""
+    system = _column(record, attr.system)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = _column(record, attr.history) or []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        raise InvalidInputError(f"the {attr.history!r} column must be a list of [query, response] pairs")
+    for query, response in history:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    query = "\n".join(t for t in (_column(record, attr.prompt), _column(record, attr.query)) if t)
+    response = _column(record, attr.response)
+    if not isinstance(response, str):
+        raise InvalidInputError(f"the {attr.response!r} column must hold the response text")
+    return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+
+
 def _openai(record: dict, attr: DatasetAttr) -> list[dict]:
     turns = record.get(attr.messages)
     if not isinstance(turns, list) or not all(isinstance(t, dict) and attr.role_tag in t for t in turns):
@@ -352,7 +381,7 @@ def to_conversation(name: str, record: Any, attr: DatasetAttr) -> Conversation:
     try:
         if not isinstance(record, dict):
             raise InvalidInputError(f"a sample must be a JSON object, got {type(record).__name__}")
-        messages = _sharegpt(record, attr) if attr.formatting == "sharegpt" else _openai(record, attr)
+        messages = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}[attr.formatting](record, attr)
         media = {"image": _media_list(_column(record, attr.images)),
                  "video": _media_list(_column(record, attr.videos))}
         messages = _with_placeholders(messages, media)

@@ -101,9 +101,9 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]], vision: Vis
                 if kind is not None:
                     seen[kind] += 1
                 ids.append(tok)
-                if tok == cfg.vision_end_token_id and blocks and (blocks[-1].piece, blocks[-1].end) == (p, len(ids) - 1):
-                    b = blocks[-1]  # the block's closing token belongs to it
-                    blocks[-1] = MediaBlock(b.kind, b.index, p, b.start, len(ids))
+                b = blocks[-1] if blocks else None
+                if tok == cfg.vision_end_token_id and b and (b.piece, b.end) == (p, len(ids) - 1):
+                    blocks[-1] = MediaBlock(b.kind, b.index, p, b.start, len(ids))  # its closing token is the block's
                 continue
             k = seen[kind]
             seen[kind] += 1
