@@ -29,7 +29,7 @@ def __getattr__(name):  # heavy modules load on first use
     if name in ("RequestOutput", "CompletionOutput"):
         from .engine import sequence
         return getattr(sequence, name)
-    if name == "train":
-        from .train.trainer import train
-        return train
+    if name == "train":  # the package, callable as train(config, **overrides) (see qwen2vl.train)
+        import importlib
+        return importlib.import_module(".train", __name__)
     raise AttributeError(f"module 'qwen2vl' has no attribute {name!r}")

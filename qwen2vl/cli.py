@@ -4,6 +4,7 @@
     qwen2vl chat --model DIR                                          # a multi-turn session
     qwen2vl serve --model DIR --port 8000 --api-key KEY               # an OpenAI-compatible server
     qwen2vl train CONFIG.yaml [--key value ...]                       # fine-tune (LoRA or full; qwen2vl.train)
+    qwen2vl export --model DIR --adapter ADAPTER --out OUT            # merge a LoRA adapter into a checkpoint
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
 /clear (forget the conversation), /exit.
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve)
     _add_train_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -73,6 +75,27 @@ def run_train(argv: list[str], out=None) -> int:
     from .train.trainer import train
     config, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else ({}, argv)
     train(load_config(config, parse_overrides(rest)))
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="merge a LoRA adapter into a full checkpoint (official layout)")
+    export.add_argument("--model", required=True, help="the base checkpoint directory or hub id")
+    export.add_argument("--adapter", required=True, help="the peft adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors)")
+    export.add_argument("--out", required=True, help="the directory to write the merged checkpoint to")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def run_export(args, out=None) -> int:
+    """``qwen2vl export``: the merged checkpoint's path on stdout; bad input -> message on stderr, exit 1."""
+    from .export import export_merged
+    try:
+        path = export_merged(args.model, args.adapter, args.out, overwrite=args.overwrite)
+    except InvalidInputError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    print(path, file=out or sys.stdout)
     return 0
 
 
@@ -159,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _guarded(run_train, args.train_args)
+    if args.command == "export":
+        return run_export(args)
     if args.command not in ("chat", "serve"):
         parser.print_help()
         return 2

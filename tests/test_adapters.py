@@ -58,11 +58,11 @@ def ours(path):
     return load_model(str(path), torch.float32, prepack=False, file_embedding=False)
 
 
-def randomize(params, seed=0):
+def randomize(params, seed=0, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.fixture(scope="module")

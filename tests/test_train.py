@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import qwen2vl
 from qwen2vl.cli import main
 from qwen2vl.errors import InvalidInputError
 from qwen2vl.lora import lora_state_dict
@@ -120,8 +121,9 @@ def test_output_dir_refused_unless_overwrite(tiny_checkpoint, colour_samples, tm
     with pytest.raises(InvalidInputError, match="already exists.*overwrite_output_dir"):
         train(_cfg(tiny_checkpoint, out, max_steps=1), train_samples=colour_samples[:1], progress=False)
     assert os.listdir(out) == ["keep.txt"]
-    train(_cfg(tiny_checkpoint, out, max_steps=1, overwrite_output_dir=True), train_samples=colour_samples[:1],
-          progress=False)
+    result = qwen2vl.train(_cfg(tiny_checkpoint, out, max_steps=1), overwrite_output_dir=True,
+                           train_samples=colour_samples[:1], progress=False)  # the package API, an override
+    assert result.global_step == 1 and (out / "keep.txt").read_text() == "mine"
     assert (out / "adapter_model.safetensors").is_file()
 
 
