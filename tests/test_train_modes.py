@@ -136,3 +136,22 @@ def test_bf16_keeps_trainable_weights_float32(tiny_checkpoint, tmp_path):
         high, _ = sequence_loss(full, ids, labels, sample.vision)
     assert float(low) == pytest.approx(float(high), rel=0.05)
     assert tr.train().log[0]["loss"] == pytest.approx(float(low) / n, rel=1e-3)
+
+
+def test_full_finetune_resumes_on_the_same_curve(tiny_checkpoint, tmp_path):
+    samples = [make_sample(tiny_checkpoint, c, answer=c) for c in ("red", "blue", "green")]
+
+    def cfg(out, **kw):
+        return {"model_name_or_path": str(tiny_checkpoint), "output_dir": str(out), "finetuning_type": "full",
+                "max_steps": 3, "save_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 1, **kw}
+
+    want = train(cfg(tmp_path / "a"), train_samples=samples, progress=False)
+    tr = Trainer(cfg(tmp_path / "b"), train_samples=samples, progress=False)
+    tr.on_step = lambda trainer, record: record["step"] == 3 and (_ for _ in ()).throw(RuntimeError("crash"))
+    with pytest.raises(RuntimeError):
+        tr.train()
+    got = train(cfg(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2")),
+                train_samples=samples, progress=False)
+    assert [r["loss"] for r in got.log] == [want.log[2]["loss"]]
+    a, b = (load_model(str(tmp_path / n), prepack=False, file_embedding=False).state_dict() for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,7 +12,9 @@ YAML needs PyYAML (``pip install pyyaml``); JSON files need nothing.
 Defaults are the named project's: LoRA rank 8, alpha 2 x rank, target ``all`` (every language-model linear but
 lm_head), vision tower and merger frozen, gradient checkpointing on (LLaMA-Factory); learning rate 5e-5, linear
 schedule, AdamW betas (0.9, 0.999), eps 1e-8, clipping at 1.0, batch size 8, 3 epochs, save every 500 steps
-(transformers).
+(transformers). Deliberate differences: ``eval_strategy`` defaults to ``steps`` (an eval split exists only when
+``val_size`` or ``eval_dataset`` asks for one, so it is evaluated), ``logging_steps`` to 10 (LLaMA-Factory's
+examples), and a key of both this config and ``DataArgs`` (``seed``) sets both.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class TrainConfig:
     num_train_epochs: float = 3.0
     max_steps: int = -1
     per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
+    per_device_eval_batch_size: int = 8  # accepted; evaluation runs each sequence on its own (exact either way)
     gradient_accumulation_steps: int = 1
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0

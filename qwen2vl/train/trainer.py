@@ -15,7 +15,7 @@ The contract:
   the schedule.
 - Steps per epoch ``ceil(samples / (batch x accumulation))``; total ``max_steps`` when > 0, else
   ``ceil(num_train_epochs x steps per epoch)``.
-- Every ``save_steps`` steps (and at the end) a checkpoint (qwen2vl.train.checkpoint); resuming from it restores
+- Every ``save_steps`` steps a checkpoint (qwen2vl.train.checkpoint); resuming from it restores
   weights, optimizer, schedule, random generators and the data position, so the loss curve is the one of an
   uninterrupted run. Ctrl-C: the step in progress finishes, a checkpoint is saved, then KeyboardInterrupt is
   raised (a second Ctrl-C stops at once, still saving the last finished step).
