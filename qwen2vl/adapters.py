@@ -14,17 +14,27 @@ changed in 4.52, so two layouts exist:
     "nested"   (transformers >= 4.52): base_model.model.model.language_model.layers.N...
                                                                                 base_model.model.model.visual...
 
-Measured here with peft 0.21.2 on transformers 5.24.0 (tests/test_adapters.py pins the first three):
-``get_peft_model(...).save_pretrained`` writes "nested"; ``PeftModel.from_pretrained`` loads "nested" and loads
-*nothing* of an "original" file (it only warns "Found missing adapter keys": peft looks its key conversion up by
-``model_type`` while transformers registers Qwen2-VL's renaming under the class name); transformers' own
-``model.load_adapter`` loads both. transformers 4.52-4.57 load both through peft's use of the model's
-``_checkpoint_conversion_mapping``; transformers < 4.52 know only "original". No one layout loads with peft
-everywhere, so ``save_adapter`` writes "nested" by default (what peft loads on transformers 5.x and 4.52+),
-"original" on request, or "both" (every tensor under both names: measured to load with peft on 5.24 without a
-warning, the extra keys being ignored; older versions find their names in it). vLLM reads either layout: its
-Qwen2-VL ``hf_to_vllm_mapper`` maps ``model.language_model.`` and ``model.`` to its language model and
-``model.visual.`` / ``visual.`` to its vision tower.
+Measured with peft 0.21.2 (tests/test_adapters.py pins what holds on the installed transformers 5.24.0; the
+older versions were installed aside for the measurement), loading with ``PeftModel.from_pretrained``:
+
+    file layout      transformers 4.51.3    4.57.3    5.24.0
+    "nested"         nothing loaded         loads     loads
+    "original"       loads                  loads     nothing loaded
+    "both"           loads                  loads     loads
+
+("nothing loaded": peft only warns "Found missing adapter keys". On 5.24 peft looks its key conversion up by
+``model_type`` while transformers registers Qwen2-VL's renaming under the class name; 4.52-4.57 rename through
+the model's ``_checkpoint_conversion_mapping``.) peft 0.21.2's ``save_pretrained`` writes "nested" on 5.24.
+transformers 5.24's own ``model.load_adapter`` loads "original" too. So ``save_adapter`` writes "both" by default
+(every tensor under both names; the names a version does not know are ignored without a warning), the one file
+that loads everywhere, at twice the size of one layout; "nested" or "original" on request. vLLM reads either
+layout, and so "both" (the two names of a tensor map to the same module there; read from vLLM's source, vLLM is
+not run here): its Qwen2-VL ``hf_to_vllm_mapper`` maps ``model.language_model.`` and ``model.`` to its language
+model and ``model.visual.`` / ``visual.`` to its vision tower. ``read_adapter`` reads all three (a weight under
+two names must be equal).
+
+peft's ``modules_to_save`` (modules trained in full beside the LoRA, e.g. the merger) are written and read too:
+their tensors are keyed ``base_model.model.<checkpoint name>`` in the same layouts.
 
 ``adapter_config.json``'s ``target_modules`` is written as a regular expression that matches exactly the adapted
 modules under both layouts' names, so peft rebuilds the same LoRA layers whichever transformers loads it.
@@ -32,10 +42,10 @@ modules under both layouts' names, so peft rebuilds the same LoRA layers whichev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -45,6 +55,7 @@ from torch import nn
 
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
+from .loader import checkpoint_names, destination
 from .lora import LoraLinear, inject_lora, lora_state_dict, match_targets, module_parts
 from .model import Qwen2VLForConditionalGeneration
 
@@ -63,7 +74,9 @@ _TARGET = re.compile(r"^(?:model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?
 @dataclass
 class Adapter:
     """A LoRA adapter as read from disk. ``weights``: target (original layout) -> (A (rank, in), B (out, rank)),
-    float32 on the CPU; the delta a target adds to its linear's output is ``x @ A.T @ B.T * scaling``."""
+    float32 on the CPU; the delta a target adds to its linear's output is ``x @ A.T @ B.T * scaling``.
+    ``full_weights``: whole trained tensors (peft's ``modules_to_save``, e.g. a fully trained merger) by
+    original-layout checkpoint name (``visual.merger.mlp.0.weight``), float32, replacing the base's."""
     rank: int
     alpha: float
     scaling: float
@@ -71,6 +84,7 @@ class Adapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     config: dict = field(default_factory=dict)
     path: str = ""
+    full_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # peft's modules_to_save, by checkpoint name
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -133,7 +147,7 @@ def read_adapter(path: str | os.PathLike, cfg: Qwen2VLConfig | None = None) -> A
     config = _read_config(path)
     tensors = _read_weights(path)
     where = os.path.join(path, WEIGHTS_FILE)
-    found = _collect(tensors, where)
+    found, full = _collect(tensors, where, config.get("modules_to_save") or [])
     rank = int(config["r"])
     weights = {}
     for target, ab in found.items():
@@ -145,15 +159,18 @@ def read_adapter(path: str | os.PathLike, cfg: Qwen2VLConfig | None = None) -> A
             raise InvalidInputError(f"{where}: {ka} {tuple(a.shape)} / {kb} {tuple(b.shape)} are not LoRA factors "
                                     f"of rank r={rank} (A (r, in), B (out, r))")
         weights[target] = (a.float(), b.float())
-    if not weights:
+    if not weights and not full:
         raise InvalidInputError(f"{where} holds no LoRA weights")
     if cfg is not None:
         with torch.device("meta"):
             base = Qwen2VLForConditionalGeneration(cfg)
         check_fits(weights, base, where, {t: (found[t]["A"][0], found[t]["B"][0]) for t in found})
+        for name, (key, t) in full.items():
+            _full_slot(base, name, t, f"{where}: {key}")
     alpha = float(config["lora_alpha"])
     scaling = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
-    return Adapter(rank, alpha, scaling, config.get("target_modules"), weights, config, path)
+    return Adapter(rank, alpha, scaling, config.get("target_modules"), weights, config, path,
+                   {name: t.float() for name, (_, t) in full.items()})
 
 
 def _read_config(path: str) -> dict:
@@ -179,7 +196,7 @@ def _read_config(path: str) -> dict:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise InvalidInputError(f"{file}: lora_alpha must be a number, got {alpha!r}")
     unsupported = [("use_dora", "DoRA"), ("rank_pattern", "per-module ranks (rank_pattern)"),
-                   ("alpha_pattern", "per-module alphas (alpha_pattern)"), ("modules_to_save", "modules_to_save"),
+                   ("alpha_pattern", "per-module alphas (alpha_pattern)"),
                    ("lora_bias", "LoRA biases (lora_bias)"), ("fan_in_fan_out", "fan_in_fan_out"),
                    ("layer_replication", "layer_replication")]
     for key, what in unsupported:
@@ -187,6 +204,9 @@ def _read_config(path: str) -> dict:
             raise InvalidInputError(f"{file}: {what} is not supported ({key} = {config[key]!r})")
     if config.get("bias", "none") != "none":
         raise InvalidInputError(f"{file}: bias {config['bias']!r} is not supported (only 'none')")
+    mts = config.get("modules_to_save")
+    if mts is not None and (not isinstance(mts, list) or not all(isinstance(m, str) for m in mts)):
+        raise InvalidInputError(f"{file}: modules_to_save must be a list of module names, got {mts!r}")
     return config
 
 
@@ -194,8 +214,8 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     file = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(file):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            raise InvalidInputError(f"{path} has adapter_model.bin (a pickle), which is not read for safety; "
-                                    f"save the adapter as {WEIGHTS_FILE} (peft: save_pretrained(safe_serialization=True))")
+            raise InvalidInputError(f"{path} has adapter_model.bin (a pickle), which is not read for safety; save "
+                                    f"the adapter as {WEIGHTS_FILE} (peft: save_pretrained(safe_serialization=True))")
         raise InvalidInputError(f"no {WEIGHTS_FILE} in adapter directory {path}")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -205,14 +225,25 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
         raise InvalidInputError(f"{file} is not a readable safetensors file: {e}") from None
 
 
-def _collect(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
-    """file key -> {target (original layout): {"A" | "B": (file key, tensor)}}; the same target under two
-    layouts' keys must hold the same tensor."""
+def _collect(tensors: dict[str, torch.Tensor], where: str, modules_to_save: list[str]):
+    """The file's tensors sorted out: ({target (original layout): {"A" | "B": (file key, tensor)}},
+    {checkpoint name (original layout) of a modules_to_save tensor: (file key, tensor)}). The same weight under
+    two layouts' keys must hold the same tensor."""
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    full: dict[str, tuple[str, torch.Tensor]] = {}
     for key in sorted(tensors):
-        m = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        bare = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _KEY.match(bare)
+        if not m and _saved_module(bare, modules_to_save):
+            name = to_original(bare)
+            if name in full and not torch.equal(full[name][1], tensors[key]):
+                raise InvalidInputError(f"{where}: keys {full[name][0]!r} and {key!r} name the same weight with "
+                                        "different values")
+            full.setdefault(name, (key, tensors[key]))
+            continue
         if not m:
-            raise InvalidInputError(f"{where}: key {key!r} is not a LoRA weight (<module>.lora_A/lora_B.weight)")
+            raise InvalidInputError(f"{where}: key {key!r} is not a LoRA weight (<module>.lora_A/lora_B.weight) "
+                                    "nor a weight of a module in modules_to_save")
         target = to_original(m["module"])
         if not _TARGET.match(target):
             raise InvalidInputError(f"{where}: key {key!r} targets {m['module']!r}, which is no LoRA-able linear of "
@@ -222,7 +253,35 @@ def _collect(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str
             raise InvalidInputError(f"{where}: keys {slot[m['ab']][0]!r} and {key!r} name the same weight with "
                                     "different values")
         slot.setdefault(m["ab"], (key, tensors[key]))
-    return found
+    return found, full
+
+
+def _saved_module(name: str, modules_to_save: list[str]) -> bool:
+    """Whether parameter ``name`` belongs to a module peft's ``modules_to_save`` selects (a module path ending
+    with an entry, as peft matches them)."""
+    if not re.match(r"^[\w.]+\.(?:weight|bias)$", name):
+        return False
+    parts = name.split(".")
+    paths = {".".join(parts[:i]) for i in range(1, len(parts))}
+    return any(p.endswith(m) for p in paths for m in modules_to_save)
+
+
+def _full_slot(model: nn.Module, name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+    """The tensor of ``model`` that checkpoint tensor ``name`` replaces (its rows of a stacked parameter);
+    raises unless it exists with ``t``'s shape."""
+    if name not in checkpoint_names(model):
+        raise InvalidInputError(f"{what} is {name}, which the base model does not have: an adapter made for "
+                                "another base model")
+    mod, leaf, rows = destination(model, name)
+    p = getattr(model.get_submodule(mod), leaf, None)
+    if not isinstance(p, torch.Tensor):
+        raise InvalidInputError(f"{what}: {mod} keeps no plain {leaf} tensor to replace (load the model with float, "
+                                "unpacked linears)")
+    slot = p if rows is None else p[rows]
+    if tuple(slot.shape) != tuple(t.shape):
+        raise InvalidInputError(f"{what} has shape {tuple(t.shape)} but the base model needs {tuple(slot.shape)}: "
+                                "an adapter made for another base model")
+    return slot
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -251,8 +310,15 @@ def check_fits(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.
 
 def apply_adapter(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> dict[str, LoraLinear]:
     """Wrap every linear ``adapter`` has weights for in a ``LoraLinear`` holding them (in the linear's dtype and
-    device), in place. Returns our module path -> its LoraLinear."""
+    device), in place, after copying its ``full_weights`` into the model's tensors. Returns our module path ->
+    its LoraLinear."""
     check_fits(adapter.weights, model, adapter.path or "adapter")
+    slots = [(_full_slot(model, n, t, f"{adapter.path or 'adapter'}: {n}"), t) for n, t in adapter.full_weights.items()]
+    with torch.no_grad():
+        for slot, t in slots:
+            slot.copy_(t)
+    if not adapter.weights:
+        return {}
     names = "^(?:" + "|".join(re.escape(t) for t in adapter.weights) + ")$"
     mods = inject_lora(model, names, rank=adapter.rank, alpha=adapter.alpha, dropout=dropout)
     for mod in mods.values():
@@ -270,13 +336,16 @@ def apply_adapter(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> d
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
                  target_modules=None, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 layout: str = "nested", overwrite: bool = False) -> str:
+                 layout: str = "both", modules_to_save: list[str] | None = None, overwrite: bool = False) -> str:
     """Write the LoRA layers of ``model`` as a peft adapter in ``out_dir`` (created if missing; an existing
     directory keeps its other files, but its adapter files are replaced only with ``overwrite``). Both files are
     written to a temporary directory first and moved in at the end, so a failure leaves nothing half-written.
     ``target_modules``, when given, must select exactly the adapted targets (as ``match_targets`` reads it); the
-    config records them as a regex valid under both layouts (``targets_regex``). Returns ``out_dir``."""
+    config records them as a regex valid under both layouts (``targets_regex``). ``modules_to_save``: modules
+    (original-layout paths, e.g. ``["visual.merger"]``) trained in full, whose every tensor is saved as peft's
+    ``modules_to_save`` saves them. ``layout``: see the module docstring. Returns ``out_dir``."""
     sd = lora_state_dict(model)
+    full = _module_tensors(model, modules_to_save or [])
     if not sd:
         raise InvalidInputError("the model has no LoRA layers to save")
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
@@ -290,11 +359,14 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
             raise InvalidInputError(f"target_modules {target_modules!r} do not select the adapted modules "
                                     f"(differ on {', '.join(diff[:5])})")
     tensors = {}
-    for k, t in sd.items():
-        target, _, rest = k.rpartition(".lora_")
-        for name in layout_names(target, layout):
-            tensors[f"{PREFIX}{name}.lora_{rest}"] = t.detach().to("cpu").contiguous().clone()
+    for k, t in [*sd.items(), *full.items()]:
+        module, _, rest = k.rpartition(".lora_") if ".lora_" in k else k.rpartition(".")
+        sep = ".lora_" if ".lora_" in k else "."
+        for name in layout_names(module, layout):
+            tensors[f"{PREFIX}{name}{sep}{rest}"] = t.detach().to("cpu").contiguous().clone()
     config = peft_config(base_model_name_or_path, targets, rank, alpha, dropout, use_rslora)
+    if modules_to_save:
+        config["modules_to_save"] = sorted({e for m in modules_to_save for e in _save_entries(m)})
     from safetensors.torch import save_file
     out_dir = os.fspath(out_dir)
     with staged_output(out_dir, whole_dir=False, overwrite=overwrite, names=(CONFIG_FILE, WEIGHTS_FILE)) as tmp:
@@ -303,6 +375,32 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
     return out_dir
+
+
+def _module_tensors(model: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``modules`` (our paths) under its original-layout checkpoint name (stacked parameters
+    split into their parts)."""
+    out = {}
+    names = sorted(checkpoint_names(model))
+    for m in modules:
+        try:
+            model.get_submodule(m)
+        except AttributeError:
+            raise InvalidInputError(f"modules_to_save entry {m!r} is no module of this model") from None
+        for n in (n for n in names if n.startswith(m + ".")):
+            if ".lora_" in n or ".base." in n:
+                raise InvalidInputError(f"modules_to_save entry {m!r} holds LoRA layers ({n})")
+            mod, leaf, rows = destination(model, n)
+            p = getattr(model.get_submodule(mod), leaf)
+            out[n] = p if rows is None else p[rows]
+    return out
+
+
+def _save_entries(module: str) -> list[str]:
+    """peft ``modules_to_save`` entries (matched as suffixes of module names) that select ``module`` (original
+    layout) under both layouts' names and nothing else."""
+    nested = to_nested(module)
+    return [module] if nested.endswith(module) else [module, nested[len("model."):]]
 
 
 def peft_config(base_model_name_or_path: str, targets, rank: int, alpha: float, dropout: float,

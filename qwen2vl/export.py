@@ -2,7 +2,8 @@
 
 The contract: ``export_merged(base, adapter, out)`` reads the base checkpoint (a directory or hub id, either
 tensor naming qwen2vl.loader reads) one safetensors file at a time, adds every adapter delta
-``B @ A * scaling`` (computed in float32) to its target's weight, and writes each file back, under the same file
+``B @ A * scaling`` (computed in float32) to its target's weight, replaces the tensors of modules the adapter
+trained in full (peft's ``modules_to_save``), and writes each file back, under the same file
 names, with the official tensor names (``model.layers.*``, ``visual.*``, ``lm_head.weight``) and the base's dtype;
 a sharded base gets a new ``model.safetensors.index.json``. Every other file of the base (config.json, tokenizer,
 processor, chat template, generation config, license, ...) is copied; tokenizer / processor files the base lacks
@@ -48,7 +49,7 @@ def export_merged(base: str | os.PathLike, adapter: str | os.PathLike | Adapter,
             raise InvalidInputError(f"output directory {out} is the {name} directory {src} or inside it")
     with staged_output(out, whole_dir=True, overwrite=overwrite) as tmp:
         merged = _merge_files(base_path, ad, tmp)
-        missing = sorted(set(ad.weights) - merged)
+        missing = sorted((set(ad.weights) | set(ad.full_weights)) - merged)
         if missing:
             raise InvalidInputError(f"{base_path} has no weight for adapter target(s) {', '.join(missing[:5])}")
         _copy_side_files(base_path, ad.path, tmp)
@@ -61,7 +62,8 @@ def _within(path: str, root: str) -> bool:
 
 
 def _merge_files(base_path: str, ad: Adapter, tmp: str) -> set[str]:
-    """Write each of the base's weight files, merged and renamed, into ``tmp``; return the targets merged."""
+    """Write each of the base's weight files, merged and renamed, into ``tmp``; return the targets merged and the
+    full tensors replaced."""
     from safetensors.torch import load_file, save_file
     files = checkpoint_files(base_path)
     weight_map, total, merged = {}, 0, set()
@@ -70,6 +72,9 @@ def _merge_files(base_path: str, ad: Adapter, tmp: str) -> set[str]:
         for name, t in load_file(file, device="cpu").items():
             name = map_name(name)
             target = name[: -len(".weight")] if name.endswith(".weight") else None
+            if name in ad.full_weights:  # a module trained in full (peft's modules_to_save)
+                t = ad.full_weights[name].to(t.dtype)
+                merged.add(name)
             if target in ad.weights:
                 a, b = ad.weights[target]
                 t = (t.float() + (b.float() @ a.float()) * ad.scaling).to(t.dtype)  # (out, r) @ (r, in)

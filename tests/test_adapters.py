@@ -82,18 +82,21 @@ def save(model, out, **kw):
     return save_adapter(model, out, **kw)
 
 
-@pytest.mark.parametrize("layout", ["nested", "both"])
+@pytest.mark.parametrize("layout", [None, "nested"])
 def test_peft_on_transformers_loads_our_adapter(tiny_checkpoint, lora_model, tmp_path, layout):
+    """Written by default in both layouts (see the module docstring); either way peft loads every tensor."""
     from peft import PeftModel
 
     from tests.fixtures import load_reference
 
     model, want = lora_model
-    save(model, tmp_path / "ad", layout=layout, target_modules=default_targets(vision=True, merger=True))
+    kw = {"layout": layout} if layout else {}
+    save(model, tmp_path / "ad", target_modules=default_targets(vision=True, merger=True), **kw)
     keys = load_file(str(tmp_path / "ad" / WEIGHTS_FILE))
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.visual.merger.mlp.2.lora_B.weight" in keys
-    assert ("base_model.model.visual.blocks.1.attn.qkv.lora_A.weight" in keys) == (layout == "both")
+    assert ("base_model.model.visual.blocks.1.attn.qkv.lora_A.weight" in keys) == (layout is None)
+    assert ("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys) == (layout is None)
     ref, _ = load_reference(tiny_checkpoint)
     with no_missing_key_warning():
         peft_model = PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()
@@ -252,7 +255,7 @@ def test_missing_files_are_named(small_adapter, tmp_path):
     (lambda c: {**c, "use_dora": True}, "DoRA is not supported"),
     (lambda c: {**c, "r": 0}, "r must be an integer >= 1"),
     (lambda c: {**c, "r": 8}, "are not LoRA factors of rank r=8"),
-    (lambda c: {**c, "modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
+    (lambda c: {**c, "modules_to_save": "merger"}, "modules_to_save must be a list of module names"),
 ])
 def test_bad_configs_are_refused(small_adapter, tmp_path, change, message):
     with pytest.raises(InvalidInputError, match=message):
@@ -302,3 +305,68 @@ def test_save_refuses_existing_files_and_writes_nothing_on_failure(lora_model, t
     assert sorted(os.listdir(tmp_path)) == ["run"]
     assert sorted(os.listdir(out)) == [CONFIG_FILE, WEIGHTS_FILE, "log.jsonl"]
     assert to_nested("visual.blocks.0.attn.qkv") == "model.visual.blocks.0.attn.qkv"
+
+
+@pytest.fixture(scope="module")
+def merger_trained(tiny_checkpoint):
+    """Our model with LoRA on the language model and the merger trained in full (changed), and its logits."""
+    m = ours(tiny_checkpoint)
+    inject_lora(m, default_targets(), rank=4, alpha=8)
+    randomize(lora_state_dict(m).values(), seed=7)
+    randomize(m.visual.merger.parameters(), seed=8)
+    return m, ours_logits(m)
+
+
+def test_modules_to_save_written_and_read_like_peft(tiny_checkpoint, merger_trained, tmp_path):
+    from peft import PeftModel
+
+    from tests.fixtures import load_reference
+
+    model, want = merger_trained
+    save(model, tmp_path / "ad", modules_to_save=["visual.merger"])
+    keys = load_file(str(tmp_path / "ad" / WEIGHTS_FILE))
+    assert "base_model.model.model.visual.merger.mlp.0.weight" in keys
+    assert "base_model.model.visual.merger.ln_q.bias" in keys
+    ref, _ = load_reference(tiny_checkpoint)
+    with no_missing_key_warning():
+        peft_model = PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()
+    assert_same(ref_logits(peft_model), want)
+    ad = read_adapter(tmp_path / "ad", Qwen2VLConfig.from_pretrained(tiny_checkpoint))
+    assert set(ad.full_weights) == {f"visual.merger.{n}" for n, _ in model.visual.merger.named_parameters()}
+    fresh = ours(tiny_checkpoint)
+    apply_adapter(fresh, ad)
+    assert_same(ours_logits(fresh), want)
+
+
+def test_peft_made_modules_to_save_read_back(tiny_checkpoint, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.fixtures import load_reference
+
+    ref, _ = load_reference(tiny_checkpoint)
+    pm = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"],
+                                        modules_to_save=["merger", "layers.1.mlp"], task_type="CAUSAL_LM"))
+    randomize([p for p in pm.parameters() if p.requires_grad], seed=9)
+    pm.eval().save_pretrained(str(tmp_path / "peft"))
+    ad = read_adapter(tmp_path / "peft", Qwen2VLConfig.from_pretrained(tiny_checkpoint))
+    assert "model.layers.1.mlp.up_proj.weight" in ad.full_weights and "visual.merger.mlp.2.bias" in ad.full_weights
+    model = ours(tiny_checkpoint)
+    apply_adapter(model, ad)
+    assert_same(ours_logits(model), ref_logits(pm))
+
+
+def test_bad_modules_to_save(small_adapter, merger_trained, tmp_path):
+    def add(t, key, shape):
+        return {**t, key: torch.zeros(shape)}
+    mts = lambda c: {**c, "modules_to_save": ["merger"]}  # noqa: E731
+    bad = edit(small_adapter, tmp_path / "shape", config=mts,
+               tensors=lambda t: add(t, "base_model.model.model.visual.merger.mlp.0.weight", (3, 3)))
+    with pytest.raises(InvalidInputError, match=r"merger.mlp.0.weight has shape \(3, 3\) but the base model needs "
+                                                r"\(128, 128\)"):
+        read_adapter(bad, Qwen2VLConfig.from_dict(official_config("tiny")))
+    bad = edit(small_adapter, tmp_path / "name", config=mts,
+               tensors=lambda t: add(t, "base_model.model.model.visual.merger.extra.weight", (3,)))
+    with pytest.raises(InvalidInputError, match=r"is visual.merger.extra.weight, which the base model does not have"):
+        read_adapter(bad, Qwen2VLConfig.from_dict(official_config("tiny")))
+    with pytest.raises(InvalidInputError, match="'visual.nope' is no module of this model"):
+        save(merger_trained[0], tmp_path / "x", modules_to_save=["visual.nope"])

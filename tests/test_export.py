@@ -143,3 +143,15 @@ def test_processor_files_from_the_adapter_dir_or_a_warning(checkpoint_factory, a
         warnings.simplefilter("error")
         out = export_merged(base, full, tmp_path / "full")
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.json"} <= set(os.listdir(out))
+
+
+def test_modules_to_save_replace_base_tensors(tiny_checkpoint, tmp_path):
+    m = ours(tiny_checkpoint)
+    inject_lora(m, default_targets(), rank=4, alpha=8)
+    randomize(lora_state_dict(m).values(), seed=7)
+    randomize(m.visual.merger.parameters(), seed=8)
+    save_adapter(m, tmp_path / "ad", base_model_name_or_path="base", rank=4, alpha=8, modules_to_save=["visual.merger"])
+    out = export_merged(tiny_checkpoint, tmp_path / "ad", tmp_path / "merged")
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("visual.merger.ln_q.weight"), m.visual.merger.ln_q.weight)
+    assert_same(ours_logits(ours(out)), ours_logits(m))
