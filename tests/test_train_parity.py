@@ -132,3 +132,26 @@ def test_one_full_step_matches_transformers(tiny_checkpoint, tmp_path):
     assert set(ours) == set(theirs) and any(k.startswith("visual.merger.") for k in ours)
     for k, g in ours.items():
         assert_close_scaled(g, theirs[k], k)
+
+
+def test_trained_adapter_with_a_full_merger_loads_in_peft(tiny_checkpoint, tmp_path):
+    """LoRA on the language model and the merger trained in full (freeze_multi_modal_projector: false): peft
+    loads the result (modules_to_save) onto transformers and gives the logits of the trained model here."""
+    from qwen2vl.adapters import read_adapter
+
+    samples = [make_sample(tiny_checkpoint, c) for c in ("red", "green")]
+    out = tmp_path / "out"
+    tr = _trainer(tiny_checkpoint, out, samples, max_steps=2, learning_rate=1e-2,
+                  freeze_multi_modal_projector=False)
+    tr.train()
+    adapter = read_adapter(out)
+    assert adapter.config["modules_to_save"] == ["visual.merger"]
+    torch.testing.assert_close(adapter.full_weights["visual.merger.mlp.0.weight"],
+                               tr.model.visual.merger.mlp[0].weight.detach())
+    ref, _ = load_reference(tiny_checkpoint)
+    loaded = peft.PeftModel.from_pretrained(ref, str(out)).eval()
+    sample = samples[1]
+    with torch.no_grad():
+        want = loaded(**{k: v for k, v in reference_inputs(sample).items() if k != "labels"}).logits[0]
+    got = tr.model.eval()(torch.tensor(sample.input_ids), sample.vision)
+    assert_close_scaled(got, want, "logits")

@@ -103,17 +103,15 @@ def save_full(model: nn.Module, raw_config: dict, out: str) -> None:
         json.dump(conf, f, indent=2)
 
 
-def save_lora(model: nn.Module, cfg: TrainConfig, targets: list[str], out: str) -> None:
-    from ..adapters import save_adapter
-    save_adapter(model, out, base_model_name_or_path=cfg.model_name_or_path, target_modules=targets,
-                 rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
-                 overwrite=True)
-
-
-def save_result(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: list[str], out: str) -> None:
-    """The trained model into the (existing, empty or overwritable) directory ``out``."""
+def save_result(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: list[str], out: str,
+                modules_to_save: list[str] | None = None) -> None:
+    """The trained model into the (existing, empty or overwritable) directory ``out``; with LoRA,
+    ``modules_to_save`` are the modules trained in full beside it (peft's field of that name)."""
     if cfg.finetuning_type == "lora":
-        save_lora(model, cfg, targets, out)
+        from ..adapters import save_adapter
+        save_adapter(model, out, base_model_name_or_path=cfg.model_name_or_path, target_modules=targets,
+                     rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+                     modules_to_save=modules_to_save or None, overwrite=True)
     else:
         save_full(model, raw_config, out)
     copy_model_files(cfg.model_name_or_path, out)
@@ -137,14 +135,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: list[str], optimizer, scheduler,
-                    state: dict) -> str:
+                    state: dict, modules_to_save: list[str] | None = None) -> str:
     """``output_dir/checkpoint-<state['global_step']>``, written whole or not at all. Returns its path."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['global_step']}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_result(model, cfg, raw_config, targets, tmp)
+        save_result(model, cfg, raw_config, targets, tmp, modules_to_save)
         if cfg.finetuning_type == "lora":
             trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trained, os.path.join(tmp, "trainable.safetensors"))

@@ -137,9 +137,11 @@ def _full_modules(model: nn.Module, cfg: TrainConfig) -> list[str]:
     return out
 
 
-def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> list[str]:
-    """Set ``requires_grad`` (and inject LoRA) as the config says; returns the LoRA targets (empty for full)."""
+def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Set ``requires_grad`` (and inject LoRA) as the config says; returns the LoRA targets and the modules
+    trained in full beside them (both empty for a full fine-tune)."""
     targets: list[str] = []
+    full: list[str] = []
     if cfg.finetuning_type == "full":
         frozen = frozen_prefixes(cfg)
         for name, p in model.named_parameters():
@@ -153,7 +155,7 @@ def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> 
                              or any(name.startswith(m + ".") for m in full))
     if not any(p.requires_grad for p in model.parameters()):
         raise InvalidInputError("nothing to train: every part of the model is frozen")
-    return targets
+    return targets, full
 
 
 def apply_dtype(model: nn.Module, bf16: bool) -> None:

@@ -104,7 +104,7 @@ class Trainer:
                                         config_path=None if load_from == self.resume else cfg.config_path)
         self.model = build_model(model_cfg, self.device)
         torch.manual_seed(cfg.seed)  # LoRA's init
-        self.targets = make_trainable(self.model, cfg)
+        self.targets, self.full_modules = make_trainable(self.model, cfg)
         apply_dtype(self.model, cfg.bf16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -187,7 +187,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         path = ckpt.save_checkpoint(self.model, self.cfg, self.raw_config, self.targets, self.optimizer,
-                                    self.scheduler, self._state())
+                                    self.scheduler, self._state(), self.full_modules)
         ckpt.prune_checkpoints(self.cfg.output_dir, self.cfg.save_total_limit)
         return path
 
@@ -260,7 +260,8 @@ class Trainer:
     def _finish(self, records, log, progress, rate, eval_loss) -> TrainResult:
         if self.eval_samples:
             eval_loss = self._run_eval(log, progress)
-        ckpt.save_result(self.model, self.cfg, self.raw_config, self.targets, self.cfg.output_dir)
+        ckpt.save_result(self.model, self.cfg, self.raw_config, self.targets, self.cfg.output_dir,
+                         self.full_modules)
         results = self._results(records, rate, eval_loss)
         write_results(self.cfg.output_dir, results)
         if self.progress_enabled:
