@@ -12,9 +12,9 @@ The contract:
   ``freeze_multi_modal_projector`` is false. Frozen parts (LLaMA-Factory's names): the vision tower
   (``visual.patch_embed``, ``visual.blocks``), the multi-modal projector (``visual.merger``), the language model
   (``model.``, ``lm_head``). A LoRA target that matches no module, or only frozen ones, is an error naming it.
-- The dtype rule with ``bf16``: trainable parameters stay float32 (the optimizer's master copy), frozen ones are
-  stored in bfloat16, and the forward runs under bf16 autocast (LLaMA-Factory's: bf16 weights, trainable ones
-  upcast to float32).
+- The dtype rule with ``bf16``: trainable parameters float32 (the optimizer's master copy), frozen ones stored
+  in bfloat16 (a LoRA run loads the checkpoint in bf16 directly), and the forward runs under bf16 autocast
+  (LLaMA-Factory's: bf16 weights, trainable ones upcast to float32).
 - ``make_optimizer``: AdamW over parameter groups by module (``vision_lr`` for the vision tower, ``merger_lr``
   for the merger, ``learning_rate`` for the rest) and by weight decay (``weight_decay`` for matrices, none for
   biases and norm weights, as transformers' Trainer groups them).
@@ -69,7 +69,8 @@ def init_weights(model: Qwen2VLForConditionalGeneration, seed: int, std: float =
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2VLForConditionalGeneration:
-    """The model to train, every parameter frozen, float32 on ``device``."""
+    """The model to train, every parameter frozen, on ``device``: float32, or bfloat16 for a LoRA run with
+    ``bf16`` (its base weights stay bf16 anyway, and are never held in float32 on the way)."""
     mcfg, raw = model_config(cfg)
     if cfg.train_from_scratch:
         torch.manual_seed(cfg.seed)
@@ -80,7 +81,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2VLForConditional
         model.to(device)
     else:
         from ..loader import load_model
-        model = load_model(cfg.model_name_or_path, torch.float32, device, cfg=mcfg, progress=False, prepack=False,
+        dtype = torch.bfloat16 if cfg.bf16 and cfg.finetuning_type == "lora" else torch.float32
+        model = load_model(cfg.model_name_or_path, dtype, device, cfg=mcfg, progress=False, prepack=False,
                            file_embedding=False)
     return model.requires_grad_(False)
 
@@ -159,12 +161,12 @@ def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> 
 
 
 def apply_dtype(model: nn.Module, bf16: bool) -> None:
-    """With ``bf16``, frozen parameters are stored in bfloat16; trainable ones stay float32."""
-    if not bf16:
-        return
+    """Trainable parameters in float32; with ``bf16``, frozen ones in bfloat16. (LoRA weights injected into a
+    bf16 base are drawn in bf16, then widened.)"""
     for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
+        want = torch.float32 if p.requires_grad or not bf16 else torch.bfloat16
+        if p.dtype != want:
+            p.data = p.data.to(want)
 
 
 def _group_of(name: str) -> str:
