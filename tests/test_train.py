@@ -46,7 +46,8 @@ def _log(out):
 def test_loss_falls_on_the_colour_task(tiny_checkpoint, colour_samples, tmp_path):
     out = tmp_path / "out"
     result = train(_cfg(tiny_checkpoint, out, per_device_train_batch_size=4, max_steps=20, learning_rate=1e-2,
-                        lr_scheduler_type="constant", lora_rank=8), train_samples=colour_samples,
+                        lr_scheduler_type="constant", lora_rank=8, save_steps=5, save_total_limit=2),
+                   train_samples=colour_samples,
                    eval_samples=colour_samples, progress=False)
     losses = [r["loss"] for r in result.log]
     assert len(losses) == 20 and losses[-1] < 0.1 * losses[0]
@@ -59,6 +60,7 @@ def test_loss_falls_on_the_colour_task(tiny_checkpoint, colour_samples, tmp_path
     assert results["global_step"] == 20 and results["train_samples"] == 4 and results["trainable_params"] > 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert (out / "tokenizer_config.json").is_file() and (out / "preprocessor_config.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-20"]
 
 
 def _resume_cfg(ckpt, out):
@@ -118,12 +120,14 @@ def test_output_dir_refused_unless_overwrite(tiny_checkpoint, colour_samples, tm
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "checkpoint-7").mkdir()  # an earlier run's: gone once that run is overwritten
     with pytest.raises(InvalidInputError, match="already exists.*overwrite_output_dir"):
         train(_cfg(tiny_checkpoint, out, max_steps=1), train_samples=colour_samples[:1], progress=False)
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == ["checkpoint-7", "keep.txt"]
     result = qwen2vl.train(_cfg(tiny_checkpoint, out, max_steps=1), overwrite_output_dir=True,
                            train_samples=colour_samples[:1], progress=False)  # the package API, an override
     assert result.global_step == 1 and (out / "keep.txt").read_text() == "mine"
+    assert not (out / "checkpoint-7").exists()
     assert (out / "adapter_model.safetensors").is_file()
 
 
@@ -142,6 +146,7 @@ def test_bad_config_keys_and_values_are_named(tiny_checkpoint, tmp_path):
     with pytest.raises(InvalidInputError, match="finetuning_type 'freeze'"):
         load_config(str(cfg), {"finetuning_type": "freeze"})
     assert main(["train", str(cfg), "--learning-rat", "1"]) == 1
+    assert main(["train"]) == 2 and main(["train", "--help"]) == 0
     assert not (tmp_path / "o").exists()
 
 

@@ -12,7 +12,8 @@ The contract:
   torch CPU and CUDA generators) and, for LoRA, ``trainable.safetensors`` (every trained parameter under our
   module names, so the merger or other modules trained beside LoRA resume too). It is written into a temporary
   directory and renamed into place: a checkpoint directory is complete or absent.
-- ``load_checkpoint`` reads those back; ``last_checkpoint`` finds the newest in an output directory.
+- ``load_checkpoint`` reads those back; ``last_checkpoint`` finds the newest in an output directory. A run
+  that does not resume removes the ``checkpoint-*`` directories an overwritten run left.
 """
 
 from __future__ import annotations
@@ -160,11 +161,11 @@ def save_checkpoint(model: nn.Module, cfg: TrainConfig, raw_config: dict, target
 
 
 def prune_checkpoints(output_dir: str, keep: int | None) -> None:
-    """Remove all but the newest ``keep`` checkpoints."""
-    if not keep:
+    """Remove all but the newest ``keep`` checkpoints (None: keep all; 0: remove all)."""
+    if keep is None:
         return
     found = sorted((int(m[1]), d) for d in os.listdir(output_dir) if (m := _CKPT.match(d)))
-    for _, d in found[:-keep]:
+    for _, d in found[:len(found) - keep]:
         shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
 
 

@@ -194,7 +194,8 @@ class Trainer:
     def _prepare_run(self) -> int | None:
         """Create the output directory and restore a checkpoint; returns the resumed step or None."""
         os.makedirs(self.cfg.output_dir, exist_ok=True)
-        if not self.resume:
+        if not self.resume:  # an overwritten run's checkpoints would be taken for this run's
+            ckpt.prune_checkpoints(self.cfg.output_dir, 0)
             return None
         state = ckpt.load_checkpoint(self.resume, self.model, self.cfg, self.optimizer, self.scheduler)
         if state.get("steps_per_epoch") != self.steps_per_epoch:
