@@ -157,9 +157,19 @@ def test_lora_target_that_matches_nothing(tiny_checkpoint, colour_samples, tmp_p
     with pytest.raises(InvalidInputError, match="'fc1' matches only frozen modules"):
         Trainer(_cfg(tiny_checkpoint, tmp_path / "o", lora_target="fc1"), train_samples=colour_samples,
                 progress=False)
-    tr = Trainer(_cfg(tiny_checkpoint, tmp_path / "o", lora_target="fc1,q_proj", freeze_vision_tower=False),
-                 train_samples=colour_samples, progress=False)
-    keys = lora_state_dict(tr.model)
-    assert any(k.startswith("visual.blocks.0.mlp.fc1.") for k in keys)
-    assert any(k.startswith("model.layers.1.self_attn.q_proj.") for k in keys)
+    with pytest.raises(InvalidInputError, match="would get LoRA and be trained in full"):
+        Trainer(_cfg(tiny_checkpoint, tmp_path / "o", freeze_vision_tower=False, additional_target="visual.blocks"),
+                train_samples=colour_samples, progress=False)
+    with pytest.raises(InvalidInputError, match="additional_target 'visual.block' names no module"):
+        Trainer(_cfg(tiny_checkpoint, tmp_path / "o", additional_target="visual.block"),
+                train_samples=colour_samples, progress=False)
     assert not (tmp_path / "o").exists()
+    tr = Trainer(_cfg(tiny_checkpoint, tmp_path / "o", lora_target="fc1,q_proj", freeze_vision_tower=False,
+                      max_steps=1, additional_target="visual.merger"), train_samples=colour_samples, progress=False)
+    keys = lora_state_dict(tr.model)
+    assert {k.rsplit(".lora_", 1)[0] for k in keys} == {f"{s}.{i}.{m}" for i in (0, 1) for s, m in (
+        ("visual.blocks", "mlp.fc1"), ("model.layers", "self_attn.q_proj"))}
+    merger = tr.model.visual.merger.mlp[2].weight.detach().clone()
+    tr.train()  # the vision tower's LoRA and the merger train through the checkpointed vision blocks
+    assert float(keys["visual.blocks.0.mlp.fc1.lora_B.weight"].detach().abs().max()) > 0
+    assert not torch.equal(tr.model.visual.merger.mlp[2].weight, merger)

@@ -151,6 +151,10 @@ def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> 
     else:
         targets = lora_targets(model, cfg)
         full = _full_modules(model, cfg)
+        both = [t for t in targets if any(t == m or t.startswith(m + ".") for m in full)]
+        if both:
+            raise InvalidInputError(f"{both[0]} would get LoRA and be trained in full (additional_target / an "
+                                    "unfrozen merger): choose one")
         lora.inject_lora(model, targets, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.use_rslora)
         for name, p in model.named_parameters():
             p.requires_grad_(".lora_A." in name or ".lora_B." in name
