@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DEFAULT_MODEL_DIR, TINY_MODEL_DIR, conversation, make_image, peak_rss_bytes, \
+from bench.common import DEFAULT_MODEL_DIR, conversation, make_image, peak_rss_bytes, \
     set_threads  # noqa: E402
 
 ANSWER = ("The image is a mosaic of coloured rectangles on a light background; the largest is a deep blue block "

@@ -82,7 +82,7 @@ def _reference_steps(ref, trainer, steps):
         for s in batch:
             loss = ref(**reference_inputs(s), num_items_in_batch=torch.tensor(n_items)).loss
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()

@@ -107,7 +107,8 @@ def lora_targets(model: nn.Module, cfg: TrainConfig) -> list[str]:
     names = list(lora.module_parts(model))
     frozen = frozen_prefixes(cfg)
     if cfg.lora_target.strip() == "all":
-        chosen = [n for n in lora.match_targets(names, lora.default_targets(vision=True)) if not _under(n + ".", frozen)]
+        chosen = [n for n in lora.match_targets(names, lora.default_targets(vision=True))
+                  if not _under(n + ".", frozen)]
         if not chosen:
             raise InvalidInputError("lora_target 'all' leaves no module to train: the language model and the vision "
                                     "tower are both frozen")
