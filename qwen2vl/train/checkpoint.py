@@ -105,9 +105,10 @@ def save_full(model: nn.Module, raw_config: dict, out: str) -> None:
 
 
 def save_result(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: list[str], out: str,
-                modules_to_save: list[str] | None = None) -> None:
+                modules_to_save: list[str] | None = None, base_dir: str | None = None) -> None:
     """The trained model into the (existing, empty or overwritable) directory ``out``; with LoRA,
-    ``modules_to_save`` are the modules trained in full beside it (peft's field of that name)."""
+    ``modules_to_save`` are the modules trained in full beside it (peft's field of that name). The side files
+    come from ``base_dir`` (default: ``model_name_or_path``, which the adapter config names as its base)."""
     if cfg.finetuning_type == "lora":
         from ..adapters import save_adapter
         save_adapter(model, out, base_model_name_or_path=cfg.model_name_or_path, target_modules=targets,
@@ -115,7 +116,7 @@ def save_result(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: l
                      modules_to_save=modules_to_save or None, overwrite=True)
     else:
         save_full(model, raw_config, out)
-    copy_model_files(cfg.model_name_or_path, out)
+    copy_model_files(base_dir or cfg.model_name_or_path, out)
 
 
 def _rng_state() -> dict:
@@ -136,14 +137,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(model: nn.Module, cfg: TrainConfig, raw_config: dict, targets: list[str], optimizer, scheduler,
-                    state: dict, modules_to_save: list[str] | None = None) -> str:
+                    state: dict, modules_to_save: list[str] | None = None, base_dir: str | None = None) -> str:
     """``output_dir/checkpoint-<state['global_step']>``, written whole or not at all. Returns its path."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['global_step']}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_result(model, cfg, raw_config, targets, tmp, modules_to_save)
+        save_result(model, cfg, raw_config, targets, tmp, modules_to_save, base_dir)
         if cfg.finetuning_type == "lora":
             trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trained, os.path.join(tmp, "trainable.safetensors"))

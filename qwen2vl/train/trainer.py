@@ -89,17 +89,20 @@ class Trainer:
         self.resume = ckpt.resolve_resume(cfg)
         self.device = _device(cfg)
         self.autocast = _bf16_context(cfg, self.device)
-        self.mcfg, self.raw_config = model_config(cfg)
+        from ..loader import resolve_model_path
+        self.base_dir = resolve_model_path(cfg.model_name_or_path)  # a hub id is fetched; cfg keeps the name
+        local = dataclasses.replace(cfg, model_name_or_path=self.base_dir)
+        self.mcfg, self.raw_config = model_config(local)
         self.dropped = 0
         if train_samples is None:
             from ..tokenizer import Tokenizer
-            tokenizer = Tokenizer.from_pretrained(cfg.model_name_or_path)
+            tokenizer = Tokenizer.from_pretrained(self.base_dir)
             train_samples, eval_samples, self.dropped = _load_data(cfg, tokenizer, self.mcfg)
         self.train_samples, self.eval_samples = list(train_samples), list(eval_samples or [])
         if not self.train_samples:
             raise InvalidInputError("the training set is empty")
-        load_from = self.resume if self.resume and cfg.finetuning_type == "full" else cfg.model_name_or_path
-        model_cfg = dataclasses.replace(cfg, model_name_or_path=load_from,
+        load_from = self.resume if self.resume and cfg.finetuning_type == "full" else self.base_dir
+        model_cfg = dataclasses.replace(local, model_name_or_path=load_from,
                                         train_from_scratch=cfg.train_from_scratch and load_from != self.resume,
                                         config_path=None if load_from == self.resume else cfg.config_path)
         self.model = build_model(model_cfg, self.device)
@@ -187,7 +190,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         path = ckpt.save_checkpoint(self.model, self.cfg, self.raw_config, self.targets, self.optimizer,
-                                    self.scheduler, self._state(), self.full_modules)
+                                    self.scheduler, self._state(), self.full_modules, self.base_dir)
         ckpt.prune_checkpoints(self.cfg.output_dir, self.cfg.save_total_limit)
         return path
 
@@ -262,7 +265,7 @@ class Trainer:
         if self.eval_samples:
             eval_loss = self._run_eval(log, progress)
         ckpt.save_result(self.model, self.cfg, self.raw_config, self.targets, self.cfg.output_dir,
-                         self.full_modules)
+                         self.full_modules, self.base_dir)
         results = self._results(records, rate, eval_loss)
         write_results(self.cfg.output_dir, results)
         if self.progress_enabled:
