@@ -100,8 +100,8 @@ def to_original(name: str) -> str:
 
 
 def to_nested(name: str) -> str:
-    """An original-layout name -> the transformers >= 4.52 name."""
-    if name.startswith("model.layers."):
+    """An original-layout module or tensor name -> the transformers >= 4.52 name (``lm_head`` stays)."""
+    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
         return "model.language_model." + name[len("model."):]
     if name.startswith("visual."):
         return "model." + name
@@ -446,8 +446,14 @@ def staged_output(out_dir: str, *, whole_dir: bool, overwrite: bool, names=()):
     elif whole_dir:
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
         os.rename(out_dir, os.path.join(old, "d"))
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            os.rename(os.path.join(old, "d"), out_dir)  # put the old one back
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         for n in os.listdir(tmp):
             os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))

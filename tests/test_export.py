@@ -14,7 +14,8 @@ from qwen2vl.cli import main
 from qwen2vl.errors import InvalidInputError
 from qwen2vl.export import INDEX_FILE, export_merged
 from qwen2vl.lora import default_targets, inject_lora, lora_state_dict
-from tests.fixtures import load_processor, load_reference
+from qwen2vl import LLM, SamplingParams
+from tests.fixtures import greedy_tokens, load_processor, load_reference
 from tests.test_adapters import assert_same, ours, ours_logits, randomize, ref_logits
 
 SIDE_FILES = {"config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
@@ -58,6 +59,12 @@ def test_merged_equals_adapter_here_and_in_transformers(tiny_checkpoint, adapted
     processor = load_processor(out)  # transformers finds the tokenizer, image processor and chat template
     text = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    llm = LLM(out, dtype="float32", device="cpu")  # and so does this package's LLM
+    got = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=6,
+                                                                      ignore_eos=True))[0]
+    assert got.prompt_token_ids == processor.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                 add_generation_prompt=True, tokenize=True)[0]
+    assert list(got.outputs[0].token_ids) == greedy_tokens(ref, got.prompt_token_ids, 6)
 
 
 def test_sharded_transformers_layout_base(checkpoint_factory, adapted, tmp_path):
