@@ -74,7 +74,8 @@ def run_train(argv: list[str], out=None) -> int:
     from .train.config import load_config, parse_overrides
     from .train.trainer import train
     config, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else ({}, argv)
-    train(load_config(config, parse_overrides(rest)))
+    result = train(load_config(config, parse_overrides(rest)))
+    out.write(result.output_dir + "\n")
     return 0
 
 

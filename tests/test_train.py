@@ -95,12 +95,13 @@ def test_resume_gives_the_loss_curve_of_an_uninterrupted_run(tiny_checkpoint, co
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_saves_a_checkpoint_then_stops(tiny_checkpoint, colour_samples, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_then_stops(tiny_checkpoint, colour_samples, tmp_path, capsys):
     out = tmp_path / "out"
-    tr = Trainer(_cfg(tiny_checkpoint, out, max_steps=10), train_samples=colour_samples, progress=False)
+    tr = Trainer(_cfg(tiny_checkpoint, out, max_steps=10), train_samples=colour_samples, progress=True)
     tr.on_step = lambda trainer, record: record["step"] == 2 and signal.raise_signal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         tr.train()
+    assert f"checkpoint saved to {out / 'checkpoint-2'}" in capsys.readouterr().err
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and not (out / "adapter_model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

@@ -49,7 +49,9 @@ def test_cli_full_finetune_to_an_official_checkpoint(tiny_checkpoint, tmp_path, 
         f"freeze_multi_modal_projector: false\ndataset: colours\ndataset_dir: {data}\nval_size: 1\n"
         f"output_dir: {out}\nper_device_train_batch_size: 3\nlearning_rate: 1.0e-3\nimage_max_pixels: 3136\n")
     assert main(["train", str(tmp_path / "cfg.yaml"), "--max_steps", "2", "--logging-steps=1"]) == 0
-    err = capsys.readouterr().err
+    std = capsys.readouterr()
+    err = std.err
+    assert std.out.strip() == str(out)
     assert "step 2/2" in err and "eval loss" in err and "trainable" in err
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_samples"] == 3 and results["eval_samples"] == 1 and results["eval_loss"] > 0

@@ -120,6 +120,7 @@ class Trainer:
         self.progress_enabled = progress
         self.on_step = None  # optional callback(trainer, record) after each optimizer step
         self._stop = False
+        self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ data order
     def epoch_order(self, epoch: int) -> list[int]:
@@ -192,6 +193,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.model, self.cfg, self.raw_config, self.targets, self.optimizer,
                                     self.scheduler, self._state(), self.full_modules, self.base_dir)
         ckpt.prune_checkpoints(self.cfg.output_dir, self.cfg.save_total_limit)
+        self.last_checkpoint = path
         return path
 
     def _prepare_run(self) -> int | None:
@@ -258,6 +260,9 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
             progress.close()
         if interrupted:
+            if self.progress_enabled:
+                print(f"interrupted after step {self.global_step}: checkpoint saved to {self.last_checkpoint} "
+                      "(resume_from_checkpoint continues from it)", file=progress.stream)
             raise KeyboardInterrupt
         return self._finish(records, log, progress, rate, eval_loss)
 
