@@ -14,7 +14,9 @@ lm_head), vision tower and merger frozen, gradient checkpointing on (LLaMA-Facto
 schedule, AdamW betas (0.9, 0.999), eps 1e-8, clipping at 1.0, batch size 8, 3 epochs, save every 500 steps
 (transformers). Deliberate differences: ``eval_strategy`` defaults to ``steps`` (an eval split exists only when
 ``val_size`` or ``eval_dataset`` asks for one, so it is evaluated), ``logging_steps`` to 10 (LLaMA-Factory's
-examples), and a key of both this config and ``DataArgs`` (``seed``) sets both.
+examples), and a key of both this config and ``DataArgs`` (``seed``) sets both. Keys of this package's own:
+``vision_lr`` and ``merger_lr`` (the vision tower's and the merger's learning rates), ``config_path`` (the shape
+of a model trained from scratch).
 """
 
 from __future__ import annotations
