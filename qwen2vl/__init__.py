@@ -13,7 +13,7 @@ from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "InvalidInputError", "process_vision_info", "RequestOutput",
-           "CompletionOutput", "LoRARequest", "__version__"]
+           "CompletionOutput", "LoRARequest", "train", "__version__"]
 
 
 def __getattr__(name):  # heavy modules load on first use
@@ -32,4 +32,7 @@ def __getattr__(name):  # heavy modules load on first use
     if name in ("RequestOutput", "CompletionOutput"):
         from .engine import sequence
         return getattr(sequence, name)
+    if name == "train":  # the package, callable as train(config, **overrides) (see qwen2vl.train)
+        import importlib
+        return importlib.import_module(".train", __name__)
     raise AttributeError(f"module 'qwen2vl' has no attribute {name!r}")

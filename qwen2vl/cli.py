@@ -4,6 +4,7 @@
     qwen2vl chat --model DIR                                          # a multi-turn session
     qwen2vl serve --model DIR --port 8000 --api-key KEY               # an OpenAI-compatible server
     qwen2vl eval --model DIR [--tasks blocks,video] [-n 200]          # accuracy on the demo tasks (qwen2vl.demo)
+    qwen2vl train CONFIG.yaml [--key value ...]                       # fine-tune (LoRA or full; qwen2vl.train)
     qwen2vl export --model DIR --adapter ADAPTER --out OUT            # merge a LoRA adapter into a checkpoint
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve)
     _add_eval_parser(sub)
+    _add_train_parser(sub)
     _add_export_parser(sub)
     return parser
 
@@ -91,6 +93,34 @@ def run_eval(args, out=None) -> int:
     out.flush()
     if args.fail_under is not None and report.min_accuracy < args.fail_under:
         return 1
+    return 0
+
+
+TRAIN_HELP = """usage: qwen2vl train [CONFIG.yaml] [--key value ...]
+
+Fine-tune a Qwen2-VL checkpoint (LoRA or full) on LLaMA-Factory-format data. CONFIG is a YAML or JSON file of
+LLaMA-Factory / transformers keys (model_name_or_path, finetuning_type, dataset, output_dir, learning_rate, ...);
+--key value (or --key=value) sets or overrides one key. See qwen2vl.train.config for every key."""
+
+
+def _add_train_parser(sub) -> None:
+    # '+' as the option prefix: every --key value after `train` is a config key, read by run_train
+    train = sub.add_parser("train", help="fine-tune a model (LoRA or full) from a YAML config", prefix_chars="+",
+                           add_help=False)
+    train.add_argument("train_args", nargs="*")
+
+
+def run_train(argv: list[str], out=None) -> int:
+    """``qwen2vl train``: the config file (if the first argument is not a flag) and --key value overrides."""
+    out = out if out is not None else sys.stdout
+    if not argv or argv[0] in ("-h", "--help"):
+        out.write(TRAIN_HELP + "\n")
+        return 0 if argv else 2
+    from .train.config import load_config, parse_overrides
+    from .train.trainer import train
+    config, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else ({}, argv)
+    result = train(load_config(config, parse_overrides(rest)))
+    out.write(result.output_dir + "\n")
     return 0
 
 
@@ -196,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import __version__
         print(__version__)
         return 0
+    if args.command == "train":
+        return _guarded(run_train, args.train_args)
     if args.command == "export":
         return run_export(args)
     if args.command not in ("chat", "serve", "eval"):
@@ -208,6 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return run_eval(args)
         return run_chat(args)
+    except InvalidInputError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _guarded(fn, *args) -> int:
+    try:
+        return fn(*args)
     except InvalidInputError as e:
         print(f"qwen2vl: error: {e}", file=sys.stderr)
         return 1
