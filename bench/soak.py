@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -139,7 +140,7 @@ def build_valid(kind: str, rng: random.Random, media: Media, i: int) -> dict:
     return body
 
 
-def build_invalid(rng: random.Random, media: Media, i: int) -> tuple[str, bytes]:
+def build_invalid(rng: random.Random) -> tuple[str, bytes]:
     """(name, raw body) of a request the server must refuse with a 4xx."""
     msgs = _user("hello")
     cases = {
@@ -171,7 +172,7 @@ def plan(n: int, seed: int, media: Media, model: str) -> list[dict]:
     out = []
     for i, kind in enumerate(kinds):
         if kind == "invalid":
-            name, raw = build_invalid(rng, media, i)
+            name, raw = build_invalid(rng)
             out.append({"kind": f"invalid:{name}", "expect": "4xx", "body": raw})
         else:
             body = {"model": model, **build_valid(kind, rng, media, i)}
@@ -363,18 +364,11 @@ def soak(args: argparse.Namespace, host: str, port: int, pid: int | None) -> dic
     warm: list = []
 
     def on_done(count: int) -> None:
-        if count == warmup and sampler is not None:
-            kb = sampler.sample()
-            if kb is not None:
-                warm.append(sampler.samples[-1])
+        if count == warmup and sampler is not None and sampler.sample() is not None:
+            warm.append(sampler.samples[-1])
 
-    if sampler is not None:
-        sampler.__enter__()
-    try:
+    with sampler if sampler is not None else contextlib.nullcontext():
         results, wall = asyncio.run(run(host, port, items, args.concurrency, args.timeout, args.api_key, on_done))
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
     rss = rss_summary(sampler.samples if sampler else [], warm[0] if warm else None)
     summary = summarise(results, wall, rss)
     summary["rss_samples"] = [(round(t, 2), v) for t, v in (sampler.samples if sampler else [])]
