@@ -19,6 +19,7 @@ from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
 from .load_plan import EMBEDDING, FILE, HEAD, PREQUANTIZED, LoadPlan, build_plan, replace_module
+from .memory import trim_heap
 from .model import Qwen2VLForConditionalGeneration
 
 # Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
@@ -418,9 +419,4 @@ def _malloc_mmap_threshold(nbytes: int) -> None:
 
 def _release_free_memory() -> None:
     """Hand memory freed while loading back to the OS (glibc keeps freed heap pages otherwise)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    trim_heap()

@@ -232,6 +232,7 @@ def test_http_media_and_timeouts(scripted, media_dir):
         time.sleep(0.05)
     assert server.engine.num_running == 0 and server.inflight == 0 and server.engine.num_cache_rows == 0
     assert server.metrics.aborts.get("timeout") == 2
+    assert server.engine.trimmer.trims >= 1  # the engine gave freed memory back when it went idle
 
 
 def test_a_failing_model_step_fails_only_its_request(scripted):

@@ -27,6 +27,7 @@ import queue
 import threading
 from collections import deque
 from ..errors import InvalidInputError
+from ..memory import IdleTrimmer
 from .llm_engine import LLMEngine
 from .output_processor import OutputProcessor, merge_outputs
 from .sequence import RequestOutput, Sequence
@@ -116,6 +117,7 @@ class AsyncEngine:
         self.num_cache_rows = 0
         self.steps = 0
         self.failures = 0
+        self.trimmer = IdleTrimmer()  # freed memory back to the system when the engine goes idle (qwen2vl.memory)
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
@@ -172,7 +174,8 @@ class AsyncEngine:
                 if stop:
                     self._deliver(out)
                     break
-                if self.engine.has_unfinished_requests():
+                worked = self.engine.has_unfinished_requests()
+                if worked:
                     failed = None
                     try:
                         self.engine.step()
@@ -192,6 +195,7 @@ class AsyncEngine:
                         self._recover(failed, out)
                 self._refresh()
                 self._deliver(out)
+                self.trimmer.after_step(not self.engine.has_unfinished_requests(), worked)
         except BaseException:  # pragma: no cover - a bug in this loop: fail everything rather than hang
             log.exception("engine thread crashed")
             raise

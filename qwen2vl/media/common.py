@@ -27,8 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import ctypes
-import functools
 import math
 import os
 import urllib.error
@@ -41,6 +39,7 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidInputError
+from ..memory import trim_heap
 
 __all__ = [
     "IMAGE_FACTOR", "MIN_PIXELS", "MAX_PIXELS", "MAX_RATIO", "IMAGE_MIN_TOKEN_NUM", "IMAGE_MAX_TOKEN_NUM",
@@ -317,17 +316,7 @@ def release_heap(nbytes: int) -> None:
     """After a decode of ``nbytes``: give the C heap's free memory back to the system (glibc's ``malloc_trim``),
     when ``nbytes`` is at least :data:`TRIM_BYTES` and the C library has it; otherwise nothing."""
     if nbytes >= TRIM_BYTES:
-        trim = _malloc_trim()
-        if trim is not None:
-            trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
+        trim_heap()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
