@@ -16,16 +16,7 @@ from qwen2vl.errors import InvalidInputError
 from qwen2vl.lora import lora_state_dict
 from qwen2vl.train.config import load_config
 from qwen2vl.train.trainer import Trainer, train
-from tests.train_helpers import COLOURS, make_sample
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and do not fight other tests for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.train_helpers import COLOURS, make_sample, one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

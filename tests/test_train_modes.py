@@ -14,15 +14,7 @@ from qwen2vl.train.forward import sequence_loss
 from qwen2vl.train.prepare import init_weights
 from qwen2vl.train.trainer import Trainer, train
 from tests.fixtures import load_reference, official_config
-from tests.train_helpers import COLOURS, make_sample, reference_inputs
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.train_helpers import COLOURS, make_sample, one_thread, reference_inputs  # noqa: F401 (one_thread: autouse)
 
 
 def _dataset(root):

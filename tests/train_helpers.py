@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import pytest
 import torch
 from PIL import Image
 
@@ -97,3 +98,13 @@ def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, what: str, rel: f
     err = float((got.float() - want.float()).abs().max())
     scale = float(want.float().abs().max())
     assert err <= rel * scale + 1e-7, f"{what}: max error {err:.3g} against scale {scale:.3g}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and do not fight other tests for the cores); imported by the
+    training test modules, where it applies to every test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
