@@ -321,3 +321,34 @@ def test_per_row_lora_beside_any_base_linear(lora_llm):
         wrapper.base = loaded
         multi.unload(5)
         multi.unload(6)
+
+
+def test_an_adapter_that_fails_to_load_fails_only_its_request(tiny_checkpoint, adapters, merged_outputs,
+                                                               monkeypatch):
+    """Loading an adapter into a slot fails (e.g. out of memory): that request is dropped, the step raises, and the
+    requests admitted beside it go back to the queue and finish as they would have."""
+    from qwen2vl.engine.sequence import Sequence, Status
+    llm = _llm(tiny_checkpoint, enable_lora=True, max_loras=2, max_lora_rank=8, enable_prefix_caching=False)
+    engine, lang, vis = llm.engine, adapters["lang"]["request"], adapters["vis"]["request"]
+    real = engine.lora.activate
+
+    def activate(req, pinned):
+        if req.lora_name == "vis":
+            raise MemoryError("no memory for the adapter")
+        return real(req, pinned)
+
+    monkeypatch.setattr(engine.lora, "activate", activate)
+    p = llm.processor(HELLO)
+    seqs = [Sequence(p.token_ids, GREEDY, p.vision, request_id=rid, lora_request=req)
+            for rid, req in (("a", lang), ("b", vis), ("c", None))]
+    for s in seqs:
+        engine.add_request(s)
+    with pytest.raises(MemoryError):
+        engine.step()
+    assert seqs[1].status is Status.FINISHED and seqs[1].finish_reason == "abort"
+    assert [s.request_id for s in engine.scheduler.waiting] == ["a", "c"]
+    assert all(s.status is Status.WAITING for s in (seqs[0], seqs[2]))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seqs[0].output_token_ids == merged_outputs["lang"][0].outputs[0].token_ids
+    assert seqs[2].output_token_ids == merged_outputs[None][0].outputs[0].token_ids

@@ -154,17 +154,28 @@ class LLMEngine:
             return admitted
         pinned = {s.lora_request.lora_int_id for s in self.scheduler.running if s.lora_request is not None}
         ready, later = [], []
-        for seq in admitted:
+        for i, seq in enumerate(admitted):
             req = seq.lora_request
-            if req is None or self.lora.activate(req, pinned):
+            try:
+                ok = req is None or self.lora.activate(req, pinned)
+            except Exception:  # loading into a slot failed (memory): only this request fails, the rest wait
+                self._drop(seq)
+                self._requeue(ready + later + admitted[i + 1:])
+                raise
+            if ok:
                 ready.append(seq)
                 if req is not None:
                     pinned.add(req.lora_int_id)
             else:
-                seq.status = Status.WAITING
                 later.append(seq)
-        self.scheduler.waiting.extendleft(reversed(later))
+        self._requeue(later)
         return ready
+
+    def _requeue(self, seqs: list[Sequence]) -> None:
+        """Admitted sequences that did not begin: back to the front of the queue, in their order."""
+        for seq in seqs:
+            seq.status = Status.WAITING
+        self.scheduler.waiting.extendleft(reversed(seqs))
 
     def _free(self, seq: Sequence) -> None:
         self.runner.release(seq)
