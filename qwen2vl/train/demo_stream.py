@@ -124,8 +124,10 @@ def _task_words() -> list[str]:
         list("0123456789") + ["left", "right", "up", "down"]
 
 
-def demo_vocab(tokenizer, tasks=None, probe: int = VOCAB_PROBE) -> set[int]:
-    """The token ids the demo tasks use (see the module docstring); text only, no image is processed."""
+def demo_vocab(tokenizer, tasks=None, probe: int | None = None) -> set[int]:
+    """The token ids the demo tasks use (see the module docstring); ``probe`` samples of each task are rendered
+    (None: :data:`VOCAB_PROBE`), as text only (no image is processed)."""
+    probe = VOCAB_PROBE if probe is None else probe
     from ..demo.data import DemoData
     from ..demo.tasks import check_tasks
     from .. import tool_calls as tc
