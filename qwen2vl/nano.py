@@ -198,12 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     exp = sub.add_parser("export", help="a training checkpoint -> the shipped bf16 directory")
     exp.add_argument("checkpoint")
     exp.add_argument("out")
+    exp.add_argument("--demo-vocab", action="store_true",
+                     help="zero every embedding row but the demo tasks' tokens (qwen2vl.train.demo_stream)")
     sub.add_parser("size", help="print the size arithmetic of the nano config")
     args = parser.parse_args(argv)
     if args.command == "base":
         print(write_base_dir(args.dir))
     elif args.command == "export":
-        print(json.dumps(export_model(args.checkpoint, args.out)))
+        keep = None
+        if args.demo_vocab:
+            from .tokenizer import Tokenizer
+            from .train.demo_stream import demo_vocab
+            keep = demo_vocab(Tokenizer.from_pretrained(args.checkpoint))
+        print(json.dumps(export_model(args.checkpoint, args.out, keep_rows=keep)))
     else:
         from .tokenizer_files import write_tokenizer_files
         import tempfile

@@ -16,7 +16,7 @@ from qwen2vl.errors import InvalidInputError
 from qwen2vl.model import Qwen2VLForConditionalGeneration
 from qwen2vl.processor import Processor
 from qwen2vl.tokenizer import Tokenizer
-from qwen2vl.tokenizer_files import write_tokenizer_files
+from qwen2vl.tokenizer_files import TOKENIZER_FILES
 from qwen2vl.train import demo_stream
 from qwen2vl.train.config import load_config
 from qwen2vl.train.demo_stream import EVAL_SEED_OFFSET, demo_splits, demo_vocab, parse_weights
@@ -32,10 +32,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_tokenizer_files_are_the_qwen2_bpe(tmp_path):
-    paths = write_tokenizer_files(tmp_path)
-    assert [os.path.basename(p) for p in paths] == ["tokenizer.json", "vocab.json", "merges.txt",
-                                                      "tokenizer_config.json", "chat_template.json"]
+def test_tokenizer_files_are_the_qwen2_bpe(tmp_path, capsys):
+    assert nano.main(["base", str(tmp_path)]) == 0  # the base directory: config, side files, tokenizer files
+    assert sorted(os.listdir(tmp_path)) == sorted(["config.json", "preprocessor_config.json",
+                                                   "generation_config.json", *TOKENIZER_FILES])
+    assert Qwen2VLConfig.from_pretrained(tmp_path).text.hidden_size == 96
     ours = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     ref = json.loads(build_tokenizer_json().read_text(encoding="utf-8"))
     assert ours["model"]["vocab"] == ref["model"]["vocab"]
