@@ -72,6 +72,12 @@ class DataArgs:
     video_maxlen: int = 128
     max_samples: int | None = None  # the first max_samples records of each dataset
     seed: int = 42
+    # this package's own: data drawn on the fly from qwen2vl.demo (qwen2vl.train.demo_stream)
+    demo_tasks: str | None = None  # comma-separated demo task names, instead of dataset
+    demo_weights: str | None = None  # "blocks:3,video:2": a task's repeats in the demo cycle (default 1)
+    demo_samples: int | None = None  # the stream's length (default max_steps x batch x accumulation)
+    demo_eval_size: int = 0  # held-out demo samples of each task in the eval split
+    demo_vocab_only: bool = False  # embedding rows of tokens the demo tasks never use: zero, never trained
 
     def __post_init__(self):
         self.dataset = _names(self.dataset)

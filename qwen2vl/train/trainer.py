@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,11 +71,27 @@ def _bf16_context(cfg: TrainConfig, device: torch.device):
 
 
 def _load_data(cfg: TrainConfig, tokenizer, mcfg):
-    """(train samples, eval samples, dropped count) from the data module."""
+    """(train samples, eval samples, dropped count) from the data module (or the demo stream)."""
+    if cfg.data.demo_tasks:
+        from .demo_stream import demo_splits
+        train_set, eval_set = demo_splits(cfg, tokenizer, mcfg)
+        return train_set, eval_set, 0
     from .data import load_splits
     train_set, eval_set = load_splits(cfg.data, tokenizer, mcfg)
     dropped = len(train_set.dropped) + (len(eval_set.dropped) if eval_set is not None else 0)
     return train_set.samples, (eval_set.samples if eval_set is not None else []), dropped
+
+
+def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
+    """With ``demo_vocab_only``: the embedding rows of tokens the demo tasks never use are zero and stay zero
+    (qwen2vl.train.demo_stream); returns the row mask, or None."""
+    if not cfg.data.demo_vocab_only:
+        return None
+    if not cfg.data.demo_tasks or not cfg.train_from_scratch:
+        raise InvalidInputError("demo_vocab_only needs demo_tasks and train_from_scratch")
+    from ..tokenizer import Tokenizer
+    from .demo_stream import demo_vocab, restrict_vocab
+    return restrict_vocab(model, demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks))
 
 
 class Trainer:
@@ -98,7 +115,9 @@ class Trainer:
             from ..tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(self.base_dir)
             train_samples, eval_samples, self.dropped = _load_data(cfg, tokenizer, self.mcfg)
-        self.train_samples, self.eval_samples = list(train_samples), list(eval_samples or [])
+        lazy = isinstance(train_samples, Sequence) and not isinstance(train_samples, (list, tuple))
+        self.train_samples = train_samples if lazy else list(train_samples)  # a lazy sequence stays lazy
+        self.eval_samples = list(eval_samples or [])
         if not self.train_samples:
             raise InvalidInputError("the training set is empty")
         load_from = self.resume if self.resume and cfg.finetuning_type == "full" else self.base_dir
@@ -108,6 +127,7 @@ class Trainer:
         self.model = build_model(model_cfg, self.device)
         torch.manual_seed(cfg.seed)  # LoRA's init
         self.targets, self.full_modules = make_trainable(self.model, cfg)
+        self.vocab_mask = _restrict_vocab(self.model, cfg, self.base_dir)
         apply_dtype(self.model, cfg.bf16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
