@@ -88,10 +88,11 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[b
         parts[at:at + 2] = [parts[at] + parts[at + 1]]
 
 
-def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """(vocab: byte-level token string -> id, merges "a b" in rank order) of the Qwen2 BPE."""
+def vocab_and_merges(ranks: dict[bytes, int] | None = None) -> tuple[dict[str, int], list[str]]:
+    """(vocab: byte-level token string -> id, merges "a b" in rank order) of the Qwen2 BPE (or of ``ranks``,
+    tiktoken's token bytes -> rank)."""
     enc = bytes_to_unicode()
-    ranks = _ranks()
+    ranks = _ranks() if ranks is None else ranks
 
     def text(b: bytes) -> str:
         return "".join(enc[x] for x in b)

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from qwen2vl.tokenizer import bytes_to_unicode
+from qwen2vl import tokenizer_files
 
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer facts (from the Qwen2-VL release notes collected in shared/REFERENCE.md)
@@ -72,24 +72,9 @@ GAPPED_JSON_ADDED_TOKENS: tuple[str, ...] = tuple(c for i, c in SPECIAL_TOKENS i
 #: Only the three chat tokens of the Qwen2 text models' ``tokenizer.json``.
 QWEN2_TEXT_JSON_ADDED_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-#: The official Qwen2-VL chat template (``chat_template.json`` and ``tokenizer_config.json`` of the 2B/7B Instruct).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+#: The official Qwen2-VL chat template (``chat_template.json`` and ``tokenizer_config.json`` of the 2B/7B Instruct):
+#: the package's copy, which the demo model ships.
+CHAT_TEMPLATE = tokenizer_files.CHAT_TEMPLATE
 
 
 def _added_token_entry(content: str) -> dict:
@@ -196,50 +181,10 @@ def load_tiktoken_ranks(path: str | None = None) -> dict[bytes, int]:
     return ranks
 
 
-def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """tiktoken's byte-pair merge of ``token`` using only merges ranked below ``max_rank``."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while True:
-        best_rank = None
-        best_i = -1
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
-                best_rank, best_i = r, i
-        if best_rank is None:
-            return parts
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-
-
 def tiktoken_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[str]]:
-    """The standard tiktoken -> HF BPE conversion.
-
-    A token's merge is the pair that tiktoken's own merge procedure, restricted to ranks below the token's, leaves it
-    as; merges are ordered by the rank of the merged token. This yields exactly one merge per multi-byte token
-    (151,387 for Qwen2, like the official ``merges.txt``). Should a token not reduce to two parts, every split into
-    two existing tokens is emitted instead (the fallback transformers' TikTokenConverter uses for all tokens).
-    """
-    enc = bytes_to_unicode()
-
-    def to_str(b: bytes) -> str:
-        return "".join(enc[x] for x in b)
-
-    vocab: dict[str, int] = {}
-    merges: list[tuple[int, int, int, str]] = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        vocab[to_str(token)] = rank
-        if len(token) == 1:
-            continue
-        parts = _bpe_split(ranks, token, rank)
-        if len(parts) == 2:
-            merges.append((rank, 0, 0, f"{to_str(parts[0])} {to_str(parts[1])}"))
-        else:  # pragma: no cover - does not happen for qwen.tiktoken
-            for i in range(1, len(token)):
-                left, right = token[:i], token[i:]
-                if left in ranks and right in ranks:
-                    merges.append((rank, ranks[left], ranks[right], f"{to_str(left)} {to_str(right)}"))
-    merges.sort()
-    return vocab, [m[3] for m in merges]
+    """The tiktoken -> HF BPE conversion of ``ranks``: :func:`qwen2vl.tokenizer_files.vocab_and_merges` (one
+    merge per multi-byte token, 151,387 for Qwen2, ordered by the merged token's rank)."""
+    return tokenizer_files.vocab_and_merges(ranks)
 
 
 def _tokenizer_json_dict(vocab: dict[str, int], merges: list[str], added: Iterable[str]) -> dict:
