@@ -36,9 +36,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.visual(pixel_values.to(self.device, self.visual.dtype), grid_thw).to(self.dtype)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-              video_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (T, hidden) with pad tokens replaced, in order, by vision features."""
-        x = self.model.embed_tokens(input_ids)
+              video_embeds: torch.Tensor | None = None, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (T, hidden) with pad tokens replaced, in order, by vision features. ``token_embeds``:
+        the (T, hidden) token embeddings when the caller looked them up itself (training's compact vocabulary)."""
+        x = self.model.embed_tokens(input_ids) if token_embeds is None else token_embeds
         for tok, feats in ((self.cfg.image_token_id, image_embeds), (self.cfg.video_token_id, video_embeds)):
             mask = input_ids == tok
             n = int(mask.sum())

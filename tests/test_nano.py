@@ -159,3 +159,43 @@ def test_unused_rows_stay_zero_and_export(tiny_checkpoint, tmp_path, monkeypatch
     assert (tmp_path / "exp" / "tokenizer.json").is_file() and info["bytes"] == nano.dir_bytes(tmp_path / "exp")
     with pytest.raises(InvalidInputError, match="over the budget"):
         nano.export_model(out, tmp_path / "exp2", budget=1000)
+
+
+def test_compact_vocabulary_is_the_plain_path(tiny_checkpoint, tmp_path, monkeypatch):
+    """With demo_vocab_only the trainer trains the kept rows as one small table (qwen2vl.train.compact_vocab):
+    the losses, eval loss and trained weights equal those of the plain full-matrix path."""
+    from qwen2vl.train import trainer as trainer_mod
+    monkeypatch.setattr(demo_stream, "VOCAB_PROBE", 6)
+    fast = Trainer(_scratch_cfg(tiny_checkpoint, tmp_path / "fast", demo_vocab_only=True, demo_eval_size=1,
+                                eval_steps=3), progress=False)
+    assert fast.vocab is not None
+    got = fast.train()
+    monkeypatch.setattr(trainer_mod, "_compact_vocab", lambda model, mask: None)
+    plain = Trainer(_scratch_cfg(tiny_checkpoint, tmp_path / "plain", demo_vocab_only=True, demo_eval_size=1,
+                                 eval_steps=3), progress=False)
+    assert plain.vocab is None
+    want = plain.train()
+    assert [r["loss"] for r in got.log] == pytest.approx([r["loss"] for r in want.log], rel=1e-5)
+    assert got.eval_loss == pytest.approx(want.eval_loss, rel=1e-5)
+    a, b = load_file(tmp_path / "fast" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3)  # a tenth of one lr 1e-2 Adam step
+    emb = a["model.embed_tokens.weight"]
+    assert torch.count_nonzero(emb[(plain.vocab_mask == 0)]) == 0
+
+
+def test_resumed_full_run_keeps_the_head_tied(tiny_checkpoint, tmp_path, monkeypatch):
+    """A full run of a tied model resumed from a checkpoint trains one tied matrix, as the run it continues."""
+    monkeypatch.setattr(demo_stream, "VOCAB_PROBE", 6)
+    cfg = _scratch_cfg(tiny_checkpoint, tmp_path / "r", demo_vocab_only=True)
+    want = train(_scratch_cfg(tiny_checkpoint, tmp_path / "w", demo_vocab_only=True), progress=False)
+    first = Trainer(cfg, progress=False)
+    first.on_step = lambda trainer, record: trainer.__setattr__("_stop", record["step"] == 2)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    again = Trainer({**cfg, "resume_from_checkpoint": "last"}, progress=False)
+    assert again.model.lm_head.weight is again.model.model.embed_tokens.weight and again.vocab is not None
+    got = again.train()
+    assert [r["loss"] for r in got.log] == pytest.approx([r["loss"] for r in want.log[2:]], rel=1e-5)
+    assert "lm_head.weight" not in load_file(tmp_path / "r" / "model.safetensors")

@@ -65,8 +65,9 @@ def vision_features(model: Qwen2VLForConditionalGeneration, pixel_values: torch.
 
 
 def hidden_states(model: Qwen2VLForConditionalGeneration, input_ids: torch.Tensor, vision: VisionInputs | None,
-                  checkpointing: bool) -> torch.Tensor:
-    """input_ids (T,) + media -> final hidden states (T, hidden), with autograd."""
+                  checkpointing: bool, vocab=None) -> torch.Tensor:
+    """input_ids (T,) + media -> final hidden states (T, hidden), with autograd. ``vocab``: a
+    :class:`~qwen2vl.train.compact_vocab.CompactVocab` to look tokens up in (else ``embed_tokens``)."""
     vision = vision or VisionInputs()
     img = vid = None
     if vision.pixel_values is not None:
@@ -74,7 +75,8 @@ def hidden_states(model: Qwen2VLForConditionalGeneration, input_ids: torch.Tenso
     if vision.pixel_values_videos is not None:
         vid = vision_features(model, vision.pixel_values_videos, vision.video_grid_thw, checkpointing)
     pos, _ = mrope_positions(input_ids.tolist(), vision.image_grid_thw, vision.video_grid_thw, model.cfg)
-    x = model.embed(input_ids.to(model.device), img, vid)[None]  # (1, T, hidden)
+    ids = input_ids.to(model.device)
+    x = model.embed(ids, img, vid, None if vocab is None else vocab.embed(ids))[None]  # (1, T, hidden)
     cos, sin = mrope_cos_sin(pos[:, None].to(model.device), model.cfg.text, x.dtype)  # (1, T, head_dim) each
     for layer in model.model.layers:
         x = _run(layer, x, cos, sin, None, checkpointing=checkpointing)
@@ -88,12 +90,17 @@ def trained_count(labels) -> int:
 
 
 def sequence_loss(model: Qwen2VLForConditionalGeneration, input_ids: torch.Tensor, labels: torch.Tensor,
-                  vision: VisionInputs | None = None, checkpointing: bool = False) -> tuple[torch.Tensor, int]:
+                  vision: VisionInputs | None = None, checkpointing: bool = False, vocab=None) \
+        -> tuple[torch.Tensor, int]:
     """(sum of the cross-entropies of the trained next-token predictions, their count) for one sequence:
     input_ids and labels (T,), labels -100 where not trained. The sum is a float32 scalar (0 when nothing is
-    trained, still connected to the graph)."""
-    h = hidden_states(model, input_ids, vision, checkpointing)  # (T, hidden)
+    trained, still connected to the graph). ``vocab``: a compact vocabulary (qwen2vl.train.compact_vocab) that
+    replaces the tied embedding's lookup and logits, with the same result."""
+    h = hidden_states(model, input_ids, vision, checkpointing, vocab)  # (T, hidden)
     target = labels[1:].to(h.device)  # (T - 1,): token t predicts label t + 1
     keep = (target != IGNORE_INDEX).nonzero().squeeze(1)
+    if vocab is not None:
+        return vocab.cross_entropy_sum(h[:-1].index_select(0, keep), target.index_select(0, keep)), \
+            int(keep.numel())
     logits = model.lm_head(h[:-1].index_select(0, keep)).float()  # (trained, vocab)
     return F.cross_entropy(logits, target.index_select(0, keep), reduction="sum"), int(keep.numel())

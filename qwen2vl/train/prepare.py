@@ -84,6 +84,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2VLForConditional
         dtype = torch.bfloat16 if cfg.bf16 and cfg.finetuning_type == "lora" else torch.float32
         model = load_model(cfg.model_name_or_path, dtype, device, cfg=mcfg, progress=False, prepack=False,
                            file_embedding=False)
+        if mcfg.tie_word_embeddings:  # the loader gives a tied head its own copy (for serving); training ties
+            model.lm_head.weight = model.model.embed_tokens.weight  # them, as transformers does, and a resumed
+            # run must have the parameters (and optimizer state) of the run it continues
     return model.requires_grad_(False)
 
 

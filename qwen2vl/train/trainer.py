@@ -94,6 +94,16 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     return restrict_vocab(model, demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks))
 
 
+def _compact_vocab(model, mask):
+    """The exact compact-vocabulary shortcut (qwen2vl.train.compact_vocab) when the vocabulary is restricted,
+    the embedding trains and the head is tied to it; else None (the plain path)."""
+    weight = model.model.embed_tokens.weight
+    if mask is None or not weight.requires_grad or model.lm_head.weight is not weight:
+        return None
+    from .compact_vocab import CompactVocab
+    return CompactVocab(weight, mask)
+
+
 class Trainer:
     """One training run. ``config``: a ``TrainConfig``, a dict of flat keys, or a YAML / JSON path.
     ``train_samples`` / ``eval_samples`` (objects with ``input_ids``, ``labels``, ``vision``) replace the dataset
@@ -128,6 +138,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # LoRA's init
         self.targets, self.full_modules = make_trainable(self.model, cfg)
         self.vocab_mask = _restrict_vocab(self.model, cfg, self.base_dir)
+        self.vocab = _compact_vocab(self.model, self.vocab_mask)
         apply_dtype(self.model, cfg.bf16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -161,7 +172,7 @@ class Trainer:
         ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
         labels = torch.as_tensor(sample.labels, dtype=torch.long)
         with self.autocast():
-            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing)
+            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab)
         if scale:
             (ce / scale).backward()
         return float(ce.detach())
@@ -170,7 +181,11 @@ class Trainer:
         """Forward and backward over ``samples``, then one optimizer step; returns the step's record."""
         self.model.train()
         count = sum(trained_count(s.labels) for s in samples)
+        if self.vocab is not None:
+            self.vocab.begin()
         total = sum(self._loss(s, count) for s in samples)
+        if self.vocab is not None:
+            self.vocab.finish()
         if self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
@@ -190,12 +205,16 @@ class Trainer:
         if not self.eval_samples:
             return None
         self.model.eval()
+        if self.vocab is not None:
+            self.vocab.begin(grad=False)
         total, count = 0.0, 0
         for s in self.eval_samples:
             with self.autocast():
                 ce, n = sequence_loss(self.model, torch.as_tensor(s.input_ids), torch.as_tensor(s.labels),
-                                      s.vision, False)
+                                      s.vision, False, self.vocab)
             total, count = total + float(ce), count + n
+        if self.vocab is not None:
+            self.vocab.finish()
         return total / max(1, count), count
 
     # ------------------------------------------------------------------ the run
