@@ -1,5 +1,6 @@
 """The ``qwen2vl`` command.
 
+    qwen2vl chat --image examples/blocks.png "Output the color and number of each box."   # the built-in demo model
     qwen2vl chat --model DIR --image cat.jpg "Describe this image."   # one answer, streamed
     qwen2vl chat --model DIR                                          # a multi-turn session
     qwen2vl serve --model DIR --port 8000 --api-key KEY               # an OpenAI-compatible server
@@ -173,6 +174,10 @@ def run_chat(args, stdin=None, out=None) -> int:
     stdin = stdin if stdin is not None else sys.stdin
     out = out if out is not None else sys.stdout
     from .llm import LLM
+    from .models import DEMO_MODEL
+    if args.model == DEMO_MODEL:
+        print(f"qwen2vl: using the built-in demo model {DEMO_MODEL} (it knows the demo tasks only; --model DIR "
+              "or a hub id runs an official checkpoint)", file=sys.stderr)
     llm = LLM(engine_config_from_args(args))
     params = _sampling(llm, args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

@@ -18,6 +18,7 @@ from .engine.output_processor import OutputCollector, OutputProcessor
 from .engine.sequence import RequestOutput, Sequence
 from .errors import InvalidInputError
 from .loader import load_model, resolve_device, resolve_dtype, resolve_model_path
+from .models import DEMO_MODEL
 from .processor import ProcessedPrompt, Processor
 from .sampling_params import SamplingParams, generation_config_defaults
 from .tokenizer import Tokenizer
@@ -64,7 +65,7 @@ class LLM:
         revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
-    def __init__(self, model: str | os.PathLike | EngineConfig, **options: Any):
+    def __init__(self, model: str | os.PathLike | EngineConfig = DEMO_MODEL, **options: Any):
         if isinstance(model, EngineConfig):
             ec = dataclasses.replace(model, **options) if options else model
         else:

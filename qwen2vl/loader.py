@@ -20,6 +20,7 @@ from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
 from .load_plan import EMBEDDING, FILE, HEAD, PREQUANTIZED, LoadPlan, build_plan, replace_module
 from .memory import trim_heap
+from .models import DEMO_MODEL, demo_model_dir
 from .model import Qwen2VLForConditionalGeneration
 
 # Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
@@ -44,8 +45,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def resolve_model_path(model: str | os.PathLike, revision: str | None = None) -> str:
-    """A local directory, or a hub id such as "Qwen/Qwen2-VL-2B-Instruct" fetched with huggingface_hub."""
+def resolve_model_path(model: str | os.PathLike | None, revision: str | None = None) -> str:
+    """A local directory, a hub id such as "Qwen/Qwen2-VL-2B-Instruct" fetched with huggingface_hub, or
+    ``None`` / ``"qwen2vl-nano"``: the demo model inside the package."""
+    if model is None or str(model) == DEMO_MODEL:
+        return demo_model_dir()
     path = os.path.expanduser(str(model))
     if os.path.isdir(path):
         return path

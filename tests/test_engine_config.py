@@ -9,6 +9,7 @@ from qwen2vl import LLM, InvalidInputError, SamplingParams
 from qwen2vl.cli import build_parser
 from qwen2vl.engine.config import EngineConfig, engine_config_from_args
 from qwen2vl.engine.scheduler import Scheduler
+from qwen2vl.models import DEMO_MODEL
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.sampling_params import generation_config_defaults
 from qwen2vl.server.protocol import parse_chat_request
@@ -54,6 +55,22 @@ def test_every_field_is_a_flag_of_chat_and_serve(command):
     assert all(getattr(c, f.name) != f.default for f in dataclasses.fields(EngineConfig))  # the flags name all
     defaults = engine_config_from_args(build_parser().parse_args([command, "--model", "ckpt"]))
     assert defaults == EngineConfig(model="ckpt")
+    assert engine_config_from_args(build_parser().parse_args([command])) == EngineConfig() and \
+        EngineConfig().model == DEMO_MODEL  # no --model: the demo model inside the package
+
+
+def test_demo_model_name_resolves_to_the_package_dir(tmp_path, monkeypatch):
+    import qwen2vl.models as models
+    from qwen2vl.loader import resolve_model_path
+    from qwen2vl.server.serve import default_served_name
+    monkeypatch.setattr(models, "DEMO_MODEL_DIR", str(tmp_path))
+    for model in (None, DEMO_MODEL):
+        with pytest.raises(InvalidInputError, match="pass --model DIR"):  # an install without the weights
+            resolve_model_path(model)
+    for name in ("model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert resolve_model_path(None) == resolve_model_path(DEMO_MODEL) == str(tmp_path)
+    assert default_served_name(DEMO_MODEL) == DEMO_MODEL
 
 
 def test_llm_takes_a_config_or_keywords(tiny_checkpoint):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..models import DEMO_MODEL
 from ..sampling_params import check_float, check_int
 
 
@@ -36,7 +37,9 @@ class EngineConfig:
     long prompt itself little: from a few hundred rows the prefill's matrix products stay compute-bound, and the
     attention over the earlier chunks is the same work in total. Raise it on a fast machine or a GPU."""
 
-    model: str = field(metadata={"help": "checkpoint directory (official layout) or hub id", "type": str})
+    model: str = field(default=DEMO_MODEL, metadata={
+        "help": f"checkpoint directory (official layout) or hub id (default: {DEMO_MODEL}, the small demo model "
+                "inside the package)", "type": str})
     revision: str | None = _knob(None, "hub revision (branch, tag or commit) when --model is a hub id", type=str)
     dtype: Any = _knob("auto", "auto | float32 | bfloat16 | float16 (default: auto, the checkpoint's)", type=str)
     device: Any = _knob("auto", "auto | cpu | cuda | cuda:N (default: auto)", type=str)
@@ -124,11 +127,11 @@ def _flag(f: dataclasses.Field) -> str:
 
 def add_engine_args(parser: argparse.ArgumentParser | Any) -> None:
     """One command-line option per EngineConfig field (``--max-num-seqs``, ``--compile`` / ``--no-compile``, ...);
-    ``--model`` is required. Defaults are the dataclass's."""
+    Defaults are the dataclass's (``--model``: the demo model)."""
     for f in dataclasses.fields(EngineConfig):
         kind, help = f.metadata["type"], f.metadata["help"]
         if f.name == "model":
-            parser.add_argument(_flag(f), dest=f.name, required=True, help=help)
+            parser.add_argument(_flag(f), dest=f.name, default=DEMO_MODEL, help=help)
         elif kind is None:
             parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help)
