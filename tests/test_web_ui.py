@@ -24,7 +24,7 @@ try:
 except ImportError:  # the browser fixture skips (or fails in CI)
     expect = None
 
-from tests.server_common import ROOT, Proc, _wait_health, blocky, metrics, png_bytes, raw, wait_idle
+from tests.server_common import ROOT, Proc, _wait_health, blocky, metrics, png_bytes, raw, wait_idle, write_video
 
 KEY = "web-key"
 MODEL = "tiny-web"
@@ -167,6 +167,16 @@ def paste(page, name, data: bytes, mime="image/png"):
     }""", [name, list(data), mime])
 
 
+def drop(page, files):
+    """A synthetic drop of files [(name, bytes, mime)] on the page (drag and drop from the desktop)."""
+    page.evaluate("""(files) => {
+        const dt = new DataTransfer();
+        for (const [name, bytes, mime] of files) dt.items.add(new File([new Uint8Array(bytes)], name, {type: mime}));
+        document.getElementById("messages").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", [[name, list(data), mime] for name, data, mime in files])
+
+
 def settings(page, **values):
     page.click("#toggle-settings")
     for k, v in values.items():
@@ -300,6 +310,24 @@ def test_attach_stream_two_turns_and_persist(chat, server, shots):
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.locator("#conversations li").count() == 0
+    assert chat.errors == []
+
+
+def test_drop_a_video_and_an_image(chat, server, tmp_path):
+    page = chat.open()
+    settings(page, max_tokens=4, max_pixels=3136)
+    video = write_video(tmp_path / "clip.mp4").read_bytes()
+    drop(page, [("clip.mp4", video, "video/mp4"), ("dot.png", png_bytes(blocky(32, 32, 3)), "image/png")])
+    expect(page.locator("#attachments figure")).to_have_count(2)
+    assert page.locator("#attachments video").get_attribute("aria-label") == "clip.mp4"
+    page.fill("#prompt", "What happens?")
+    page.press("#prompt", "Enter")
+    assert chat.answer().get_attribute("data-state") == "done"
+    content = chat.requests[0]["messages"][0]["content"]
+    assert [c["type"] for c in content] == ["video_url", "image_url", "text"]
+    assert content[0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    assert chat.requests[0]["mm_processor_kwargs"] == {"max_pixels": 3136}
+    assert page.locator(".msg.user video").count() == 1
     assert chat.errors == []
 
 

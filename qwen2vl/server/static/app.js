@@ -161,7 +161,7 @@ function renderList() {
     const del = li.appendChild(document.createElement("button"));
     del.type = "button";
     del.className = "delete";
-    del.textContent = "🗑";
+    del.textContent = "×";
     del.setAttribute("aria-label", `Delete conversation ${c.title || "(untitled)"}`);
     del.addEventListener("click", () => deleteConv(c));
     return li;
