@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from PIL import Image, ImageDraw
 try:
     from playwright.sync_api import expect
 except ImportError:  # the browser fixture skips (or fails in CI)
@@ -151,6 +152,16 @@ def chat(browser, server):
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
     yield Page(context, server.url)
     context.close()
+
+
+def street_png() -> bytes:
+    """A 320x200 picture with a red car and a tree where the scripted answer's boxes say."""
+    img = Image.new("RGB", (320, 200), (150, 200, 240))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 120, 320, 200), fill=(90, 90, 95))
+    d.rectangle((32, 40, 160, 160), fill=(200, 30, 30))
+    d.ellipse((192, 10, 304, 80), fill=(40, 140, 50))
+    return png_bytes(img)
 
 
 def png_file(name, w=64, h=48, seed=1):
@@ -369,7 +380,8 @@ def test_grounding_box_drawn_on_the_image(chat, shots):
            {"content": "<|object_ref_start|>a red car<|object_ref_end|><|box_start|>(100,200)"},
            {"content": ",(500,800)<|box_end|> and "},
            {"content": "<|object_ref_start|>a tree<|object_ref_end|><|box_start|>(600,50),(950,400)<|box_end|>."})
-    page.set_input_files("#file-input", files=[png_file("street.png", 320, 200)])
+    page.set_input_files("#file-input", files=[{"name": "street.png", "mimeType": "image/png",
+                                                "buffer": street_png()}])
     page.fill("#prompt", "Find the car")
     page.press("#prompt", "Enter")
     answer = chat.answer()
