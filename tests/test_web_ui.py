@@ -485,6 +485,10 @@ def test_files_over_the_limits(chat):
     page.set_input_files("#file-input", files=[png_file(f"p{i}.png", seed=i) for i in range(4)])
     expect(page.locator("#attachments figure")).to_have_count(3)
     assert '"p3.png" not added: this request would hold 4 images; the server takes at most 3' in error.text_content()
+    page.fill("#prompt", "one")
+    page.press("#prompt", "Shift+Enter")
+    page.keyboard.type("two")
+    assert page.input_value("#prompt") == "one\ntwo" and chat.requests == []  # a new line, nothing sent
     page.get_by_role("button", name="Remove p0.png").click()
     assert page.locator("#attachments figcaption").all_text_contents()[0].startswith("p1.png")
     assert chat.errors == []
@@ -498,6 +502,8 @@ def test_api_key_asked_once_and_kept(browser, key_server, shots):
     dialog = page.locator("#key-dialog")
     dialog.wait_for()
     page.screenshot(path=os.path.join(shots, "api-key.png"))
+    page.keyboard.press("Escape")
+    assert dialog.is_visible()  # the key is needed: Esc does not dismiss the dialog
     page.fill("#key-input", "wrong")
     page.click("#key-save")
     expect(page.locator("#key-error")).to_have_text("incorrect API key")

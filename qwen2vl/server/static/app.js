@@ -10,7 +10,7 @@ import { plainText } from "./markdown.js";
 const $ = (id) => document.getElementById(id);
 const FIELDS = ["system", "temperature", "top_p", "max_tokens", "max_pixels", "seed", "tools"];
 const state = { config: { api_key_required: false, limits: {} }, model: "", convs: [], conv: null, pending: [],
-                ctrl: null, settings: loadSettings() };
+                ctrl: null, settings: loadSettings(), deleted: new Set() };
 const store = new Store();
 const api = new Api(apiKey);
 
@@ -212,6 +212,7 @@ async function deleteConv(c) {
     state.conv = newConv();
     renderMessages();
   }
+  state.deleted.add(c.id);  // an answer still ending does not save it again
   await store.remove(c.id);
   await refreshList();
 }
@@ -310,7 +311,7 @@ async function generate() {
   state.ctrl = null;
   setBusy(false);
   if (conv === state.conv) renderMessages();
-  await store.save(conv);
+  if (!state.deleted.has(conv.id)) await store.save(conv);
   await refreshList();
   if (msg.error && !apiKey() && state.config.api_key_required) await askKey(msg.error);
 }
@@ -365,6 +366,7 @@ function initEvents() {
     if (e.key === "Escape" && state.ctrl) state.ctrl.abort();
   });
   $("stop").addEventListener("click", () => state.ctrl && state.ctrl.abort());
+  $("key-dialog").addEventListener("cancel", (e) => e.preventDefault());  // the key is needed: Esc stays
   $("new-chat").addEventListener("click", newChat);
   $("attach").addEventListener("click", () => $("file-input").click());
   $("file-input").addEventListener("change", async (e) => {
