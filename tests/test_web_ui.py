@@ -467,12 +467,15 @@ def test_tool_calls_shown_as_cards(chat, shots):
     settings(page, tools="not json")
     page.fill("#prompt", "again")
     page.press("#prompt", "Enter")
-    assert "does not hold JSON" in page.text_content("#settings-error") and len(chat.requests) == 2
+    expect(page.locator("#settings-error")).to_contain_text("The tools box does not hold JSON")
+    assert len(chat.requests) == 2 and page.input_value("#prompt") == "again"  # nothing sent, the text kept
     assert chat.errors == []
 
 
 def test_files_over_the_limits(chat):
     page = chat.open()
+    assert page.get_attribute("#attach", "title").endswith(
+        "this server takes at most 3 images, 2 videos, 3.0 MB in all per request")
     big = {"name": "huge.png", "mimeType": "image/png", "buffer": b"\x89PNG" + os.urandom(3 << 20)}
     page.set_input_files("#file-input", files=[big])
     error = page.locator("#attach-error")
@@ -543,5 +546,10 @@ def test_phone_screen_has_no_horizontal_scroll(browser, server, shots):
     assert page.is_visible("#sidebar") and page.locator("#conversations li").count() == 1
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=os.path.join(shots, "phone-conversations.png"))
+    page.get_by_role("button", name="Hide conversations").click()
+    assert not page.is_visible("#sidebar")
+    page.click("#toggle-sidebar")
+    page.keyboard.press("Escape")
+    assert not page.is_visible("#sidebar")
     assert chat.errors == []
     context.close()

@@ -49,7 +49,6 @@ def page_config(config) -> dict:
             "max_request_bytes": config.max_request_bytes,
             "max_images_per_request": config.max_images_per_request,
             "max_videos_per_request": config.max_videos_per_request,
-            "max_visual_tokens": config.max_visual_tokens,
             "max_image_pixels": config.media.max_image_pixels,
             "max_completion_tokens": config.max_completion_tokens,
         },

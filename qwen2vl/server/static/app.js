@@ -3,7 +3,7 @@
 
 import { Api, ApiError } from "./api.js";
 import { Store, loadSettings, saveSettings, apiKey, setApiKey } from "./store.js";
-import { readAttachment, checkRequest, thumbnail } from "./attach.js";
+import { readAttachment, checkRequest, thumbnail, formatBytes } from "./attach.js";
 import { messageView } from "./view.js";
 import { plainText } from "./markdown.js";
 
@@ -203,7 +203,7 @@ function openConv(c) {
   state.conv = c;
   renderMessages();
   renderList();
-  document.body.classList.remove("sidebar-open");
+  setSidebar(false);
 }
 
 async function deleteConv(c) {
@@ -224,6 +224,7 @@ function newChat() {
   renderAttachments();
   renderMessages();
   renderList();
+  setSidebar(false);
   $("prompt").focus();
 }
 
@@ -271,6 +272,12 @@ function finishStats(msg, t0, first, end) {
   if (n > 1 && end > first) msg.tps = (n - 1) / ((end - first) / 1000);
 }
 
+function showSettingsError(message) {
+  $("settings-error").textContent = message;
+  $("settings").hidden = false;
+  $("toggle-settings").setAttribute("aria-expanded", "true");
+}
+
 async function generate() {
   const conv = state.conv;
   let body;
@@ -278,8 +285,7 @@ async function generate() {
     body = { messages: requestMessages(conv.messages), stream: true, stream_options: { include_usage: true },
              ...options() };
   } catch (e) {
-    $("settings-error").textContent = e.message;
-    $("settings").hidden = false;
+    showSettingsError(e.message);
     return;
   }
   if (state.model) body.model = state.model;
@@ -325,6 +331,13 @@ async function send() {
     $("attach-error").textContent = problem;
     return;
   }
+  try {
+    options();  // the settings are checked before the message is taken
+  } catch (e) {
+    showSettingsError(e.message);
+    return;
+  }
+  $("settings-error").textContent = "";
   const conv = state.conv;
   conv.messages.push({ role: "user", text, attachments: state.pending });
   if (!conv.title) conv.title = (text || state.pending[0].name).slice(0, 60);
@@ -363,7 +376,9 @@ function initEvents() {
     }
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && state.ctrl) state.ctrl.abort();
+    if (e.key !== "Escape") return;
+    if (state.ctrl) state.ctrl.abort();
+    else if (document.body.classList.contains("sidebar-open")) setSidebar(false);
   });
   $("stop").addEventListener("click", () => state.ctrl && state.ctrl.abort());
   $("key-dialog").addEventListener("cancel", (e) => e.preventDefault());  // the key is needed: Esc stays
@@ -393,10 +408,31 @@ function initEvents() {
     e.preventDefault();
     addFiles([...e.dataTransfer.files]);
   });
-  $("toggle-sidebar").addEventListener("click", () => {
-    const open = document.body.classList.toggle("sidebar-open");
-    $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+  $("toggle-sidebar").addEventListener("click", () => setSidebar(true));
+  $("close-sidebar").addEventListener("click", () => setSidebar(false));
+  document.querySelector("main").addEventListener("click", (e) => {
+    if (e.target !== $("toggle-sidebar")) setSidebar(false);
   });
+}
+
+// The conversation list as a drawer (phone-sized screens): open or closed.
+function setSidebar(open) {
+  const was = document.body.classList.contains("sidebar-open");
+  document.body.classList.toggle("sidebar-open", open);
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+  if (open && !was) $("close-sidebar").focus();
+  else if (!open && was) $("toggle-sidebar").focus();
+}
+
+// The limits on the controls they concern: the attach button's tooltip, the max tokens field's maximum.
+function describeLimits(l) {
+  const parts = [];
+  if (l.max_images_per_request != null) parts.push(`${l.max_images_per_request} images`);
+  if (l.max_videos_per_request != null) parts.push(`${l.max_videos_per_request} videos`);
+  if (l.max_request_bytes) parts.push(`${formatBytes(l.max_request_bytes)} in all`);
+  $("attach").title = "Attach images or videos (drop or paste them too)" +
+    (parts.length ? `; this server takes at most ${parts.join(", ")} per request` : "");
+  if (l.max_completion_tokens) $("set-max_tokens").max = String(l.max_completion_tokens);
 }
 
 async function init() {
@@ -409,6 +445,7 @@ async function init() {
     $("attach-error").textContent = "Could not read the server's settings: " + e.message;
   }
   $("forget-key").hidden = !state.config.api_key_required;
+  describeLimits(state.config.limits);
   if (state.config.api_key_required && !apiKey()) await askKey("");
   await loadModels();
   state.conv = newConv();
