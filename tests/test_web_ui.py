@@ -441,6 +441,32 @@ def test_output_and_file_names_render_as_text(chat, shots):
     assert chat.errors == []
 
 
+def test_markdown_renderer(chat):
+    """markdown.js directly (imported into the page): streaming halves, grounding in code, links, escaping."""
+    page = chat.open()
+    render = """async ([text, partial]) => {
+        const md = await import("./static/markdown.js");
+        const {node, boxes} = md.renderAnswer(text, partial);
+        return {html: node.innerHTML, text: node.textContent, boxes, plain: md.plainText(text)};
+    }"""
+    ref = "<|object_ref_start|>cat<|object_ref_end|>"
+    half = page.evaluate(render, ["A " + ref + "<|box_start|>(1,2),(3", True])
+    assert half["text"] == "A cat" and half["boxes"] == []  # an unfinished box is not shown while streaming
+    assert page.evaluate(render, ["A <|object_ref_st", True])["text"] == "A"
+    done = page.evaluate(render, ["A " + ref + "<|box_start|>(1,2),(3,4)<|box_end|><|box_start|>(5,6),(7,8)"
+                                  "<|box_end|> `" + ref + "`", False])
+    assert [b["label"] for b in done["boxes"]] == ["cat", "cat"] and done["boxes"][1]["x1"] == 5
+    assert done["text"] == "A catcat cat" and done["plain"] == "A catcat `cat`"
+    links = page.evaluate(render, ["[ok](https://example.com/a) [no](javascript:alert(1)) http://x.org/b.", False])
+    assert links["html"].count("<a ") == 2 and 'href="https://example.com/a"' in links["html"]
+    assert 'href="http://x.org/b"' in links["html"] and "javascript:alert(1)" in links["text"]
+    assert "href=\"javascript" not in links["html"]
+    quoted = page.evaluate(render, ["> quote <b>\n\n---\n\n~~gone~~ *it* snake_case_name", False])
+    assert "<blockquote><p>quote &lt;b&gt;</p></blockquote><hr>" in quoted["html"]
+    assert "<del>gone</del> <em>it</em> snake_case_name" in quoted["html"]
+    assert chat.errors == []
+
+
 def test_tool_calls_shown_as_cards(chat, shots):
     page = chat.open()
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {

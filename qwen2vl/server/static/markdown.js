@@ -32,10 +32,16 @@ export function parseGrounding(raw, partial) {
   return { text, refs, boxes };
 }
 
+// Text with the markers of parseGrounding -> the labels they stand for (code, copied text).
+function labels(text, g) {
+  return text.replace(/\uE000(\d+)\uE001/g, (m, i) => (g.refs[+i] ? g.refs[+i].label : ""))
+    .replace(/\uE002(\d+)\uE001/g, (m, i) => (g.boxes[+i] ? g.boxes[+i].label : ""));
+}
+
 // The answer as plain text (for copying): grounding spans become their labels.
 export function plainText(raw) {
   const g = parseGrounding(raw, false);
-  return g.text.replace(/\uE000(\d+)\uE001/g, (m, i) => g.refs[+i].label).replace(/\uE002\d+\uE001/g, "");
+  return labels(g.text, g);
 }
 
 function el(tag, cls, text) {
@@ -91,7 +97,7 @@ function inline(parent, text, g) {
   while ((m = re.exec(text)) !== null) {
     if (m.index > at) parent.append(text.slice(at, m.index));
     at = m.index + m[0].length;
-    if (m[2] !== undefined) parent.append(el("code", null, m[2].replace(/^ (.*) $/, "$1")));
+    if (m[2] !== undefined) parent.append(el("code", null, labels(m[2].replace(/^ (.*) $/, "$1"), g)));
     else if (m[3] !== undefined || m[4] !== undefined) inline(parent.appendChild(el("strong")), m[3] ?? m[4], g);
     else if (m[5] !== undefined || m[6] !== undefined) inline(parent.appendChild(el("em")), m[5] ?? m[6], g);
     else if (m[7] !== undefined) inline(parent.appendChild(el("del")), m[7], g);
@@ -188,7 +194,7 @@ function list(lines, i, g) {
   return [root, i];
 }
 
-function code(lines, i) {
+function code(lines, i, g) {
   const open = FENCE.exec(lines[i]);
   const body = [];
   i++;
@@ -198,7 +204,7 @@ function code(lines, i) {
   }
   const pre = el("pre");
   if (open[2]) pre.dataset.lang = open[2];
-  pre.append(el("code", null, body.join("\n")));
+  pre.append(el("code", null, labels(body.join("\n"), g)));
   return [pre, i + 1];
 }
 
@@ -209,7 +215,7 @@ function blocks(parent, lines, g) {
     const line = lines[i];
     let m;
     if (!line.trim()) { i++; continue; }
-    if (FENCE.test(line)) { const [n, j] = code(lines, i); parent.append(n); i = j; continue; }
+    if (FENCE.test(line)) { const [n, j] = code(lines, i, g); parent.append(n); i = j; continue; }
     if ((m = HEADING.exec(line))) { parent.append(inline(el("h" + m[1].length), m[2], g)); i++; continue; }
     if (RULE.test(line)) { parent.append(el("hr")); i++; continue; }
     if (line.includes("|") && i + 1 < lines.length && TABLE_SEP.test(lines[i + 1]) && lines[i + 1].includes("-")) {
