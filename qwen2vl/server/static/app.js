@@ -137,6 +137,11 @@ function view(conv, i) {
 function renderMessages() {
   const box = $("messages");
   box.replaceChildren(...state.conv.messages.map((m, i) => view(state.conv, i)));
+  if (!state.conv.messages.length) {
+    const hint = box.appendChild(document.createElement("p"));
+    hint.className = "empty";
+    hint.textContent = "Ask about a picture or a video: drop files here, paste a screenshot, or use Attach.";
+  }
   box.scrollTop = box.scrollHeight;
 }
 
