@@ -4,6 +4,7 @@
     GET  /v1/models             the served model and its LoRA adapters (and /v1/models/{id})
     GET  /health                200 while the engine runs (503 once ``qwen2vl serve`` drains: server.shutdown)
     GET  /metrics               Prometheus text
+    GET  /                      the chat page (server.webui; off with ``web_ui=False``)
 
 One :class:`~qwen2vl.engine.async_engine.AsyncEngine` thread owns the model. A request is checked, admitted
 against the bounded queue (429 with Retry-After past it), its media fetched under the :class:`MediaPolicy` and
@@ -49,6 +50,7 @@ from .metrics import Metrics
 from .models import LoRAModule, ServedModels
 from .openapi import openapi_endpoint
 from .protocol import APIError, ChatRequest, TokenInfo, openai_logprobs, parse_chat_request
+from .webui import web_routes
 
 __all__ = ["ServerConfig", "OpenAIServer", "build_app"]
 
@@ -70,7 +72,7 @@ class ServerConfig:
     share of the running rows (qwen2vl.engine.scheduler). ``max_preprocess_queue``: requests that may wait for a
     preprocessing worker (``preprocess_workers`` of them prepare one request each at a time) before new requests
     get 429. ``lora_modules``: LoRA adapters served beside the base model, picked by a request's ``model``
-    (server.models; the LLM needs ``enable_lora``)."""
+    (server.models; the LLM needs ``enable_lora``). ``web_ui``: serve the chat page at ``/`` (server.webui)."""
 
     served_model_names: list[str]
     api_key: str | None = None
@@ -88,6 +90,7 @@ class ServerConfig:
     max_completion_tokens: int | None = None
     max_n: int = 8
     lora_modules: list[LoRAModule] = field(default_factory=list)
+    web_ui: bool = True
 
     def default_max_tokens(self, checkpoint: int | None) -> int | None:
         """The max_tokens of a request without one: the smallest of ``checkpoint`` (generation_config's
@@ -167,6 +170,8 @@ class OpenAIServer:
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint(self.models.names), methods=["GET"]),
         ]
+        if self.config.web_ui:
+            routes += web_routes(self.config)
 
         async def http_error(request, exc: HTTPException):
             msg = {404: f"no route {request.method} {request.url.path}",

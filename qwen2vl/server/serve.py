@@ -53,6 +53,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest media download in bytes (default: 64 MiB)")
     g.add_argument("--preprocess-workers", type=int, default=2,
                    help="threads that fetch and preprocess media (default: 2)")
+    g.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="do not serve the chat page at / (default: served; it needs no extra packages)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_connection_args(p)
     _add_decode_args(p)
@@ -180,12 +182,13 @@ def serve(args: argparse.Namespace, out=None) -> int:
                           max_bytes=args.max_media_bytes, max_image_pixels=args.max_image_pixels or None),
         preprocess_workers=args.preprocess_workers, max_tokens_default=args.max_tokens_default or None,
         max_completion_tokens=args.max_completion_tokens or None, max_n=args.max_n,
-        max_preprocess_queue=args.max_preprocess_queue, lora_modules=lora_modules)
+        max_preprocess_queue=args.max_preprocess_queue, lora_modules=lora_modules, web_ui=args.web_ui)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "
                f"{llm.device}, context {llm.max_model_len}) at http://{shown}:{port}/v1"
-               + ("" if config.api_key else " (no API key)"))
+               + ("" if config.api_key else " (no API key)")
+               + (f"; chat page at http://{shown}:{port}/" if config.web_ui else ""))
     app = build_app(llm, config, on_ready=lambda: (print(message, file=out, flush=True)))
     build_server(app, args).run(sockets=[sock])
     return 0
