@@ -57,7 +57,7 @@ def _block_rows(in_features: int, multiple: int = 1) -> int:
     return max(multiple, min(_ROWS, _BLOCK_QUANT // in_features) // multiple * multiple)
 
 
-def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> int8 (out, in) and float32 scales (out,): w ~ q * scale."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
@@ -198,7 +198,7 @@ def _layout_checked(layout: str) -> bool:
         w = torch.randn(48, 64, generator=g)
         x = torch.randn(3, 64, generator=g) * torch.tensor([[1.0], [30.0], [0.01]])
         lin = Int8Linear(w, None, layout=layout, _check=False)
-        q, s = _int8_rows(w)
+        q, s = int8_rows(w)
         return lin.layout == layout and torch.allclose(lin(x), _reference_int8(layout, x, q, s), rtol=1e-4,
                                                        atol=1e-4 * float(x.abs().amax() * w.abs().amax()))
     except (AttributeError, NotImplementedError, RuntimeError):
@@ -216,10 +216,24 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain", _check: bool = True):
         super().__init__()
+        self._setup(*int8_rows(weight), bias, weight.dtype, layout, _check)
+
+    @classmethod
+    def from_int8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  layout: str = "plain") -> "Int8Linear":
+        """The layer of a matrix quantized already, as ``int8_rows`` gives it (q int8 (out, in), float32 scales
+        (out,)), for activations of ``dtype``: the same layer ``Int8Linear(weight, ...)`` builds from the float
+        weight. A "plain" layer holds ``q`` itself (e.g. a tensor memory-mapped from the load cache)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(q, scales, bias, dtype, layout, True)
+        return self
+
+    def _setup(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, layout: str,
+               _check: bool) -> None:
         if layout not in _FALLBACK:
             raise ValueError(f"unknown int8 layout {layout!r}; use one of {', '.join(_FALLBACK)}")
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        q, s = _int8_rows(weight)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
         if q.device.type != "cpu":
             layout = "plain"
         elif _check:
@@ -240,9 +254,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", s)  # (out,) float32
         # the plain kernel takes its scales in the activations' dtype: cast once here, not in every forward (where
         # the cast is also an op that inductor cannot lower into the kernel's input)
-        self.register_buffer("scales_lp", s.to(weight.dtype) if weight.dtype in _LOW_PRECISION else None)
+        self.register_buffer("scales_lp", s.to(dtype) if dtype in _LOW_PRECISION else None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.dtype = weight.dtype
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -319,7 +333,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size}")
 
         rows = self._step(out_f, in_f)
-        buf = torch.empty(rows, in_f, dtype=torch.float32)  # reused blocks, as in _int8_rows
+        buf = torch.empty(rows, in_f, dtype=torch.float32)  # reused blocks, as in int8_rows
         qbuf = torch.empty(rows, in_f, dtype=torch.int32)
 
         def blocks(i: int, j: int):
@@ -344,6 +358,20 @@ class Int4Linear(nn.Module):
             return q[i:j].to(torch.int32), s, (8 - zeros[:, i:j].t().to(torch.float32)) * s
 
         self._pack(q.shape[0], q.shape[1], group_size, blocks, bias, inner_k_tiles)
+        return self
+
+    @classmethod
+    def from_packed(cls, weight: torch.Tensor, scales_and_zeros: torch.Tensor,
+                    bias: torch.Tensor | None) -> "Int4Linear":
+        """The layer of tensors another Int4Linear holds (its ``state_dict``, e.g. memory-mapped from the load
+        cache): ``weight`` uint8 (out, in/2) in this CPU's packed layout, ``scales_and_zeros`` (groups, out, 2)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1] * 2
+        self.group_size = self.in_features // scales_and_zeros.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         return self
 
     @staticmethod
@@ -455,4 +483,4 @@ def quantize_embedding_(model, tied: bool, dtype: torch.dtype) -> None:
         model.lm_head = head
         model.model.embed_tokens = Int8Embedding(head.weight, head.scales, dtype)
     else:
-        model.model.embed_tokens = Int8Embedding(*_int8_rows(model.model.embed_tokens.weight), dtype)
+        model.model.embed_tokens = Int8Embedding(*int8_rows(model.model.embed_tokens.weight), dtype)
