@@ -33,8 +33,8 @@ import warnings
 import torch
 from torch import nn
 
-from . import quant
-from .load_plan import EMBEDDING, HEAD, PREQUANTIZED, TIED, LoadPlan
+from . import int4_prefill, quant
+from .load_plan import EMBEDDING, PREQUANTIZED, LoadPlan
 
 FORMAT = "1"
 _CACHED = ("int8", "int4", "prequantized")  # kinds whose built module an entry holds
@@ -77,7 +77,8 @@ class LoadCache:
         setting = {"format": FORMAT, "checkpoint": os.path.realpath(path), "dtype": str(plan.dtype),
                    "kinds": {p: str(plan.kinds[p]) for p in self.modules}, "torch": torch.__version__,
                    "isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
-                   "int4_block": quant._unpack_block_n() if int4 else None}
+                   "int4_block": quant._unpack_block_n() if int4 else None,
+                   "int8_prefill": int4_prefill.int8_gemm_is_fast() if int4 else None}
         extra = [os.path.join(path, "config.json")] if os.path.isfile(os.path.join(path, "config.json")) else []
         content = [_file_print(f) for f in files + extra]
         stem = _digest(setting)[:24]
@@ -158,6 +159,9 @@ def _fits(model: nn.Module, plan: LoadPlan, path: str, got: dict[str, tuple]) ->
         if kind.name == "int4" and groups * kind.group_size != in_f or groups < 1 or in_f % groups:
             return False
         want.update(weight=("U8", (out_f, in_f // 2)), scales_and_zeros=("BF16", (groups, out_f, 2)))
+        if int4_prefill.int8_gemm_is_fast() and out_f % 64 == 0 and quant._unpack_block_n():  # the int8 prefill
+            # copy (Int4Linear.cache_state)
+            want.update(int8=("I8", (out_f, in_f)), int8_scales=("F32", (out_f,)))
     elif kind == PREQUANTIZED:
         want.update(weight=(dt, (out_f, in_f)))
     else:

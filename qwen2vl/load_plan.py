@@ -112,7 +112,7 @@ class LoadPlan:
         else:
             raise ValueError(f"{path}: kind {kind} is not built from float weights")
         if sink is not None and kind.name == "int4":
-            sink(path, dict(new.state_dict()))  # weight (packed), scales_and_zeros, bias
+            sink(path, new.cache_state())  # weight (packed), scales_and_zeros, bias, the int8 prefill copy
         replace_module(model, path, new)
 
     @torch.no_grad()
@@ -132,7 +132,8 @@ class LoadPlan:
         if kind.name == "int8":
             new = quant.Int8Linear.from_int8(tensors["q"], tensors["scales"], bias, self.dtype, layout=kind.layout)
         elif "scales_and_zeros" in tensors:  # int4, or a prequantized linear kept in 4 bits
-            new = quant.Int4Linear.from_packed(tensors["weight"], tensors["scales_and_zeros"], bias)
+            int8 = (tensors["int8"], tensors["int8_scales"]) if "int8" in tensors else None
+            new = quant.Int4Linear.from_packed(tensors["weight"], tensors["scales_and_zeros"], bias, int8)
         elif kind == PREQUANTIZED:  # a prequantized linear the loader dequantized (qwen2vl.prequant.make_linear)
             w = tensors["weight"]
             new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")

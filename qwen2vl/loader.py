@@ -402,7 +402,7 @@ class _Reader:
             new = _prequantized_module(self.model, self.model.cfg, path, self.parts.pop(path), self.plan.dtype,
                                        self.device)
             if sink is not None:
-                sink(path, dict(new.state_dict()))
+                sink(path, new.cache_state() if isinstance(new, quant.Int4Linear) else dict(new.state_dict()))
             replace_module(self.model, path, new)
         else:
             self.plan.build(self.model, path, sink)
