@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 import uuid
 import warnings
 
@@ -169,6 +170,19 @@ def _fits(model: nn.Module, plan: LoadPlan, path: str, got: dict[str, tuple]) ->
     return got == want
 
 
+def _remove_stale_temporaries(file: str, age_s: float = 3600.0) -> None:
+    """Temporary files of ``file`` untouched for ``age_s`` (a load that was killed while writing): removed. A
+    write in progress touches its file as it goes."""
+    folder, name = os.path.split(file)
+    for other in os.listdir(folder):
+        path = os.path.join(folder, other)
+        try:
+            if other.startswith(name + ".tmp-") and time.time() - os.path.getmtime(path) > age_s:
+                os.remove(path)
+        except OSError:
+            pass
+
+
 def _remove(file: str) -> None:
     try:
         os.remove(file)
@@ -185,6 +199,7 @@ class EntryWriter:
     def __init__(self, file: str, key: str, modules: list[str], kinds: dict[str, str]):
         self.file, self.key, self.kinds = file, key, kinds
         self.tmp = f"{file}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _remove_stale_temporaries(file)
         room = 4096 + len(json.dumps(kinds)) + sum(4 * (len(p) + 260) for p in modules)
         self.start = -(-(8 + room) // _ALIGN) * _ALIGN  # the data section's offset in the file
         self.header: dict[str, dict] = {}

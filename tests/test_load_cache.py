@@ -160,6 +160,18 @@ def test_a_cache_that_cannot_be_written_never_fails_the_load(ckpt, root, monkeyp
     assert torch.equal(m(IDS), load_model(str(ckpt), torch.bfloat16, quantization="int8")(IDS))
 
 
+def test_a_killed_writers_temporary_file_is_removed_later(ckpt, root):
+    load_model(str(ckpt), torch.bfloat16, quantization="int8", cache=True)
+    entry = _entry_file(root)
+    os.remove(entry)
+    old, fresh = entry + ".tmp-1-deadbeef", entry + ".tmp-2-cafef00d"
+    for f in (old, fresh):
+        open(f, "wb").close()
+    os.utime(old, (0, 0))  # untouched for ages: its writer is gone
+    load_model(str(ckpt), torch.bfloat16, quantization="int8", cache=True)
+    assert not os.path.exists(old) and os.path.exists(fresh) and os.path.exists(entry)
+
+
 def test_a_failed_load_leaves_no_file(tmp_path, root):
     ck = write_checkpoint(tmp_path / "ck", variant="tiny-hd32")
     os.truncate(ck / "model.safetensors", os.path.getsize(ck / "model.safetensors") - 1000)
