@@ -14,15 +14,17 @@ read from the checkpoint as without the cache (prepacking, oneDNN's opaque layou
 writes no entry. Tensors are used zero-copy from the file's memory map where a layer keeps them as they are.
 
 Key: the checkpoint (absolute path; per file name, size, mtime and a SHA-256 of its first and last MiB), the plan
-(each module's kind, the dtype), torch's version, the CPU's ISA level and machine, the int4 layout's row block and
-``FORMAT``. An entry is written to a temporary file and renamed into place when complete; one whose metadata, key,
-tensor names, dtypes, shapes or size does not match is removed and rebuilt, never used. The entry of a checkpoint
-and setting whose files changed replaces the old one (same file-name stem). Data is not checksummed on load: a
-bit flipped inside a tensor after writing is not detected.
+(each module's kind, the dtype), torch's version, the CPU's ISA level and machine, the int4 layout's row block,
+whether prefills run on int8, the source of the modules that build the layers, and ``FORMAT``. An entry is
+written to a temporary file and renamed into place when complete; one whose metadata, key, tensor names, dtypes,
+shapes or size does not match is removed and rebuilt, never used. The entry of a checkpoint and setting whose
+files changed replaces the old one (same file-name stem). Data is not checksummed on load: a bit flipped inside
+a tensor after writing is not detected.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +36,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import int4_prefill, quant
+from . import int4_prefill, load_plan, prequant, quant
 from .load_plan import EMBEDDING, PREQUANTIZED, LoadPlan
 
 FORMAT = "1"
@@ -65,6 +67,16 @@ def _file_print(file: str) -> list:
     return [os.path.basename(file), st.st_size, st.st_mtime_ns, h.hexdigest()]
 
 
+@functools.cache
+def _code_print() -> str:
+    """SHA-256 of the sources that decide what a cached layer holds: a changed quantizer never meets old entries."""
+    h = hashlib.sha256()
+    for mod in (quant, int4_prefill, prequant, load_plan):
+        with open(mod.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -76,7 +88,7 @@ class LoadCache:
         self.plan, self.modules = plan, cached_modules(plan)
         int4 = any(plan.kinds[p].name != "int8" for p in self.modules)
         setting = {"format": FORMAT, "checkpoint": os.path.realpath(path), "dtype": str(plan.dtype),
-                   "kinds": {p: str(plan.kinds[p]) for p in self.modules}, "torch": torch.__version__,
+                   "kinds": {p: str(plan.kinds[p]) for p in self.modules}, "torch": torch.__version__, "code": _code_print(),
                    "isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
                    "int4_block": quant._unpack_block_n() if int4 else None,
                    "int8_prefill": int4_prefill.int8_gemm_is_fast() if int4 else None}
