@@ -7,6 +7,7 @@
     qwen2vl eval --model DIR [--tasks blocks,video] [-n 200]          # accuracy on the demo tasks (qwen2vl.demo)
     qwen2vl train CONFIG.yaml [--key value ...]                       # fine-tune (LoRA or full; qwen2vl.train)
     qwen2vl export --model DIR --adapter ADAPTER --out OUT            # merge a LoRA adapter into a checkpoint
+    qwen2vl quantize --model DIR --quantization int4                  # build the load cache's entry ahead of time
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
 /clear (forget the conversation), /exit.
@@ -51,7 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_train_parser(sub)
     _add_export_parser(sub)
+    _add_quantize_parser(sub)
     return parser
+
+
+def _add_quantize_parser(sub) -> None:
+    qz = sub.add_parser("quantize", help="quantize a checkpoint into the load cache (qwen2vl.load_cache), so that "
+                                         "chat / serve / eval with the same --model, --quantization and --dtype "
+                                         "load it memory-mapped")
+    qz.add_argument("--model", required=True, help="the checkpoint directory or hub id")
+    qz.add_argument("--quantization", required=True, help="int8 | int4")
+    qz.add_argument("--dtype", default="auto", help="as chat's --dtype (default: auto)")
+    qz.add_argument("--revision", default=None, help="hub revision when --model is a hub id")
+    qz.add_argument("--no-file-embedding", dest="file_embedding", action="store_false",
+                    help="as chat's --no-file-embedding (the embedding held in memory, int8)")
+
+
+def run_quantize(args, out=None) -> int:
+    """``qwen2vl quantize``: build (or find) the entry; its path, size and the load time on stdout."""
+    from .loader import cache_entry
+    try:
+        file, seconds, built = cache_entry(args.model, args.quantization, args.dtype, args.revision,
+                                           file_embedding=args.file_embedding)
+    except InvalidInputError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 1
+    import os
+    verb = "built" if built else "already cached; loaded"
+    print(f"{file} ({os.path.getsize(file) / 2 ** 30:.2f} GiB; {verb} in {seconds:.1f} s)", file=out or sys.stdout)
+    return 0
 
 
 def _add_eval_parser(sub) -> None:
@@ -235,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(run_train, args.train_args)
     if args.command == "export":
         return run_export(args)
+    if args.command == "quantize":
+        return run_quantize(args)
     if args.command not in ("chat", "serve", "eval"):
         parser.print_help()
         return 2

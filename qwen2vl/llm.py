@@ -62,6 +62,8 @@ class LLM:
         enable_lora, max_loras, max_lora_rank: serve LoRA adapters per request, as vLLM does: ``chat(...,
             lora_request=LoRARequest(name, id, path))``; up to ``max_loras`` adapters held at once (the base
             weights shared), each of rank <= ``max_lora_rank``; one batch may mix adapters.
+        load_cache: keep the quantized weights a load builds on disk and memory-map them next time
+            (qwen2vl.load_cache; ``$QWEN2VL_CACHE``, default ~/.cache/qwen2vl).
         revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
@@ -95,7 +97,8 @@ class LLM:
         self.max_model_len = ec.max_model_len or limit
         self.quantization = ec.quantization
         self.model = load_model(path, self.dtype, self.device, cfg, progress=ec.progress,
-                                quantization=ec.quantization, file_embedding=ec.file_embedding)
+                                quantization=ec.quantization, file_embedding=ec.file_embedding,
+                                cache=ec.load_cache)
         self.compiled = ec.compile and compile_decode_(self.model)
         lora = LoraManager(self.model, ec.max_loras, ec.max_lora_rank) if ec.enable_lora else None
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,

@@ -88,23 +88,60 @@ class LoadPlan:
         return "\n".join(f"{p}: {k}" for p, k in self.summary().items())
 
     @torch.no_grad()
-    def build(self, model: nn.Module, path: str) -> None:
+    def build(self, model: nn.Module, path: str, sink=None) -> None:
         """Replace the module at ``path``, its float tensors all read, by what its kind makes of it (not for
-        prequantized modules, which the loader builds from their 4-bit tensors)."""
+        prequantized modules, which the loader builds from their 4-bit tensors). ``sink(path, tensors)``, when
+        given, gets what ``restore`` rebuilds the module from (the load cache's entry, qwen2vl.load_cache)."""
         kind = self.kinds[path]
         if path == EMBEDDING:
             assert kind.name == "int8", kind
             quant.quantize_embedding_(model, self.kinds.get(HEAD) == TIED, self.dtype)
+            if sink is not None:
+                sink(path, dict(model.model.embed_tokens.state_dict()))  # weight (int8 rows), scales
             return
         lin = model.get_submodule(path)
         if kind.name == "packed":
             new = packed.PackedLinear(lin)
-        elif kind.name == "int8":
-            new = quant.Int8Linear(lin.weight, lin.bias, layout=kind.layout)
+        elif kind.name == "int8":  # the int8 matrix goes to the sink before a kernel layout hides it
+            q, s = quant.int8_rows(lin.weight)
+            if sink is not None:
+                sink(path, {"q": q, "scales": s, **({"bias": lin.bias} if lin.bias is not None else {})})
+            new = quant.Int8Linear.from_int8(q, s, lin.bias, lin.weight.dtype, layout=kind.layout)
         elif kind.name == "int4":
             new = quant.Int4Linear(lin.weight, lin.bias, kind.group_size)
         else:
             raise ValueError(f"{path}: kind {kind} is not built from float weights")
+        if sink is not None and kind.name == "int4":
+            sink(path, new.cache_state())  # weight (packed), scales_and_zeros, bias, the int8 prefill copy
+        replace_module(model, path, new)
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Build the module at ``path`` from what ``build`` (or the loader, for a prequantized one) gave its sink:
+        the module that build made, bit for bit; the tensors are used as they are (not copied) where the layer
+        keeps them. The caller has checked their names, dtypes and shapes (qwen2vl.load_cache)."""
+        kind, bias = self.kinds[path], tensors.get("bias")
+        if path == EMBEDDING:
+            if self.kinds.get(HEAD) == TIED:  # the int8 matrix shared with lm_head, as quantize_embedding_ does
+                head = quant.Int8Linear.from_int8(tensors["weight"], tensors["scales"], None, self.dtype)
+                model.lm_head = head
+                model.model.embed_tokens = quant.Int8Embedding(head.weight, head.scales, self.dtype)
+            else:
+                model.model.embed_tokens = quant.Int8Embedding(tensors["weight"], tensors["scales"], self.dtype)
+            return
+        if kind.name == "int8":
+            new = quant.Int8Linear.from_int8(tensors["q"], tensors["scales"], bias, self.dtype, layout=kind.layout)
+        elif "scales_and_zeros" in tensors:  # int4, or a prequantized linear kept in 4 bits
+            int8 = (tensors["int8"], tensors["int8_scales"]) if "int8" in tensors else None
+            new = quant.Int4Linear.from_packed(tensors["weight"], tensors["scales_and_zeros"], bias, int8)
+        elif kind == PREQUANTIZED:  # a prequantized linear the loader dequantized (qwen2vl.prequant.make_linear)
+            w = tensors["weight"]
+            new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+            new.weight = nn.Parameter(w, requires_grad=False)
+            if bias is not None:
+                new.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            raise ValueError(f"{path}: kind {kind} is not restored from stored tensors")
         replace_module(model, path, new)
 
     def finish(self, model: nn.Module) -> None:

@@ -14,7 +14,7 @@ import sys
 import torch
 from torch import nn
 
-from . import prequant, quant
+from . import load_cache, prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
@@ -275,7 +275,7 @@ def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expect
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
                quantization: str | None = None, prepack: bool = True,
-               file_embedding: bool = True) -> Qwen2VLForConditionalGeneration:
+               file_embedding: bool = True, cache: bool = False) -> Qwen2VLForConditionalGeneration:
     """Build on the meta device, plan how each module is built (qwen2vl.load_plan), then read each tensor into
     place. With ``quantization``, each linear layer is quantized as soon as its tensors have arrived (see
     qwen2vl.quant), so memory peaks near the quantized size. A GPTQ / AWQ checkpoint's quantized linears load as
@@ -283,7 +283,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     checkpoint. On the CPU, ``prepack`` leaves the float linears in oneDNN's layout (qwen2vl.packed); without it
     they are plain ``nn.Linear`` layers. On the CPU, ``file_embedding`` leaves the embedding table in the
     checkpoint file, its rows read when looked up (qwen2vl.file_embedding); a tied lm_head then holds its own copy
-    of the matrix."""
+    of the matrix. With ``cache``, the quantized modules come from the load cache (qwen2vl.load_cache) when it
+    holds this load's entry, and are written to it when not: the same model either way, bit for bit."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
@@ -296,29 +297,68 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     pre = _prequantized(model, cfg, files, expected)
     plan = build_plan(model, quantization, device, dtype, prepack=prepack, file_embedding=file_embedding,
                       prequantized=pre)
-    reader = _Reader(model, plan, expected, device)
+    entry, writer = load_cache.for_load(path, files, plan, model, device) if cache else (None, None)
+    reader = _Reader(model, plan, expected, device, entry or {}, writer)
     if cfg.tie_word_embeddings:  # after the reader has counted it: a tied head's own copy is read from the
         expected.discard("lm_head.weight")  # embedding's tensor, never from the checkpoint's lm_head
-    _read_checkpoint(reader, files, progress)
-    missing = sorted(expected - reader.loaded)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
-    plan.finish(model)
+    try:
+        _read_checkpoint(reader, files, progress)
+        missing = sorted(expected - reader.loaded)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise InvalidInputError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{more}")
+        plan.finish(model)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.finish_or_warn()
     _release_free_memory()
     return model
+
+
+def cache_entry(model: str, quantization: str, dtype: str | None = None, revision: str | None = None,
+                file_embedding: bool = True) -> tuple[str, float, bool]:
+    """Load ``model`` on the CPU with the load cache (qwen2vl.load_cache), as ``LLM`` would with these settings:
+    (the entry's file, the seconds the load took, whether it built the entry)."""
+    import time
+    if quantization not in quant.MODES:
+        raise InvalidInputError(f"unknown quantization {quantization!r}; use one of {', '.join(quant.MODES)}")
+    path = resolve_model_path(model, revision)
+    cfg = Qwen2VLConfig.from_pretrained(path)
+    device = torch.device("cpu")
+    dt = resolve_dtype(dtype, cfg, device)
+    with torch.device("meta"):
+        meta = Qwen2VLForConditionalGeneration(cfg)
+    plan = build_plan(meta, quantization, device, dt, file_embedding=file_embedding,
+                      prequantized=_prequantized(meta, cfg, checkpoint_files(path), checkpoint_names(meta)))
+    file = load_cache.LoadCache(path, checkpoint_files(path), plan).file
+    def stamp():
+        return os.stat(file).st_mtime_ns if os.path.isfile(file) else None
+    before, start = stamp(), time.perf_counter()
+    load_model(path, dt, device, cfg, quantization=quantization, file_embedding=file_embedding, cache=True)
+    if stamp() is None:
+        raise InvalidInputError(f"could not write the load cache entry {file} (see the warning above)")
+    return file, time.perf_counter() - start, stamp() != before
 
 
 class _Reader:
     """Puts each checkpoint tensor where the plan wants it, and builds a planned module once its tensors are in."""
 
     def __init__(self, model: Qwen2VLForConditionalGeneration, plan: LoadPlan, expected: set[str],
-                 device: torch.device):
+                 device: torch.device, entry: dict[str, dict[str, torch.Tensor]], writer=None):
         self.model, self.plan, self.expected, self.device = model, plan, expected, device
-        self.waiting: dict[str, set[str]] = {p: set() for p in plan.to_build()}  # module -> names not read yet
-        for n in expected:
-            self.waiting.get(destination(model, n)[0], set()).add(n)
+        self.entry, self.writer = entry, writer  # the load cache's modules (not read), and where built ones go
+        # module -> names not read yet
+        self.waiting: dict[str, set[str]] = {p: set() for p in plan.to_build() if p not in entry}
         self.loaded: set[str] = set()
+        for n in expected:
+            mod = destination(model, n)[0]
+            if mod in entry:
+                self.loaded.add(n)
+            else:
+                self.waiting.get(mod, set()).add(n)
         self.parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row ->
         # leaf -> tensor
 
@@ -333,6 +373,8 @@ class _Reader:
             name = "lm_head.weight"  # the tied lm_head gets its own copy, read from the same tensor
         dest = destination(model, name)
         mod_path = dest[0]
+        if mod_path in self.entry:
+            return  # built from the load cache
         if self.plan.kinds.get(mod_path) == PREQUANTIZED and dest[1] in prequant.LEAVES:
             part = self.parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
             part[dest[1]] = read_tensor(f, info, data_start)
@@ -349,13 +391,21 @@ class _Reader:
                 del self.waiting[mod_path]
                 self._build(mod_path)
 
+    def restore(self) -> None:
+        """Build the modules the load cache holds (in the fbgemm packer's reach: call within ``_read_checkpoint``)."""
+        for path, tensors in self.entry.items():
+            self.plan.restore(self.model, path, tensors)
+
     def _build(self, path: str) -> None:
+        sink = self.writer.add if self.writer is not None else None
         if self.plan.kinds[path] == PREQUANTIZED:
             new = _prequantized_module(self.model, self.model.cfg, path, self.parts.pop(path), self.plan.dtype,
                                        self.device)
+            if sink is not None:
+                sink(path, new.cache_state() if isinstance(new, quant.Int4Linear) else dict(new.state_dict()))
             replace_module(self.model, path, new)
         else:
-            self.plan.build(self.model, path)
+            self.plan.build(self.model, path, sink)
 
 
 def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -> None:
@@ -373,6 +423,7 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
         _malloc_mmap_threshold(1 << 20)  # its own pages, given back to the OS when freed
     packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and _pack_in_background())
     try:
+        reader.restore()
         for file in files:
             with open(file, "rb") as f:
                 header, data_start = read_safetensors_header(f)

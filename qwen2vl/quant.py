@@ -16,9 +16,10 @@ int8: symmetric per-output-channel int8 weights; activations are quantized per r
     kernels) runs ``torch._int_mm`` in row and column blocks (each int32 product rescaled in cache), and
     ``_weight_int8pack_mm`` (bf16 activations) for 2-8 rows.
 int4: the language model's decoder linears as asymmetric 4-bit with groups of 128 along the input, packed for
-    ``_weight_int4pack_mm_for_cpu`` (decode); above 128 rows (prefill) the weight is unpacked to bf16 a block of
-    output rows at a time and multiplied by the bf16 GEMM, 1.5-2x faster than the int4 kernel there. lm_head and
-    the vision tower are int8.
+    ``_weight_int4pack_mm_for_cpu`` (decode). Above 128 rows (prefill), where the CPU has int8 dot products
+    (VNNI / AMX), the weight is requantized to int8 a block of output rows at a time and multiplied on the int8
+    GEMM with per-row int8 activations (qwen2vl.int4_prefill); elsewhere it is unpacked to bf16 blocks for the
+    bf16 GEMM, 1.5-2x faster than the int4 kernel there. lm_head and the vision tower are int8.
 lm_head is int8 too, prepacked. On the CPU the loader leaves the embedding in the checkpoint file
 (qwen2vl.file_embedding), so a tied lm_head has a matrix of its own; an embedding held in memory becomes int8 rows
 instead (sharing a tied lm_head's int8 matrix, which then stays plain). Either way the whole language model is
@@ -36,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
+
+from . import int4_prefill
 
 
 MODES = ("int8", "int4")
@@ -57,7 +60,7 @@ def _block_rows(in_features: int, multiple: int = 1) -> int:
     return max(multiple, min(_ROWS, _BLOCK_QUANT // in_features) // multiple * multiple)
 
 
-def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> int8 (out, in) and float32 scales (out,): w ~ q * scale."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
@@ -198,7 +201,7 @@ def _layout_checked(layout: str) -> bool:
         w = torch.randn(48, 64, generator=g)
         x = torch.randn(3, 64, generator=g) * torch.tensor([[1.0], [30.0], [0.01]])
         lin = Int8Linear(w, None, layout=layout, _check=False)
-        q, s = _int8_rows(w)
+        q, s = int8_rows(w)
         return lin.layout == layout and torch.allclose(lin(x), _reference_int8(layout, x, q, s), rtol=1e-4,
                                                        atol=1e-4 * float(x.abs().amax() * w.abs().amax()))
     except (AttributeError, NotImplementedError, RuntimeError):
@@ -216,10 +219,24 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain", _check: bool = True):
         super().__init__()
+        self._setup(*int8_rows(weight), bias, weight.dtype, layout, _check)
+
+    @classmethod
+    def from_int8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  layout: str = "plain") -> "Int8Linear":
+        """The layer of a matrix quantized already, as ``int8_rows`` gives it (q int8 (out, in), float32 scales
+        (out,)), for activations of ``dtype``: the same layer ``Int8Linear(weight, ...)`` builds from the float
+        weight. A "plain" layer holds ``q`` itself (e.g. a tensor memory-mapped from the load cache)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(q, scales, bias, dtype, layout, True)
+        return self
+
+    def _setup(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, layout: str,
+               _check: bool) -> None:
         if layout not in _FALLBACK:
             raise ValueError(f"unknown int8 layout {layout!r}; use one of {', '.join(_FALLBACK)}")
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        q, s = _int8_rows(weight)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
         if q.device.type != "cpu":
             layout = "plain"
         elif _check:
@@ -240,9 +257,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", s)  # (out,) float32
         # the plain kernel takes its scales in the activations' dtype: cast once here, not in every forward (where
         # the cast is also an op that inductor cannot lower into the kernel's input)
-        self.register_buffer("scales_lp", s.to(weight.dtype) if weight.dtype in _LOW_PRECISION else None)
+        self.register_buffer("scales_lp", s.to(dtype) if dtype in _LOW_PRECISION else None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.dtype = weight.dtype
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -319,7 +336,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size}")
 
         rows = self._step(out_f, in_f)
-        buf = torch.empty(rows, in_f, dtype=torch.float32)  # reused blocks, as in _int8_rows
+        buf = torch.empty(rows, in_f, dtype=torch.float32)  # reused blocks, as in int8_rows
         qbuf = torch.empty(rows, in_f, dtype=torch.int32)
 
         def blocks(i: int, j: int):
@@ -346,6 +363,25 @@ class Int4Linear(nn.Module):
         self._pack(q.shape[0], q.shape[1], group_size, blocks, bias, inner_k_tiles)
         return self
 
+    int8 = None  # the int8 prefill copy (qwen2vl.int4_prefill), memory-mapped from the load cache; not a buffer:
+    # the file's pages, not the layer's memory
+
+    @classmethod
+    def from_packed(cls, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                    int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Int4Linear":
+        """The layer of tensors another Int4Linear holds (its ``cache_state``, e.g. memory-mapped from the load
+        cache): ``weight`` uint8 (out, in/2) in this CPU's packed layout, ``scales_and_zeros`` (groups, out, 2),
+        and optionally the int8 prefill copy ``int8`` (int8 (out, in), float32 scales (out,))."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.int8 = int8
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1] * 2
+        self.group_size = self.in_features // scales_and_zeros.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return self
+
     @staticmethod
     def _step(out_f: int, in_f: int) -> int:
         """Rows quantized and packed at a time (the packed layout is per 64 rows)."""
@@ -369,38 +405,63 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def dequantize(self, start: int = 0, end: int | None = None, block_n: int | None = None) -> torch.Tensor:
-        """Output rows start..end of the weight as bf16 (out rows, in). The packed layout (torch's CPU int4
-        format) is [out/N][in][N/2] bytes, N = 64 where torch's kernel uses AVX-512 and 32 where it uses AVX2:
-        byte j of row block b holds row N*b+j in its low nibble and row N*b+N/2+j in its high one. N is found
-        once per process by ``_unpack_block_n``, which checks this against torch's kernel.
-
-        Worked example, N = 32: bytes [0][k][0..15] hold rows 0..15 (low) and 16..31 (high) at input k."""
+        """Output rows start..end of the weight as bf16 (out rows, in). The packed layout's row block N (64 where
+        torch's kernel uses AVX-512, 32 where it uses AVX2; see ``int4_prefill.unpack``) is found once per process
+        by ``_unpack_block_n``, which checks the unpacking against torch's kernel."""
         block_n = block_n or _unpack_block_n() or 64
-        half = block_n // 2
         end = self.out_features if end is None else end
         n, K, g = end - start, self.in_features, self.group_size
-        packed = self.weight.view(-1, K, half)[start // block_n:end // block_n].transpose(1, 2)  # (n/N, N/2, in)
-        q = torch.empty(n // block_n, 2, half, K, dtype=torch.uint8, device=packed.device)  # (n/N, lo|hi, N/2, in)
-        torch.bitwise_and(packed, 15, out=q[:, 0])
-        torch.bitwise_right_shift(packed, 4, out=q[:, 1])
+        q = int4_prefill.unpack(self.weight, start, end, block_n, K)  # (n, in) 0..15
         w = q.view(torch.int8).sub_(8).view(n, K // g, g).to(torch.bfloat16)  # (n, groups, g): q - 8 in -8..7
         sz = self.scales_and_zeros[:, start:end]  # (groups, n, 2)
         return w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None]).view(n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if xb.shape[0] > _INT4_GEMM_M and self.out_features % 64 == 0 and _unpack_block_n():
-            y = torch.empty(xb.shape[0], self.out_features, dtype=torch.bfloat16)
-            for r in range(0, self.out_features, _INT4_BLOCK_N):
-                e = min(r + _INT4_BLOCK_N, self.out_features)
-                y[:, r:e] = torch.nn.functional.linear(xb, self.dequantize(r, e))
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.shape[0] > _INT4_GEMM_M and self.out_features % 64 == 0 and _unpack_block_n():
+            y = self.int8_prefill(x2) if self._int8_prefills() else self._bf16_prefill(x2)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
+                                                           self.scales_and_zeros)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
+
+    def cache_state(self) -> dict[str, torch.Tensor]:
+        """What the load cache keeps of this layer: its tensors, and where prefills run on int8 kernels the int8
+        copy of the weight they read (``int8``, ``int8_scales``; see qwen2vl.int4_prefill)."""
+        state = dict(self.state_dict())
+        if self._int8_prefills():
+            w8, scale = int4_prefill.requantize_all(self.weight, self.scales_and_zeros, _unpack_block_n(),
+                                                    self.group_size)
+            state.update(int8=w8, int8_scales=scale)
+        return state
+
+    def _int8_prefills(self) -> bool:
+        """Whether prefills (above ``_INT4_GEMM_M`` rows) run on int8 kernels."""
+        return self.out_features % 64 == 0 and bool(_unpack_block_n()) and int4_prefill.int8_gemm_is_fast()
+
+    def _bf16_prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, in) -> (M, out) bf16, no bias: the weight unpacked to bf16 a block of output rows at a time."""
+        xb = x.to(torch.bfloat16)
+        y = torch.empty(xb.shape[0], self.out_features, dtype=torch.bfloat16)
+        for r in range(0, self.out_features, _INT4_BLOCK_N):
+            e = min(r + _INT4_BLOCK_N, self.out_features)
+            y[:, r:e] = torch.nn.functional.linear(xb, self.dequantize(r, e))
+        return y
+
+    def int8_prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, in) -> (M, out) in x's dtype, no bias, on int8 kernels: activations quantized per row, the weight
+        requantized to int8 a block at a time, or read from the load cache's int8 copy (qwen2vl.int4_prefill).
+        The prefill path where the CPU has int8 dot products (``int4_prefill.int8_gemm_is_fast``)."""
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        for i in range(0, x.shape[0], _BLOCK_M):
+            xq, sx = _quantize_rows(x[i:i + _BLOCK_M])  # (rows, in) int8, (rows, 1)
+            y[i:i + _BLOCK_M] = int4_prefill.linear(xq, sx, self.weight, self.scales_and_zeros, _unpack_block_n(),
+                                                    self.group_size, x.dtype, self.int8)
+        return y
 
 
 @functools.cache
@@ -455,4 +516,4 @@ def quantize_embedding_(model, tied: bool, dtype: torch.dtype) -> None:
         model.lm_head = head
         model.model.embed_tokens = Int8Embedding(head.weight, head.scales, dtype)
     else:
-        model.model.embed_tokens = Int8Embedding(*_int8_rows(model.model.embed_tokens.weight), dtype)
+        model.model.embed_tokens = Int8Embedding(*int8_rows(model.model.embed_tokens.weight), dtype)

@@ -44,6 +44,7 @@ def test_every_field_is_a_flag_of_chat_and_serve(command):
              "--max-pixels", "200", "--max-model-len", "64", "--max-num-seqs", "3", "--max-num-batched-tokens", "99",
              "--no-enable-prefix-caching", "--prefix-cache-mb", "5", "--vision-cache-mb", "6", "--quantization",
              "int8", "--compile", "--media-timeout", "2.5", "--trusted-local-media", "--no-file-embedding", "--progress",
+             "--no-load-cache",
              "--enable-lora", "--max-loras", "3", "--max-lora-rank", "32"]
     args = build_parser().parse_args([command] + flags + (["hi"] if command == "chat" else []))
     c = engine_config_from_args(args)
@@ -51,7 +52,7 @@ def test_every_field_is_a_flag_of_chat_and_serve(command):
                              max_pixels=200, max_model_len=64, max_num_seqs=3, max_num_batched_tokens=99,
                              enable_prefix_caching=False, prefix_cache_mb=5, vision_cache_mb=6, quantization="int8",
                              compile=True, media_timeout=2.5, trusted_local_media=True, file_embedding=False,
-                             progress=True, enable_lora=True, max_loras=3, max_lora_rank=32)
+                             load_cache=False, progress=True, enable_lora=True, max_loras=3, max_lora_rank=32)
     assert all(getattr(c, f.name) != f.default for f in dataclasses.fields(EngineConfig))  # the flags name all
     defaults = engine_config_from_args(build_parser().parse_args([command, "--model", "ckpt"]))
     assert defaults == EngineConfig(model="ckpt")

@@ -127,8 +127,8 @@ def test_int4_linear_exact_on_representable_weights():
 def test_int8_embedding_rows():
     torch.manual_seed(0)
     w = torch.randn(100, 32)
-    from qwen2vl.quant import _int8_rows
-    emb = Int8Embedding(*_int8_rows(w), torch.float32)
+    from qwen2vl.quant import int8_rows
+    emb = Int8Embedding(*int8_rows(w), torch.float32)
     ids = torch.tensor([[3, 99, 0]])
     assert _rel(emb(ids), w[ids]) < 0.01
 

@@ -66,6 +66,9 @@ class EngineConfig:
                "files included, which can open other files and URLs; off: only plain containers (mp4/mov, mkv/webm, "
                "avi, gif, mpegts, flv, ogg, mpeg). Only for inputs you trust")
     file_embedding: bool = _knob(True, "leave the embedding table in the checkpoint file, rows read on use (CPU)")
+    load_cache: bool = _knob(True, "keep the int8 / int4 (and GPTQ / AWQ) weights a load builds in an on-disk cache "
+                                   "($QWEN2VL_CACHE, default ~/.cache/qwen2vl) and memory-map them on the next "
+                                   "load of the same checkpoint and setting (CPU)")
     progress: bool | None = _knob(None, "show a progress bar while loading (default: when stderr is a terminal)")
     enable_lora: bool = _knob(False, "serve LoRA adapters per request (vLLM's flag): the base weights shared, "
                                      "adapters added beside them, a batch may mix adapters")
@@ -95,7 +98,7 @@ class EngineConfig:
         self.vision_cache_mb = check_int("vision_cache_mb", self.vision_cache_mb, lo=0)
         self.media_timeout = check_float("media_timeout", self.media_timeout, lo=0.0, lo_open=True)
         self._check_lora()
-        for name in ("enable_prefix_caching", "compile", "file_embedding", "trusted_local_media"):
+        for name in ("enable_prefix_caching", "compile", "file_embedding", "trusted_local_media", "load_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
