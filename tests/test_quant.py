@@ -98,9 +98,11 @@ def test_int8_prefill_blocks_match_one_gemm():
 
 
 @pytest.mark.parametrize("out_features", [384, 2048 + 320])
-def test_int4_prefill_unpacks_what_the_kernel_reads(out_features):
-    """Above _INT4_GEMM_M rows the packed weight is unpacked for a bf16 GEMM: same weights as the int4 kernel."""
-    from qwen2vl import quant
+def test_int4_prefill_unpacks_what_the_kernel_reads(out_features, monkeypatch):
+    """Above _INT4_GEMM_M rows the packed weight is unpacked for a bf16 GEMM: same weights as the int4 kernel.
+    (Pinned to the bf16 route: where the CPU has int8 dot products, tests/test_int4_prefill.py bounds the int8 one.)"""
+    from qwen2vl import int4_prefill, quant
+    monkeypatch.setattr(int4_prefill, "int8_gemm_is_fast", lambda: False)
     assert quant._unpack_block_n() in (32, 64)
     torch.manual_seed(0)
     q = Int4Linear(torch.randn(out_features, 256), torch.randn(out_features), group_size=64)
