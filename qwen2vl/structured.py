@@ -27,6 +27,7 @@ import threading
 from collections import OrderedDict
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import InvalidInputError
@@ -175,15 +176,24 @@ def _short(message: str) -> str:
 
 def apply_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None]) -> torch.Tensor:
     """``logits`` (B, V) with every token row i's matcher forbids set to -inf (rows without one untouched):
-    the rows' bitmasks are filled, unpacked to (B, V) booleans and applied in one masked fill. Returns a new
-    tensor."""
+    the constrained rows' bitmasks are filled, unpacked to booleans (numpy's unpackbits on the CPU, shifts on
+    the device otherwise) and applied in one ``where``. Returns a new tensor."""
     B, V = logits.shape
+    rows = [i for i, m in enumerate(matchers) if m is not None]
     words = (V + 31) // 32
-    bits = torch.full((B, words), -1, dtype=torch.int32)  # -1: every token allowed (rows without a matcher)
-    for i, m in enumerate(matchers):
-        if m is not None:
-            m.fill(bits[i])
-    bits = bits.to(logits.device)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(B, words * 32)[:, :V].bool()  # (B, W, 32) -> (B, V)
-    return logits.masked_fill(~allowed, float("-inf"))
+    bits = torch.empty((len(rows), words), dtype=torch.int32)
+    for j, i in enumerate(rows):
+        matchers[i].fill(bits[j])
+    if logits.device.type == "cpu":  # little-endian words: bit k of the row is token k
+        allowed = torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V])
+        allowed = allowed.view(torch.bool)  # (R, V)
+    else:
+        bits = bits.to(logits.device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), words * 32)[:, :V].bool()  # (R, V)
+    if len(rows) == B:
+        return torch.where(allowed, logits, float("-inf"))
+    out = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    out[idx] = torch.where(allowed, logits[idx], float("-inf"))
+    return out
