@@ -10,7 +10,8 @@ for the whole batch) and feeds it the accepted tokens.
   :class:`CompiledGrammar`, cached by the constraint's canonical key (LRU, thread-safe; compiling drops the GIL,
   so a server compiles on its preparing threads, never on the engine's). Bad input raises InvalidInputError
   naming the problem: a schema that is not valid JSON Schema or uses an unsupported keyword, a regex that does
-  not compile, a grammar error. The vocabulary is built on first use (about a second), not at start.
+  not compile, a grammar error. The vocabulary is built on first use or by ``prepare()`` (1-2 s, holding the GIL;
+  the server calls it before serving).
 * :class:`CompiledGrammar`: the compiled, untouched form; ``matcher()`` gives each request its own state.
 * :class:`GrammarMatcher`: ``fill(row)`` writes the allowed-token bitmask, ``accept(token)`` advances,
   ``finished`` once the grammar has ended (the EOS that closes it accepted).
@@ -139,6 +140,11 @@ class GrammarCompiler:
                 self._vocab = llg.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
                                               eos_token=self.eos_token_ids)
             return self._vocab
+
+    def prepare(self) -> None:
+        """Build the vocabulary now (1-2 s holding the GIL: a server does it before it serves, so that its first
+        constrained request never stalls the engine's thread)."""
+        self._ll_tokenizer()
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         """The compiled grammar of ``params`` (from the cache when it was compiled before)."""

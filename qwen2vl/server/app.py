@@ -43,7 +43,7 @@ from ..errors import InvalidInputError
 from ..media.messages import Resolver, normalize_messages
 from ..processor import ProcessedPrompt
 from ..sampling_params import generation_config_defaults
-from ..structured import CompiledGrammar
+from ..structured import CompiledGrammar, available as structured_available
 from .. import tool_calls as tc
 from .constraints import ConstraintError, request_grammar
 from .media import MediaPolicy, ResolvedMedia, describe_source
@@ -182,6 +182,8 @@ class OpenAIServer:
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
+            if structured_available():  # the grammar vocabulary holds the GIL while built: before serving
+                self.llm.engine.structured.prepare()
             self.engine.start()
             if on_ready is not None:
                 on_ready()
