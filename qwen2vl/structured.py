@@ -87,6 +87,7 @@ class GrammarMatcher:
 
     def __init__(self, matcher):
         self._m = matcher
+        self._ended = False
 
     def fill(self, row: torch.Tensor) -> None:
         """Write the allowed tokens as bits into ``row`` (int32, contiguous, CPU: ceil(V / 32) words)."""
@@ -96,10 +97,15 @@ class GrammarMatcher:
         """Advance by a sampled token; False if the grammar does not allow it (the matcher is then broken)."""
         return self._m.consume_token(token)
 
+    def end(self) -> None:
+        """Give up: the grammar allows no token here (it cannot be satisfied); the answer ends."""
+        self._ended = True
+
     @property
     def finished(self) -> bool:
-        """The grammar has ended: its last token, or the EOS after it, was accepted; nothing may follow."""
-        return self._m.is_stopped()
+        """The grammar has ended: its last token, or the EOS after it, was accepted (or :meth:`end` was called);
+        nothing may follow."""
+        return self._ended or self._m.is_stopped()
 
     @property
     def error(self) -> str:

@@ -202,6 +202,15 @@ def test_length_stop_min_tokens_and_logprobs(llm):
     assert {llm.tokenizer.decode([t]) for t in allowed} <= {"yes", "no", "y", "n", "ye"}
 
 
+def test_degenerate_sampling_numbers_keep_the_grammar(llm):
+    """An extreme penalty turns the one allowed logit into inf (the probabilities NaN): the answer still follows the
+    grammar (found by the server's fuzz test), logprobs included."""
+    p = SamplingParams(repetition_penalty=5e-324, top_p=5e-324, logprobs=1, max_tokens=8,
+                       structured_outputs=S(choice=["", "x"]))
+    c = llm.chat(CONV, p)[0].outputs[0]
+    assert c.text in ("", "x") and c.finish_reason == "stop" and len(c.logprobs) == len(c.token_ids)
+
+
 def test_prefix_cache_and_compile_cache(llm):
     p = _params(S(json=SCHEMAS[15]), 7)
     stats = dict(llm.engine.structured.stats)

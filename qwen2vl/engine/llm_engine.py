@@ -203,19 +203,39 @@ class LLMEngine:
         out = self.sampler(logits, [s.params for s in seqs], [s.history for s in seqs],
                            [s.generator for s in seqs], eos_token_ids=self.eos_token_ids)
         toks = out.token_ids.tolist()
-        for seq, tok in zip(seqs, toks):  # the mask allowed it: a refusal is a bug (e.g. a sampler ignoring it)
-            if seq.grammar is not None and not seq.grammar.accept(tok):
-                raise RuntimeError(f"request {seq.request_id}: the sampled token {tok} is outside its grammar "
-                                   f"({seq.grammar.error[:200]})")
+        if any(s.grammar is not None for s in seqs):
+            toks = self._feed_grammars(seqs, logits, toks)
         for i, (seq, tok) in enumerate(zip(seqs, toks)):
             seq.output_token_ids.append(tok)
             if seq.logprobs is not None and out.logprobs is not None:
-                seq.logprobs.append(out.logprobs[i])
-                seq.cumulative_logprob += out.logprobs[i][tok]
+                lp = out.logprobs[i]
+                if tok not in lp:  # replaced by _feed_grammars: its own logprob first, as the sampler puts it
+                    lp = {tok: float(torch.log_softmax(logits[i].float(), dim=-1)[tok]), **lp}
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += lp[tok]
             reason = self._finish_reason(seq, tok)
             if reason is not None:
                 seq.status, seq.finish_reason = Status.FINISHED, reason
                 self._free(seq)
+
+    def _feed_grammars(self, seqs: list[Sequence], masked: torch.Tensor, toks: list[int]) -> list[int]:
+        """Feed each constrained row's token to its grammar. A token the mask forbids can only come from degenerate
+        numbers (an extreme penalty making a logit inf, the probabilities NaN): the best allowed token replaces it.
+        A row with no allowed token (a grammar that cannot be satisfied) gets EOS and ends."""
+        out = list(toks)
+        for i, seq in enumerate(seqs):
+            g = seq.grammar
+            if g is None:
+                continue
+            if not bool(torch.isfinite(masked[i, out[i]])) or not g.accept(out[i]):
+                row = masked[i].nan_to_num(nan=float("-inf"), posinf=torch.finfo(masked.dtype).max)
+                best = int(row.argmax())
+                if bool(torch.isfinite(row[best])) and g.accept(best):
+                    out[i] = best
+                else:
+                    out[i] = self.eos_token_ids[0] if self.eos_token_ids else out[i]
+                    g.end()
+        return out
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         """Token-level finishes: EOS (unless ignore_eos), a stop token id (its stop_reason), max_tokens or the
