@@ -9,10 +9,10 @@
 """
 
 from .errors import InvalidInputError
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "InvalidInputError", "process_vision_info", "RequestOutput",
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "StructuredOutputsParams", "InvalidInputError", "process_vision_info", "RequestOutput",
            "CompletionOutput", "LoRARequest", "train", "__version__"]
 
 

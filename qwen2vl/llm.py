@@ -21,6 +21,8 @@ from .loader import load_model, resolve_device, resolve_dtype, resolve_model_pat
 from .models import DEMO_MODEL
 from .processor import ProcessedPrompt, Processor
 from .sampling_params import SamplingParams, generation_config_defaults
+from .structured import available as structured_available
+from .tool_grammar import tool_constraint
 from .tokenizer import Tokenizer
 
 
@@ -189,6 +191,26 @@ class LLM:
             raise InvalidInputError("sampling_params must be one SamplingParams or one per prompt")
         return params
 
+    @staticmethod
+    def _with_tools(params: list[SamplingParams], tools: list[dict] | None, tool_choice) -> list[SamplingParams]:
+        """Each prompt's params with the constraint of ``tool_choice`` (qwen2vl.tool_grammar; None: "auto" when
+        there are tools). "auto" is constrained only where the grammar engine is installed and a request has no
+        structured_outputs of its own; "required" or a named function needs the engine and no other constraint."""
+        choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+        if not tools or choice == "none":
+            return params
+        if choice == "auto" and not structured_available():
+            return params
+        out = []
+        for p in params:
+            if p.structured_outputs is not None:
+                if choice != "auto":
+                    raise InvalidInputError(f"tool_choice {choice!r} and structured_outputs cannot be combined")
+                out.append(p)
+            else:
+                out.append(dataclasses.replace(p, structured_outputs=tool_constraint(tools, choice)))
+        return out
+
     def _lora_list(self, lora_request, n: int) -> list[LoRARequest | None]:
         """One adapter (or None) for every prompt, or a list of one per prompt."""
         if lora_request is None or isinstance(lora_request, LoRARequest):
@@ -271,16 +293,20 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None, mm_processor_kwargs: dict | None = None,
-             lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+             tool_choice: str | dict | None = None) -> list[RequestOutput]:
         """Generate replies for one conversation or a list of them (run as one batch). Returns one
         RequestOutput per conversation, in order. ``lora_request``: one adapter for all, or one per conversation
-        (None: the base model); needs ``enable_lora``."""
+        (None: the base model); needs ``enable_lora``. ``tools`` / ``tool_choice``: OpenAI's; with "required" or
+        a named function ({"type": "function", "function": {"name": ...}}) the answer is tool calls that parse
+        (qwen2vl.tool_grammar; ``tool_calls.parse_tool_calls`` reads them), with "auto" (the default with tools)
+        a call the model opens is constrained the same way."""
         convs = list(messages) if self._is_batch(messages) else [messages]
         prepared = [self._prepare(c, add_generation_prompt=add_generation_prompt,
                                   chat_template_kwargs=chat_template_kwargs, tools=tools,
                                   mm_processor_kwargs=mm_processor_kwargs) for c in convs]
-        return self._run(prepared, self._params_list(sampling_params, len(prepared)),
-                         self._lora_list(lora_request, len(prepared)))
+        params = self._with_tools(self._params_list(sampling_params, len(prepared)), tools, tool_choice)
+        return self._run(prepared, params, self._lora_list(lora_request, len(prepared)))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
@@ -294,13 +320,15 @@ class LLM:
     def chat_stream(self, messages, sampling_params: SamplingParams | None = None, *,
                     add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
                     tools: list[dict] | None = None, mm_processor_kwargs: dict | None = None,
-                    lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
+                    lora_request: LoRARequest | None = None,
+                    tool_choice: str | dict | None = None) -> Iterator[RequestOutput]:
         """Stream one conversation's reply: yields RequestOutputs whose ``delta_text`` is the new text (never a
-        split character, never the start of a stop string); the last one has ``finished=True``."""
+        split character, never the start of a stop string); the last one has ``finished=True``. ``tools`` /
+        ``tool_choice`` as in :meth:`chat`."""
         p = self._prepare(messages, add_generation_prompt=add_generation_prompt,
                           chat_template_kwargs=chat_template_kwargs, tools=tools,
                           mm_processor_kwargs=mm_processor_kwargs)
-        params = self._params_list(sampling_params, 1)[0]
+        params = self._with_tools(self._params_list(sampling_params, 1), tools, tool_choice)[0]
         if params.n != 1:
             raise InvalidInputError("chat_stream streams one completion: n must be 1")
         seq = Sequence(p.token_ids, params, p.vision, prompt=p.prompt,

@@ -1,14 +1,82 @@
-"""Sampling parameters for text generation, with vLLM's names and defaults."""
+"""Sampling parameters for text generation, with vLLM's names and defaults; :class:`StructuredOutputsParams`, the
+constraint a request's output must follow (vLLM's shape; enforced by qwen2vl.structured)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 from numbers import Integral, Real
 
 from qwen2vl.errors import InvalidInputError
 
 _SAMPLING_EPS = 1e-5  # temperatures below this are treated as 0 (greedy), as in vLLM
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """The one constraint a completion must follow (vLLM's ``StructuredOutputsParams``); exactly one field is set.
+
+    Fields:
+        json: a JSON Schema (a dict, or its JSON text): the answer is one JSON value valid against it.
+        regex: the answer matches this regular expression (the whole answer).
+        choice: the answer is exactly one of these strings (a non-empty list).
+        grammar: a context-free grammar, in Lark syntax (llguidance's dialect) or GBNF / EBNF (llama.cpp's).
+        json_object: True: the answer is any JSON object (OpenAI's ``{"type": "json_object"}``).
+
+    JSON answers are written compactly (``", "`` and ``": "`` between items, no other whitespace), the way
+    ``json.dumps`` and Qwen's tool calls write JSON. Whether a schema, regex or grammar is valid is checked when
+    the request is added (InvalidInputError naming the problem). Needs the ``structured`` extra (llguidance).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidInputError("structured_outputs must set exactly one of json, regex, choice, grammar or "
+                                    f"json_object, got {given or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise InvalidInputError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(value, (dict, bool)):
+                raise InvalidInputError("structured_outputs.json must be a JSON Schema (an object), got "
+                                        f"{type(value).__name__}")
+        elif kind == "choice":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+                raise InvalidInputError("structured_outputs.choice must be a list of strings")
+            if not value:
+                raise InvalidInputError("structured_outputs.choice must not be empty")
+            object.__setattr__(self, "choice", tuple(value))
+        elif kind == "json_object":
+            if value is not True:
+                raise InvalidInputError(f"structured_outputs.json_object must be true, got {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise InvalidInputError(f"structured_outputs.{kind} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        """The field that is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal keys compile to the same grammar (the compile cache's key)."""
+        kind, value = self.kind, getattr(self, self.kind)
+        if kind == "json":
+            value = json.loads(value) if isinstance(value, str) else value
+            return kind, json.dumps(value, sort_keys=True, separators=(",", ":"))
+        if kind == "choice":
+            return kind, json.dumps(list(value))
+        return kind, "" if kind == "json_object" else value
 
 
 @dataclass
@@ -47,6 +115,8 @@ class SamplingParams:
             qwen2vl.engine.output_processor.GROUNDING_TOKENS). Every surface (LLM.chat, chat_stream,
             the server) uses the same default, so the same request gives the same text.
         include_stop_str_in_output: keep the matched stop string in the output text.
+        structured_outputs: a :class:`StructuredOutputsParams`: every token is drawn from those the constraint
+            allows (qwen2vl.structured); None: no constraint.
     """
 
     n: int = 1
@@ -67,6 +137,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     keep_grounding_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = check_int("n", self.n, lo=1)
@@ -98,6 +169,9 @@ class SamplingParams:
                 raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logprobs is not None:
             self.logprobs = check_int("logprobs", self.logprobs, lo=0, hi=20)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidInputError("structured_outputs must be a StructuredOutputsParams, got "
+                                    f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

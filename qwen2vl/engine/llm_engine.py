@@ -3,7 +3,11 @@ prefills up to ``max_num_batched_tokens`` prompt tokens: prompts begun earlier g
 and a longer prompt runs in chunks over several steps (chunked prefill), so a 16k-token prompt never stalls the
 running streams for its whole prefill; finished requests leave and free their cache rows at once.
 
-It works in token ids and decides only token-level finishes: EOS, stop token ids, max_tokens and the context.
+It works in token ids and decides only token-level finishes: EOS, stop token ids, max_tokens and the context (and
+the end of a structured-output grammar). A request with ``structured_outputs`` gets its grammar matcher when it
+is added (compiled through :attr:`LLMEngine.structured`, cached; a caller that compiles elsewhere sets
+``seq.grammar`` first); every step its mask is applied to its row of the logits before sampling and the sampled
+token is fed back to it (qwen2vl.structured).
 Text (detokenizing, stop strings, streaming deltas) is qwen2vl.engine.output_processor's, which ends a request a
 stop string finished through :meth:`LLMEngine.finish_request`."""
 
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import InvalidInputError
+from ..structured import GrammarCompiler, apply_masks
 from ..tokenizer import Tokenizer
 from .model_runner import ModelRunner
 from .sampler import Sampler, make_generator
@@ -42,6 +47,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         self.lora = self.runner.lora = lora  # a LoraManager (qwen2vl.engine.lora_manager) when serving adapters
+        # structured outputs: grammars compiled against the logits' width (the vocabulary is built on first use)
+        self.structured = GrammarCompiler(tokenizer, model.cfg.text.vocab_size, self.eos_token_ids)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, seq: Sequence) -> None:
@@ -58,6 +65,8 @@ class LLMEngine:
             raise InvalidInputError(f"request id {seq.request_id!r} is already in use")
         self._check_lora(seq)
         p = seq.params
+        if p.structured_outputs is not None and seq.grammar is None:
+            seq.grammar = self.structured.compile(p.structured_outputs).matcher()
         seq.max_total = self.max_model_len if p.max_tokens is None else min(self.max_model_len, n + p.max_tokens)
         seq.generator = make_generator(p, self.model.device)
         media = (self.model.cfg.image_token_id, self.model.cfg.video_token_id)
@@ -188,24 +197,55 @@ class LLMEngine:
         seq.finish_reason = "abort"
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token (its grammar's mask applied first), append it and decide finishes."""
+        if any(s.grammar is not None for s in seqs):
+            logits = apply_masks(logits, [s.grammar for s in seqs])
         out = self.sampler(logits, [s.params for s in seqs], [s.history for s in seqs],
                            [s.generator for s in seqs], eos_token_ids=self.eos_token_ids)
-        for i, (seq, tok) in enumerate(zip(seqs, out.token_ids.tolist())):
+        toks = out.token_ids.tolist()
+        if any(s.grammar is not None for s in seqs):
+            toks = self._feed_grammars(seqs, logits, toks)
+        for i, (seq, tok) in enumerate(zip(seqs, toks)):
             seq.output_token_ids.append(tok)
             if seq.logprobs is not None and out.logprobs is not None:
-                seq.logprobs.append(out.logprobs[i])
-                seq.cumulative_logprob += out.logprobs[i][tok]
+                lp = out.logprobs[i]
+                if tok not in lp:  # replaced by _feed_grammars: its own logprob first, as the sampler puts it
+                    lp = {tok: float(torch.log_softmax(logits[i].float(), dim=-1)[tok]), **lp}
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += lp[tok]
             reason = self._finish_reason(seq, tok)
             if reason is not None:
                 seq.status, seq.finish_reason = Status.FINISHED, reason
                 self._free(seq)
 
+    def _feed_grammars(self, seqs: list[Sequence], masked: torch.Tensor, toks: list[int]) -> list[int]:
+        """Feed each constrained row's token to its grammar. A token the mask forbids can only come from degenerate
+        numbers (an extreme penalty making a logit inf, the probabilities NaN): the best allowed token replaces it.
+        A row with no allowed token (a grammar that cannot be satisfied) gets EOS and ends."""
+        out = list(toks)
+        for i, seq in enumerate(seqs):
+            g = seq.grammar
+            if g is None:
+                continue
+            if not bool(torch.isfinite(masked[i, out[i]])) or not g.accept(out[i]):
+                row = masked[i].nan_to_num(nan=float("-inf"), posinf=torch.finfo(masked.dtype).max)
+                best = int(row.argmax())
+                if bool(torch.isfinite(row[best])) and g.accept(best):
+                    out[i] = best
+                else:
+                    out[i] = self.eos_token_ids[0] if self.eos_token_ids else out[i]
+                    g.end()
+        return out
+
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         """Token-level finishes: EOS (unless ignore_eos), a stop token id (its stop_reason), max_tokens or the
-        context ("length"). min_tokens needs no check here: the sampler masks EOS and stop ids until then."""
+        context ("length"), the end of a grammar. min_tokens needs no check here: the sampler masks EOS and stop
+        ids until then (unless a grammar allows nothing else)."""
         p = seq.params
         if tok in self.eos_token_ids and not p.ignore_eos:
             return "stop"
+        if seq.grammar is not None and seq.grammar.finished and tok in self.eos_token_ids:
+            return "stop"  # the grammar ended with EOS: nothing may follow, ignore_eos or not
         if tok in p.stop_token_ids:
             seq.stop_reason = tok
             return "stop"

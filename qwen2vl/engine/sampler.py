@@ -46,14 +46,18 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 def apply_min_tokens(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[History],
                      eos_token_ids: Sequence[int]) -> Tensor:
     """In place: for rows with fewer than ``min_tokens`` generated tokens, set the logits of the
-    stop_token_ids and (unless ignore_eos) the EOS ids to -inf. Returns ``logits``."""
+    stop_token_ids and (unless ignore_eos) the EOS ids to -inf, unless that leaves the row nothing to sample (a
+    structured-output grammar that must end now: it ends). Returns ``logits``."""
     V = logits.shape[-1]
     for i, p in enumerate(params):
         if p.min_tokens and len(histories[i][1]) < p.min_tokens:
             ids = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_token_ids))
             ids = [t for t in ids if 0 <= t < V]
             if ids:
+                kept = logits[i, ids].clone()
                 logits[i, ids] = float("-inf")
+                if not torch.isfinite(logits[i]).any():
+                    logits[i, ids] = kept
     return logits
 
 

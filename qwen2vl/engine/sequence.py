@@ -70,6 +70,8 @@ class Sequence:
         self.num_computed_tokens = 0  # prompt tokens whose KV is computed (cached prefix included)
         self.prefill = None  # the runner's state while the prompt runs in chunks (ChunkedPrefill), else None
         self.generator: torch.Generator | None = None
+        # the request's place in its structured-output grammar (qwen2vl.structured.GrammarMatcher), or None
+        self.grammar = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id, or the stop string, that ended it
         self.max_total = 0  # prompt + generated tokens allowed, set by the engine

@@ -44,7 +44,9 @@ from ..errors import InvalidInputError
 from ..media.messages import Resolver, normalize_messages
 from ..processor import ProcessedPrompt
 from ..sampling_params import generation_config_defaults
+from ..structured import CompiledGrammar, available as structured_available
 from .. import tool_calls as tc
+from .constraints import ConstraintError, request_grammar
 from .media import MediaPolicy, ResolvedMedia, describe_source
 from .metrics import Metrics
 from .models import LoRAModule, ServedModels
@@ -185,6 +187,8 @@ class OpenAIServer:
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
+            if structured_available():  # the grammar vocabulary holds the GIL while built: before serving
+                self.llm.engine.structured.prepare()
             self.engine.start()
             if on_ready is not None:
                 on_ready()
@@ -278,11 +282,13 @@ class OpenAIServer:
                                headers={"Retry-After": str(self.config.retry_after_s)})
             self.inflight += req.n
             admitted = req.n
-            prepared, prefix = await self._prepare(req, deadline, rid)
+            prepared, prefix, grammar = await self._prepare(req, deadline, rid)
             visual = self._visual_tokens(prepared.token_ids)  # reported before any model work
             log.info("%s queued prompt_tokens=%d visual_tokens=%d n=%d", rid, len(prepared.token_ids), visual, req.n)
             seqs = [Sequence(prepared.token_ids, p, prepared.vision, prompt=prepared.prompt, request_id=f"{rid}-{i}",
                              group_id=rid, lora_request=lora) for i, p in enumerate(req.seq_params())]
+            for seq in seqs:  # compiled on the preparing thread; each completion has its own matcher
+                seq.grammar = grammar.matcher() if grammar is not None else None
             handle = self.engine.submit(seqs)
             ctx = _Ctx(rid, t0, deadline, req, prepared, prefix, handle, admitted)
             ctx.model = named if lora is not None else self.model_name
@@ -322,7 +328,8 @@ class OpenAIServer:
         log.info("%s status=%d latency=%.3fs error=%s", rid, status, time.monotonic() - t0, message[:200])
 
     # ------------------------------------------------------------------ preparing the prompt
-    async def _prepare(self, req: ChatRequest, deadline: float | None, rid: str) -> tuple[ProcessedPrompt, str]:
+    async def _prepare(self, req: ChatRequest, deadline: float | None, rid: str
+                       ) -> tuple[ProcessedPrompt, str, CompiledGrammar | None]:
         cfg = self.config
         with self._preparing_lock:
             if self.preparing >= max(1, cfg.preprocess_workers) + cfg.max_preprocess_queue:
@@ -350,7 +357,7 @@ class OpenAIServer:
         with self._preparing_lock:
             self.preparing -= 1
 
-    def _prepare_sync(self, req: ChatRequest, rid: str) -> tuple[ProcessedPrompt, str]:
+    def _prepare_sync(self, req: ChatRequest, rid: str) -> tuple[ProcessedPrompt, str, CompiledGrammar | None]:
         try:
             return self._prepare_inner(req)
         except InvalidInputError as e:
@@ -390,7 +397,7 @@ class OpenAIServer:
 
         return resolve
 
-    def _prepare_inner(self, req: ChatRequest) -> tuple[ProcessedPrompt, str]:
+    def _prepare_inner(self, req: ChatRequest) -> tuple[ProcessedPrompt, str, CompiledGrammar | None]:
         cfg = self.config
         tools = req.tools if req.parse_tools else None
         messages = req.messages
@@ -433,7 +440,17 @@ class OpenAIServer:
             if visual > cfg.max_visual_tokens:
                 raise APIError(400, f"the images and videos of this request make {visual} visual tokens, over the "
                                f"limit of {cfg.max_visual_tokens}", param="messages", code="too_many_visual_tokens")
-        return prepared, prefix
+        return prepared, prefix, self._grammar(req, prefix)
+
+    def _grammar(self, req: ChatRequest, prefix: str) -> CompiledGrammar | None:
+        """The request's structured-output grammar, or the one its tool_choice implies (qwen2vl.server.constraints),
+        compiled here on the preparing thread through the engine's cache; 400 naming the field if it is bad."""
+        try:
+            return request_grammar(self.llm.engine.structured, req.params.structured_outputs, req.constraint_param,
+                                   req.tools if req.parse_tools else None, req.tool_choice, req.parallel_tool_calls,
+                                   prefix)
+        except ConstraintError as e:
+            raise APIError(e.status, e.message, param=e.param) from None
 
     def _visual_tokens(self, ids: list[int]) -> int:
         """Image and video pad tokens of a prepared prompt (what its media cost in prompt tokens)."""

@@ -98,6 +98,31 @@ def _sampling_properties() -> dict:
     }
 
 
+def _structured_properties() -> dict:
+    """response_format and vLLM's structured-output fields (qwen2vl.server.constraints): at most one per request
+    (else 400); a schema, regex or grammar that does not compile is 400."""
+    json_schema = _obj({"name": _STR, "schema": _nullable({"type": "object"}), "strict": _nullable(_BOOL),
+                        "description": _STR}, ("name",))
+    response_format = {"anyOf": [_obj({"type": {"enum": ["text", "json_object"]}}, ("type",)),
+                                 _obj({"type": {"const": "json_schema"}, "json_schema": json_schema},
+                                      ("type", "json_schema"))]}
+    choice = {"type": "array", "items": _STR, "minItems": 1}
+    one = {"json": {"anyOf": [{"type": "object"}, _STR]}, "regex": _STR, "choice": choice, "grammar": _STR,
+           "json_object": {"const": True}}
+    return {
+        "response_format": {**_nullable(response_format), "description": "json_object: any JSON object; "
+                            "json_schema: JSON valid against the schema (constrained decoding)."},
+        "structured_outputs": {**_nullable(_obj({k: _nullable(v) for k, v in one.items()},
+                                                additionalProperties=False, minProperties=1, maxProperties=1)),
+                               "description": "vLLM extra: exactly one of json (a JSON Schema), regex, choice, "
+                               "grammar (Lark or GBNF) or json_object."},
+        "guided_json": {**_nullable(one["json"]), "description": "vLLM's older name for structured_outputs.json."},
+        "guided_regex": {**_nullable(_STR), "description": "vLLM's older name for structured_outputs.regex."},
+        "guided_choice": {**_nullable(choice), "description": "vLLM's older name for structured_outputs.choice."},
+        "guided_grammar": {**_nullable(_STR), "description": "vLLM's older name for structured_outputs.grammar."},
+    }
+
+
 def _request_properties() -> dict:
     tool_choice = {"anyOf": [{"enum": ["none", "auto", "required"]},
                              _obj({"type": {"const": "function"},
@@ -116,7 +141,7 @@ def _request_properties() -> dict:
         "logprobs": _nullable(_BOOL),
         "top_logprobs": {**_nullable({**_INT, "minimum": 0, "maximum": 20}),
                          "description": "Needs logprobs=true (else 400)."},
-        "response_format": _nullable(_obj({"type": {"enum": ["text"]}})),
+        **_structured_properties(),
         "logit_bias": {**_nullable({"type": "object", "maxProperties": 0}), "description": "Not supported."},
         "tools": _nullable({"type": "array", "items": _ref("Tool")}),
         "tool_choice": {**_nullable(tool_choice), "description": "'required' and a named function need tools "
@@ -162,7 +187,8 @@ def _message_schemas() -> dict:
         ]},
         "Tool": _obj({"type": {"const": "function"},
                       "function": _obj({"name": _TOOL_NAME,
-                                        "description": _STR, "parameters": {"type": "object"}}, ("name",))},
+                                        "description": _STR, "parameters": {"type": "object"},
+                                        "strict": _nullable(_BOOL)}, ("name",))},
                      ("function",)),
     }
 

@@ -17,6 +17,7 @@ from ..errors import InvalidInputError
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, bytes_to_unicode
 from ..tool_calls import check_tool_name
+from .constraints import ConstraintError, parse_constraint
 
 __all__ = ["APIError", "ChatRequest", "parse_chat_request", "TokenInfo", "openai_logprobs"]
 
@@ -230,6 +231,7 @@ class ChatRequest:
     default_max_tokens: int | None = None  # generation_config.json's max_new_tokens, when the request gives none
     mm_processor_kwargs: dict = field(default_factory=dict)
     chat_template_kwargs: dict = field(default_factory=dict)
+    constraint_param: str | None = None  # the body field params.structured_outputs came from (constraints)
 
     @property
     def parse_tools(self) -> bool:
@@ -274,10 +276,10 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None, max_n: int | 
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         if not 0 <= top_logprobs <= 20:
             raise APIError(400, f"'top_logprobs' must be in [0, 20], got {top_logprobs}", param="top_logprobs")
-    rf = _opt(body, "response_format", "dict")
-    if rf is not None and rf.get("type", "text") != "text":
-        raise APIError(400, f"response_format {rf.get('type')!r} is not supported (only 'text')",
-                       param="response_format")
+    try:
+        constraint, constraint_param = parse_constraint(body)
+    except ConstraintError as e:
+        raise APIError(e.status, e.message, param=e.param, code="invalid_type" if e.status == 422 else None) from None
     lb = _opt(body, "logit_bias", "dict")
     if lb:
         raise APIError(400, "'logit_bias' is not supported", param="logit_bias")
@@ -293,6 +295,7 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None, max_n: int | 
     ctk = _opt(body, "chat_template_kwargs", "dict", {})
 
     params = _sampling_params(body, defaults, logprobs, top_logprobs)
+    params = dataclasses.replace(params, structured_outputs=constraint) if constraint is not None else params
     if n < 1:
         raise APIError(400, f"n must be >= 1, got {n}", param="n")
     if max_n is not None and n > max_n:
@@ -303,7 +306,7 @@ def parse_chat_request(body: Any, *, defaults: dict | None = None, max_n: int | 
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs or 0, tools=tools,
                        tool_choice=tool_choice, parallel_tool_calls=parallel,
                        default_max_tokens=defaults.get("max_tokens"), mm_processor_kwargs=dict(mm),
-                       chat_template_kwargs=dict(ctk))
+                       chat_template_kwargs=dict(ctk), constraint_param=constraint_param)
 
 
 def _over_max(param: str, value: int, limit: int, what: str) -> APIError:
