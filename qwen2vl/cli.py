@@ -105,7 +105,7 @@ def run_eval(args, out=None) -> int:
     from .demo.fonts import FontsNotFoundError
     from .demo.tasks import check_tasks, held_out_seed, sample
     from .llm import LLM
-    tasks = check_tasks(args.tasks)
+    tasks = check_tasks(args.tasks, graded=True)
     try:  # the fonts are checked before the model loads
         for task in tasks:
             sample(task, held_out_seed(0, args.seed))

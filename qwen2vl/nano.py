@@ -50,8 +50,8 @@ BUDGET_BYTES = 50_000_000
 VOCAB_SIZE = 151936
 
 #: The architecture (see the module docstring for why).
-NANO = {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 6, "num_attention_heads": 3,
-        "num_key_value_heads": 3, "mrope_section": [4, 6, 6],
+NANO = {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6,
+        "num_key_value_heads": 6, "mrope_section": [2, 3, 3], "initializer_range": 0.1,
         "vision": {"depth": 6, "embed_dim": 192, "num_heads": 6}}
 
 PREPROCESSOR_CONFIG = {
@@ -85,7 +85,7 @@ def nano_config(**overrides) -> dict:
         "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
         "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
         "video_token_id": 151656, "hidden_act": "silu", "hidden_size": a["hidden_size"],
-        "initializer_range": 0.02, "intermediate_size": a["intermediate_size"], "max_position_embeddings": 32768,
+        "initializer_range": a["initializer_range"], "intermediate_size": a["intermediate_size"], "max_position_embeddings": 32768,
         "max_window_layers": a["num_hidden_layers"], "model_type": "qwen2_vl",
         "num_attention_heads": a["num_attention_heads"], "num_hidden_layers": a["num_hidden_layers"],
         "num_key_value_heads": a["num_key_value_heads"], "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,

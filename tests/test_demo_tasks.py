@@ -411,3 +411,49 @@ def test_examples(tmp_path):
     assert got == json.loads(open(os.path.join(shipped, "questions.json"), encoding="utf-8").read())
     for name in ("counting.png", "grounding.png"):  # no text: the same pixels whatever the font versions
         assert (_px(Image.open(tmp_path / name)) == _px(Image.open(os.path.join(shipped, name)))).all()
+
+
+def _turns(s):
+    """(question, answer) pairs of a sample's whole conversation."""
+    conv = s.conversation()
+    texts = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"] for m in conv]
+    return list(zip(texts[0::2], texts[1::2]))
+
+
+def test_drill_conversations():
+    """The training-only drill: several graded-task questions about one picture, every answer the picture's truth."""
+    from qwen2vl.demo.signs import READ_QUESTION, WEATHER_QUESTION
+    seen = set()
+    for seed in range(60):
+        s = sample("drill", seed)
+        assert s == s and sample("drill", seed).answer == s.answer  # deterministic
+        media = [p for m in s.messages if isinstance(m["content"], list) for p in m["content"] if p["type"] != "text"]
+        assert len(media) == 1 and s.messages[0]["content"][0] is media[0]  # one picture, in the first turn
+        turns = _turns(s)
+        questions = [q for q, _ in turns]
+        if media[0]["type"] == "video":
+            seen.add("video")
+            assert sorted(questions)[0].startswith("Which") and len(turns) == 2
+        elif READ_QUESTION in questions:
+            seen.add("sign")
+            assert set(questions) == {READ_QUESTION, WEATHER_QUESTION} and s.tools == TOOLS
+            word = turns[0][1].split('"')[-2] if questions[0] == READ_QUESTION else turns[1][1].split('"')[-2]
+            assert all(word in a for _, a in turns)
+        elif questions[0].startswith("Output"):
+            seen.add("blocks")
+            assert len(turns) == 1
+        else:
+            seen.add("shapes")
+            assert 3 <= len(turns) <= 6 and all(q.startswith(("Where is", "How many")) for q in questions)
+            grounded = [q for q in questions if q.startswith("Where is")]
+            assert len(grounded) == len(set(grounded))  # each shape asked about once
+    assert seen == {"video", "sign", "blocks", "shapes"}
+
+
+def test_drill_is_training_only():
+    from qwen2vl.demo.tasks import check_tasks
+    assert "drill" not in ALL_TASKS and check_tasks("blocks,drill") == ("blocks", "drill")
+    with pytest.raises(InvalidInputError, match="unknown graded demo task"):
+        check_tasks("drill", graded=True)
+    with pytest.raises(InvalidInputError, match="drill"):
+        evaluate(None, n_per_task=1, tasks=["drill"])

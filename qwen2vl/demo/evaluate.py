@@ -93,7 +93,7 @@ def evaluate(llm, n_per_task: int = 200, seed: int = 0, tasks=None, *, batch_siz
     each task (default: all of :data:`~qwen2vl.demo.tasks.ALL_TASKS`). ``progress(task, score)`` is called after
     each task; ``max_tokens`` caps every task's budget (for quick runs). Returns the report; ``report.table()`` is
     the printed table."""
-    tasks = check_tasks(tasks)
+    tasks = check_tasks(tasks, graded=True)
     if n_per_task < 1 or batch_size < 1 or seed < 0:
         raise InvalidInputError(f"n_per_task and batch_size must be >= 1 and seed >= 0, got {n_per_task}, "
                                 f"{batch_size}, {seed}")

@@ -1,7 +1,8 @@
 """The demo task registry: task names, one generator per task, and the seed ranges for training and evaluation.
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
-(task, seed) -> :class:`~qwen2vl.demo.common.Sample`, and the split of seeds: training uses seeds
+(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill",
+:mod:`qwen2vl.demo.drill`), and the split of seeds: training uses seeds
 ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never
 share a sample (:func:`held_out_seed`).
 
@@ -18,12 +19,13 @@ from typing import Callable
 from ..errors import InvalidInputError
 from .blocks import sample_blocks
 from .common import Sample, pick, randint, task_rng, user
+from .drill import sample_drill
 from .shapes import counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding
 from .signs import (READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_answer, sample_reading,
                     sample_weather, weather_answer)
 from .video_task import draw_video, sample_video, video_qa
 
-__all__ = ["TASKS", "ALL_TASKS", "GENERATORS", "HELD_OUT_START", "sample", "held_out_seed", "check_tasks"]
+__all__ = ["TASKS", "ALL_TASKS", "TRAINING_ONLY", "GENERATORS", "HELD_OUT_START", "sample", "held_out_seed", "check_tasks"]
 
 TASKS: tuple[str, ...] = ("blocks", "counting", "reading", "weather", "grounding", "video")
 ALL_TASKS: tuple[str, ...] = TASKS + ("conversation",)
@@ -65,19 +67,23 @@ def sample_conversation(seed: int) -> Sample:
 
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
-    "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation}
+    "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
+    "drill": sample_drill}
+TRAINING_ONLY: tuple[str, ...] = ("drill",)  # training data only (qwen2vl.demo.drill): never graded
 
 
-def check_tasks(tasks) -> tuple[str, ...]:
-    """Task names as a tuple (None: all of :data:`ALL_TASKS`; a string: comma-separated); unknown names refused."""
+def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
+    """Task names as a tuple (None: all of :data:`ALL_TASKS`; a string: comma-separated); unknown names refused,
+    and with ``graded`` the training-only ones (:data:`TRAINING_ONLY`) too."""
     if tasks is None:
         return ALL_TASKS
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = tuple(tasks)
-    unknown = [t for t in tasks if t not in GENERATORS]
+    unknown = [t for t in tasks if t not in GENERATORS or (graded and t in TRAINING_ONLY)]
     if unknown or not tasks:
-        raise InvalidInputError(f"unknown demo task(s) {unknown or tasks!r}; known: {', '.join(ALL_TASKS)}")
+        known = ", ".join(ALL_TASKS if graded else ALL_TASKS + TRAINING_ONLY)
+        raise InvalidInputError(f"unknown {'graded ' if graded else ''}demo task(s) {unknown or tasks!r}; known: {known}")
     return tasks
 
 
