@@ -199,3 +199,35 @@ def test_resumed_full_run_keeps_the_head_tied(tiny_checkpoint, tmp_path, monkeyp
     got = again.train()
     assert [r["loss"] for r in got.log] == pytest.approx([r["loss"] for r in want.log[2:]], rel=1e-5)
     assert "lm_head.weight" not in load_file(tmp_path / "r" / "model.safetensors")
+
+
+def test_feature_penalty_flags_collapse_and_size():
+    """qwen2vl.train.feature_reg: zero for features at text scale that vary across the picture; positive for a
+    picture whose tokens collapsed to one vector, and for tokens far above RMS 1; one term per media item."""
+    from qwen2vl.train.feature_reg import feature_penalty
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(16, 96, generator=g).sign() * 0.7  # RMS 0.7, std about 0.7 per channel
+    assert float(feature_penalty(spread, [(1, 8, 8)])) == 0.0
+    collapsed = torch.full((16, 96), 0.5)
+    assert float(feature_penalty(collapsed, [(1, 8, 8)])) == pytest.approx(0.5)  # spread term only
+    big = spread * 10
+    assert float(feature_penalty(big, [(1, 8, 8)])) == pytest.approx(36.0)  # (7 - 1)^2
+    both = torch.cat([spread, collapsed])
+    assert float(feature_penalty(both, [(1, 8, 8), (1, 8, 8)])) == pytest.approx(0.25)  # mean over items
+    x = collapsed.clone().requires_grad_()
+    feature_penalty(x + torch.randn(16, 96, generator=g) * 1e-3, [(1, 8, 8)]).backward()
+    assert x.grad is not None  # differentiable
+
+
+def test_vision_feature_reg_trains_and_is_checked(tiny_checkpoint, tmp_path, monkeypatch):
+    """vision_feature_reg adds the penalty to the training loss (the logged loss stays the cross-entropy; the
+    weights move differently); a negative weight is refused."""
+    monkeypatch.setattr(demo_stream, "VOCAB_PROBE", 6)
+    plain = train(_scratch_cfg(tiny_checkpoint, tmp_path / "a", demo_vocab_only=True), progress=False)
+    reg = train(_scratch_cfg(tiny_checkpoint, tmp_path / "b", demo_vocab_only=True, vision_feature_reg=10.0),
+                progress=False)
+    assert plain.log[0]["loss"] == pytest.approx(reg.log[0]["loss"], rel=1e-6)  # same first forward
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert not torch.equal(a["visual.merger.mlp.2.weight"], b["visual.merger.mlp.2.weight"])
+    with pytest.raises(InvalidInputError, match="vision_feature_reg"):
+        load_config(_scratch_cfg(tiny_checkpoint, tmp_path / "c", vision_feature_reg=-1.0))

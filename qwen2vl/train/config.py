@@ -67,6 +67,7 @@ class TrainConfig:
     freeze_language_model: bool = False
     vision_lr: float | None = None  # the vision tower's learning rate (None: learning_rate)
     merger_lr: float | None = None  # the merger's (multi-modal projector's) learning rate
+    vision_feature_reg: float = 0.0  # weight of qwen2vl.train.feature_reg's anti-collapse penalty (0: off)
     # training (transformers TrainingArguments)
     output_dir: str = ""
     overwrite_output_dir: bool = False
@@ -269,6 +270,7 @@ def check(cfg: TrainConfig) -> None:
          "use_rslora and additional_target are only valid with finetuning_type 'lora'"),
         (not cfg.config_path or cfg.train_from_scratch, "config_path is only used with train_from_scratch"),
     ]
+    rules.append((cfg.vision_feature_reg >= 0, f"vision_feature_reg must be >= 0, got {cfg.vision_feature_reg}"))
     for lr_key in ("vision_lr", "merger_lr"):
         value = getattr(cfg, lr_key)
         rules.append((value is None or value > 0, f"{lr_key} must be > 0, got {value}"))

@@ -43,6 +43,7 @@ from ..errors import InvalidInputError
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .forward import sequence_loss, trained_count
+from .feature_reg import feature_penalty
 from .prepare import apply_dtype, build_model, make_optimizer, make_scheduler, make_trainable, model_config
 from .progress import JsonlLog, Progress, Rate, summary_text, write_results
 
@@ -168,13 +169,20 @@ class Trainer:
         return [self.train_samples[i] for i in order[k * per_step:(k + 1) * per_step]]
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, sample, scale: float) -> float:
+    def _loss(self, sample, scale: float, n_samples: int = 1) -> float:
+        """Forward and backward of one sequence: its cross-entropy sum / ``scale`` (the step's trained tokens),
+        plus ``vision_feature_reg`` x the feature penalty / ``n_samples``; returns the cross-entropy sum."""
         ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
         labels = torch.as_tensor(sample.labels, dtype=torch.long)
+        reg = self.cfg.vision_feature_reg
+        feats = [] if reg else None
         with self.autocast():
-            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab)
+            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab, feats)
         if scale:
-            (ce / scale).backward()
+            loss = ce / scale
+            if feats:
+                loss = loss + reg / n_samples * sum(feature_penalty(f, g) for f, g in feats)
+            loss.backward()
         return float(ce.detach())
 
     def train_step(self, samples: list) -> dict:
@@ -183,7 +191,7 @@ class Trainer:
         count = sum(trained_count(s.labels) for s in samples)
         if self.vocab is not None:
             self.vocab.begin()
-        total = sum(self._loss(s, count) for s in samples)
+        total = sum(self._loss(s, count, len(samples)) for s in samples)
         if self.vocab is not None:
             self.vocab.finish()
         if self.cfg.max_grad_norm > 0:
