@@ -457,3 +457,32 @@ def test_drill_is_training_only():
         check_tasks("drill", graded=True)
     with pytest.raises(InvalidInputError, match="drill"):
         evaluate(None, n_per_task=1, tasks=["drill"])
+
+
+def test_glance_conversations():
+    """The training-only glance: one object per picture; a shape's colour, count and box, or one block's answer."""
+    from qwen2vl.demo.common import PALETTE, JITTER
+    kinds = set()
+    for seed in range(40):
+        s = sample("glance", seed)
+        img = s.messages[0]["content"][0]["image"]
+        assert 196 <= min(img.size) and max(img.size) <= 308
+        turns = _turns(s)
+        if turns[0][0].startswith("Output"):
+            kinds.add("block")
+            assert len(turns) == 1
+            from qwen2vl.demo.grading import read_blocks
+            pairs = read_blocks(turns[0][1])
+            assert len(pairs) == 1 and pairs[0][0] in PALETTE and 0 <= pairs[0][1] <= 9
+        else:
+            kinds.add("shape")
+            qs = {q.split()[0] for q, _ in turns}
+            assert qs == {"What", "How", "Where"} and turns[-1][0].startswith("Where")
+            colour = next(a for q, a in turns if q.startswith("What")).split(" is ")[-1].rstrip(".")
+            assert colour in PALETTE and colour in turns[-1][0]
+            x1, y1, x2, y2 = [int(v) for v in turns[-1][1].split("<|box_start|>")[1].replace("(", "").replace(
+                ")", "").replace("<|box_end|>", "").split(",")]
+            cx, cy = (x1 + x2) / 2000 * img.size[0], (y1 + y2) / 2000 * img.size[1]
+            pixel = img.getpixel((int(cx), int(cy + (y2 - y1) / 8000 * img.size[1])))  # inside any of the shapes
+            assert all(abs(p - c) <= JITTER for p, c in zip(pixel, PALETTE[colour])), (seed, pixel, colour)
+    assert kinds == {"block", "shape"}

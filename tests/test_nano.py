@@ -112,7 +112,7 @@ def test_demo_config_errors(tiny_checkpoint, tmp_path):
     assert parse_weights("blocks:3, video:2") == {"blocks": 3, "video": 2}
     with pytest.raises(InvalidInputError, match="task:count"):
         parse_weights("blocks=3")
-    with pytest.raises(InvalidInputError, match="demo_vocab_only needs"):
+    with pytest.raises(InvalidInputError, match="demo_vocab_only would zero trained embedding rows"):
         Trainer(_demo_cfg(tiny_checkpoint, tmp_path / "o", demo_vocab_only=True), progress=False)
 
 

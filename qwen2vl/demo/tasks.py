@@ -1,8 +1,8 @@
 """The demo task registry: task names, one generator per task, and the seed ranges for training and evaluation.
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
-(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill",
-:mod:`qwen2vl.demo.drill`), and the split of seeds: training uses seeds
+(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill" and
+"glance", :mod:`qwen2vl.demo.drill`, :mod:`qwen2vl.demo.glance`), and the split of seeds: training uses seeds
 ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never
 share a sample (:func:`held_out_seed`).
 
@@ -20,6 +20,7 @@ from ..errors import InvalidInputError
 from .blocks import sample_blocks
 from .common import Sample, pick, randint, task_rng, user
 from .drill import sample_drill
+from .glance import sample_glance
 from .shapes import counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding
 from .signs import (READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_answer, sample_reading,
                     sample_weather, weather_answer)
@@ -68,8 +69,8 @@ def sample_conversation(seed: int) -> Sample:
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
-    "drill": sample_drill}
-TRAINING_ONLY: tuple[str, ...] = ("drill",)  # training data only (qwen2vl.demo.drill): never graded
+    "drill": sample_drill, "glance": sample_glance}
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance")  # training data only (qwen2vl.demo.drill, .glance): never graded
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:

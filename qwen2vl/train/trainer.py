@@ -88,11 +88,19 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     (qwen2vl.train.demo_stream); returns the row mask, or None."""
     if not cfg.data.demo_vocab_only:
         return None
-    if not cfg.data.demo_tasks or not cfg.train_from_scratch:
-        raise InvalidInputError("demo_vocab_only needs demo_tasks and train_from_scratch")
+    if not cfg.data.demo_tasks:
+        raise InvalidInputError("demo_vocab_only needs demo_tasks")
     from ..tokenizer import Tokenizer
     from .demo_stream import demo_vocab, restrict_vocab
-    return restrict_vocab(model, demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks))
+    keep = demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks)
+    if not cfg.train_from_scratch:  # continuing a model trained so (qwen2vl-nano): its other rows are zero already
+        weight = model.model.embed_tokens.weight
+        outside = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        outside[torch.tensor(sorted(keep), dtype=torch.long, device=weight.device)] = False
+        if bool(weight.detach()[outside].any()):
+            raise InvalidInputError("demo_vocab_only would zero trained embedding rows of this model: use it with "
+                                    "train_from_scratch, or on a model trained with it (qwen2vl-nano)")
+    return restrict_vocab(model, keep)
 
 
 def _compact_vocab(model, mask):
