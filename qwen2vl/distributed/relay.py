@@ -16,8 +16,9 @@ cache-aware routing (qwen2vl.distributed.routing) and maps what only the cluster
 * the client goes away: Ray cancels the relay, which cancels the replica's generator; the app then sees
   ``http.disconnect`` and aborts the request in its engine, as in the single-process server.
 
-``GET /metrics`` is answered by the relay: every replica's Prometheus text (asked by replica id), each sample
-labelled ``replica``, plus the relay's own counters (``qwen2vl_ray_*``).
+``GET /metrics`` is answered by the relay: every replica's Prometheus text (asked by replica id; one that does not
+answer within ``metrics_timeout_s``, Prometheus' default scrape timeout, is left out of that scrape and counted in
+``qwen2vl_ray_replicas{state="answered"}``), each sample labelled ``replica``, plus the relay's own counters.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Relay:
     of qwen2vl.distributed.ray_app's engine deployment), as the module docstring describes."""
 
     def __init__(self, engine, max_request_bytes: int, retry_after_s: int, retries: int = 2,
-                 metrics_timeout_s: float = 5.0):
+                 metrics_timeout_s: float = 10.0):
         self.engine = engine
         self.max_request_bytes = max_request_bytes
         self.retry_after_s = retry_after_s
