@@ -58,6 +58,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_connection_args(p)
     _add_decode_args(p)
+    from ..distributed import add_ray_args  # --ray, --replicas, ...
+    add_ray_args(p)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -124,53 +126,34 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(args: argparse.Namespace, out=None) -> int:
-    out = out if out is not None else sys.stdout
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"qwen2vl: error: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
-        return 1
-    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers", "max_n"):
-        if getattr(args, name) < 1:
-            print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens",
-                 "max_tokens_default", "max_completion_tokens", "max_image_pixels", "max_preprocess_queue"):
-        if getattr(args, name) < 0:
-            print(f"qwen2vl: error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
-            return 2
-    problem = _check_connection_args(args)
-    if problem is not None:
-        print(f"qwen2vl: error: {problem}", file=sys.stderr)
-        return 2
-    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
-        print(f"qwen2vl: error: --allowed-local-media-path {args.allowed_local_media_path!r} is not a directory",
-              file=sys.stderr)
-        return 2
+def configs_from_args(args: argparse.Namespace):
+    """The ``(EngineConfig, ServerConfig)`` of parsed ``serve`` arguments (shared by ``qwen2vl serve`` and the Ray
+    deployment, qwen2vl.distributed); a bad flag raises InvalidInputError naming it."""
     from ..engine.config import engine_config_from_args
-    from ..llm import LLM
-    from .app import ServerConfig, build_app
+    from ..errors import InvalidInputError
+    from .app import ServerConfig
     from .media import MediaPolicy
     from .models import parse_lora_module
 
+    for name in ("max_request_bytes", "max_media_bytes", "preprocess_workers", "max_n"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("max_queue_size", "max_images_per_request", "max_videos_per_request", "max_visual_tokens",
+                 "max_tokens_default", "max_completion_tokens", "max_image_pixels", "max_preprocess_queue"):
+        if getattr(args, name) < 0:
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0")
+    problem = _check_connection_args(args)
+    if problem is not None:
+        raise InvalidInputError(problem)
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        raise InvalidInputError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
     engine_config = engine_config_from_args(args)  # the engine flags (--max-num-seqs, --media-timeout, ...)
     lora_modules = [parse_lora_module(m) for m in args.lora_modules]  # vLLM's forms; they imply --enable-lora
     if lora_modules and not engine_config.enable_lora:
         engine_config = dataclasses.replace(engine_config, enable_lora=True)
     if engine_config.trusted_local_media:
-        print("qwen2vl: error: --trusted-local-media is for offline use: the server never lets FFmpeg read its "
-              "clients' media in formats that open other files", file=sys.stderr)
-        return 2
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("asyncio").setLevel(logging.ERROR)  # "socket.send() raised exception" after a disconnect
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as e:
-        print(f"qwen2vl: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 1
-    llm = LLM(engine_config)
+        raise InvalidInputError("--trusted-local-media is for offline use: the server never lets FFmpeg read its "
+                                "clients' media in formats that open other files")
     names = args.served_model_name or [default_served_name(args.model)]
     config = ServerConfig(
         served_model_names=names, api_key=args.api_key or None, max_queue_size=args.max_queue_size,
@@ -183,6 +166,37 @@ def serve(args: argparse.Namespace, out=None) -> int:
         preprocess_workers=args.preprocess_workers, max_tokens_default=args.max_tokens_default or None,
         max_completion_tokens=args.max_completion_tokens or None, max_n=args.max_n,
         max_preprocess_queue=args.max_preprocess_queue, lora_modules=lora_modules, web_ui=args.web_ui)
+    return engine_config, config
+
+
+def serve(args: argparse.Namespace, out=None) -> int:
+    out = out if out is not None else sys.stdout
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"qwen2vl: error: {INSTALL_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
+        return 1
+    from ..errors import InvalidInputError
+    from ..llm import LLM
+    from .app import build_app
+
+    try:
+        engine_config, config = configs_from_args(args)
+    except InvalidInputError as e:
+        print(f"qwen2vl: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # "socket.send() raised exception" after a disconnect
+    if getattr(args, "ray", False):  # replicas on Ray Serve (qwen2vl.distributed)
+        from ..distributed import serve_ray
+        return serve_ray(args, engine_config, config, out)
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        print(f"qwen2vl: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    llm = LLM(engine_config)
+    names = config.served_model_names
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     message = (f"qwen2vl serve: model {names[0]!r} ({llm.model_path}, {str(llm.dtype).replace('torch.', '')} on "

@@ -1,0 +1,265 @@
+"""Replicas on Ray Serve (qwen2vl.distributed), end to end on a local Ray cluster on loopback (``num_cpus=2``):
+two replicas of the tiny fixture checkpoint behind one endpoint. Answers equal the single-process server's
+(temperature 0, errors included), /metrics gathers both replicas, a conversation's second turn lands on the
+replica that caches it, a full cluster answers 429 with Retry-After, and a replica killed under load ends only
+its own requests, cleanly, and comes back. Skipped where ``ray[serve]`` is not installed (.ci/run installs it).
+"""
+
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from qwen2vl.distributed.routing import preference, routing_key  # noqa: E402
+from tests.server_common import KEY, MODEL, WEATHER, blocky, data_url, image_msg, serve_in_thread  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIMITS = dict(max_num_seqs=2, max_queue_size=2)  # per replica: 4 requests admitted; 2 more wait at the ingress
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, body, key=KEY, path="/v1/chat/completions", timeout=120):
+    """(status, headers with lower-case names, body text) of one request."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    c.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
+              headers=headers)
+    r = c.getresponse()
+    data = r.read().decode()
+    c.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+
+def _stream_events(text):
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint):
+    """The endpoint's port: Ray Serve with two engine replicas (qwen2vl.distributed.ray_app)."""
+    from qwen2vl.distributed import ray_app
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS", "RAY_AUTH_MODE")}
+    os.environ.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")  # the workers import this checkout, one thread each
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(ray_app(model=str(tiny_checkpoint), served_model_name=[MODEL], dtype="float32", device="cpu",
+                          api_key=KEY, replicas=2, replica_cpus=1, max_n=4, **LIMITS), name="qwen2vl",
+                  route_prefix="/")
+        yield port
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint):
+    """The port of the single-process server over the same checkpoint and limits."""
+    from qwen2vl import LLM
+    from qwen2vl.server import ServerConfig, build_app
+    llm = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", max_num_seqs=LIMITS["max_num_seqs"])
+    app = build_app(llm, ServerConfig(served_model_names=[MODEL], api_key=KEY, max_n=4,
+                                      max_queue_size=LIMITS["max_queue_size"]))
+    with serve_in_thread(app) as port:
+        yield port
+
+
+def _replica_ids(port, wait_for=2, limit=60.0):
+    """(replica ids, /metrics text), once ``wait_for`` replicas answer the scrape (a slow machine: a while)."""
+    deadline = time.monotonic() + limit
+    while True:
+        status, _, text = post(port, None, path="/metrics", key=None)
+        assert status == 200
+        ids = sorted(set(re.findall(r'replica="([^"]+)"', text)))
+        if len(ids) >= wait_for or time.monotonic() > deadline:
+            return ids, text
+        time.sleep(0.5)
+
+
+def _comparable(status, text):
+    body = json.loads(text) if not text.startswith("data:") else [
+        {**e, "id": None, "created": None} for e in _stream_events(text)]
+    if isinstance(body, dict):
+        body.pop("id", None)
+        body.pop("created", None)
+        if "error" in body:  # the request id in an internal error's message differs
+            body["error"]["message"] = re.sub(r"chatcmpl-\w+", "ID", body["error"]["message"])
+    return status, body
+
+
+def _first_difference(a, b, path=""):
+    """Where two answers differ (None: nowhere), floats (logprobs) within 1e-4: a prompt whose prefix one side
+    had cached sums its attention in another order. ``cached_tokens`` is left out: each replica has its own cache."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted((set(a) | set(b)) - {"prompt_tokens_details"}):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{path}[{i}]"))),
+                    None)
+    if isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-4:
+        return None
+    return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
+def test_same_answers_as_the_single_process_server(cluster, single):
+    img = data_url(blocky(56, 84, 3))
+    bodies = [
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10},
+        {"model": MODEL, "messages": image_msg(img), "max_tokens": 8, "logprobs": True, "top_logprobs": 2},
+        {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER],
+         "max_tokens": 12},
+        {"model": MODEL, "messages": image_msg(img, "And now?"), "max_tokens": 9, "stream": True,
+         "stream_options": {"include_usage": True}, "n": 2},
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": -3},  # 400
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]},  # 404
+        {"model": MODEL, "messages": image_msg("data:image/png;base64,AAAA")},  # 400, a broken image
+    ]
+    for body in bodies:
+        body = {"temperature": 0, **body}
+        ours = post(cluster, body)
+        theirs = post(single, body)
+        assert ours[0] == theirs[0], (body, ours, theirs)
+        assert _first_difference(_comparable(*ours[::2]), _comparable(*theirs[::2])) is None, body
+        assert ours[1].get("x-qwen2vl-replica")  # which replica answered
+    assert post(cluster, bodies[0], key="wrong")[:1] == post(single, bodies[0], key="wrong")[:1] == (401,)
+    status, _, text = post(cluster, None, path="/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(text)["data"]] == [MODEL]
+    assert post(cluster, None, path="/health", key=None)[0] == 200
+    status, headers, page = post(cluster, None, path="/", key=None)  # the chat page, through the relay too
+    assert status == 200 and headers["content-type"].startswith("text/html") and "<script" in page
+
+
+def test_metrics_gather_every_replica(cluster):
+    ids, text = _replica_ids(cluster)
+    assert len(ids) == 2
+    assert 'qwen2vl_ray_replicas{state="answered"} 2' in text
+    for rid in ids:  # each family once, with each replica's samples
+        assert f'qwen2vl_requests_running{{replica="{rid}",model_name="{MODEL}"}}' in text
+    assert text.count("# TYPE qwen2vl_prompt_tokens_total counter") == 1
+
+
+def test_second_turn_lands_where_its_cache_is(cluster):
+    ids, _ = _replica_ids(cluster)
+    for seed in range(6):
+        first = {"model": MODEL, "messages": image_msg(data_url(blocky(56, 56, 100 + seed))), "max_tokens": 6,
+                 "temperature": 0}
+        expected = preference(routing_key(first), ids)[0]
+        status, headers, text = post(cluster, first)
+        assert status == 200 and headers["x-qwen2vl-replica"] == expected
+        answer = json.loads(text)["choices"][0]["message"]["content"]
+        second = {**first, "messages": first["messages"] + [{"role": "assistant", "content": answer},
+                                                            {"role": "user", "content": "Tell me more."}]}
+        assert routing_key(second) == routing_key(first)
+        status, headers, text = post(cluster, second)
+        assert status == 200 and headers["x-qwen2vl-replica"] == expected
+        usage = json.loads(text)["usage"]
+        first_prompt = json.loads(post(cluster, first)[2])["usage"]["prompt_tokens"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= first_prompt - 1  # the whole first turn
+
+
+def _long(i, stream=True, tokens=300):
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"Count to a thousand, take {i}."}],
+            "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream": stream}
+
+
+def test_a_full_cluster_answers_429(cluster):
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: post(cluster, _long(i, stream=False)), range(16)))
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 16 - 10, codes  # 2 replicas x 4 + 2 waiting
+    for status, headers, text in results:
+        if status == 429:
+            assert headers["retry-after"] == "1" and json.loads(text)["error"]["code"] == "queue_full"
+    rejected = re.search(r"qwen2vl_ray_rejected_total (\d+)", _replica_ids(cluster)[1])
+    assert int(rejected.group(1)) == codes.count(429)  # turned away at the ingress, none queued inside a replica
+
+
+def _keyed_to(ids, replica, count, start=0, **kw):
+    """``count`` long requests whose routing key prefers ``replica`` (of ``ids``)."""
+    out, i = [], start
+    while len(out) < count:
+        body = _long(i, **kw)
+        if preference(routing_key(body), ids)[0] == replica:
+            out.append(body)
+        i += 1
+    return out
+
+
+def test_a_killed_replica_ends_its_requests_cleanly_and_comes_back(cluster):
+    ids, _ = _replica_ids(cluster)
+    victim, other = ids
+    bodies = _keyed_to(ids, victim, 2, tokens=600) + _keyed_to(ids, other, 2, tokens=600)  # 2 streams on each
+    results, started = {}, []
+    lock = threading.Lock()
+
+    def stream(i):
+        c = http.client.HTTPConnection("127.0.0.1", cluster, timeout=120)
+        c.request("POST", "/v1/chat/completions", body=json.dumps(bodies[i]),
+                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        r = c.getresponse()
+        replica = r.getheader("x-qwen2vl-replica")
+        first = r.readline()
+        with lock:
+            started.append(replica)
+        results[i] = (r.status, replica, (first + r.read()).decode())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(started) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(started) == sorted([victim, victim, other, other])
+    t0 = time.monotonic()
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::qwen2vl#Qwen2VLEngine#{victim}", namespace="serve"), no_restart=True)
+    late = post(cluster, _keyed_to(ids, victim, 1, start=100, stream=False, tokens=20)[0])  # retried elsewhere
+    for t in threads:
+        t.join(120)
+    assert late[0] == 200, late
+    for status, replica, text in results.values():
+        events = _stream_events(text)
+        assert status == 200 and text.endswith("data: [DONE]\n\n"), text[-300:]
+        if replica == victim and "error" in events[-1]:  # ended by the kill: an error event, then [DONE]
+            assert events[-1]["error"]["code"] == "replica_lost"
+        else:  # the other replica's streams go on to the end
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert any(r == victim and "error" in _stream_events(x)[-1] for _, r, x in results.values())
+    assert late[1]["x-qwen2vl-replica"] == other
+    while time.monotonic() - t0 < 120:  # Ray starts a new replica in the dead one's place
+        now, text = _replica_ids(cluster, wait_for=0)
+        if len(now) == 2 and victim not in now and 'state="answered"} 2' in text:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no replacement replica: {_replica_ids(cluster, wait_for=0)[0]}")
+    for i in range(4):
+        status, headers, _ = post(cluster, {"model": MODEL, "messages": image_msg(data_url(blocky(56, 56, i))),
+                                            "max_tokens": 4})
+        assert status == 200
