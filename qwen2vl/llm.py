@@ -78,6 +78,8 @@ class LLM:
         if ec.enable_lora and ec.compile:
             raise InvalidInputError("enable_lora and compile cannot be used together: the compiled decode step "
                                     "has no LoRA")
+        if ec.tensor_parallel_size > 1 and (ec.enable_lora or ec.compile):
+            raise InvalidInputError("tensor_parallel_size > 1 cannot be combined with enable_lora or compile yet")
         path = resolve_model_path(ec.model, ec.revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)

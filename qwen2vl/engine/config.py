@@ -133,8 +133,6 @@ class EngineConfig:
         if self.tensor_parallel_size % self.nnodes:
             raise InvalidInputError(f"tensor_parallel_size {self.tensor_parallel_size} is not a multiple of nnodes "
                                     f"{self.nnodes}")
-        if self.tensor_parallel_size > 1 and (self.enable_lora or self.compile):
-            raise InvalidInputError("tensor_parallel_size > 1 cannot be combined with enable_lora or compile yet")
 
     @property
     def prefix_cache_bytes(self) -> int:
