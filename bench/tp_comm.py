@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from qwen2vl.parallel.worker import _send  # noqa: E402
 
 SHAPES = {  # hidden, layers, vocab, key/value heads of the released models (their config.json)
     "Qwen2-VL-2B": (1536, 28, 151936, 2),
@@ -75,7 +78,9 @@ def _micro(rank: int, port: int, hidden: int, vocab: int, batches: list[int], ou
         parts = [torch.empty_like(local) for _ in range(2)] if rank == 0 else None
         res[f"gather_logits_b{b}_us"] = _median_us(lambda: dist.gather(local, parts, dst=0))
         msg = ("decode", [(str(i), 12345, 17) for i in range(b)])
-        res[f"control_b{b}_us"] = _median_us(lambda: dist.broadcast_object_list([msg if rank == 0 else None]))
+        res[f"control_b{b}_us"] = _median_us(lambda: _send(msg if rank == 0 else None, dist.group.WORLD))
+        res[f"broadcast_object_list_b{b}_us"] = _median_us(
+            lambda: dist.broadcast_object_list([msg if rank == 0 else None]))
     feats = torch.randn(256, hidden, dtype=torch.bfloat16)  # a 448x448 image's features, broadcast by rank 0
     res["broadcast_image_features_us"] = _median_us(lambda: dist.broadcast(feats, src=0), reps=50)
     if rank == 0:
@@ -136,7 +141,9 @@ def engine(model: str, tp: int, tokens: int, batch: int, counter: _Counter | Non
     runner.decode = timed
     convs = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(batch)]
     llm.chat(convs, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
-    res = {"tp": tp, "load_s": load, "decode_steps": len(steps), "step_ms_median": statistics.median(steps) * 1e3}
+    from qwen2vl.parallel.launch import peak_rss_bytes, weight_bytes
+    res = {"tp": tp, "load_s": load, "decode_steps": len(steps), "step_ms_median": statistics.median(steps) * 1e3,
+           "weight_bytes": weight_bytes(llm.model), "peak_rss_bytes": peak_rss_bytes()}
     if tp > 1:
         res["reports"] = llm.tensor_parallel.reports
         res.update(comm_calls_per_step=counter.calls / len(steps), comm_bytes_per_step=counter.bytes / len(steps),
@@ -151,16 +158,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calc-only", action="store_true")
+    ap.add_argument("--engine-tp", type=int, help=argparse.SUPPRESS)  # one engine run, in a process of its own
     a = ap.parse_args(argv)
+    if a.engine_tp:
+        print(json.dumps({"engine": engine(a.model, a.engine_tp, a.tokens, a.batch, _Counter())}), flush=True)
+        return 0
     for name, (h, L, V, kv) in SHAPES.items():
         for n in (n for n in (2, 4, 8) if kv % n == 0):
             print(json.dumps({"model": name, "tp": n, **per_step(h, L, V, n)}))
     if a.calc_only:
         return 0
     print(json.dumps({"micro": micro(1536, 151936, sorted({1, a.batch}))}), flush=True)
-    counter = _Counter()
-    for tp in (1, 2):
-        print(json.dumps({"engine": engine(a.model, tp, a.tokens, a.batch, counter)}), flush=True)
+    for tp in (1, 2):  # each in a fresh process: its peak memory its own
+        subprocess.run([sys.executable, __file__, "--model", a.model, "--tokens", str(a.tokens), "--batch",
+                        str(a.batch), "--engine-tp", str(tp)], check=True)
     return 0
 
 

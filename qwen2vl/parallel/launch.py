@@ -76,6 +76,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (Linux; ru_maxrss would carry the parent's peak across the
+    fork and exec that start a rank), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
@@ -115,7 +128,7 @@ def _handshake(ctrl, rank: int, model, error: BaseException | None) -> list[dict
     """Every rank's load report; raises on every rank when any rank failed."""
     mine = {"rank": rank, "error": None if error is None else f"{type(error).__name__}: {error}",
             "weight_bytes": weight_bytes(model) if model is not None else 0,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_rss_bytes()}
     reports: list = [None] * dist.get_world_size()
     dist.all_gather_object(reports, mine, group=ctrl)
     failed = [r for r in reports if r["error"]]

@@ -20,8 +20,10 @@ worker prints it and exits with status 1.
 
 from __future__ import annotations
 
+import pickle
 import sys
 
+import torch
 import torch.distributed as dist
 
 from ..engine.model_runner import ModelRunner
@@ -30,10 +32,31 @@ from ..sampling_params import SamplingParams
 from .tp import TensorParallelError, collective
 
 
-def _send(msg: tuple, group) -> tuple:
-    box = [msg]
-    collective(dist.broadcast_object_list, box, src=dist.get_global_rank(group, 0), group=group)
-    return box[0]
+INLINE = 1024  # bytes of a control message sent in one broadcast (a decode step of up to ~20 rows); longer: two
+
+
+def _send(msg: tuple | None, group) -> tuple:
+    """Rank 0 broadcasts ``msg`` (pickled) over the control group; every other rank passes None and gets it. One
+    broadcast of INLINE bytes (8 of them the length) carries a short message; a longer one takes a second."""
+    src = dist.get_global_rank(group, 0)
+    head = torch.zeros(INLINE, dtype=torch.uint8)
+    if msg is not None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+        body = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        head[8:8 + min(len(data), INLINE - 8)] = body[:INLINE - 8]
+    collective(dist.broadcast, head, src=src, group=group)
+    if msg is not None:
+        if len(data) > INLINE - 8:
+            collective(dist.broadcast, body[INLINE - 8:].clone(), src=src, group=group)
+        return msg
+    n = int(head[:8].view(torch.int64))
+    data = bytearray(head[8:8 + min(n, INLINE - 8)].numpy().tobytes())
+    if n > INLINE - 8:
+        rest = torch.empty(n - (INLINE - 8), dtype=torch.uint8)
+        collective(dist.broadcast, rest, src=src, group=group)
+        data += rest.numpy().tobytes()
+    return pickle.loads(bytes(data))
 
 
 class BroadcastRunner:
