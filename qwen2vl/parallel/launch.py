@@ -108,8 +108,9 @@ def _init(spec: RankSpec, rank: int, local_rank: int):
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.per_node))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+    if not dist.is_initialized():  # a torchrun script may have joined the default group itself
+        dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
     return device, dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
