@@ -66,6 +66,9 @@ class LLM:
             weights shared), each of rank <= ``max_lora_rank``; one batch may mix adapters.
         load_cache: keep the quantized weights a load builds on disk and memory-map them next time
             (qwen2vl.load_cache; ``$QWEN2VL_CACHE``, default ~/.cache/qwen2vl).
+        tensor_parallel_size, nnodes, node_rank, master_addr, master_port: split the language model over ranks
+            (qwen2vl.parallel): this process is rank 0 and starts the others (under torchrun, or on a node other
+            than 0, the call serves rank 0 and then exits the process); ``close()`` stops them.
         revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
