@@ -66,6 +66,9 @@ class LLM:
             weights shared), each of rank <= ``max_lora_rank``; one batch may mix adapters.
         load_cache: keep the quantized weights a load builds on disk and memory-map them next time
             (qwen2vl.load_cache; ``$QWEN2VL_CACHE``, default ~/.cache/qwen2vl).
+        tensor_parallel_size, nnodes, node_rank, master_addr, master_port: split the language model over ranks
+            (qwen2vl.parallel): this process is rank 0 and starts the others (under torchrun, or on a node other
+            than 0, the call serves rank 0 and then exits the process); ``close()`` stops them.
         revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
@@ -78,6 +81,8 @@ class LLM:
         if ec.enable_lora and ec.compile:
             raise InvalidInputError("enable_lora and compile cannot be used together: the compiled decode step "
                                     "has no LoRA")
+        if ec.tensor_parallel_size > 1 and (ec.enable_lora or ec.compile):
+            raise InvalidInputError("tensor_parallel_size > 1 cannot be combined with enable_lora or compile yet")
         path = resolve_model_path(ec.model, ec.revision)
         self.model_path = path
         cfg = Qwen2VLConfig.from_pretrained(path)
@@ -98,9 +103,14 @@ class LLM:
             raise InvalidInputError(f"max_model_len must be in 2..{limit}, got {ec.max_model_len}")
         self.max_model_len = ec.max_model_len or limit
         self.quantization = ec.quantization
-        self.model = load_model(path, self.dtype, self.device, cfg, progress=ec.progress,
-                                quantization=ec.quantization, file_embedding=ec.file_embedding,
-                                cache=ec.load_cache)
+        self.tensor_parallel = None
+        if ec.tensor_parallel_size > 1:  # ranks other than 0 serve inside this call, then exit (qwen2vl.parallel)
+            self.tensor_parallel = self._start_tensor_parallel(ec, path)
+            self.model = self.tensor_parallel.model
+        else:
+            self.model = load_model(path, self.dtype, self.device, cfg, progress=ec.progress,
+                                    quantization=ec.quantization, file_embedding=ec.file_embedding,
+                                    cache=ec.load_cache)
         self.compiled = ec.compile and compile_decode_(self.model)
         lora = LoraManager(self.model, ec.max_loras, ec.max_lora_rank) if ec.enable_lora else None
         self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
@@ -108,8 +118,23 @@ class LLM:
                                 max_num_batched_tokens=ec.max_num_batched_tokens,
                                 prefix_cache_bytes=ec.prefix_cache_bytes, vision_cache_bytes=ec.vision_cache_bytes,
                                 lora=lora)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.attach(self.engine)
         self.output_processor = OutputProcessor(self.tokenizer, self.engine.finish_request)
         self._collectors: dict[str, OutputCollector] = {}  # request id -> outputs its caller has not taken yet
+
+    def _start_tensor_parallel(self, ec: EngineConfig, path: str):
+        from .parallel.launch import start
+        spec = dict(path=path, dtype=self.dtype, quantization=ec.quantization, file_embedding=ec.file_embedding,
+                    max_model_len=self.max_model_len, prefix_cache_bytes=ec.prefix_cache_bytes,
+                    vision_cache_bytes=ec.vision_cache_bytes)
+        return start(spec, ec.tensor_parallel_size, ec.nnodes, ec.node_rank, ec.master_addr, ec.master_port,
+                     self.device, ec.progress)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (also done at exit); nothing to do for one rank."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
 
     # ------------------------------------------------------------------ defaults
     @property

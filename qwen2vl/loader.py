@@ -22,6 +22,7 @@ from .load_plan import EMBEDDING, FILE, HEAD, PREQUANTIZED, LoadPlan, build_plan
 from .memory import trim_heap
 from .models import DEMO_MODEL, demo_model_dir
 from .model import Qwen2VLForConditionalGeneration
+from .parallel.tp import TPShard, read_cut, shard_model_
 
 # Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
 # saved by transformers >= 4.52 nest everything under ``model.``.
@@ -275,7 +276,8 @@ def _prequantized(model: nn.Module, cfg: Qwen2VLConfig, files: list[str], expect
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                cfg: Qwen2VLConfig | None = None, progress: bool | None = None,
                quantization: str | None = None, prepack: bool = True,
-               file_embedding: bool = True, cache: bool = False) -> Qwen2VLForConditionalGeneration:
+               file_embedding: bool = True, cache: bool = False,
+               tp: TPShard | None = None) -> Qwen2VLForConditionalGeneration:
     """Build on the meta device, plan how each module is built (qwen2vl.load_plan), then read each tensor into
     place. With ``quantization``, each linear layer is quantized as soon as its tensors have arrived (see
     qwen2vl.quant), so memory peaks near the quantized size. A GPTQ / AWQ checkpoint's quantized linears load as
@@ -284,13 +286,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     they are plain ``nn.Linear`` layers. On the CPU, ``file_embedding`` leaves the embedding table in the
     checkpoint file, its rows read when looked up (qwen2vl.file_embedding); a tied lm_head then holds its own copy
     of the matrix. With ``cache``, the quantized modules come from the load cache (qwen2vl.load_cache) when it
-    holds this load's entry, and are written to it when not: the same model either way, bit for bit."""
+    holds this load's entry, and are written to it when not: the same model either way, bit for bit. With ``tp``
+    (qwen2vl.parallel.tp), the model gets one tensor-parallel rank's shapes first and each tensor is read as that
+    rank's slice only (no load cache; ranks other than 0 read no vision weights)."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
+    if tp is not None and cfg.prequant is not None:
+        raise InvalidInputError(f"tensor parallelism does not load {cfg.prequant.method.upper()} checkpoints yet: "
+                                "use the float checkpoint with quantization 'int4' or 'int8'")
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
                                 "'int4' (its 4-bit weights, the rest int8) or none")
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(cfg)
+    if tp is not None:
+        shard_model_(model, tp, vision=tp.rank == 0)
+        cache = False
     model.eval().requires_grad_(False)
     expected = checkpoint_names(model)
     files = checkpoint_files(path)
@@ -299,6 +309,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
                       prequantized=pre)
     entry, writer = load_cache.for_load(path, files, plan, model, device) if cache else (None, None)
     reader = _Reader(model, plan, expected, device, entry or {}, writer)
+    reader.tp = tp
     if cfg.tie_word_embeddings:  # after the reader has counted it: a tied head's own copy is read from the
         expected.discard("lm_head.weight")  # embedding's tensor, never from the checkpoint's lm_head
     try:
@@ -361,6 +372,7 @@ class _Reader:
                 self.waiting.get(mod, set()).add(n)
         self.parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row ->
         # leaf -> tensor
+        self.tp = None  # a TPShard: each tensor read as this rank's slice (qwen2vl.parallel.tp)
 
     def tensor(self, f, name: str, info: dict, data_start: int) -> None:
         """Read checkpoint tensor ``name`` (our naming) of open file ``f``."""
@@ -379,8 +391,12 @@ class _Reader:
             part = self.parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
             part[dest[1]] = read_tensor(f, info, data_start)
         else:
-            dst = _param_slot(model, name, dest, info["shape"], dtype, self.device)
-            if dst.device.type == "cpu":
+            cut = self.tp.cut(name) if self.tp is not None else None
+            dst = _param_slot(model, name, dest, info["shape"] if cut is None else cut.shape(info["shape"]), dtype,
+                              self.device)
+            if cut is not None:
+                read_cut(f, info, data_start, dtype, cut, dst, read_tensor)
+            elif dst.device.type == "cpu":
                 read_tensor(f, info, data_start, dtype, out=dst)
             else:
                 dst.copy_(read_tensor(f, info, data_start, dtype))

@@ -76,12 +76,20 @@ class EngineConfig:
                            type=int)
     max_lora_rank: int = _knob(16, "largest LoRA rank served; a higher-rank adapter is refused (default: 16)",
                                type=int)
+    tensor_parallel_size: int = _knob(1, "split the language model over this many ranks (processes), Megatron-style "
+                                         "(qwen2vl.parallel; default: 1)", type=int)
+    nnodes: int = _knob(1, "tensor parallelism over several machines: how many (run the same command on each)",
+                        type=int)
+    node_rank: int = _knob(0, "this machine's place among the nnodes (0: the one that serves)", type=int)
+    master_addr: str | None = _knob(None, "node 0's address, for the ranks' rendezvous (nnodes > 1)", type=str)
+    master_port: int | None = _knob(None, "node 0's rendezvous port (default: 29500 with nnodes > 1, else free)",
+                                    type=int)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise InvalidInputError(f"model must be a checkpoint directory or hub id, got {self.model!r}")
         self.model = os.fspath(self.model)
-        for name in ("revision", "quantization"):
+        for name in ("revision", "quantization", "master_addr"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise InvalidInputError(f"{name} must be a string or None, got {value!r}")
@@ -98,6 +106,7 @@ class EngineConfig:
         self.vision_cache_mb = check_int("vision_cache_mb", self.vision_cache_mb, lo=0)
         self.media_timeout = check_float("media_timeout", self.media_timeout, lo=0.0, lo_open=True)
         self._check_lora()
+        self._check_parallel()
         for name in ("enable_prefix_caching", "compile", "file_embedding", "trusted_local_media", "load_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -114,6 +123,16 @@ class EngineConfig:
             raise InvalidInputError(f"enable_lora must be a bool, got {self.enable_lora!r}")
         self.max_loras = check_int("max_loras", self.max_loras, lo=1)
         self.max_lora_rank = check_int("max_lora_rank", self.max_lora_rank, lo=1)
+
+    def _check_parallel(self) -> None:
+        self.tensor_parallel_size = check_int("tensor_parallel_size", self.tensor_parallel_size, lo=1)
+        self.nnodes = check_int("nnodes", self.nnodes, lo=1)
+        self.node_rank = check_int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
+        if self.master_port is not None:
+            self.master_port = check_int("master_port", self.master_port, lo=1, hi=65535)
+        if self.tensor_parallel_size % self.nnodes:
+            raise InvalidInputError(f"tensor_parallel_size {self.tensor_parallel_size} is not a multiple of nnodes "
+                                    f"{self.nnodes}")
 
     @property
     def prefix_cache_bytes(self) -> int:

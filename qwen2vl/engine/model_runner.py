@@ -25,8 +25,8 @@ class ModelRunner:
                  prefix_cache_bytes: int = 1 << 30, vision_cache_bytes: int = 256 << 20):
         self.model = model
         t = model.cfg.text
-        self.cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, model.dtype, model.device,
-                             max_model_len)
+        kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's under tensor parallelism
+        self.cache = KVCache(t.num_hidden_layers, kv_heads, t.head_dim, model.dtype, model.device, max_model_len)
         self.merge_len = model.cfg.vision.spatial_merge_size ** 2
         self.prefix_cache = PrefixCache(prefix_cache_bytes)  # memory for reuse across requests; 0: off
         self.vision_cache = LRUBytes(vision_cache_bytes)

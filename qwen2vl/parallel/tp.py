@@ -1,0 +1,266 @@
+"""Megatron-style tensor parallelism for the language model, as a transform of the model built on the meta device.
+
+``TPShard(rank, world_size, ...)`` says which part of every checkpoint tensor a rank holds; :func:`shard_model_`
+gives the meta model those local shapes before the loader reads anything, so each rank reads only its slices
+(:meth:`TPShard.cut`: rows are one contiguous range of the file; columns are read a block of rows at a time), and
+:func:`finish_model_` adds the communication once the weights are in. Per decoder layer:
+
+    qkv_proj      column-parallel: rank r holds q heads [r*H/N, (r+1)*H/N) and kv heads [r*Hk/N, ...) (with bias)
+    o_proj        row-parallel: the inputs of its heads; the attention's output is all-reduced (sum)
+    gate_up_proj  column-parallel: intermediate rows [r*L, (r+1)*L) of gate and of up
+    down_proj     row-parallel: the same intermediate columns; the MLP's output is all-reduced (sum)
+
+so a layer costs two all-reduces of (tokens, hidden). L is ceil(I / N), rounded up to the int4 group (128) when
+int4 needs it: the 72B's 29568 at N = 8 becomes 3712 per rank, rank 7 holding 3584 real rows and 128 zero rows
+(zero gate and up rows give silu(0) * 0 = 0, and zero down_proj columns add nothing, so the result is exact).
+lm_head is vocab-parallel (rows [r*Lv, (r+1)*Lv) of the vocabulary), its logits gathered to rank 0, the only rank
+that samples. An embedding held in memory is vocab-parallel too (ids outside a rank's rows give zeros, the ranks'
+rows summed by an all-reduce); one left in the checkpoint file (qwen2vl.file_embedding, CPU) costs no memory and
+is read whole by every rank. Norms are replicated. The vision tower runs on rank 0 only: its features (tokens,
+hidden) are broadcast, so the other ranks hold no vision weights at all (see the README for the measurement).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import InvalidInputError
+
+INT4_GROUP = 128  # padding of the intermediate size per rank when int4 groups need it
+
+
+class TensorParallelError(RuntimeError):
+    """A collective failed: another rank has exited (or the network between ranks failed)."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The part of a checkpoint tensor a rank holds: ``[start, end)`` along ``dim``, zero-padded to ``size``."""
+    dim: int
+    start: int
+    end: int
+    size: int
+
+    def shape(self, full: list[int]) -> list[int]:
+        out = list(full)
+        out[self.dim] = self.size
+        return out
+
+
+def split(total: int, world: int, rank: int, multiple: int = 1) -> tuple[int, int, int]:
+    """(start, end, local size) of ``rank``'s part of ``total``: local size ceil(total / world) rounded up to
+    ``multiple``, the last ranks' real parts shorter (possibly empty) and zero-padded."""
+    size = math.ceil(total / (world * multiple)) * multiple
+    start = min(total, rank * size)
+    return start, min(total, start + size), size
+
+
+def collective(fn, *args, **kwargs):
+    """Run one torch.distributed call; a failure (a peer that exited closes its sockets) becomes a
+    TensorParallelError that says so."""
+    try:
+        return fn(*args, **kwargs)
+    except TensorParallelError:
+        raise
+    except Exception as e:  # gloo raises RuntimeError / DistBackendError with the socket error in its text
+        raise TensorParallelError(f"tensor parallel: a {getattr(fn, '__name__', 'collective')} between ranks failed "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another "
+                                  "rank has exited") from None
+
+
+class TPShard:
+    """One rank's place in the tensor-parallel group: which slices it loads (:meth:`cut`), and the process group
+    its layers all-reduce over (set once the group exists; None while only shapes are needed)."""
+
+    def __init__(self, rank: int, world_size: int, *, int4: bool = False, vocab_parallel_embedding: bool = True,
+                 group=None):
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.int4 = int4  # pad the intermediate size per rank to whole int4 groups
+        self.vocab_parallel_embedding = vocab_parallel_embedding  # False: the embedding is in the file, replicated
+        self.sizes: dict[str, tuple[int, int, int]] = {}  # set by shard_model_: "heads", "kv", "mlp", "vocab"
+
+    def check(self, cfg) -> None:
+        """InvalidInputError when the model's heads do not split evenly over the ranks."""
+        t, n = cfg.text, self.world_size
+        for what, count in (("attention heads", t.num_attention_heads), ("key/value heads", t.num_key_value_heads)):
+            if count % n:
+                raise InvalidInputError(f"tensor_parallel_size {n} does not divide the model's {count} {what}")
+
+    def plan_sizes(self, cfg) -> None:
+        t, n, r = cfg.text, self.world_size, self.rank
+        self.sizes = {
+            "heads": split(t.num_attention_heads * t.head_dim, n, r, t.head_dim),
+            "kv": split(t.num_key_value_heads * t.head_dim, n, r, t.head_dim),
+            "mlp": split(t.intermediate_size, n, r, INT4_GROUP if self.int4 and self._int4_pads(t) else 1),
+            "vocab": split(t.vocab_size, n, r),
+        }
+
+    def _int4_pads(self, t) -> bool:
+        """Whether int4 needs the intermediate size padded: its even split is not a multiple of 32 (the
+        smallest int4 group) inputs of down_proj."""
+        return t.intermediate_size % self.world_size != 0 or (t.intermediate_size // self.world_size) % 32 != 0
+
+    def cut(self, name: str) -> Cut | None:
+        """The slice of checkpoint tensor ``name`` (our naming, stacked parts under their own names) this rank
+        loads, or None when it loads the whole tensor."""
+        mod, _, leaf = name.rpartition(".")
+        if mod.startswith("model.layers."):
+            part = mod.rpartition(".")[2]
+            key, dim = {"q_proj": ("heads", 0), "k_proj": ("kv", 0), "v_proj": ("kv", 0), "o_proj": ("heads", 1),
+                        "gate_proj": ("mlp", 0), "up_proj": ("mlp", 0), "down_proj": ("mlp", 1)}.get(part, (None, 0))
+            if key is None:
+                return None
+            return Cut(dim if leaf == "weight" else 0, *self.sizes[key])
+        if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and self.vocab_parallel_embedding):
+            return Cut(0, *self.sizes["vocab"])
+        return None
+
+
+def shard_model_(model: nn.Module, shard: TPShard, vision: bool) -> None:
+    """Give the meta-device ``model`` this rank's local shapes (before the load plan is made and any weight read).
+    Without ``vision`` the vision tower is dropped (ranks other than 0 never run it)."""
+    cfg = model.cfg
+    shard.check(cfg)
+    shard.plan_sizes(cfg)
+    t, s = cfg.text, shard.sizes
+    heads, kv, mlp = s["heads"][2], s["kv"][2], s["mlp"][2]
+    with torch.device("meta"):
+        for layer in model.model.layers:
+            a = layer.self_attn
+            a.num_heads, a.num_kv_heads = heads // t.head_dim, kv // t.head_dim
+            a.sizes = [heads, kv, kv]
+            a.qkv_proj = nn.Linear(t.hidden_size, sum(a.sizes), bias=True)
+            a.o_proj = nn.Linear(heads, t.hidden_size, bias=False)
+            m = layer.mlp
+            m.sizes = [mlp, mlp]
+            m.gate_up_proj = nn.Linear(t.hidden_size, 2 * mlp, bias=False)
+            m.down_proj = nn.Linear(mlp, t.hidden_size, bias=False)
+        model.lm_head = nn.Linear(t.hidden_size, s["vocab"][2], bias=False)
+        if shard.vocab_parallel_embedding:
+            model.model.embed_tokens = nn.Embedding(s["vocab"][2], t.hidden_size)
+    if not vision:
+        model.visual = NoVision()
+
+
+class NoVision(nn.Module):
+    """The vision tower of a rank that does not run it: no weights (its features come from rank 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+
+
+def read_cut(f, info: dict, data_start: int, dtype: torch.dtype, cut: Cut, out: torch.Tensor, read_tensor) -> None:
+    """Read ``cut`` of the checkpoint tensor ``info`` of open file ``f`` into ``out`` (its local shape, on the CPU
+    or a device), the padding zeroed. Rows (dim 0) are one contiguous byte range; columns are read a block of rows
+    at a time (at most about 16 MiB), so memory never holds the whole tensor."""
+    shape = list(info["shape"])
+    begin = info["data_offsets"][0]
+    itemsize = (info["data_offsets"][1] - begin) // max(1, math.prod(shape))
+    row_elems = math.prod(shape[1:])
+    n = cut.end - cut.start
+    if cut.size > n:
+        out.narrow(cut.dim, n, cut.size - n).zero_()
+    if n == 0:
+        return
+    if cut.dim == 0:
+        part = {"dtype": info["dtype"], "shape": [n] + shape[1:],
+                "data_offsets": [begin + cut.start * row_elems * itemsize, begin + cut.end * row_elems * itemsize]}
+        dst = out[:n]
+        if dst.device.type == "cpu" and dst.is_contiguous():
+            read_tensor(f, part, data_start, dtype, out=dst)
+        else:
+            dst.copy_(read_tensor(f, part, data_start, dtype))
+        return
+    assert cut.dim == 1 and len(shape) == 2, (cut, shape)
+    rows = max(1, (16 << 20) // max(1, row_elems * itemsize))
+    for i in range(0, shape[0], rows):
+        k = min(rows, shape[0] - i)
+        part = {"dtype": info["dtype"], "shape": [k, shape[1]],
+                "data_offsets": [begin + i * row_elems * itemsize, begin + (i + k) * row_elems * itemsize]}
+        block = read_tensor(f, part, data_start, dtype)  # (k, in) whole rows
+        out[i:i + k, :n].copy_(block[:, cut.start:cut.end])
+
+
+def _all_reduce_output(group):
+    def hook(module, args, out):
+        collective(dist.all_reduce, out, group=group)
+        return out
+    return hook
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows ``[start, end)`` of the embedding (any module mapping local ids to rows); ids outside them
+    give zeros, and the ranks' results are summed."""
+
+    def __init__(self, inner: nn.Module, start: int, end: int, group):
+        super().__init__()
+        self.inner, self.start, self.end, self.group = inner, start, end, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.end)
+        out = self.inner((ids - self.start).masked_fill(outside, 0))  # (..., hidden)
+        out = out.masked_fill(outside[..., None], 0)
+        collective(dist.all_reduce, out, group=self.group)
+        return out
+
+
+class GatheredHead(nn.Module):
+    """lm_head over this rank's vocabulary rows; the logits of all ranks are gathered on rank 0 (the group's first),
+    which alone samples. Rank 0 gets (..., vocab); the others their own (..., local) logits, unused."""
+
+    def __init__(self, inner: nn.Module, vocab: int, group, world_size: int, rank: int):
+        super().__init__()
+        self.inner, self.vocab, self.group = inner, vocab, group
+        self.world_size, self.rank = world_size, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.inner(x).contiguous()  # (..., local vocab)
+        dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        parts = [torch.empty_like(local) for _ in range(self.world_size)] if self.rank == 0 else None
+        collective(dist.gather, local, parts, dst=dst, group=self.group)
+        if self.rank != 0:
+            return local
+        return torch.cat(parts, dim=-1)[..., :self.vocab]  # (..., vocab): the padding of the last rank dropped
+
+
+def finish_model_(model: nn.Module, shard: TPShard) -> None:
+    """After loading: the all-reduces of the attention and MLP outputs, the vocab-parallel lm_head and embedding,
+    and the vision features computed on rank 0 and broadcast."""
+    group = shard.group
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(_all_reduce_output(group))
+        layer.mlp.register_forward_hook(_all_reduce_output(group))
+    v0, v1, _ = shard.sizes["vocab"]
+    model.lm_head = GatheredHead(model.lm_head, model.cfg.text.vocab_size, group, shard.world_size, shard.rank)
+    if shard.vocab_parallel_embedding:
+        model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, v0, v1, group)
+    local_encode = model.encode_vision
+    merge = model.cfg.vision.spatial_merge_size ** 2
+
+    def encode_vision(self, pixel_values, grid_thw):
+        """Rank 0 encodes and broadcasts (whether it succeeded first, so a failure fails every rank alike)."""
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        ok = torch.ones(1, dtype=torch.int32, device=model.device)
+        if shard.rank == 0:
+            try:
+                feats = local_encode(pixel_values, grid_thw).contiguous()
+            except Exception:
+                collective(dist.broadcast, ok.zero_(), src=src, group=group)
+                raise
+        else:  # (tokens, hidden), as rank 0 computes it
+            n = sum(int(t) * int(h) * int(w) for t, h, w in grid_thw) // merge
+            feats = torch.empty(n, model.cfg.text.hidden_size, dtype=model.dtype, device=model.device)
+        collective(dist.broadcast, ok, src=src, group=group)
+        if not int(ok):
+            raise RuntimeError("tensor parallel: rank 0 failed to encode this request's media")
+        collective(dist.broadcast, feats, src=src, group=group)
+        return feats
+
+    model.encode_vision = types.MethodType(encode_vision, model)

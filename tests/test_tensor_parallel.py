@@ -1,0 +1,171 @@
+"""Tensor parallelism (qwen2vl.parallel): 2 ranks on the CPU (gloo on loopback) against 1 rank on the tiny fixture.
+
+Greedy tokens of a batch with text, an image and a video are the 1-rank tokens (float32; int8 too, with its
+quantization noise); each rank holds half of the language model's weights (rank 0 also the vision tower, the
+others none); a rank that dies makes the others fail or exit with a message that says so. The sharding's slices
+and the int4 padding are checked without processes.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from qwen2vl import LLM, SamplingParams
+from qwen2vl.errors import InvalidInputError
+from qwen2vl.loader import load_model
+from qwen2vl.parallel.launch import weight_bytes
+from qwen2vl.parallel.tp import TPShard, TensorParallelError, split
+from tests.generation_common import IMAGE, _blocky
+
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
+VIDEO = [_blocky(56, 56, i) for i in range(4)]
+BATCH = [
+    [{"role": "user", "content": "Hello there"}],
+    [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is it?"}]}],
+    [{"role": "user", "content": [{"type": "video", "video": VIDEO}, {"type": "text", "text": "What moves?"}]}],
+]
+
+
+def _run(llm, convs=BATCH):
+    return [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in llm.chat(convs, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def one(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint), dtype="float32", device="cpu")
+
+
+def test_two_ranks_give_one_rank_tokens_with_half_the_weights(one, tiny_checkpoint):
+    two = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        want, got = _run(one), _run(two)
+        for (w_ids, w_lp), (g_ids, g_lp) in zip(want, got):
+            assert g_ids == w_ids
+            assert g_lp == pytest.approx(w_lp, abs=1e-4)  # the all-reduces' sums change the last bits only
+        # the same image again: every rank reuses its caches alike (the prefix cache; a prompt continuing after
+        # a cached prefix rounds differently from one run whole, on 1 rank too)
+        reused = two.engine.runner.stats["reused_tokens"]
+        (ids, lp), = _run(two, BATCH[1:2])
+        assert two.engine.runner.stats["reused_tokens"] > reused
+        assert ids == got[1][0] and lp == pytest.approx(got[1][1], abs=1e-4)
+        _check_half(one, two)
+    finally:
+        two.close()
+
+
+def _check_half(one, two):
+    full = weight_bytes(one.model)
+    vision = weight_bytes(one.model.visual)
+    norms = sum(p.numel() * p.element_size() for n, p in one.model.model.named_parameters() if "norm" in n)
+    half = (full - vision - norms) // 2 + norms  # linears and lm_head split in two; the norms on every rank
+    reports = {r["rank"]: r for r in two.tensor_parallel.reports}
+    assert reports[1]["weight_bytes"] == half  # no vision tower on rank 1
+    assert reports[0]["weight_bytes"] == half + vision
+    assert weight_bytes(two.model) == half + vision
+
+
+def test_vocab_parallel_embedding(one, tiny_checkpoint):
+    """The embedding held in memory (not left in the file) is split by vocabulary rows too."""
+    two = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=2, file_embedding=False)
+    try:
+        assert [ids for ids, _ in _run(two, BATCH[:2])] == [ids for ids, _ in _run(one, BATCH[:2])]
+        assert two.model.model.embed_tokens.inner.weight.shape[0] == one.config.text.vocab_size // 2
+    finally:
+        two.close()
+
+
+def test_int8_two_ranks(tiny_checkpoint):
+    """int8 per rank: each rank's slices quantized as they load (per output row; the activations per row of the
+    rank's inputs, so the noise differs from 1 rank's): the same greedy tokens on the fixture."""
+    one8 = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", quantization="int8")
+    two8 = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", quantization="int8", tensor_parallel_size=2)
+    try:
+        assert [ids for ids, _ in _run(two8, BATCH[:2])] == [ids for ids, _ in _run(one8, BATCH[:2])]
+    finally:
+        two8.close()
+
+
+def test_split_pads_the_72b_intermediate_for_int4():
+    starts = [split(29568, 8, r, 128) for r in range(8)]
+    assert starts[0] == (0, 3712, 3712) and starts[7] == (7 * 3712, 29568, 3712)  # rank 7: 3584 real, 128 zero
+    assert split(8960, 2, 1) == (4480, 8960, 4480)  # the 2B: no padding needed
+
+
+def test_int4_padding_is_exact(checkpoint_factory):
+    """With int4 the intermediate size 160 splits as 128 + 32 real rows (zero-padded to 128): the two ranks' MLP
+    outputs (float weights here) add up to the whole MLP's."""
+    path = checkpoint_factory(variant="tiny", intermediate_size=160)
+    whole = load_model(str(path), torch.float32, file_embedding=False)
+    ranks = [load_model(str(path), torch.float32, file_embedding=False, tp=TPShard(r, 2, int4=True))
+             for r in range(2)]
+    assert [m.model.layers[0].mlp.down_proj.in_features for m in ranks] == [128, 128]
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        want = whole.model.layers[0].mlp(x)
+        got = sum(m.model.layers[0].mlp(x) for m in ranks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_sizes_are_refused(tiny_checkpoint):
+    with pytest.raises(InvalidInputError, match="does not divide the model's 2 key/value heads"):
+        LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=4)
+    with pytest.raises(InvalidInputError, match="enable_lora or compile"):
+        LLM(str(tiny_checkpoint), tensor_parallel_size=2, compile=True)
+
+
+def test_a_worker_that_dies_fails_rank_0_clearly(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        (rank, proc), = llm.tensor_parallel.procs
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        with pytest.raises(TensorParallelError, match=r"another rank has exited.*rank 1 exited with status -9"):
+            llm.chat(BATCH[0], GREEDY)
+        with pytest.raises(TensorParallelError, match="cannot continue"):  # and every later call
+            llm.chat(BATCH[0], GREEDY)
+    finally:
+        llm.close()
+
+
+RANK0 = textwrap.dedent("""
+    import sys
+    from qwen2vl import LLM
+    llm = LLM(sys.argv[1], dtype="float32", device="cpu", tensor_parallel_size=2)
+    print(llm.tensor_parallel.procs[0][1].pid, flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_workers_exit_when_rank_0_dies(tiny_checkpoint):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    rank0 = subprocess.Popen([sys.executable, "-c", RANK0, str(tiny_checkpoint)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        worker = int(rank0.stdout.readline())
+        rank0.kill()
+        rank0.wait()
+        deadline = time.monotonic() + 120  # a starved CPU (the tests at nice 19) can take long to schedule it
+        while time.monotonic() < deadline and _alive(worker):
+            time.sleep(0.1)
+        assert not _alive(worker)
+        assert "qwen2vl tensor-parallel rank 1:" in rank0.stderr.read()  # the worker's stderr is rank 0's
+    finally:
+        rank0.kill()
+        rank0.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # an orphan not yet reaped by init is a zombie: it has exited
+        return f.read().split(") ")[1][0] != "Z"
