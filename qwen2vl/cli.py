@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     add_engine_args(serve.add_argument_group("engine"))
     add_serve_args(serve)
+    from .distributed import add_ray_args  # --ray, --replicas, ... (nothing heavy imported)
+    add_ray_args(serve)
     _add_eval_parser(sub)
     _add_train_parser(sub)
     _add_export_parser(sub)
@@ -271,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
+            from .distributed import serve_ray
             from .server.serve import serve
-            return serve(args)
+            return serve(args, ray_runner=serve_ray)
         if args.command == "eval":
             return run_eval(args)
         return run_chat(args)

@@ -96,13 +96,15 @@ def test_run_asgi_relays_and_turns_an_early_close_into_a_disconnect():
 
 def test_serve_ray_without_ray(monkeypatch, capsys, tmp_path):
     from qwen2vl.cli import build_parser
+    from qwen2vl.distributed import serve_ray
     from qwen2vl.server.serve import serve
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--ray", "--replicas", "2"])
     assert (args.ray, args.replicas, args.max_replicas, args.cache_routing) == (True, 2, 0, True)
-    assert serve(args) == 1
+    assert serve(args, ray_runner=serve_ray) == 1
     assert "pip install 'qwen2vl[ray]'" in capsys.readouterr().err
+    assert serve(args) == 2  # --ray without the runner the CLI passes
 
 
 def test_deployment_limits_follow_the_engine():

@@ -124,11 +124,16 @@ def build_deployments(engine_config: EngineConfig, server_config: ServerConfig, 
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    from ..cli import build_parser
+    """``qwen2vl serve``'s parser, built as the CLI builds it (without importing the CLI: faces -> engine)."""
+    from ..engine.config import add_engine_args
+    from ..server.serve import add_serve_args
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["serve"]
+    parser = argparse.ArgumentParser(prog="qwen2vl serve")
+    add_engine_args(parser.add_argument_group("engine"))
+    add_serve_args(parser)
+    from . import add_ray_args
+    add_ray_args(parser)
+    return parser
 
 
 def _argv(parser: argparse.ArgumentParser, options: dict) -> list[str]:

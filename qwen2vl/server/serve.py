@@ -58,8 +58,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_connection_args(p)
     _add_decode_args(p)
-    from ..distributed import add_ray_args  # --ray, --replicas, ...
-    add_ray_args(p)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +167,7 @@ def configs_from_args(args: argparse.Namespace):
     return engine_config, config
 
 
-def serve(args: argparse.Namespace, out=None) -> int:
+def serve(args: argparse.Namespace, out=None, ray_runner=None) -> int:
     out = out if out is not None else sys.stdout
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -187,9 +185,11 @@ def serve(args: argparse.Namespace, out=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("asyncio").setLevel(logging.ERROR)  # "socket.send() raised exception" after a disconnect
-    if getattr(args, "ray", False):  # replicas on Ray Serve (qwen2vl.distributed)
-        from ..distributed import serve_ray
-        return serve_ray(args, engine_config, config, out)
+    if getattr(args, "ray", False):  # replicas on Ray Serve: the CLI passes qwen2vl.distributed.serve_ray
+        if ray_runner is None:
+            print("qwen2vl: error: --ray is run by the CLI (qwen2vl serve --ray)", file=sys.stderr)
+            return 2
+        return ray_runner(args, engine_config, config, out)
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
