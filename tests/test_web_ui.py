@@ -92,7 +92,9 @@ def test_attach_stream_two_turns_and_persist(chat, server, shots):
     assert first.strip()  # the raw answer: the next request sends the same text back (below)
     # the second turn sends the history
     page.fill("#prompt", "And now?")
-    page.click("#send")
+    with page.expect_request("**/v1/chat/completions"):  # the second request, and its own answer (not the first)
+        page.click("#send")
+    page.locator(".msg.assistant").nth(1).wait_for()
     chat.answer()
     second = chat.requests[1]["messages"]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
@@ -283,7 +285,9 @@ def test_tool_calls_shown_as_cards(chat, shots):
     # the result goes back as a tool message, and the model answers it
     script(page, {"content": "It is sunny."})
     card.get_by_label("Result of get_weather").fill("sunny, 21 C")
-    card.get_by_role("button", name="Send result").click()
+    with page.expect_request("**/v1/chat/completions"):
+        card.get_by_role("button", name="Send result").click()
+    page.locator(".msg.assistant .md", has_text="It is sunny.").wait_for()
     assert chat.answer().locator(".md").text_content() == "It is sunny."
     sent = chat.requests[1]["messages"]
     assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}
