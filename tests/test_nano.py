@@ -22,14 +22,7 @@ from qwen2vl.train.config import load_config
 from qwen2vl.train.demo_stream import EVAL_SEED_OFFSET, demo_splits, demo_vocab, parse_weights
 from qwen2vl.train.trainer import Trainer, train
 from tests.fixtures import build_tokenizer_json
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.train_helpers import one_thread  # noqa: F401 (autouse: one thread for every test here)
 
 
 def test_tokenizer_files_are_the_qwen2_bpe(tmp_path, capsys):

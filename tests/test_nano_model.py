@@ -16,6 +16,7 @@ from qwen2vl.demo.evaluate import evaluate
 from qwen2vl.demo.tasks import ALL_TASKS, held_out_seed, sample
 from qwen2vl.models import DEMO_MODEL, DEMO_MODEL_DIR
 from tests.media_fixtures import qvu  # noqa: F401  (qwen_vl_utils imported with a torchvision stand-in)
+from tests.train_helpers import one_thread  # noqa: F401 (autouse: one thread for every test here)
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL_DIR, "model.safetensors")),
                                 reason="the demo model's weights are not in this checkout")
@@ -27,14 +28,6 @@ N_PER_TASK = 8  # the fixed set: held-out samples 0..7 of every task (seed offse
 #: is 0.9 on every task; the weights do not reach it yet, and this floor keeps them from silently getting worse.
 ACCURACY_FLOOR = {"blocks": 0.0, "counting": 0.125, "reading": 0.0, "weather": 0.0, "grounding": 0.0, "video": 0.0,
                   "conversation": 0.0}  # measured 2026-12-04 (float32 and int8 alike): counting 2/8, weather 1/8, video 1/8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

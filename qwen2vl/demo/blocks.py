@@ -22,7 +22,7 @@ from .common import (COLOURS, SIDE, Sample, background, canvas, fit_text, ink_bo
                      randint, task_rng, user)
 from .fonts import latin_fonts
 
-__all__ = ["QUESTION", "sample_blocks", "blocks_answer", "row_labels"]
+__all__ = ["QUESTION", "sample_blocks", "blocks_answer", "row_labels", "draw_block"]
 
 QUESTION = "Output the color and number of each box."
 MARGIN = 4
@@ -57,6 +57,15 @@ def blocks_answer(rows: list[list[tuple[str, int]]], style: int) -> str:
     return "\n".join(f"{label}: {line}." for label, line in zip(row_labels(len(rows)), lines))
 
 
+def draw_block(draw: ImageDraw.ImageDraw, x: int, y: int, size: int, fill, digit: int, font, face) -> None:
+    """One block: a ``size`` px square filled with ``fill`` at (x, y), its white digit centred by its ink box."""
+    draw.rectangle((x, y, x + size - 1, y + size - 1), fill=fill)
+    bb = ink_box(font, face.size, str(digit))
+    tx = x + (size - (bb[2] - bb[0])) / 2 - bb[0]
+    ty = y + (size - (bb[3] - bb[1])) / 2 - bb[1]
+    draw.text((round(tx), round(ty)), str(digit), font=face, fill=(255, 255, 255))
+
+
 def sample_blocks(seed: int) -> Sample:
     rng = task_rng("blocks", seed)
     arrangement, counts = _layout(rng)
@@ -82,11 +91,7 @@ def sample_blocks(seed: int) -> Sample:
             x = row_x + i * (size + gap)
             name, digit = pick(rng, COLOURS), randint(rng, 0, 9)
             fill = jitter(rng, name)
-            draw.rectangle((x, y, x + size - 1, y + size - 1), fill=fill)
-            bb = ink_box(font, face.size, str(digit))
-            tx = x + (size - (bb[2] - bb[0])) / 2 - bb[0]
-            ty = y + (size - (bb[3] - bb[1])) / 2 - bb[1]
-            draw.text((round(tx), round(ty)), str(digit), font=face, fill=(255, 255, 255))
+            draw_block(draw, x, y, size, fill, digit, font, face)
             row.append((name, digit))
             boxes.append({"box": (x, y, x + size, y + size), "fill": fill, "colour": name, "digit": digit})
         rows.append(row)

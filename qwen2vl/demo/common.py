@@ -25,7 +25,7 @@ from .fonts import Font, load_font
 
 __all__ = ["PALETTE", "COLOURS", "SHAPES", "SIDE", "BACKGROUND", "JITTER", "Sample", "task_rng", "randint",
            "pick", "pick_font", "jitter", "background", "canvas", "ink_box", "fit_text", "draw_shape", "shape_height",
-           "to_thousandths", "user"]
+           "to_thousandths", "turns", "user"]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 210, 40), "green": (40, 160, 60),
@@ -153,6 +153,15 @@ def to_thousandths(box: tuple[int, int, int, int], width: int, height: int) -> t
     """A pixel box (x0, y0, x1, y1) on Qwen2-VL's 0-1000 scale of the image."""
     x0, y0, x1, y1 = box
     return (round(x0 * 1000 / width), round(y0 * 1000 / height), round(x1 * 1000 / width), round(y1 * 1000 / height))
+
+
+def turns(media: dict, qas: list[tuple[str, str]]) -> list[dict]:
+    """A conversation of (question, answer) turns about one picture (in the first user turn), without its last
+    answer (a :class:`Sample`'s ``messages``; the last answer is its ``answer``)."""
+    messages: list[dict] = []
+    for i, (question, answer) in enumerate(qas):
+        messages += [user(media if i == 0 else None, question), {"role": "assistant", "content": answer}]
+    return messages[:-1]
 
 
 def user(media: dict | None, text: str) -> dict:

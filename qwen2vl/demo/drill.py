@@ -20,7 +20,7 @@ The kinds, uniform:
 from __future__ import annotations
 
 from .blocks import sample_blocks
-from .common import Sample, pick, randint, task_rng, user
+from .common import Sample, pick, randint, task_rng, turns
 from .shapes import counting_qa, counting_specs, draw_scene, grounding_qa, grounding_specs
 from .signs import READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_answer, weather_answer
 from .video_task import draw_video, video_qa
@@ -67,8 +67,4 @@ def sample_drill(seed: int) -> Sample:
     """Drill conversation ``seed``: several question/answer turns about one picture (see the module docstring)."""
     rng = task_rng("drill", seed)
     media, qas, tools = pick(rng, KINDS)(rng)
-    messages: list[dict] = []
-    for i, (question, answer) in enumerate(qas):
-        messages.append(user(media if i == 0 else None, question))
-        messages.append({"role": "assistant", "content": answer})
-    return Sample("drill", "drill", seed, messages[:-1], qas[-1][1], None, tools=tools)
+    return Sample("drill", "drill", seed, turns(media, qas), qas[-1][1], None, tools=tools)

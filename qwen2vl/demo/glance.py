@@ -23,9 +23,9 @@ import math
 
 from PIL import ImageDraw
 
-from .blocks import DIGITS, QUESTION as BLOCKS_QUESTION, blocks_answer
-from .common import (COLOURS, SHAPES, SIDE, Sample, background, canvas, draw_shape, fit_text, ink_box, jitter, pick,
-                     pick_font, randint, shape_height, task_rng, to_thousandths, user)
+from .blocks import DIGITS, QUESTION as BLOCKS_QUESTION, blocks_answer, draw_block
+from .common import (COLOURS, SHAPES, SIDE, Sample, background, canvas, draw_shape, fit_text, jitter, pick, pick_font,
+                     randint, shape_height, task_rng, to_thousandths, turns)
 from .fonts import latin_fonts
 from .shapes import box_text
 
@@ -55,10 +55,7 @@ def _block(rng):
     lo, hi = math.ceil(0.55 * size), math.floor(0.75 * size)
     face, _ = fit_text(font, DIGITS, randint(rng, lo, hi), (lo, hi))
     colour, digit = pick(rng, COLOURS), randint(rng, 0, 9)
-    draw.rectangle((x, y, x + size - 1, y + size - 1), fill=jitter(rng, colour))
-    bb = ink_box(font, face.size, str(digit))
-    tx, ty = x + (size - (bb[2] - bb[0])) / 2 - bb[0], y + (size - (bb[3] - bb[1])) / 2 - bb[1]
-    draw.text((round(tx), round(ty)), str(digit), font=face, fill=(255, 255, 255))
+    draw_block(draw, x, y, size, jitter(rng, colour), digit, font, face)
     return img, [(BLOCKS_QUESTION, blocks_answer([[(colour, digit)]], randint(rng, 0, 2)))]
 
 
@@ -66,9 +63,4 @@ def sample_glance(seed: int) -> Sample:
     """Glance conversation ``seed`` (see the module docstring)."""
     rng = task_rng("glance", seed)
     img, qas = pick(rng, (_shape, _block))(rng)
-    media = {"type": "image", "image": img}
-    messages: list[dict] = []
-    for i, (question, answer) in enumerate(qas):
-        messages.append(user(media if i == 0 else None, question))
-        messages.append({"role": "assistant", "content": answer})
-    return Sample("glance", "glance", seed, messages[:-1], qas[-1][1], None)
+    return Sample("glance", "glance", seed, turns({"type": "image", "image": img}, qas), qas[-1][1], None)

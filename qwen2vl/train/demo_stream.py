@@ -29,7 +29,7 @@ from .data import Sample, _Builder
 from .data_formats import Conversation
 from .labels import assemble, encode_pairs, keep_media, render_pairs
 
-__all__ = ["DemoSamples", "build_sample", "demo_splits", "demo_vocab", "restrict_vocab", "EVAL_SEED_OFFSET", "VOCAB_PROBE",
+__all__ = ["DemoSamples", "build_sample", "demo_splits", "demo_vocab", "keep_mask", "restrict_vocab", "EVAL_SEED_OFFSET", "VOCAB_PROBE",
            "parse_weights"]
 
 EVAL_SEED_OFFSET = 10 ** 6  # held-out seeds of the eval loss: 10**9 + 10**6 + j
@@ -147,12 +147,18 @@ def demo_vocab(tokenizer, tasks=None, probe: int | None = None) -> set[int]:
     return ids
 
 
+def keep_mask(weight: torch.Tensor, keep: set[int]) -> torch.Tensor:
+    """The (vocab,) mask of an embedding ``weight``'s rows: 1 for the ids in ``keep``, else 0 (its dtype)."""
+    mask = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    mask[torch.tensor(sorted(keep), dtype=torch.long, device=weight.device)] = 1
+    return mask
+
+
 def restrict_vocab(model, keep: set[int]) -> torch.Tensor:
     """Zero the embedding rows not in ``keep`` and mask their gradient (hook on the weight) so they stay zero;
     returns the (vocab,) float mask."""
     weight = model.model.embed_tokens.weight
-    mask = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    mask[torch.tensor(sorted(keep), dtype=torch.long, device=weight.device)] = 1
+    mask = keep_mask(weight, keep)
     with torch.no_grad():
         weight.mul_(mask[:, None])
     weight.register_hook(lambda g: g * mask[:, None].to(g.dtype))
