@@ -34,30 +34,31 @@ def _grounding(rng):
     qas = [grounding_qa(rng, [placed[int(i)]], *img.size)[:2] for i in order]
     qas += [counting_qa(rng, placed)[:2] for _ in range(2)]
     qas = [qas[int(i)] for i in rng.permutation(len(qas))]
-    return {"type": "image", "image": img}, qas, None
+    return {"type": "image", "image": img}, qas, None, {"shapes": placed, "image": img}
 
 
 def _counting(rng):
     img, placed = draw_scene(rng, counting_specs)
-    return {"type": "image", "image": img}, [counting_qa(rng, placed)[:2] for _ in range(4)], None
+    return {"type": "image", "image": img}, [counting_qa(rng, placed)[:2] for _ in range(4)], None, \
+        {"shapes": placed, "image": img}
 
 
 def _sign(rng):
     img, info = draw_sign(rng)
     word = info["word"]
     qas = [(READ_QUESTION, reading_answer(word, randint(rng, 0, 2))), (WEATHER_QUESTION, weather_answer(word))]
-    return {"type": "image", "image": img}, qas[::pick(rng, (1, -1))], TOOLS
+    return {"type": "image", "image": img}, qas[::pick(rng, (1, -1))], TOOLS, info
 
 
 def _video(rng):
     frames, info = draw_video(rng)
     qas = [video_qa(rng, info["colour"], info["direction"], which=w)[:2] for w in (True, False)]
-    return {"type": "video", "video": frames}, qas[::pick(rng, (1, -1))], None
+    return {"type": "video", "video": frames}, qas[::pick(rng, (1, -1))], None, info
 
 
 def _blocks(rng):
     s = sample_blocks(int(rng.integers(10 ** 9)))
-    return s.messages[0]["content"][0], [(s.messages[0]["content"][1]["text"], s.answer)], None
+    return s.messages[0]["content"][0], [(s.messages[0]["content"][1]["text"], s.answer)], None, s.info
 
 
 KINDS = (_grounding, _counting, _sign, _video, _blocks)
@@ -66,5 +67,5 @@ KINDS = (_grounding, _counting, _sign, _video, _blocks)
 def sample_drill(seed: int) -> Sample:
     """Drill conversation ``seed``: several question/answer turns about one picture (see the module docstring)."""
     rng = task_rng("drill", seed)
-    media, qas, tools = pick(rng, KINDS)(rng)
-    return Sample("drill", "drill", seed, turns(media, qas), qas[-1][1], None, tools=tools)
+    media, qas, tools, info = pick(rng, KINDS)(rng)
+    return Sample("drill", "drill", seed, turns(media, qas), qas[-1][1], None, tools=tools, info=info)

@@ -42,7 +42,7 @@ def _shape(rng):
     qas = [(f"What color is the {kind}?", f"The {kind} is {colour}."), (f"How many {kind}s are there?",
                                                                           f"There is 1 {kind}.")][::pick(rng, (1, -1))]
     qas.append((f"Where is the {colour} {kind}?", box_text(f"the {colour} {kind}", to_thousandths(box, width, height))))
-    return img, qas
+    return img, qas, {"shapes": [{"kind": kind, "colour": colour, "size": size, "box": box}], "image": img}
 
 
 def _block(rng):
@@ -56,11 +56,13 @@ def _block(rng):
     face, _ = fit_text(font, DIGITS, randint(rng, lo, hi), (lo, hi))
     colour, digit = pick(rng, COLOURS), randint(rng, 0, 9)
     draw_block(draw, x, y, size, jitter(rng, colour), digit, font, face)
-    return img, [(BLOCKS_QUESTION, blocks_answer([[(colour, digit)]], randint(rng, 0, 2)))]
+    info = {"blocks": [{"box": (x, y, x + size, y + size), "colour": colour, "digit": digit}], "image": img}
+    return img, [(BLOCKS_QUESTION, blocks_answer([[(colour, digit)]], randint(rng, 0, 2)))], info
 
 
 def sample_glance(seed: int) -> Sample:
     """Glance conversation ``seed`` (see the module docstring)."""
     rng = task_rng("glance", seed)
-    img, qas = pick(rng, (_shape, _block))(rng)
-    return Sample("glance", "glance", seed, turns({"type": "image", "image": img}, qas), qas[-1][1], None)
+    img, qas, info = pick(rng, (_shape, _block))(rng)
+    return Sample("glance", "glance", seed, turns({"type": "image", "image": img}, qas), qas[-1][1], None,
+                  info=info)

@@ -68,6 +68,7 @@ class TrainConfig:
     vision_lr: float | None = None  # the vision tower's learning rate (None: learning_rate)
     merger_lr: float | None = None  # the merger's (multi-modal projector's) learning rate
     vision_feature_reg: float = 0.0  # weight of qwen2vl.train.feature_reg's anti-collapse penalty (0: off)
+    vision_aux_loss: float = 0.0  # weight of qwen2vl.train.vision_targets' naming loss on demo pictures (0: off)
     # training (transformers TrainingArguments)
     output_dir: str = ""
     overwrite_output_dir: bool = False
@@ -271,6 +272,9 @@ def check(cfg: TrainConfig) -> None:
         (not cfg.config_path or cfg.train_from_scratch, "config_path is only used with train_from_scratch"),
     ]
     rules.append((cfg.vision_feature_reg >= 0, f"vision_feature_reg must be >= 0, got {cfg.vision_feature_reg}"))
+    rules.append((cfg.vision_aux_loss >= 0, f"vision_aux_loss must be >= 0, got {cfg.vision_aux_loss}"))
+    rules.append((not cfg.vision_aux_loss or bool(cfg.data.demo_tasks),
+                  "vision_aux_loss needs demo_tasks (its targets come from the demo generators)"))
     for lr_key in ("vision_lr", "merger_lr"):
         value = getattr(cfg, lr_key)
         rules.append((value is None or value > 0, f"{lr_key} must be > 0, got {value}"))

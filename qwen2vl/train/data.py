@@ -110,6 +110,8 @@ class Sample:
     input_ids: list[int]
     labels: list[int]  # -100: not trained; same length as input_ids
     vision: VisionInputs | None = None
+    # (images', videos') dense naming targets of demo pictures, or None (qwen2vl.train.vision_targets)
+    vision_targets: tuple | None = None
 
 
 @dataclass

@@ -69,7 +69,20 @@ class DemoSamples(Sequence):
         got = build_sample(self.builder, name, Conversation(s.conversation(), s.tools))
         if isinstance(got, str):
             raise InvalidInputError(f"{name}: {got} (raise cutoff_len)")
+        got.vision_targets = naming_targets(s.info, got.vision, self.builder.tokenizer)
         return got
+
+
+def naming_targets(info: dict, vision, tokenizer) -> tuple | None:
+    """(images', videos') targets of :mod:`qwen2vl.train.vision_targets` for a demo sample with one picture or
+    video whose drawing ``info`` is known; None otherwise."""
+    if not info or vision is None:
+        return None
+    from .vision_targets import media_targets
+    grids = [g for g in (vision.image_grid_thw, vision.video_grid_thw)]
+    if sum(0 if g is None else len(g) for g in grids) != 1:
+        return None
+    return tuple(None if g is None else media_targets(info, [int(v) for v in g[0]], tokenizer) for g in grids)
 
 
 def build_sample(builder, name: str, conv: Conversation):

@@ -44,6 +44,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .forward import sequence_loss, trained_count
 from .feature_reg import feature_penalty
+from .vision_targets import aux_loss
 from .prepare import apply_dtype, build_model, make_optimizer, make_scheduler, make_trainable, model_config
 from .progress import JsonlLog, Progress, Rate, summary_text, write_results
 
@@ -101,6 +102,15 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     return restrict_vocab(model, keep)
 
 
+def _label_ids(cfg: TrainConfig, base_dir: str) -> tuple[int, ...] | None:
+    """The tokens the vision naming loss scores against (``vision_aux_loss``), or None when it is off."""
+    if not cfg.vision_aux_loss:
+        return None
+    from ..tokenizer import Tokenizer
+    from .vision_targets import label_ids
+    return label_ids(Tokenizer.from_pretrained(base_dir))
+
+
 def _compact_vocab(model, mask):
     """The exact compact-vocabulary shortcut (qwen2vl.train.compact_vocab) when the vocabulary is restricted,
     the embedding trains and the head is tied to it; else None (the plain path)."""
@@ -146,6 +156,7 @@ class Trainer:
         self.targets, self.full_modules = make_trainable(self.model, cfg)
         self.vocab_mask = _restrict_vocab(self.model, cfg, self.base_dir)
         self.vocab = _compact_vocab(self.model, self.vocab_mask)
+        self.label_ids = _label_ids(cfg, self.base_dir)
         apply_dtype(self.model, cfg.bf16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -177,19 +188,36 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _loss(self, sample, scale: float, n_samples: int = 1) -> float:
         """Forward and backward of one sequence: its cross-entropy sum / ``scale`` (the step's trained tokens),
-        plus ``vision_feature_reg`` x the feature penalty / ``n_samples``; returns the cross-entropy sum."""
+        plus (``vision_feature_reg`` x the feature penalty + ``vision_aux_loss`` x the naming loss of
+        qwen2vl.train.vision_targets) / ``n_samples``; returns the cross-entropy sum."""
         ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
         labels = torch.as_tensor(sample.labels, dtype=torch.long)
-        reg = self.cfg.vision_feature_reg
-        feats = [] if reg else None
+        reg, aux = self.cfg.vision_feature_reg, self.cfg.vision_aux_loss
+        feats = [] if reg or aux else None
         with self.autocast():
             ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab, feats)
         if scale:
             loss = ce / scale
-            if feats:
+            if feats and reg:
                 loss = loss + reg / n_samples * sum(feature_penalty(f, g) for f, g in feats)
+            if feats and aux:
+                naming = self._naming_loss(sample, feats)
+                self._naming_sum += float(naming) / n_samples
+                loss = loss + aux / n_samples * naming
             loss.backward()
         return float(ce.detach())
+
+    def _naming_loss(self, sample, feats) -> torch.Tensor | float:
+        """The vision naming loss of one sample's media (0 when it has no targets), summed over its kinds."""
+        targets = getattr(sample, "vision_targets", None)
+        if targets is None or sample.vision is None:
+            return 0.0
+        v = sample.vision
+        present = [t for pv, t in zip((v.pixel_values, v.pixel_values_videos), targets) if pv is not None]
+        weight = self.model.model.embed_tokens.weight
+        losses = [aux_loss(f, t, weight, self.label_ids) for (f, _), t in zip(feats, present) if t is not None]
+        losses = [x for x in losses if x is not None]
+        return sum(losses) if losses else 0.0
 
     def train_step(self, samples: list) -> dict:
         """Forward and backward over ``samples``, then one optimizer step; returns the step's record."""
@@ -197,6 +225,7 @@ class Trainer:
         count = sum(trained_count(s.labels) for s in samples)
         if self.vocab is not None:
             self.vocab.begin()
+        self._naming_sum = 0.0
         total = sum(self._loss(s, count, len(samples)) for s in samples)
         if self.vocab is not None:
             self.vocab.finish()
@@ -211,7 +240,8 @@ class Trainer:
         self.global_step += 1
         return {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4),
                 "loss": total / max(1, count), "lr": lr, "grad_norm": float(norm), "tokens": count,
-                "seq_tokens": sum(len(s.input_ids) for s in samples)}
+                "seq_tokens": sum(len(s.input_ids) for s in samples),
+                **({"naming_loss": round(self._naming_sum, 4)} if self.cfg.vision_aux_loss else {})}
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int] | None:

@@ -1,0 +1,139 @@
+"""Dense naming targets for the vision features of demo pictures (``vision_aux_loss``): each merged token is
+trained to name what lies under it.
+
+Why. Trained from scratch on question/answer pairs alone, the vision tower of qwen2vl-nano learns slowly: the
+only signal reaching a patch is the gradient of a handful of answer tokens (a colour, a digit) through a decoder
+that first has to learn where to look. The demo generators know exactly what they drew and where, so every
+merged token of a demo picture can be told directly what it shows: the colour, shape and digit of a block or
+shape, the word of a sign's ink. The target is a *token* of the vocabulary (" red", "3", " circle", "Be" and
+"ijing"), and the feature is scored against the (detached) embedding rows of those tokens: a feature that names
+its object points the way the token's embedding points, so the decoder can copy it into the answer the way it
+copies a word of the prompt. It shapes training only: no parameter is added, the checkpoint is unchanged.
+
+The contract:
+- :func:`media_targets` (demo ``Sample.info``, the item's grid (t, h, w) in patches, the tokenizer) -> a
+  (t * h/2 * w/2, K) LongTensor of token ids, -100 padded: row k lists the tokens merged token k must name (none:
+  background, not trained). Merged tokens are in the tower's output order: frame pair, then rows, then columns.
+- :func:`aux_loss` (features (n, hidden), targets (n, K), the tied embedding weight) -> the mean over (token,
+  target) pairs of the cross-entropy of cosine logits x :data:`SCALE` over :func:`label_ids`' tokens.
+
+Which object a merged token names: its cell (28 x 28 px of the resized picture, mapped back to the drawn
+picture's pixels) against each object's box; the object of largest overlap, if that overlap covers at least a
+quarter of the cell or 40% of the object; an object no cell names then takes its cell of largest overlap if
+that cell is free (so a 20 px shape between four cells still gets one). Worked example: a
+picture 250 x 196 px is resized to 252 x 196 (grid h=14, w=18 patches, 7 x 9 merged tokens); merged token k = 10
+is row 1, column 1, resized pixels x 28-56, y 28-56, which is x 27.8-55.6, y 28-56 of the drawn picture.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["media_targets", "aux_loss", "label_ids", "SCALE"]
+
+IGNORE = -100
+SCALE = 10.0  # cosine logits x SCALE: confident enough for ~100 labels, bounded
+MIN_CELL, MIN_OBJECT = 0.25, 0.4
+MERGE = 2
+
+
+def _tokens(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(text))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_labels(tokenizer) -> tuple[int, ...]:
+    from ..demo import common, signs
+    ids: set[int] = set()
+    for text in [" " + c for c in common.COLOURS] + [" " + s for s in common.SHAPES] + [" box", " block"] + \
+            list("0123456789") + list(signs.WORDS):
+        ids.update(_tokens(tokenizer, text))
+    return tuple(sorted(ids))
+
+
+def label_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids any target can name (colours, shapes, box / block, digits, sign words), sorted."""
+    return _cached_labels(tokenizer)
+
+
+def _objects(info: dict, tokenizer) -> list[tuple[tuple[float, float, float, float], int | None, tuple[int, ...]]]:
+    """(box x0, y0, x1, y1 in drawn pixels, frame pair or None for every one, tokens) of what a picture holds."""
+    out = []
+    colour = lambda name: _tokens(tokenizer, " " + name)  # noqa: E731
+    for b in info.get("blocks", ()):
+        out.append((b["box"], None, colour(b["colour"]) + _tokens(tokenizer, str(b["digit"])) +
+                    _tokens(tokenizer, " box")))
+    for s in info.get("shapes", ()):
+        out.append((s["box"], None, colour(s["colour"]) + _tokens(tokenizer, " " + s["kind"])))
+    if "word" in info and "text" in info:
+        out.append((info["text"], None, _tokens(tokenizer, info["word"])))
+    if "cells" in info and "grid" in info:
+        g = info["grid"]
+        step = g["size"] + g["gap"]
+        for pair, cells in enumerate((info["cells"], info["after"])):
+            for name, (c, r) in zip(info["colours"], cells):
+                x, y = g["origin"][0] + c * step, g["origin"][1] + r * step
+                out.append(((x, y, x + g["size"], y + g["size"]), pair, colour(name) + _tokens(tokenizer, " block")))
+    return out
+
+
+def _drawn_size(info: dict) -> tuple[int, int]:
+    if "grid" in info and "width" in info["grid"]:
+        return info["grid"]["width"], info["grid"]["height"]
+    return info["image"].size
+
+
+def media_targets(info: dict, grid, tokenizer) -> torch.Tensor:
+    """The (t * h/2 * w/2, K) target token ids of one picture or video (see the module docstring)."""
+    t, h, w = (int(v) for v in grid)
+    rows, cols = h // MERGE, w // MERGE
+    width, height = _drawn_size(info)
+    sx, sy = width / (w * 14), height / (h * 14)  # drawn pixels per resized pixel
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # (rows, cols) each
+    cell = np.stack([xs * 28 * sx, ys * 28 * sy, (xs + 1) * 28 * sx, (ys + 1) * 28 * sy], -1).reshape(-1, 4)
+    cell_area = (28 * sx) * (28 * sy)
+    objects = _objects(info, tokenizer)
+    width_k = max((len(o[2]) for o in objects), default=1)
+    out = torch.full((t, rows * cols, width_k), IGNORE, dtype=torch.long)
+    for pair in range(t):
+        mine = [o for o in objects if o[1] is None or o[1] == pair]
+        if not mine:
+            continue
+        box = np.array([o[0] for o in mine], dtype=np.float64)  # (m, 4)
+        ix = np.clip(np.minimum(cell[:, None, 2], box[None, :, 2]) - np.maximum(cell[:, None, 0], box[None, :, 0]), 0, None)
+        iy = np.clip(np.minimum(cell[:, None, 3], box[None, :, 3]) - np.maximum(cell[:, None, 1], box[None, :, 1]), 0, None)
+        overlap = ix * iy  # (cells, m)
+        area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])  # (m,)
+        best = overlap.argmax(1)  # (cells,)
+        got = overlap[np.arange(len(cell)), best]
+        owner = np.where((got >= MIN_CELL * cell_area) | (got >= MIN_OBJECT * area[best]), best, -1)  # (cells,)
+        for j in range(len(mine)):  # an object no cell names yet takes its best free cell
+            k = int(overlap[:, j].argmax())
+            if j not in owner and owner[k] < 0 and overlap[k, j] > 0:
+                owner[k] = j
+        for k in np.nonzero(owner >= 0)[0]:
+            toks = mine[int(owner[k])][2]
+            out[pair, k, :len(toks)] = torch.tensor(toks)
+    return out.reshape(t * rows * cols, width_k)
+
+
+def aux_loss(features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, labels: tuple[int, ...]) \
+        -> torch.Tensor | None:
+    """Mean cross-entropy of the (token, target) pairs of one item (None when it has none): features (n, hidden),
+    targets (n, K), ``weight`` the (vocab, hidden) embedding (detached here), ``labels`` :func:`label_ids`."""
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return None
+    ids = torch.tensor(labels, dtype=torch.long, device=weight.device)
+    table = F.normalize(weight.detach().index_select(0, ids).float(), dim=-1)  # (L, hidden)
+    remap = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=weight.device)
+    remap[ids] = torch.arange(len(labels), device=weight.device)
+    want = remap[targets[rows, cols].to(weight.device)]  # (pairs,)
+    if bool((want < 0).any()):
+        raise ValueError("a vision target is not one of label_ids")
+    feats = F.normalize(features.float().index_select(0, rows.to(features.device)), dim=-1)  # (pairs, hidden)
+    return F.cross_entropy(SCALE * feats @ table.t(), want)
