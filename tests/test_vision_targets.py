@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from qwen2vl.demo.tasks import sample
 from qwen2vl.errors import InvalidInputError
+from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train import demo_stream
 from qwen2vl.train.config import load_config
 from qwen2vl.train.trainer import train
@@ -20,7 +21,6 @@ NANO = "qwen2vl/models/nano"
 
 @pytest.fixture(scope="module")
 def tok():
-    from qwen2vl.tokenizer import Tokenizer
     return Tokenizer.from_pretrained(NANO)
 
 
@@ -109,3 +109,27 @@ def test_vision_aux_loss_trains_the_tower_and_is_checked(tiny_checkpoint, tmp_pa
         load_config(_scratch_cfg(tiny_checkpoint, tmp_path / "c", vision_aux_loss=-1.0))
     with pytest.raises(InvalidInputError, match="vision_aux_loss needs demo_tasks"):
         load_config(_demo_cfg(tiny_checkpoint, tmp_path / "d", demo_tasks=None, dataset="x", vision_aux_loss=1.0))
+
+
+def test_vision_lm_grad_false_stops_the_answer_loss_at_the_features(tiny_checkpoint, tmp_path):
+    """With detach_vision the answers' loss gives the tower no gradient while the features handed out keep
+    their graph (the naming loss still trains it); the config refuses vision_lm_grad false without the naming
+    loss."""
+    from qwen2vl.train.forward import sequence_loss
+    from qwen2vl.train.prepare import build_model
+    cfg = load_config(_scratch_cfg(tiny_checkpoint, tmp_path / "a"))
+    model = build_model(cfg, torch.device("cpu"))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    s = demo_stream.demo_splits(cfg, Tokenizer.from_pretrained(tiny_checkpoint), model.cfg)[0][0]
+    ids, labels = torch.as_tensor(s.input_ids), torch.as_tensor(s.labels)
+    for detach in (False, True):
+        model.zero_grad(set_to_none=True)
+        feats = []
+        ce, _ = sequence_loss(model, ids, labels, s.vision, False, None, feats, detach_vision=detach)
+        ce.backward(retain_graph=True)
+        tower = model.visual.blocks[0].attn.qkv.weight.grad
+        assert (tower is None or not tower.abs().sum()) == detach
+        assert feats and feats[0][0].requires_grad
+    with pytest.raises(InvalidInputError, match="vision_lm_grad"):
+        load_config(_scratch_cfg(tiny_checkpoint, tmp_path / "b", vision_lm_grad=False))

@@ -69,6 +69,8 @@ class TrainConfig:
     merger_lr: float | None = None  # the merger's (multi-modal projector's) learning rate
     vision_feature_reg: float = 0.0  # weight of qwen2vl.train.feature_reg's anti-collapse penalty (0: off)
     vision_aux_loss: float = 0.0  # weight of qwen2vl.train.vision_targets' naming loss on demo pictures (0: off)
+    vision_lm_grad: bool = True  # false: the answers' loss stops at the vision features (the tower and merger
+    # learn from vision_aux_loss and vision_feature_reg only)
     # training (transformers TrainingArguments)
     output_dir: str = ""
     overwrite_output_dir: bool = False
@@ -275,6 +277,8 @@ def check(cfg: TrainConfig) -> None:
     rules.append((cfg.vision_aux_loss >= 0, f"vision_aux_loss must be >= 0, got {cfg.vision_aux_loss}"))
     rules.append((not cfg.vision_aux_loss or bool(cfg.data.demo_tasks),
                   "vision_aux_loss needs demo_tasks (its targets come from the demo generators)"))
+    rules.append((cfg.vision_lm_grad or cfg.vision_aux_loss > 0,
+                  "vision_lm_grad: false needs vision_aux_loss > 0 (else nothing trains the vision tower)"))
     for lr_key in ("vision_lr", "merger_lr"):
         value = getattr(cfg, lr_key)
         rules.append((value is None or value > 0, f"{lr_key} must be > 0, got {value}"))

@@ -65,10 +65,13 @@ def vision_features(model: Qwen2VLForConditionalGeneration, pixel_values: torch.
 
 
 def hidden_states(model: Qwen2VLForConditionalGeneration, input_ids: torch.Tensor, vision: VisionInputs | None,
-                  checkpointing: bool, vocab=None, features: list | None = None) -> torch.Tensor:
+                  checkpointing: bool, vocab=None, features: list | None = None,
+                  detach_vision: bool = False) -> torch.Tensor:
     """input_ids (T,) + media -> final hidden states (T, hidden), with autograd. ``vocab``: a
     :class:`~qwen2vl.train.compact_vocab.CompactVocab` to look tokens up in (else ``embed_tokens``).
-    ``features``: a list that receives (merged features, grid_thw) of the images and of the videos."""
+    ``features``: a list that receives (merged features, grid_thw) of the images and of the videos.
+    ``detach_vision``: the decoder gets the features without their graph (its loss does not reach the tower;
+    ``features`` still gets them with it)."""
     vision = vision or VisionInputs()
     img = vid = None
     if vision.pixel_values is not None:
@@ -77,6 +80,8 @@ def hidden_states(model: Qwen2VLForConditionalGeneration, input_ids: torch.Tenso
         vid = vision_features(model, vision.pixel_values_videos, vision.video_grid_thw, checkpointing)
     if features is not None:
         features += [(f, g) for f, g in ((img, vision.image_grid_thw), (vid, vision.video_grid_thw)) if f is not None]
+    if detach_vision:
+        img, vid = (None if f is None else f.detach() for f in (img, vid))
     pos, _ = mrope_positions(input_ids.tolist(), vision.image_grid_thw, vision.video_grid_thw, model.cfg)
     ids = input_ids.to(model.device)
     x = model.embed(ids, img, vid, None if vocab is None else vocab.embed(ids))[None]  # (1, T, hidden)
@@ -94,13 +99,13 @@ def trained_count(labels) -> int:
 
 def sequence_loss(model: Qwen2VLForConditionalGeneration, input_ids: torch.Tensor, labels: torch.Tensor,
                   vision: VisionInputs | None = None, checkpointing: bool = False, vocab=None,
-                  features: list | None = None) -> tuple[torch.Tensor, int]:
+                  features: list | None = None, detach_vision: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of the cross-entropies of the trained next-token predictions, their count) for one sequence:
     input_ids and labels (T,), labels -100 where not trained. The sum is a float32 scalar (0 when nothing is
     trained, still connected to the graph). ``vocab``: a compact vocabulary (qwen2vl.train.compact_vocab) that
     replaces the tied embedding's lookup and logits, with the same result. ``features``: see
-    :func:`hidden_states`."""
-    h = hidden_states(model, input_ids, vision, checkpointing, vocab, features)  # (T, hidden)
+    :func:`hidden_states`, as is ``detach_vision``."""
+    h = hidden_states(model, input_ids, vision, checkpointing, vocab, features, detach_vision)  # (T, hidden)
     target = labels[1:].to(h.device)  # (T - 1,): token t predicts label t + 1
     keep = (target != IGNORE_INDEX).nonzero().squeeze(1)
     if vocab is not None:

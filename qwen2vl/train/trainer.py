@@ -195,7 +195,8 @@ class Trainer:
         reg, aux = self.cfg.vision_feature_reg, self.cfg.vision_aux_loss
         feats = [] if reg or aux else None
         with self.autocast():
-            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab, feats)
+            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab, feats,
+                                  detach_vision=not self.cfg.vision_lm_grad)
         if scale:
             loss = ce / scale
             if feats and reg:
