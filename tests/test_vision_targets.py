@@ -133,3 +133,19 @@ def test_vision_lm_grad_false_stops_the_answer_loss_at_the_features(tiny_checkpo
         assert feats and feats[0][0].requires_grad
     with pytest.raises(InvalidInputError, match="vision_lm_grad"):
         load_config(_scratch_cfg(tiny_checkpoint, tmp_path / "b", vision_lm_grad=False))
+
+
+def test_vision_init_std_gives_a_fresh_tower_on_the_trained_decoder(tiny_checkpoint, tmp_path):
+    from qwen2vl.train.prepare import build_model
+    cfg = _demo_cfg(tiny_checkpoint, tmp_path / "a", finetuning_type="full")
+    plain = build_model(load_config(cfg), torch.device("cpu"))
+    fresh = build_model(load_config({**cfg, "vision_init_std": 0.02, "seed": 3}), torch.device("cpu"))
+    again = build_model(load_config({**cfg, "vision_init_std": 0.02, "seed": 3}), torch.device("cpu"))
+    a, b, c = plain.state_dict(), fresh.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("visual."))  # the decoder as loaded
+    assert all(torch.equal(b[k], c[k]) for k in b)  # from the seed alone
+    qkv = b["visual.blocks.0.attn.qkv.weight"]
+    assert not torch.equal(a["visual.blocks.0.attn.qkv.weight"], qkv) and 0.018 < float(qkv.std()) < 0.022
+    assert not b["visual.merger.mlp.0.bias"].any() and bool((b["visual.merger.ln_q.weight"] == 1).all())
+    with pytest.raises(InvalidInputError, match="vision_init_std"):
+        load_config({**cfg, "vision_init_std": 0.02, "train_from_scratch": True})

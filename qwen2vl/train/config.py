@@ -69,6 +69,8 @@ class TrainConfig:
     merger_lr: float | None = None  # the merger's (multi-modal projector's) learning rate
     vision_feature_reg: float = 0.0  # weight of qwen2vl.train.feature_reg's anti-collapse penalty (0: off)
     vision_aux_loss: float = 0.0  # weight of qwen2vl.train.vision_targets' naming loss on demo pictures (0: off)
+    vision_init_std: float | None = None  # re-initialise the vision tower and merger, N(0, std^2), from `seed`
+    # (a model whose tower learned nothing: qwen2vl-nano's stage 3); not with train_from_scratch, not on resume
     vision_lm_grad: bool = True  # false: the answers' loss stops at the vision features (the tower and merger
     # learn from vision_aux_loss and vision_feature_reg only)
     # training (transformers TrainingArguments)
@@ -277,6 +279,8 @@ def check(cfg: TrainConfig) -> None:
     rules.append((cfg.vision_aux_loss >= 0, f"vision_aux_loss must be >= 0, got {cfg.vision_aux_loss}"))
     rules.append((not cfg.vision_aux_loss or bool(cfg.data.demo_tasks),
                   "vision_aux_loss needs demo_tasks (its targets come from the demo generators)"))
+    rules.append((cfg.vision_init_std is None or (cfg.vision_init_std > 0 and not cfg.train_from_scratch),
+                  f"vision_init_std must be > 0 and is not used with train_from_scratch, got {cfg.vision_init_std}"))
     rules.append((cfg.vision_lm_grad or cfg.vision_aux_loss > 0,
                   "vision_lm_grad: false needs vision_aux_loss > 0 (else nothing trains the vision tower)"))
     for lr_key in ("vision_lr", "merger_lr"):

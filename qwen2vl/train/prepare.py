@@ -55,9 +55,10 @@ def model_config(cfg: TrainConfig) -> tuple[Qwen2VLConfig, dict]:
 
 
 @torch.no_grad()
-def init_weights(model: Qwen2VLForConditionalGeneration, seed: int, std: float = 0.02) -> None:
+def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     """Random init from ``seed`` alone: linear / conv / embedding weights N(0, std^2), biases 0, norm weights 1,
-    parameters visited in name order (so the same seed gives the same model on any machine)."""
+    parameters visited in name order (so the same seed gives the same model on any machine). ``model``: the
+    whole model, or one part of it (``vision_init_std`` re-initialises ``model.visual``)."""
     gen = torch.Generator().manual_seed(int(seed))
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if name.endswith(".bias"):
@@ -87,6 +88,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2VLForConditional
         if mcfg.tie_word_embeddings:  # the loader gives a tied head its own copy (for serving); training ties
             model.lm_head.weight = model.model.embed_tokens.weight  # them, as transformers does, and a resumed
             # run must have the parameters (and optimizer state) of the run it continues
+        if cfg.vision_init_std:  # a fresh vision tower and merger on a trained decoder
+            init_weights(model.visual, cfg.seed, cfg.vision_init_std)
     return model.requires_grad_(False)
 
 

@@ -150,6 +150,7 @@ class Trainer:
         load_from = self.resume if self.resume and cfg.finetuning_type == "full" else self.base_dir
         model_cfg = dataclasses.replace(local, model_name_or_path=load_from,
                                         train_from_scratch=cfg.train_from_scratch and load_from != self.resume,
+                                        vision_init_std=None if load_from == self.resume else cfg.vision_init_std,
                                         config_path=None if load_from == self.resume else cfg.config_path)
         self.model = build_model(model_cfg, self.device)
         torch.manual_seed(cfg.seed)  # LoRA's init
