@@ -426,3 +426,55 @@ def test_cli_runs_against_a_server(openai_server, tmp_path, monkeypatch, capsys)
     openai_server["answers"] = [("?", [])] * 2
     assert main(["agent", "--task", "t", "--env", "phone", "--base-url", openai_server["url"], "--max-steps", "2",
                  "--report", str(tmp_path / "g.html")]) == 3
+
+
+# ------------------------------------------------------------------------------------------------ this package
+
+
+class _Sampler:
+    """Replaces the engine's sampler: the i-th generated token is ``tokens[i]``, then <|im_end|>."""
+
+    def __init__(self, im_end):
+        self.tokens, self.im_end = [], im_end
+
+    def __call__(self, logits, params, histories, generators, eos_token_ids=()):
+        import torch
+        from qwen2vl.engine.sampler import SamplerOutput
+        toks = [self.tokens[len(h[1])] if len(h[1]) < len(self.tokens) else self.im_end for h in histories]
+        return SamplerOutput(torch.tensor(toks), None)
+
+
+class _Answers:
+    """An agent model that sets the scripted sampler's next answer, then asks the real adapter."""
+
+    def __init__(self, inner, llm, sampler, answers):
+        self.inner, self.llm, self.sampler, self.answers = inner, llm, sampler, list(answers)
+
+    def chat(self, messages, tools):
+        self.sampler.tokens = self.llm.tokenizer.encode(self.answers.pop(0))
+        return self.inner.chat(messages, tools)
+
+
+def test_this_packages_llm_and_server(tiny_checkpoint):
+    """The loop on the random-weight checkpoint (answers scripted at the sampler), through LLMModel and through
+    this package's OpenAI server with OpenAIModel: screenshots, tool calls and tool results round-trip."""
+    pytest.importorskip("uvicorn")
+    from qwen2vl import LLM
+    from qwen2vl.server import ServerConfig, build_app
+    from tests.fixtures import IM_END_ID
+    from tests.server_common import serve_in_thread
+    llm = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", max_num_seqs=2)
+    sampler = _Sampler(IM_END_ID)
+    llm.engine.sampler = sampler
+    click = '<tool_call>\n{"name": "click", "arguments": {"x": 750, "y": 500}}\n</tool_call>'
+    done = 'Done.\n<tool_call>\n{"name": "finished", "arguments": {"answer": "ok"}}\n</tool_call>'
+    env = FakeEnv()
+    traj = Agent(_Answers(LLMModel(llm), llm, sampler, [click, done]), env).run("t")
+    assert (traj.status, traj.answer, env.actions) == ("finished", "ok", [Action("click", {"x": 300, "y": 150})])
+    assert traj.steps[1].text == "Done."
+    with serve_in_thread(build_app(llm, ServerConfig(served_model_names=["tiny"]))) as port:
+        model = OpenAIModel(f"http://127.0.0.1:{port}/v1", max_tokens=64)
+        env = FakeEnv()
+        traj = Agent(_Answers(model, llm, sampler, ["Action: type(content='hi')", click, done]), env).run("t")
+    assert (traj.status, traj.answer, traj.errors) == ("finished", "ok", 0), traj.summary()
+    assert env.actions == [Action("type", {"text": "hi"}), Action("click", {"x": 300, "y": 150})]
