@@ -7,7 +7,6 @@ import io
 import json
 import os
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -335,6 +334,17 @@ def test_openai_adapter_runs_the_loop(openai_server):
     img = Image.open(io.BytesIO(base64.b64decode(urls[-1].split(",", 1)[1])))
     assert img.size == (W, H) and img.getpixel((0, 0)) == (40, 120, 200)
     assert req["messages"][2]["tool_calls"][0]["id"] == "call_1" and req["messages"][3]["role"] == "tool"
+
+
+def test_openai_client_object(openai_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=openai_server["url"], api_key="sk-c", max_retries=0)
+    openai_server["answers"] = [("", [tc("scroll", {"direction": "up"})]), ("finished(content='x')", [])]
+    env = FakeEnv()
+    traj = Agent(client, env).run("t")
+    assert (traj.status, traj.answer, env.actions) == ("finished", "x", [Action("scroll", {"direction": "up"})])
+    _, auth, req = openai_server["requests"][-1]
+    assert auth == "Bearer sk-c" and req["model"] == "served-name" and req["messages"][3]["role"] == "tool"
 
 
 def test_openai_adapter_http_error_ends_with_error(openai_server):

@@ -3,7 +3,8 @@
 * :class:`LLMModel` wraps this package's :class:`qwen2vl.llm.LLM` (``llm.chat(messages, params, tools=...)``);
   the answer's Hermes ``<tool_call>`` blocks become OpenAI tool calls, the rest is the text.
 * :class:`OpenAIModel` talks to any OpenAI-compatible ``/chat/completions`` endpoint (this package's server,
-  vLLM, the hosted API) with urllib; image parts are sent as ``data:image/png;base64,...`` URLs.
+  vLLM, the hosted API) with urllib; image parts are sent as ``data:image/png;base64,...`` URLs. Given an
+  ``openai.OpenAI`` client instead of a URL, it sends through the client.
 
 ``text`` never includes the tool-call blocks; ``tool_calls`` are OpenAI dicts (``id``, ``type``, ``function``
 with ``name`` and JSON ``arguments``). A failure to get an answer raises :class:`ModelError`.
@@ -53,14 +54,22 @@ class LLMModel:
 class OpenAIModel:
     """An OpenAI-compatible server. ``model``: the served name (None: the first of ``GET /models``)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, *,
+    def __init__(self, base_url, api_key: str | None = None, model: str | None = None, *,
                  max_tokens: int = 512, temperature: float = 0.0, timeout: float = 300.0):
-        self.base_url = base_url.rstrip("/")
+        self.client = None if isinstance(base_url, str) else base_url  # an openai.OpenAI client
+        self.base_url = str(self.client.base_url if self.client is not None else base_url).rstrip("/")
         self.api_key, self.model = api_key, model
         self.max_tokens, self.temperature, self.timeout = max_tokens, temperature, timeout
         self._urls: OrderedDict[int, tuple[Any, str]] = OrderedDict()  # id(image) -> (image, data URL)
 
     def _request(self, path: str, body: dict | None = None) -> dict:
+        if self.client is not None:
+            try:
+                if body is None:
+                    return {"data": [{"id": m.id} for m in self.client.models.list().data]}
+                return self.client.chat.completions.create(**body).model_dump()
+            except Exception as e:  # openai.APIError and its kin
+                raise ModelError(f"{self.base_url}{path}: {type(e).__name__}: {e}") from None
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -112,9 +121,9 @@ class OpenAIModel:
 
 
 def as_model(model_or_client):
-    """An object with ``chat(messages, tools)``: an LLM is wrapped, a URL string becomes an OpenAIModel,
-    anything else with a ``chat`` method is used as is."""
-    if isinstance(model_or_client, str):
+    """An object with ``chat(messages, tools)``: an LLM is wrapped, a URL string or an ``openai.OpenAI`` client
+    becomes an OpenAIModel, anything else with a ``chat`` method is used as is."""
+    if isinstance(model_or_client, str) or hasattr(getattr(model_or_client, "chat", None), "completions"):
         return OpenAIModel(model_or_client)
     if hasattr(model_or_client, "get_default_sampling_params") and hasattr(model_or_client, "generate"):
         return LLMModel(model_or_client)

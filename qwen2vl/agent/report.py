@@ -71,8 +71,9 @@ def write_html(traj: Trajectory, path: str | os.PathLike) -> str:
     for step in traj.steps:
         err = f"<p class='err'>Error: {e(step.error)}</p>" if step.error else ""
         calls = f"<pre>{e(str(step.tool_calls))}</pre>" if step.tool_calls else ""
+        img = _png_b64(annotate(step))
         parts.append(
-            f"<div class='step'><img alt='step {step.index + 1}' src='data:image/png;base64,{_png_b64(annotate(step))}'>"
+            f"<div class='step'><img alt='step {step.index + 1}' src='data:image/png;base64,{img}'>"
             f"<div><h2>Step {step.index + 1}: {e(action_label(step))}</h2><pre>{e(step.text)}</pre>{calls}"
             f"<p>Observation: {e(step.observation)}</p>{err}<p>model {step.model_s:.3f} s, environment "
             f"{step.env_s:.3f} s, loop {1000 * step.loop_s:.2f} ms</p></div></div>")
