@@ -8,6 +8,7 @@
     qwen2vl train CONFIG.yaml [--key value ...]                       # fine-tune (LoRA or full; qwen2vl.train)
     qwen2vl export --model DIR --adapter ADAPTER --out OUT            # merge a LoRA adapter into a checkpoint
     qwen2vl quantize --model DIR --quantization int4                  # build the load cache's entry ahead of time
+    qwen2vl agent --task "..." --env phone [--model DIR | --base-url URL]  # a GUI agent (qwen2vl.agent)
 
 In a session, lines starting with / are commands: /image PATH, /video PATH (attached to your next message),
 /clear (forget the conversation), /exit.
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_export_parser(sub)
     _add_quantize_parser(sub)
+    from .agent.cli import add_agent_parser
+    add_agent_parser(sub)
     return parser
 
 
@@ -268,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(args)
     if args.command == "quantize":
         return run_quantize(args)
+    if args.command == "agent":
+        from .agent.cli import run_agent
+        return _guarded(run_agent, args)
     if args.command not in ("chat", "serve", "eval"):
         parser.print_help()
         return 2
