@@ -25,6 +25,7 @@ Contract (:class:`BrowserEnv`, an :class:`~qwen2vl.agent.environment.Environment
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -49,7 +50,28 @@ SCROLL_DIRECTIONS = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[?::1\]?")  # a host name or IPv4 address; of IPv6 only ::1
 _FOCUS_IS_EDITABLE = """() => { const e = document.activeElement;
     return !!e && (e.isContentEditable || ["INPUT", "TEXTAREA"].includes(e.tagName)) && !e.disabled && !e.readOnly; }"""
-_NEXT_FRAME = "() => new Promise(r => requestAnimationFrame(() => r(true)))"  # one frame: a started navigation commits
+# Two frames later (a started navigation has been sent, a popstate handled), the refusals the guard recorded.
+_SETTLE = """() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(
+    () => r(window.__qwen2vlRefused ? window.__qwen2vlRefused.splice(0) : []))))"""
+# Runs in every document before its own scripts (constant text; the two flags are Python booleans): refuses
+# window.open, links to other windows and download links where the env does not allow them, recording why.
+_GUARD = """(([popups, downloads]) => {
+    const refused = [];
+    Object.defineProperty(window, "__qwen2vlRefused", {value: refused});
+    if (!popups) window.open = function () { refused.push("a new window was refused"); return null; };
+    document.addEventListener("click", (e) => {
+        const a = e.target instanceof Element ? e.target.closest("a[href], area[href]") : null;
+        if (!a) return;
+        if (!downloads && a.hasAttribute("download")) {
+            e.preventDefault();
+            refused.push("the download of " + JSON.stringify((a.getAttribute("download") || a.href).slice(0, 80))
+                         + " was refused");
+        } else if (!popups && a.target && !["_self", "_top", "_parent"].includes(a.target.toLowerCase())) {
+            e.preventDefault();
+            refused.push("a new window was refused");
+        }
+    }, true);
+})(%s);"""
 
 
 def find_chromium() -> str:
@@ -79,6 +101,15 @@ def start_playwright():
 
 def _host_allowed(host: str | None, allow_hosts: frozenset[str]) -> bool:
     return host is not None and (host in LOCAL_HOSTS or host in allow_hosts)
+
+
+def _tab_navigation(request) -> bool:
+    """Whether a request navigates a tab's main frame (a new window's first request has no frame yet: no)."""
+    from playwright.sync_api import Error as PlaywrightError
+    try:
+        return request.is_navigation_request() and request.frame.parent_frame is None
+    except PlaywrightError:
+        return False
 
 
 def check_url(url, allow_hosts=frozenset()) -> str:
@@ -141,6 +172,8 @@ class BrowserEnv:
         self.context = self.browser.new_context(viewport=self.viewport, device_scale_factor=1,
                                                 accept_downloads=self.allow_downloads, service_workers="block")
         self.context.route("**/*", self._route)
+        self.context.add_init_script(_GUARD % json.dumps([self.allow_popups, self.allow_downloads]))
+        self._navigations = self._committed = 0
         self.page = self.context.new_page()
         self.context.on("page", self._on_page)  # after new_page: pages opened later are popups
         self._watch(self.page)
@@ -173,12 +206,16 @@ class BrowserEnv:
     def _route(self, route):
         request = route.request
         if self.allowed(request.url):
+            if _tab_navigation(request):
+                self._navigations += 1
             route.continue_()
             return
         self.blocked.append(request.url)
         if request.is_navigation_request():
             host = urlsplit(request.url).hostname or request.url[:80]
             self._events.append(f"navigation to {host} was refused (not an allowed host)")
+            route.fulfill(status=204)  # "no content": the tab stays on its page (an abort shows an error page)
+            return
         route.abort("blockedbyclient")
 
     def _on_page(self, page):
@@ -193,6 +230,11 @@ class BrowserEnv:
 
     def _watch(self, page):
         page.on("download", self._on_download)
+        page.on("framenavigated", self._on_navigated)
+
+    def _on_navigated(self, frame):
+        if frame.parent_frame is None:
+            self._committed += 1
 
     def _on_download(self, download):
         if self.allow_downloads:
@@ -239,27 +281,33 @@ class BrowserEnv:
         """Run one browser operation, let the page settle, and report what was refused meanwhile."""
         from playwright.sync_api import Error as PlaywrightError
         self._events = []
+        navigations, committed = self._navigations, self._committed
         try:
             out = do()
         except PlaywrightError as e:
             return StepResult(False, f"the browser failed: {str(e).splitlines()[0][:200]}")
-        self._settle()
+        self._settle(navigations, committed)
         if self._events and not all(e.startswith("downloaded ") for e in self._events):
             return StepResult(False, "; ".join(self._events))
         if isinstance(out, StepResult):
             return out
         return StepResult(True, "; ".join([message] * bool(message) + self._events))
 
-    def _settle(self):
+    def _settle(self, navigations: int, committed: int):
+        """Wait for what the action started (two frames; a navigation of the tab to its load: the counts went
+        up from ``navigations`` / ``committed``), gather the refusals, close refused popups."""
         from playwright.sync_api import Error as PlaywrightError
         try:
-            self.page.evaluate(_NEXT_FRAME)
+            self._events += self.page.evaluate(_SETTLE)
         except PlaywrightError:  # the document changed under the evaluation: a navigation started
             pass
-        try:
-            self.page.wait_for_load_state("load", timeout=10000)
-        except PlaywrightError:
-            pass
+        if self._navigations > navigations or self._committed > committed:
+            try:
+                if self._committed == committed:
+                    self.page.wait_for_event("framenavigated", timeout=10000)
+                self.page.wait_for_load_state("load", timeout=10000)
+            except PlaywrightError:
+                pass
         for popup in self._popups:
             popup.close()
         self._popups = []

@@ -67,7 +67,11 @@ class PhoneEnv:
     def done(self) -> bool:
         return bool(self.success)
 
-    def reset(self) -> None:
+    def reset(self, task: PhoneTask | str | None = None) -> None:
+        """Start over (the app in its start state); with ``task``, start that task instead."""
+        if task is not None:
+            self.task = phone_task(task) if isinstance(task, str) else task
+            self.browser_env.start_url = app_url(self.task.start_on)
         self.browser_env.reset()
 
     def screenshot(self):
