@@ -15,7 +15,7 @@ import threading
 import pytest
 from PIL import Image
 
-from qwen2vl.agent.actions import Action
+from qwen2vl.agent.actions import Action, to_pixels
 from qwen2vl.agent.browser_env import BrowserEnv, check_url
 from qwen2vl.agent.envs import PhoneEnv, env_factory
 from qwen2vl.agent.phone import APP_DIR, CONTACTS, TOGGLES
@@ -123,6 +123,9 @@ def test_tap_samples():
         target = next(b for b in buttons if b["label"] == s.info["target"])
         assert s.messages[0]["content"][1]["text"] == f"Tap {target['label']}" and s.truth == target["box"]
         assert grade_tap(s.answer, s.truth) and grade(s, s.answer)
+        call = json.loads(s.answer.split("\n")[1])  # the agent loop's own mapping lands inside the button too
+        px, py = to_pixels(call["arguments"]["x"], call["arguments"]["y"], WIDTH, HEIGHT)
+        assert call["name"] == "click" and s.truth[0] <= px < s.truth[2] and s.truth[1] <= py < s.truth[3]
     a, b = sample_tap(7), sample_tap(7)
     assert a.answer == b.answer and a.info["image"].tobytes() == b.info["image"].tobytes()
     assert sample("tap", 7).answer == a.answer and sample_tap(8).info["image"].tobytes() != a.info[
@@ -243,6 +246,16 @@ def site(tmp_path_factory):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """The folder's files, and two redirects: /in -> /next.html, /out -> another host."""
+
+    def do_GET(self):
+        if self.path in ("/in", "/out"):
+            self.send_response(302)
+            self.send_header("Location", "/next.html" if self.path == "/in" else "http://example.com/secret")
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -276,6 +289,19 @@ def test_browser_refuses_other_hosts_popups_downloads(browser, site):  # noqa: F
             assert env.execute(Action("press_back", {})).ok and env.page.url == url
         finally:
             env.close()
+
+
+def test_redirects_are_checked(browser, site):  # noqa: F811
+    _, base = site
+    env = BrowserEnv(base + "/page.html", browser=browser)
+    try:
+        result = env.goto(base + "/out")  # an allowed host redirecting elsewhere: refused like a direct request
+        assert not result.ok and "example.com was refused" in result.message, result
+        assert env.page.url == base + "/page.html" and "http://example.com/secret" in env.blocked
+        result = env.goto(base + "/in")
+        assert result.ok and env.page.url == base + "/next.html", result
+    finally:
+        env.close()
 
 
 def test_allowed_hosts_and_popups_when_asked(browser, site):  # noqa: F811

@@ -31,7 +31,7 @@ import re
 import shutil
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
@@ -45,6 +45,7 @@ VIEWPORTS: dict[str, dict[str, int]] = {"phone": {"width": 360, "height": 640},
                                          "desktop": {"width": 1280, "height": 800}}
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 LOCAL_SCHEMES = frozenset({"file", "data", "blob", "about"})
+MAX_REDIRECTS = 10  # hops of one request's redirect chain
 MAX_TEXT = 2000  # characters one ``type`` action may type
 SCROLL_DIRECTIONS = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[?::1\]?")  # a host name or IPv4 address; of IPv6 only ::1
@@ -160,7 +161,11 @@ class BrowserEnv:
         self.blocked: list[str] = []  # every URL refused since the last reset
         self._events: list[str] = []  # refusals during the current action
         self._popups: list = []
-        self.reset()
+        try:
+            self.reset()
+        except Exception:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -208,15 +213,42 @@ class BrowserEnv:
         if self.allowed(request.url):
             if _tab_navigation(request):
                 self._navigations += 1
-            route.continue_()
+            if urlsplit(request.url).scheme in ("http", "https"):
+                self._fetch_checked(route)
+            else:
+                route.continue_()
             return
-        self.blocked.append(request.url)
-        if request.is_navigation_request():
-            host = urlsplit(request.url).hostname or request.url[:80]
+        self._refuse(route, request.url)
+
+    def _refuse(self, route, url: str):
+        self.blocked.append(url)
+        if route.request.is_navigation_request():
+            host = urlsplit(url).hostname or url[:80]
             self._events.append(f"navigation to {host} was refused (not an allowed host)")
             route.fulfill(status=204)  # "no content": the tab stays on its page (an abort shows an error page)
             return
         route.abort("blockedbyclient")
+
+    def _fetch_checked(self, route):
+        """Answer an allowed http(s) request with its redirects checked hop by hop (the browser follows a
+        redirect without asking the route again): a chain that stays on allowed http(s) hosts becomes one
+        redirect to its end; one that leaves them is refused like a direct request there."""
+        url, response = route.request.url, route.fetch(max_redirects=0)
+        for _ in range(MAX_REDIRECTS):
+            if not (300 <= response.status < 400 and response.headers.get("location")):
+                break
+            target = urljoin(url, response.headers["location"])
+            if urlsplit(target).scheme not in ("http", "https") or not self.allowed(target):
+                self._refuse(route, target)
+                return
+            url, response = target, route.fetch(url=target, method="GET", max_redirects=0)
+        else:
+            route.abort("failed")
+            return
+        if url == route.request.url:
+            route.fulfill(response=response)
+        else:
+            route.fulfill(status=302, headers={"location": url})
 
     def _on_page(self, page):
         if page is self.page:
@@ -284,8 +316,8 @@ class BrowserEnv:
         navigations, committed = self._navigations, self._committed
         try:
             out = do()
-        except PlaywrightError as e:
-            return StepResult(False, f"the browser failed: {str(e).splitlines()[0][:200]}")
+        except PlaywrightError as e:  # e.g. a goto the route refused; the refusal says more than the error
+            out = StepResult(False, f"the browser failed: {str(e).splitlines()[0][:200]}")
         self._settle(navigations, committed)
         if self._events and not all(e.startswith("downloaded ") for e in self._events):
             return StepResult(False, "; ".join(self._events))
