@@ -15,8 +15,10 @@ Contract (:class:`BrowserEnv`, an :class:`~qwen2vl.agent.environment.Environment
   for a bad action.
 - Safety. Every request the pages make passes :meth:`BrowserEnv.allowed`: ``file:``, ``data:``, ``blob:`` and
   ``about:`` URLs and http(s) to ``localhost`` / ``127.0.0.1`` / ``::1`` by default, other hosts only when named
-  in ``allow_hosts`` (exact host names); everything else is aborted, and an action that tried to navigate there
-  reports ok=False. Downloads are refused (cancelled) and new windows / popups closed unless allowed; the
+  in ``allow_hosts`` (exact host names); everything else is aborted (a navigation there is answered 204, so the
+  tab stays on its page), and an action that tried to navigate there reports ok=False. http(s) requests are
+  fetched by the filter with their redirect chains checked hop by hop (the browser would follow a redirect
+  without asking it). Downloads are refused (cancelled) and new windows / popups closed unless allowed; the
   action that caused one reports ok=False. Text from the model reaches the page only through
   ``keyboard.type`` and URLs only through :meth:`BrowserEnv.goto` after :func:`check_url`; nothing the model
   writes is evaluated as JavaScript or passed to a shell (the page scripts this module evaluates are constants).
