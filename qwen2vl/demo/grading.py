@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from ..tool_calls import parse_tool_calls
 from .common import COLOURS
+from .tap import grade_tap
 
 __all__ = ["GRADERS", "grade", "read_blocks", "read_box", "iou", "grade_blocks", "grade_counting", "grade_reading",
            "grade_weather", "grade_grounding", "grade_video"]
@@ -131,7 +132,7 @@ def grade_video(answer: str, truth: dict) -> bool:
 
 GRADERS: dict[str, Callable[[str, Any], bool]] = {
     "blocks": grade_blocks, "counting": grade_counting, "reading": grade_reading, "weather": grade_weather,
-    "grounding": grade_grounding, "video": grade_video}
+    "grounding": grade_grounding, "video": grade_video, "tap": grade_tap}
 
 
 def grade(sample, answer: str) -> bool:

@@ -24,9 +24,10 @@ from .glance import sample_glance
 from .shapes import counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding
 from .signs import (READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_answer, sample_reading,
                     sample_weather, weather_answer)
+from .tap import sample_tap
 from .video_task import draw_video, sample_video, video_qa
 
-__all__ = ["TASKS", "ALL_TASKS", "TRAINING_ONLY", "GENERATORS", "HELD_OUT_START", "sample", "held_out_seed", "check_tasks"]
+__all__ = ["TASKS", "ALL_TASKS", "TRAINING_ONLY", "AGENT_TASKS", "GENERATORS", "HELD_OUT_START", "sample", "held_out_seed", "check_tasks"]
 
 TASKS: tuple[str, ...] = ("blocks", "counting", "reading", "weather", "grounding", "video")
 ALL_TASKS: tuple[str, ...] = TASKS + ("conversation",)
@@ -69,7 +70,8 @@ def sample_conversation(seed: int) -> Sample:
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
-    "drill": sample_drill, "glance": sample_glance}
+    "drill": sample_drill, "glance": sample_glance, "tap": sample_tap}
+AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
 TRAINING_ONLY: tuple[str, ...] = ("drill", "glance")  # training data only (qwen2vl.demo.drill, .glance): never graded
 
 
@@ -83,7 +85,7 @@ def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in GENERATORS or (graded and t in TRAINING_ONLY)]
     if unknown or not tasks:
-        known = ", ".join(ALL_TASKS if graded else ALL_TASKS + TRAINING_ONLY)
+        known = ", ".join(ALL_TASKS + AGENT_TASKS if graded else ALL_TASKS + AGENT_TASKS + TRAINING_ONLY)
         raise InvalidInputError(f"unknown {'graded ' if graded else ''}demo task(s) {unknown or tasks!r}; known: {known}")
     return tasks
 
