@@ -16,8 +16,12 @@ int4 needs it: the 72B's 29568 at N = 8 becomes 3712 per rank, rank 7 holding 35
 lm_head is vocab-parallel (rows [r*Lv, (r+1)*Lv) of the vocabulary), its logits gathered to rank 0, the only rank
 that samples. An embedding held in memory is vocab-parallel too (ids outside a rank's rows give zeros, the ranks'
 rows summed by an all-reduce); one left in the checkpoint file (qwen2vl.file_embedding, CPU) costs no memory and
-is read whole by every rank. Norms are replicated. The vision tower runs on rank 0 only: its features (tokens,
-hidden) are broadcast, so the other ranks hold no vision weights at all (see the README for the measurement).
+is read whole by every rank. Norms are replicated. A GPTQ / AWQ checkpoint's packed tensors are cut the same way
+(:meth:`TPShard.prequant_cut`): column-parallel by whole words of 8 outputs, row-parallel by whole groups of
+inputs, the intermediate size padded to whole groups where needed (zero scales: zero weights); a head split that
+would cut a group or a word is refused (:meth:`TPShard.check`). The vision tower runs on rank 0 only: its features
+(tokens, hidden) are broadcast, so the other ranks hold no vision weights at all (see the README for the
+measurement).
 """
 
 from __future__ import annotations
