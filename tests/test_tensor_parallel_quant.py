@@ -42,14 +42,17 @@ def _norm_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("kind", ["gptq", "awq", "int4"])
-def test_two_ranks_give_one_rank_tokens(kind, prequantized, tiny_checkpoint):
+def test_two_ranks_give_one_rank_tokens(kind, prequantized, checkpoint_factory):
     """Text and an image, greedy: 2 ranks give the 1-rank tokens, and rank 1 holds half of the language model's
     bytes (its quantized linears, their scales and zeros, and lm_head; the norms on every rank). float32 between
     the layers: the int4 kernels take and give bf16, so the ranks' partial sums are rounded to bf16 before they
     are added (in bf16 throughout, a near-tie in the fifth token of the text prompt (margin 0.125) went the other
     way on 2 ranks; in float32 the smallest margin seen was 0.06 and every token agreed)."""
-    if kind == "int4":
-        path, kw = str(tiny_checkpoint), dict(quantization="int4", dtype="float32")
+    if kind == "int4":  # hidden and intermediate 256: each rank's o_proj / down_proj inputs (128) take the 1-rank
+        # groups of 128, so the ranks quantize exactly as 1 rank does (the tiny fixture's 64 would give groups of 32)
+        path = str(checkpoint_factory(variant="tiny", hidden_size=256, intermediate_size=256,
+                                      mrope_section=[8, 12, 12]))
+        kw = dict(quantization="int4", dtype="float32")
     else:
         path, kw = str(prequantized(kind, method=kind)), dict(dtype="float32")
     one = LLM(path, device="cpu", **kw)
