@@ -69,11 +69,14 @@ def test_two_ranks_give_one_rank_tokens(kind, prequantized, checkpoint_factory):
         two.close()
 
 
-def test_gptq_padding_to_whole_groups_is_exact(prequantized):
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_padding_to_whole_groups_is_exact(prequantized, desc_act):
     """Intermediate size 160 in groups of 32 over 2 ranks: 80 per rank would cut a group, so each rank holds 96
     (rank 1: 64 real and 32 zero rows of gate/up, zero inputs of down_proj). The ranks' MLP outputs add up to the
-    1-rank MLP's (bf16 outputs: within their rounding)."""
-    path = str(prequantized("gptq-i160", method="gptq", intermediate_size=160))
+    1-rank MLP's (bf16 outputs: within their rounding). With desc_act (groups in permuted order) each rank's
+    down_proj reads its inputs' g_idx and every group's scales and zeros."""
+    path = str(prequantized(f"gptq-i160-{desc_act}", method="gptq", intermediate_size=160, sym=not desc_act,
+                            desc_act=desc_act))
     whole = load_model(path, torch.bfloat16, file_embedding=False)
     ranks = [load_model(path, torch.bfloat16, file_embedding=False, tp=TPShard(r, 2)) for r in range(2)]
     assert [m.model.layers[0].mlp.down_proj.in_features for m in ranks] == [96, 96]
