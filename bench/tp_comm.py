@@ -4,6 +4,7 @@ larger models.
     python bench/tp_comm.py --model DIR            # a 2B-shaped checkpoint (bench/make_checkpoint.py writes one)
     python bench/tp_comm.py --model DIR --tokens 8 --batch 4
     python bench/tp_comm.py --calc-only            # only the table worked out from the shapes
+    python bench/tp_comm.py --model DIR --quantization int4   # the engines with int4 (a GPTQ / AWQ DIR: as stored)
 
 1. Collectives alone: two processes time gloo's all-reduce of one decode step's (batch, hidden) activations, the
    gather of the logits to rank 0 and the broadcast of a step's control message (medians of 200), and the
@@ -119,10 +120,12 @@ class _Counter:
         return run
 
 
-def engine(model: str, tp: int, tokens: int, batch: int, counter: _Counter | None) -> dict:
+def engine(model: str, tp: int, tokens: int, batch: int, counter: _Counter | None,
+           quantization: str | None = None) -> dict:
     from qwen2vl import LLM, SamplingParams
     t = time.perf_counter()
-    llm = LLM(model, dtype="bfloat16", device="cpu", tensor_parallel_size=tp, enable_prefix_caching=False)
+    llm = LLM(model, dtype="bfloat16", device="cpu", tensor_parallel_size=tp, enable_prefix_caching=False,
+              quantization=quantization)
     load = time.perf_counter() - t
     runner = llm.engine.runner
     steps = []
@@ -158,10 +161,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calc-only", action="store_true")
+    ap.add_argument("--quantization", help="int8 or int4 for the engines (default: none)")
     ap.add_argument("--engine-tp", type=int, help=argparse.SUPPRESS)  # one engine run, in a process of its own
     a = ap.parse_args(argv)
     if a.engine_tp:
-        print(json.dumps({"engine": engine(a.model, a.engine_tp, a.tokens, a.batch, _Counter())}), flush=True)
+        print(json.dumps({"engine": engine(a.model, a.engine_tp, a.tokens, a.batch, _Counter(), a.quantization)}),
+              flush=True)
         return 0
     for name, (h, L, V, kv) in SHAPES.items():
         for n in (n for n in (2, 4, 8) if kv % n == 0):
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
     print(json.dumps({"micro": micro(1536, 151936, sorted({1, a.batch}))}), flush=True)
     for tp in (1, 2):  # each in a fresh process: its peak memory its own
         subprocess.run([sys.executable, __file__, "--model", a.model, "--tokens", str(a.tokens), "--batch",
-                        str(a.batch), "--engine-tp", str(tp)], check=True)
+                        str(a.batch), "--engine-tp", str(tp)]
+                       + (["--quantization", a.quantization] if a.quantization else []), check=True)
     return 0
 
 

@@ -74,6 +74,7 @@ class PrequantConfig:
     bits: int = 4
     group_size: int = 128  # -1: one group over the whole input
     zero_offset: int = 0  # added to the stored zero points: 1 for GPTQ v1 checkpoints, which store zero - 1
+    desc_act: bool = False  # GPTQ act-order: g_idx may put the inputs' groups in any order
 
     @classmethod
     def from_dict(cls, q: dict[str, Any]) -> "PrequantConfig":
@@ -96,7 +97,8 @@ class PrequantConfig:
             if fmt not in ("gptq", "gptq_v2"):
                 raise InvalidInputError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2 are)")
             offset = 1 if fmt == "gptq" else 0
-        return cls(method=method, bits=bits, group_size=group, zero_offset=offset)
+        return cls(method=method, bits=bits, group_size=group, zero_offset=offset,
+                   desc_act=method == "gptq" and bool(q.get("desc_act", False)))
 
 
 @dataclass

@@ -288,11 +288,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     of the matrix. With ``cache``, the quantized modules come from the load cache (qwen2vl.load_cache) when it
     holds this load's entry, and are written to it when not: the same model either way, bit for bit. With ``tp``
     (qwen2vl.parallel.tp), the model gets one tensor-parallel rank's shapes first and each tensor is read as that
-    rank's slice only (no load cache; ranks other than 0 read no vision weights)."""
+    rank's slice only, a GPTQ / AWQ checkpoint's packed tensors too (no load cache; ranks other than 0 read no
+    vision weights)."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
-    if tp is not None and cfg.prequant is not None:
-        raise InvalidInputError(f"tensor parallelism does not load {cfg.prequant.method.upper()} checkpoints yet: "
-                                "use the float checkpoint with quantization 'int4' or 'int8'")
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
                                 "'int4' (its 4-bit weights, the rest int8) or none")
@@ -389,7 +387,7 @@ class _Reader:
             return  # built from the load cache
         if self.plan.kinds.get(mod_path) == PREQUANTIZED and dest[1] in prequant.LEAVES:
             part = self.parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
-            part[dest[1]] = read_tensor(f, info, data_start)
+            part[dest[1]] = _read_quantized(f, name, info, data_start, self.tp)
         else:
             cut = self.tp.cut(name) if self.tp is not None else None
             dst = _param_slot(model, name, dest, info["shape"] if cut is None else cut.shape(info["shape"]), dtype,
@@ -461,6 +459,18 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
 
 def _pack_in_background() -> bool:
     return torch.get_num_threads() > 1
+
+
+def _read_quantized(f, name: str, info: dict, data_start: int, tp: TPShard | None) -> torch.Tensor:
+    """A GPTQ / AWQ tensor as stored, or with ``tp`` this rank's slice of it (``TPShard.prequant_cut``)."""
+    cut = tp.prequant_cut(name, info["shape"]) if tp is not None else None
+    if cut is None:
+        return read_tensor(f, info, data_start)
+    if info["dtype"] not in _ST_DTYPES:
+        raise InvalidInputError(f"unsupported tensor dtype {info['dtype']} in {f.name}")
+    out = torch.empty(cut.shape(info["shape"]), dtype=_ST_DTYPES[info["dtype"]])
+    read_cut(f, info, data_start, out.dtype, cut, out, read_tensor)
+    return tp.local_g_idx(name, out) if name.endswith(".g_idx") else out
 
 
 def _prequantized_module(model: nn.Module, cfg: Qwen2VLConfig, path: str, parts: dict[int, dict[str, torch.Tensor]],

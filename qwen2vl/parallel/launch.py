@@ -67,13 +67,14 @@ class RankSpec:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights a rank holds in memory (parameters and buffers; an embedding left in the file: 0)."""
+    """Bytes of the weights a rank holds in memory (parameters and buffers, and int8 weights packed outside any
+    tensor: ``opaque_nbytes``; an embedding left in the file: 0)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type != "meta" and id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(getattr(m, "opaque_nbytes", 0) for m in model.modules())
 
 
 def peak_rss_bytes() -> int:

@@ -16,8 +16,12 @@ int4 needs it: the 72B's 29568 at N = 8 becomes 3712 per rank, rank 7 holding 35
 lm_head is vocab-parallel (rows [r*Lv, (r+1)*Lv) of the vocabulary), its logits gathered to rank 0, the only rank
 that samples. An embedding held in memory is vocab-parallel too (ids outside a rank's rows give zeros, the ranks'
 rows summed by an all-reduce); one left in the checkpoint file (qwen2vl.file_embedding, CPU) costs no memory and
-is read whole by every rank. Norms are replicated. The vision tower runs on rank 0 only: its features (tokens,
-hidden) are broadcast, so the other ranks hold no vision weights at all (see the README for the measurement).
+is read whole by every rank. Norms are replicated. A GPTQ / AWQ checkpoint's packed tensors are cut the same way
+(:meth:`TPShard.prequant_cut`): column-parallel by whole words of 8 outputs, row-parallel by whole groups of
+inputs, the intermediate size padded to whole groups where needed (zero scales: zero weights); a head split that
+would cut a group or a word is refused (:meth:`TPShard.check`). The vision tower runs on rank 0 only: its features
+(tokens, hidden) are broadcast, so the other ranks hold no vision weights at all (see the README for the
+measurement).
 """
 
 from __future__ import annotations
@@ -84,31 +88,60 @@ class TPShard:
         self.int4 = int4  # pad the intermediate size per rank to whole int4 groups
         self.vocab_parallel_embedding = vocab_parallel_embedding  # False: the embedding is in the file, replicated
         self.sizes: dict[str, tuple[int, int, int]] = {}  # set by shard_model_: "heads", "kv", "mlp", "vocab"
+        self.totals: dict[str, int] = {}  # the same keys: the whole lengths
+        self.prequant = None  # the checkpoint's PrequantConfig (GPTQ / AWQ), set with the sizes
 
     def check(self, cfg) -> None:
-        """InvalidInputError when the model's heads do not split evenly over the ranks."""
+        """InvalidInputError when the model's heads do not split evenly over the ranks, or when the split would cut
+        a GPTQ / AWQ checkpoint's quantization groups or packed words (see :meth:`prequant_cut`)."""
         t, n = cfg.text, self.world_size
         for what, count in (("attention heads", t.num_attention_heads), ("key/value heads", t.num_key_value_heads)):
             if count % n:
                 raise InvalidInputError(f"tensor_parallel_size {n} does not divide the model's {count} {what}")
+        pq = cfg.prequant
+        if pq is None:
+            return
+        heads, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+        for what, total, unit, grouped in (("outputs of q_proj", heads, _PACK, False),
+                                           ("outputs of k_proj and v_proj", kv, _PACK, False),
+                                           ("inputs of o_proj", heads, _in_unit(pq), _runs(pq))):
+            if (total // n) % unit:
+                raise InvalidInputError(
+                    f"tensor_parallel_size {n} splits the {total} {what} into {total // n} per rank, which cuts "
+                    f"{_unit_name(pq, grouped)} of this {pq.method.upper()} checkpoint: each rank must hold a "
+                    f"multiple of {unit} (use a tensor_parallel_size that gives it one, or the float checkpoint "
+                    "with quantization 'int4')")
 
     def plan_sizes(self, cfg) -> None:
         t, n, r = cfg.text, self.world_size, self.rank
+        self.prequant = cfg.prequant
+        self.totals = {"heads": t.num_attention_heads * t.head_dim, "kv": t.num_key_value_heads * t.head_dim,
+                       "mlp": t.intermediate_size, "vocab": t.vocab_size}
         self.sizes = {
-            "heads": split(t.num_attention_heads * t.head_dim, n, r, t.head_dim),
-            "kv": split(t.num_key_value_heads * t.head_dim, n, r, t.head_dim),
-            "mlp": split(t.intermediate_size, n, r, INT4_GROUP if self.int4 and self._int4_pads(t) else 1),
+            "heads": split(self.totals["heads"], n, r, t.head_dim),
+            "kv": split(self.totals["kv"], n, r, t.head_dim),
+            "mlp": split(t.intermediate_size, n, r, self._mlp_multiple(t, cfg.prequant)),
             "vocab": split(t.vocab_size, n, r),
         }
+
+    def _mlp_multiple(self, t, pq) -> int:
+        """What the intermediate size per rank is padded to a multiple of, where an even split would not give one:
+        whole int4 groups (``INT4_GROUP``) for int4, whole groups and packed words of a GPTQ / AWQ checkpoint."""
+        m = INT4_GROUP if self.int4 and self._int4_pads(t) else 1
+        if pq is not None:
+            unit = math.lcm(_PACK, _in_unit(pq))  # gate/up outputs are packed, down_proj's inputs grouped
+            if t.intermediate_size % self.world_size or (t.intermediate_size // self.world_size) % unit:
+                m = math.lcm(m, unit)
+        return m
 
     def _int4_pads(self, t) -> bool:
         """Whether int4 needs the intermediate size padded: its even split is not a multiple of 32 (the
         smallest int4 group) inputs of down_proj."""
         return t.intermediate_size % self.world_size != 0 or (t.intermediate_size // self.world_size) % 32 != 0
 
-    def cut(self, name: str) -> Cut | None:
-        """The slice of checkpoint tensor ``name`` (our naming, stacked parts under their own names) this rank
-        loads, or None when it loads the whole tensor."""
+    def _weight_cut(self, name: str) -> tuple[Cut, int] | None:
+        """(the cut, the whole length along its dim) of float tensor ``name`` (our naming), or None when this rank
+        loads the whole tensor."""
         mod, _, leaf = name.rpartition(".")
         if mod.startswith("model.layers."):
             part = mod.rpartition(".")[2]
@@ -116,10 +149,86 @@ class TPShard:
                         "gate_proj": ("mlp", 0), "up_proj": ("mlp", 0), "down_proj": ("mlp", 1)}.get(part, (None, 0))
             if key is None:
                 return None
-            return Cut(dim if leaf == "weight" else 0, *self.sizes[key])
+            return Cut(dim if leaf == "weight" else 0, *self.sizes[key]), self.totals[key]
         if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and self.vocab_parallel_embedding):
-            return Cut(0, *self.sizes["vocab"])
+            return Cut(0, *self.sizes["vocab"]), self.totals["vocab"]
         return None
+
+    def cut(self, name: str) -> Cut | None:
+        """The slice of checkpoint tensor ``name`` (our naming, stacked parts under their own names) this rank
+        loads, or None when it loads the whole tensor."""
+        found = self._weight_cut(name)
+        return found and found[0]
+
+    def prequant_cut(self, name: str, shape: list[int]) -> Cut | None:
+        """The slice of GPTQ / AWQ tensor ``name`` (``<linear>.qweight`` / ``qzeros`` / ``scales`` / ``g_idx``,
+        ``shape`` as stored) this rank loads, or None for the whole tensor. Every such tensor is (inputs, outputs)
+        in some unit: a column-parallel linear cuts dim 1 (outputs, in packed words of 8 for AWQ's qweight and
+        for qzeros), a row-parallel one dim 0 (inputs, in words of 8 for GPTQ's qweight, in groups for scales
+        and qzeros). Where the groups are not runs of inputs (desc_act, or one group for the whole input), a
+        row-parallel rank reads every group's scales and zeros and its own inputs' g_idx."""
+        mod, _, leaf = name.rpartition(".")
+        found = self._weight_cut(f"{mod}.weight")
+        if found is None:
+            return None
+        w, total = found
+        pq, gptq = self.prequant, self.prequant.method == "gptq"
+        if w.dim == 0:  # column-parallel: the outputs
+            if leaf == "g_idx":
+                return None
+            unit = _PACK if leaf == "qzeros" or (leaf == "qweight" and not gptq) else 1
+        elif leaf in ("scales", "qzeros"):  # row-parallel: the inputs, by group
+            if not _runs(pq):
+                return None
+            unit = pq.group_size
+        else:
+            unit = _PACK if leaf == "qweight" and gptq else 1
+        dim = 1 if w.dim == 0 else 0
+        whole = -(-total // unit)  # the stored length along dim (a last partial group counts)
+        if len(shape) <= dim or shape[dim] != whole:
+            raise InvalidInputError(f"{name} has shape {tuple(shape)}, but {total} {'outputs' if dim else 'inputs'} "
+                                    f"make {whole} along dim {dim} (units of {unit})")
+        if (w.start % unit and w.start != total) or w.size % unit or (w.end % unit and w.end != total):
+            raise InvalidInputError(f"{name}: rank {self.rank}'s part [{w.start}, {w.end}) of {total} cuts "
+                                    f"{_unit_name(pq, leaf in ('scales', 'qzeros') and dim == 0)}")
+        return Cut(dim, w.start // unit, -(-w.end // unit), w.size // unit)
+
+    def local_g_idx(self, name: str, g_idx: torch.Tensor) -> torch.Tensor:
+        """The g_idx of this rank's inputs of a row-parallel linear whose groups are runs of inputs, read as its
+        slice of the stored one: rebased to the rank's own groups (its padding in a group of its own).
+        InvalidInputError when the stored one is not in input order (a checkpoint with act-order whose config
+        does not say desc_act)."""
+        w, _ = self._weight_cut(name.rpartition(".")[0] + ".weight")
+        g = self.prequant.group_size
+        n = w.end - w.start
+        if w.dim != 1 or not _runs(self.prequant):
+            return g_idx
+        if not torch.equal(g_idx[:n].long(), torch.arange(w.start, w.end) // g):
+            raise InvalidInputError(f"{name} puts the inputs' groups out of order, but config.json does not say "
+                                    "desc_act: true")
+        return (torch.arange(w.size) // g).to(g_idx.dtype)
+
+
+_PACK = 8  # 4-bit values per int32 word
+
+
+def _runs(pq) -> bool:
+    """Whether a GPTQ / AWQ checkpoint's groups are runs of consecutive inputs (not desc_act's order, not one
+    group for the whole input): then a row-parallel rank reads only its own groups."""
+    return pq.group_size > 0 and not pq.desc_act
+
+
+def _in_unit(pq) -> int:
+    """Inputs a row-parallel rank of a GPTQ / AWQ checkpoint must hold a multiple of: whole groups when they are
+    runs of inputs, and whole words (GPTQ packs along the inputs)."""
+    groups = pq.group_size if _runs(pq) else 1
+    return math.lcm(groups, _PACK) if pq.method == "gptq" else groups
+
+
+def _unit_name(pq, grouped: bool) -> str:
+    if grouped:
+        return f"the quantization groups of {pq.group_size} inputs"
+    return f"the packed int32 words of {_PACK} 4-bit values"
 
 
 def shard_model_(model: nn.Module, shard: TPShard, vision: bool) -> None:
