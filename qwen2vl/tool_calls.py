@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["TOOLS_HEADER", "TOOLS_FOOTER", "TOOL_CALL_START", "TOOL_CALL_END", "DEFAULT_SYSTEM", "ToolCall",
-           "ToolCallParser", "parse_tool_calls", "tools_system_prompt", "convert_tool_messages",
+           "ToolCallParser", "parse_tool_calls", "single_call_arguments", "tools_system_prompt", "convert_tool_messages",
            "forced_prefix", "template_has_tools", "needs_conversion", "TOOL_NAME_PATTERN", "check_tool_name"]
 
 TOOL_CALL_START = "<tool_call>"
@@ -341,3 +341,16 @@ def parse_tool_calls(text: str, prefix: str = "", *, forced: bool = False,
     p.finish()
     content = p.content
     return (None if not content and p.calls else content), p.calls
+
+
+def single_call_arguments(text: str, name: str) -> dict | None:
+    """The arguments (a JSON object) of ``text``'s tool call when it holds exactly one call, to ``name``; else
+    None (no call, several, another name, arguments that are not a JSON object)."""
+    _, calls = parse_tool_calls(text)
+    if len(calls) != 1 or calls[0].name != name:
+        return None
+    try:
+        args = json.loads(calls[0].arguments)
+    except ValueError:
+        return None
+    return args if isinstance(args, dict) else None

@@ -19,12 +19,11 @@ Owns the rules:
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from typing import Any, Callable
 
-from ..tool_calls import parse_tool_calls
+from ..tool_calls import single_call_arguments
 from .common import COLOURS
 from .tap import grade_tap
 
@@ -91,14 +90,8 @@ def grade_reading(answer: str, truth: str) -> bool:
 
 
 def grade_weather(answer: str, truth: str) -> bool:
-    _, calls = parse_tool_calls(answer)
-    if len(calls) != 1 or calls[0].name != "get_weather":
-        return False
-    try:
-        args = json.loads(calls[0].arguments)
-    except ValueError:
-        return False
-    return isinstance(args, dict) and args.get("city") == truth
+    args = single_call_arguments(answer, "get_weather")
+    return args is not None and args.get("city") == truth
 
 
 def read_box(answer: str) -> tuple[float, float, float, float] | None:

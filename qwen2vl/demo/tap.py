@@ -18,11 +18,10 @@ agent's phone app (:mod:`qwen2vl.agent.phone`). A sample (``task_rng("tap", seed
 
 from __future__ import annotations
 
-import json
 
 from PIL import ImageDraw
 
-from ..tool_calls import parse_tool_calls, tool_call_block
+from ..tool_calls import single_call_arguments, tool_call_block
 from .common import COLOURS, Sample, canvas, fit_text, jitter, pick, pick_font, randint, task_rng, user
 from .fonts import latin_fonts
 
@@ -98,14 +97,8 @@ def sample_tap(seed: int) -> Sample:
 
 def grade_tap(answer: str, truth: tuple[int, int, int, int]) -> bool:
     """Whether ``answer`` is one click call whose point (0-1000 scale, mapped to pixels) lies inside ``truth``."""
-    _, calls = parse_tool_calls(answer)
-    if len(calls) != 1 or calls[0].name != "click":
-        return False
-    try:
-        args = json.loads(calls[0].arguments)
-    except ValueError:
-        return False
-    if not isinstance(args, dict):
+    args = single_call_arguments(answer, "click")
+    if args is None:
         return False
     x, y = args.get("x"), args.get("y")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
