@@ -52,8 +52,9 @@ def parse_weights(text: str | None) -> dict[str, int]:
 class DemoSamples(Sequence):
     """``n`` training samples; ``source(i)`` gives demo sample i, ``builder`` turns it into a training Sample."""
 
-    def __init__(self, source, n: int, builder, prefix: str = "demo"):
+    def __init__(self, source, n: int, builder, prefix: str = "demo", naming: bool = False):
         self.source, self.n, self.builder, self.prefix = source, int(n), builder, prefix
+        self.naming = naming  # attach qwen2vl.train.vision_targets' targets (only vision_aux_loss reads them)
 
     def __len__(self) -> int:
         return self.n
@@ -69,7 +70,8 @@ class DemoSamples(Sequence):
         got = build_sample(self.builder, name, Conversation(s.conversation(), s.tools))
         if isinstance(got, str):
             raise InvalidInputError(f"{name}: {got} (raise cutoff_len)")
-        got.vision_targets = naming_targets(s.info, got.vision, self.builder.tokenizer)
+        if self.naming:
+            got.vision_targets = naming_targets(s.info, got.vision, self.builder.tokenizer)
         return got
 
 
@@ -125,7 +127,7 @@ def demo_splits(cfg, tokenizer, model_cfg) -> tuple[DemoSamples, list]:
     n = args.demo_samples if args.demo_samples is not None else \
         cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     builder = _Builder(args, tokenizer, model_cfg)
-    train = DemoSamples(data.sample, n, builder)
+    train = DemoSamples(data.sample, n, builder, naming=cfg.vision_aux_loss > 0)
     held = [sample(t, held_out_seed(j, EVAL_SEED_OFFSET)) for t in data.tasks for j in range(args.demo_eval_size)]
     evals = DemoSamples(held.__getitem__, len(held), builder, prefix="demo-eval")
     return train, list(evals)
