@@ -12,7 +12,7 @@ from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train import demo_stream
 from qwen2vl.train.config import load_config
 from qwen2vl.train.trainer import train
-from qwen2vl.train.vision_targets import IGNORE, aux_loss, label_ids, media_targets
+from qwen2vl.train.vision_targets import IGNORE, SCALE, aux_loss, label_ids, media_targets
 from tests.test_nano import _demo_cfg, _scratch_cfg
 from tests.train_helpers import one_thread  # noqa: F401 (autouse: one thread for every test here)
 
@@ -80,7 +80,7 @@ def test_video_pairs_differ_where_the_block_moved(tok):
 
 def test_aux_loss_rewards_features_that_name_their_token(tok):
     labels = label_ids(tok)
-    weight = torch.randn(max(labels) + 1, 32)
+    weight = torch.randn(max(labels.ids) + 1, 32)
     red, three = tok.encode(" red")[0], tok.encode("3")[0]
     targets = torch.tensor([[red, three], [IGNORE, IGNORE], [red, IGNORE]])
     aligned = torch.stack([weight[red] + weight[three], torch.randn(32), weight[red]]).requires_grad_()
@@ -92,6 +92,24 @@ def test_aux_loss_rewards_features_that_name_their_token(tok):
     assert aux_loss(aligned, torch.full((3, 2), IGNORE), weight, labels) is None
     with pytest.raises(ValueError, match="label_ids"):
         aux_loss(aligned, torch.tensor([[tok.encode(" Hello")[0]]] * 3), weight, labels)
+
+
+def test_aux_loss_softmax_runs_within_the_targets_kind(tok):
+    """A digit target is scored among the ten digits only (a cell's colour, digit and "box" do not compete),
+    against their rows centred on the digits' mean."""
+    labels = label_ids(tok)
+    kind = dict(zip(labels.ids, labels.kinds))
+    red, three, circle = tok.encode(" red")[0], tok.encode("3")[0], tok.encode(" circle")[0]
+    assert (kind[red], kind[circle], kind[three]) == (0, 1, 2)
+    digits = [tok.encode(str(d))[0] for d in range(10)]
+    assert sorted(t for t, k in kind.items() if k == 2) == sorted(digits)
+    weight = torch.randn(max(labels.ids) + 1, 16)
+    feature = torch.randn(1, 16)
+    got = aux_loss(feature, torch.tensor([[three]]), weight, labels)
+    table = torch.nn.functional.normalize(weight[digits] - weight[digits].mean(0), dim=-1)  # centred on the kind
+    logits = SCALE * torch.nn.functional.normalize(feature, dim=-1) @ table.t()
+    want = torch.nn.functional.cross_entropy(logits, torch.tensor([digits.index(three)]))
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_vision_aux_loss_trains_the_tower_and_is_checked(tiny_checkpoint, tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     return restrict_vocab(model, keep)
 
 
-def _label_ids(cfg: TrainConfig, base_dir: str) -> tuple[int, ...] | None:
+def _label_ids(cfg: TrainConfig, base_dir: str):
     """The tokens the vision naming loss scores against (``vision_aux_loss``), or None when it is off."""
     if not cfg.vision_aux_loss:
         return None
@@ -204,7 +204,7 @@ class Trainer:
                 loss = loss + reg / n_samples * sum(feature_penalty(f, g) for f, g in feats)
             if feats and aux:
                 naming = self._naming_loss(sample, feats)
-                self._naming_sum += float(naming) / n_samples
+                self._naming_sum += float(naming.detach() if torch.is_tensor(naming) else naming) / n_samples
                 loss = loss + aux / n_samples * naming
             loss.backward()
         return float(ce.detach())
