@@ -39,7 +39,7 @@ def _named(targets, k):
     return {int(v) for v in targets[k] if int(v) != IGNORE}
 
 
-def test_blocks_name_colour_digit_and_background_nothing(tok):
+def test_blocks_name_colour_everywhere_digit_at_the_centre_and_background_nothing(tok):
     for seed in range(6):
         s = sample("blocks", seed)
         size = s.info["image"].size
@@ -49,7 +49,11 @@ def test_blocks_name_colour_digit_and_background_nothing(tok):
         for b in s.info["blocks"]:
             x0, y0, x1, y1 = b["box"]
             want = set(tok.encode(" " + b["colour"])) | set(tok.encode(str(b["digit"]))) | set(tok.encode(" box"))
-            assert _named(targets, _cell_of(((x0 + x1) / 2, (y0 + y1) / 2), size, grid)) == want
+            centre = _cell_of(((x0 + x1) / 2, (y0 + y1) / 2), size, grid)
+            assert _named(targets, centre) == want
+        digits = {tok.encode(str(d))[0] for d in range(10)}
+        with_digit = [k for k in range(targets.shape[0]) if _named(targets, k) & digits]
+        assert len(with_digit) == len(s.info["blocks"])  # the digit: the centre cell only
         assert _named(targets, 0) == set()  # a corner: the blocks keep 4 px from the edges ...
         labelled = int((targets[:, 0] != IGNORE).sum())
         assert len(s.info["blocks"]) <= labelled <= 9 * len(s.info["blocks"])  # ... each covers 1-9 cells (<= 56 px)
