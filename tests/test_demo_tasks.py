@@ -486,3 +486,34 @@ def test_glance_conversations():
             pixel = img.getpixel((int(cx), int(cy + (y2 - y1) / 8000 * img.size[1])))  # inside any of the shapes
             assert all(abs(p - c) <= JITTER for p, c in zip(pixel, PALETTE[colour])), (seed, pixel, colour)
     assert kinds == {"block", "shape"}
+
+
+def test_closeup_crops_one_object_and_keeps_its_boxes():
+    """The training-only closeup: one block, shape or sign cropped close (>= 56 px a side, inside a 2-20 px
+    margin), its boxes moved into the crop (the block's colour sits at its box's centre), the task's answer."""
+    from qwen2vl.demo.common import JITTER, PALETTE
+    from qwen2vl.demo.grading import read_blocks
+    from qwen2vl.demo.tasks import check_tasks
+    kinds = set()
+    for seed in range(45):
+        s = sample("closeup", seed)
+        img = s.messages[0]["content"][0]["image"]
+        assert img is s.info["image"] and min(img.size) >= 56 and "closeup" in check_tasks("closeup")
+        box = (s.info.get("blocks") or s.info.get("shapes") or [{"box": s.info.get("sign")}])[0]["box"]
+        assert 0 <= box[0] and 0 <= box[1] and box[2] <= img.size[0] and box[3] <= img.size[1]
+        assert img.size[0] - (box[2] - box[0]) <= max(40, 57 - (box[2] - box[0]))  # a close crop
+        if "blocks" in s.info:
+            kinds.add("block")
+            b = s.info["blocks"][0]
+            assert read_blocks(s.answer) == [(b["colour"], b["digit"])]
+            corner = img.getpixel((int(box[0]) + 2, int(box[1]) + 2))
+            assert all(abs(p - c) <= JITTER for p, c in zip(corner, PALETTE[b["colour"]])), (seed, corner)
+        elif "shapes" in s.info:
+            kinds.add("shape")
+            assert s.answer == f"The {s.info['shapes'][0]['kind']} is {s.info['shapes'][0]['colour']}."
+        else:
+            kinds.add("sign")
+            assert s.info["word"] in s.answer and s.info["sign"][0] <= s.info["text"][0]
+    assert kinds == {"block", "shape", "sign"}
+    with pytest.raises(InvalidInputError, match="closeup"):
+        check_tasks("closeup", graded=True)

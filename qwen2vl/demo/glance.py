@@ -29,10 +29,10 @@ from .common import (COLOURS, SHAPES, SIDE, Sample, background, canvas, draw_sha
 from .fonts import latin_fonts
 from .shapes import box_text
 
-__all__ = ["sample_glance"]
+__all__ = ["sample_glance", "shape_scene", "block_scene"]
 
 
-def _shape(rng):
+def shape_scene(rng):
     width, height = randint(rng, *SIDE), randint(rng, *SIDE)
     kind, colour, size = pick(rng, SHAPES), pick(rng, COLOURS), randint(rng, 36, 120)
     h = shape_height(kind, size)
@@ -45,7 +45,7 @@ def _shape(rng):
     return img, qas, {"shapes": [{"kind": kind, "colour": colour, "size": size, "box": box}], "image": img}
 
 
-def _block(rng):
+def block_scene(rng):
     width, height = randint(rng, *SIDE), randint(rng, *SIDE)
     size = randint(rng, 36, 56)
     x, y = randint(rng, 4, width - 4 - size), randint(rng, 4, height - 4 - size)
@@ -63,6 +63,6 @@ def _block(rng):
 def sample_glance(seed: int) -> Sample:
     """Glance conversation ``seed`` (see the module docstring)."""
     rng = task_rng("glance", seed)
-    img, qas, info = pick(rng, (_shape, _block))(rng)
+    img, qas, info = pick(rng, (shape_scene, block_scene))(rng)
     return Sample("glance", "glance", seed, turns({"type": "image", "image": img}, qas), qas[-1][1], None,
                   info=info)

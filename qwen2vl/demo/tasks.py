@@ -1,8 +1,8 @@
 """The demo task registry: task names, one generator per task, and the seed ranges for training and evaluation.
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
-(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill" and
-"glance", :mod:`qwen2vl.demo.drill`, :mod:`qwen2vl.demo.glance`), and the split of seeds: training uses seeds
+(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill", "glance" and
+"closeup", :mod:`qwen2vl.demo.drill`, :mod:`qwen2vl.demo.glance`, :mod:`qwen2vl.demo.closeup`), and the split of seeds: training uses seeds
 ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never
 share a sample (:func:`held_out_seed`).
 
@@ -18,6 +18,7 @@ from typing import Callable
 
 from ..errors import InvalidInputError
 from .blocks import sample_blocks
+from .closeup import sample_closeup
 from .common import Sample, pick, randint, task_rng, user
 from .drill import sample_drill
 from .glance import sample_glance
@@ -70,9 +71,10 @@ def sample_conversation(seed: int) -> Sample:
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
-    "drill": sample_drill, "glance": sample_glance, "tap": sample_tap}
+    "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
-TRAINING_ONLY: tuple[str, ...] = ("drill", "glance")  # training data only (qwen2vl.demo.drill, .glance): never graded
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup")  # training data only (qwen2vl.demo.drill, .glance,
+# .closeup): never graded
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
