@@ -3,8 +3,10 @@
 The cluster itself: test_ray_serve."""
 
 import asyncio
+import contextvars
 import importlib.util
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,6 +66,47 @@ def test_merge_metrics_labels_each_replica():
     assert 'g{replica="r1"} 1' in text
     lines = text.splitlines()  # a family's samples follow its header
     assert lines.index('x_total{replica="r2",model_name="m"} 4') < lines.index("# HELP g A gauge.")
+
+
+def test_a_scrape_asks_each_replica_in_a_context_of_its_own():
+    """/metrics asks the replicas at once, each call outside the HTTP request's context (Ray Serve keys a handle's
+    pending calls by the request id found there: the calls of one scrape were mixed up and never answered); one
+    that does not answer in time is left out; a scrape before any request first starts the handle's router."""
+    from qwen2vl.distributed import routing
+    from qwen2vl.distributed.relay import Relay
+    request = contextvars.ContextVar("request")
+    calls = []
+
+    class Router:  # what routing.replica_ids reads
+        curr_replicas = []
+
+    router = Router()
+
+    class MetricsText:
+        def remote(self, replica=None):
+            calls.append((replica, request.get(None)))
+            if replica is None:  # the first call through the handle starts its router
+                router.curr_replicas = [SimpleNamespace(unique_id=r) for r in ("r1", "r2")]
+                routing.ROUTERS.add(router)
+
+            async def answer():
+                if replica == "r2":
+                    await asyncio.sleep(30)  # a replica that does not answer in time
+                return "# TYPE up gauge\nup 1\n"
+            return answer()
+
+    async def scrape():
+        request.set("http-request-1")
+        return (await Relay(SimpleNamespace(metrics_text=MetricsText()), 1000, 1, metrics_timeout_s=0.3)
+                ._metrics())[1]["body"].decode()
+
+    try:
+        text = asyncio.run(scrape())
+    finally:
+        routing.ROUTERS.discard(router)
+    assert calls == [(None, None), ("r1", None), ("r2", None)]
+    assert 'up{replica="r1"} 1' in text and 'replica="r2"' not in text
+    assert 'qwen2vl_ray_replicas{state="known"} 2' in text and 'qwen2vl_ray_replicas{state="answered"} 1' in text
 
 
 def test_run_asgi_relays_and_turns_an_early_close_into_a_disconnect():

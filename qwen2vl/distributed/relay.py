@@ -24,6 +24,7 @@ answer within ``metrics_timeout_s``, Prometheus' default scrape timeout, is left
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 from typing import Any, AsyncIterator
@@ -231,16 +232,27 @@ class Relay:
             tail = ("data: " + json.dumps(err.body()) + "\n\ndata: [DONE]\n\n").encode()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
+    async def _ask(self, rid: str | None) -> str | None:
+        """Replica ``rid``'s metrics text (None: any replica), or None when it does not answer in time. The call
+        runs as a task with a context of its own, outside this HTTP request's Ray Serve request context: Ray Serve
+        (2.60) indexes a handle's pending calls by the request id they inherit from that context, so the calls of
+        one scrape, made at once, were mixed up (one never sent, another's answer never matched: every scrape
+        timed out)."""
+        async def call() -> str:
+            return await self.engine.metrics_text.remote(replica=rid)
+
+        task = asyncio.get_running_loop().create_task(call(), context=contextvars.Context())
+        try:
+            return await asyncio.wait_for(task, self.metrics_timeout_s)
+        except Exception:  # noqa: BLE001 - a replica that cannot answer now is left out of this scrape
+            return None
+
     async def _metrics(self) -> list[dict]:
         ids = replica_ids()
-
-        async def one(rid: str) -> str | None:
-            try:
-                return await asyncio.wait_for(self.engine.metrics_text.remote(replica=rid), self.metrics_timeout_s)
-            except Exception:  # noqa: BLE001 - a replica that cannot answer now is left out of this scrape
-                return None
-
-        texts = {rid: t for rid, t in zip(ids, await asyncio.gather(*(one(r) for r in ids))) if t is not None}
+        if not ids:  # nothing has gone through the handle yet: its router, which knows the replicas, starts now
+            await self._ask(None)
+            ids = replica_ids()
+        texts = {rid: t for rid, t in zip(ids, await asyncio.gather(*(self._ask(r) for r in ids))) if t is not None}
         own = ["# HELP qwen2vl_ray_replicas Engine replicas the ingress routes to, and those that answered this "
                "scrape.", "# TYPE qwen2vl_ray_replicas gauge", f'qwen2vl_ray_replicas{{state="known"}} {len(ids)}',
                f'qwen2vl_ray_replicas{{state="answered"}} {len(texts)}']
