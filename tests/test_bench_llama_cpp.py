@@ -1,0 +1,130 @@
+"""bench/llama_cpp.py without llama.cpp: the timing-log parser, the refusal of a tree
+that lacks a built binary, where the peers sit among the configurations, and the report's llama.cpp table.
+(The conversion and the runs themselves need a built llama.cpp: bench/README.md, "llama.cpp as a peer".)"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import bench, llama_cpp
+from qwen2vl.errors import InvalidInputError
+
+# The lines parse_log reads, written with llama.cpp's own printf formats (llama_perf_context_print in
+# src/llama-context.cpp, mtmd-helper.cpp) as of llama-cpp-python 0.3.36's tree, around other log lines.
+PERF = ("%s:        load time = %10.2f ms\n"
+        "%s: prompt eval time = %10.2f ms / %5d tokens (%8.2f ms per token, %8.2f tokens per second)\n"
+        "%s:        eval time = %10.2f ms / %5d runs   (%8.2f ms per token, %8.2f tokens per second)\n"
+        "%s:       total time = %10.2f ms / %5d tokens\n"
+        "%s:    graphs reused = %10d\n")
+F = "llama_perf_context_print"
+LOG = ("main: loading model: text-bf16.gguf\nencoding image slice...\nimage slice encoded in %d ms\n"
+       "decoding image batch 1/1, n_tokens_batch = 256\nimage decoded (batch 1/1) in %d ms\n"
+       "some generated text\n\n" % (8130, 7215)) + PERF % (
+    F, 1534.25, F, 19950.5, 281, 19950.5 / 281, 281e3 / 19950.5, F, 6200.0, 31, 200.0, 5.0, F, 29000.0, 312, F, 30)
+
+
+def test_parse_log_reads_llama_mtmd_cli_timings():
+    got = llama_cpp.parse_log(LOG)
+    assert got == {"load_ms": 1534.25, "prompt_eval_ms": 19950.5, "prompt_tokens": 281, "eval_ms": 6200.0,
+                   "eval_runs": 31, "image_encode_ms": 8130.0, "image_batch_ms": 7215.0}
+
+
+def test_parse_log_names_what_is_missing():
+    with pytest.raises(ValueError, match="lacks load_ms, prompt_eval_ms, eval_ms"):
+        llama_cpp.parse_log("main: loading model: x.gguf\nencoding image slice...\n")
+    no_eval = "\n".join(x for x in LOG.splitlines() if " eval time =" not in x or "prompt eval" in x)
+    with pytest.raises(ValueError, match="lacks eval_ms "):
+        llama_cpp.parse_log(no_eval)
+
+
+def _tool(path: Path, executable: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755 if executable else 0o644)
+
+
+def test_find_tree_names_every_missing_piece(tmp_path):
+    with pytest.raises(InvalidInputError, match="not a directory"):
+        llama_cpp.find_tree(tmp_path / "nowhere")
+    _tool(tmp_path / "build" / "bin" / "llama-quantize", executable=False)  # present but not runnable
+    with pytest.raises(InvalidInputError) as e:
+        llama_cpp.find_tree(tmp_path)
+    msg = str(e.value)
+    for piece in ("llama-mtmd-cli (looked in", "llama-quantize (looked in", "convert_hf_to_gguf.py", "gguf-py",
+                  "cmake --build build --target llama-mtmd-cli llama-quantize"):
+        assert piece in msg, msg
+    _tool(tmp_path / "build" / "bin" / "llama-mtmd-cli")
+    _tool(tmp_path / "bin" / "llama-quantize")
+    _tool(tmp_path / "convert_hf_to_gguf.py")
+    (tmp_path / "gguf-py").mkdir()
+    t = llama_cpp.find_tree(tmp_path, "py")
+    assert (t.mtmd_cli, t.quantize, t.python) == (tmp_path / "build" / "bin" / "llama-mtmd-cli",
+                                                  tmp_path / "bin" / "llama-quantize", "py")
+
+
+def test_bench_refuses_a_tree_without_binaries_before_doing_anything(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--llama-cpp", str(tmp_path), "--model", str(tmp_path / "never-written"), "--quick"])
+    assert str(e.value).startswith(f"--llama-cpp {tmp_path}: missing llama-mtmd-cli")
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_peers_follow_their_qwen2vl_configuration(tmp_path):
+    names = [c["name"] for c in bench.configurations(bench.parse_args(["--llama-cpp", str(tmp_path)]))]
+    at = names.index("qwen2vl-bfloat16")
+    assert names[at:at + 2] == ["qwen2vl-bfloat16", "llamacpp-bf16"]
+    at = names.index("qwen2vl-int8")
+    assert names[at:at + 5] == ["qwen2vl-int8", "llamacpp-q8_0", "qwen2vl-int4", "llamacpp-q4_0", "llamacpp-q4_k_m"]
+    assert not any(n.startswith("llamacpp") for n in (c["name"] for c in bench.configurations(bench.parse_args([]))))
+    # a full name selects that configuration only (not its -compiled sibling); a prefix selects all it starts
+    picked = bench.configurations(bench.parse_args(["--llama-cpp", str(tmp_path), "--only", "qwen2vl-int8,llamacpp"]))
+    assert [c["name"] for c in picked] == ["llamacpp-bf16", "qwen2vl-int8", "llamacpp-q8_0", "llamacpp-q4_0",
+                                           "llamacpp-q4_k_m"]
+    assert picked[2]["peer"] == "qwen2vl-int8" and picked[2]["llama_cpp"] == str(tmp_path)
+
+
+def _qwen(name, fmt, **kw):
+    return dict({"name": name, "cfg": {"kind": "engine", "engine": "qwen2vl", "dtype": "bfloat16", "format": fmt},
+                 "ttft_s": 2.0, "decode_tok_s": 4.0, "peak_rss_load": 1.0e9, "peak_rss_serve": 2.0e9,
+                 "load_s": 1.0, "weights_bytes": 1.5e9, "prompt_tokens": 281}, **kw)
+
+
+def _peer(fmt, peer, **kw):
+    return dict({"name": f"llamacpp-{fmt}", "cfg": {"kind": "llamacpp", "engine": "llama.cpp", "format": fmt,
+                                                     "peer": peer},
+                 "ttft_s": 3.0, "decode_tok_s": 2.0, "peak_rss": 3.0e9, "load_s": 1.5, "weights_bytes": 1.6e9,
+                 "prompt_tokens": 281, "ttft_runs_s": [3.0, 3.1, 2.9], "image_encode_s": 1.25, "threads": 2,
+                 "version": "version: 1 (abc)"}, **kw)
+
+
+def test_report_table_pairs_each_peer_with_its_qwen2vl_row(tmp_path):
+    results = [_qwen("qwen2vl-bfloat16", "bfloat16"), _peer("bf16", "qwen2vl-bfloat16"),
+               _qwen("qwen2vl-int4", "int4", ttft_s=1.5), _peer("q4_0", "qwen2vl-int4", error="RuntimeError: boom"),
+               _peer("q4_k_m", "qwen2vl-int4", ttft_s=1.5, decode_tok_s=8.0)]
+    lines = llama_cpp.report_lines(results)
+    rows = [x for x in lines if x.startswith("| ") and not x.startswith("| configuration")]
+    assert [r.split(" | ")[0] for r in rows] == ["| qwen2vl-bfloat16", "| llamacpp-bf16", "| qwen2vl-int4",
+                                                 "| llamacpp-q4_0", "| llamacpp-q4_k_m"]
+    assert rows[0].startswith("| qwen2vl-bfloat16 | bfloat16 | 2.00 | 4.00 | 2.00 | 1.0 | 1.50 | – |")
+    # TTFT 3/2, decode 4/2, peak 3/2 (qwen2vl: the larger of load and serving), load 1.5/1
+    assert rows[1].startswith("| llamacpp-bf16 | BF16 | 3.00 | 2.00 | 3.00 | 1.5 | 1.60 | 1.50× / 2.00× / 1.50× / 1.50× |")
+    assert "image encode 1.25 s of the TTFT" in rows[1] and "TTFT runs 3.00 / 3.10 / 2.90 s" in rows[1]
+    assert "| – | **failed**: RuntimeError: boom" in rows[3]
+    assert "| 1.00× / 0.50× / 1.50× / 1.50× |" in rows[4]
+    assert "version: 1 (abc)" in lines[1] and "2 threads" in lines[1]
+    assert llama_cpp.report_lines([_qwen("qwen2vl-bfloat16", "bfloat16")]) == []
+    report = bench.build_report(results, {"date": "today", "cpu": "cpu", "cores": 2, "memory": "1 GiB", "torch": "2",
+                                          "transformers": "5", "python": "3", "loadavg": "0"},
+                                bench.parse_args(["--quick"]), tmp_path, tmp_path)
+    assert "## llama.cpp" in report and rows[1] in report
+
+
+def test_mtmd_command_is_greedy_with_the_checkpoints_template(tmp_path):
+    tree = llama_cpp.Tree(tmp_path, tmp_path / "cli", tmp_path / "q", tmp_path / "c.py", "py")
+    cmd = llama_cpp.mtmd_command(tree, Path("t.gguf"), Path("m.gguf"), Path("i.png"), "Describe this image.", 32,
+                                 os.cpu_count() or 1, 8192)
+    flags = {k: cmd[cmd.index(k) + 1] for k in ("-m", "--mmproj", "--image", "-n", "--temp", "-c")}
+    assert cmd[0] == str(tmp_path / "cli") and "--ignore-eos" in cmd and "--jinja" in cmd
+    assert (flags["-m"], flags["--mmproj"], flags["--image"], flags["-n"], flags["--temp"], flags["-c"]) == (
+        "t.gguf", "m.gguf", "i.png", "32", "0", "8192")
