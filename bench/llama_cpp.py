@@ -196,7 +196,9 @@ def worker(spec: dict, res) -> None:
     tree = find_tree(spec["llama_cpp"], spec.get("llama_cpp_python"))
     art = Path(spec["artifacts"])
     name, threads = spec["name"], os.cpu_count() or 1
-    text, mmproj = ensure_gguf(tree, Path(spec["model"]), spec["format"], say=lambda m: print(m, flush=True))
+    text, mmproj = ensure_gguf(tree, Path(spec["model"]), spec["format"], Path(spec.get("gguf_cache") or
+                                                                              CACHE_DIR / "gguf"),
+                               say=lambda m: print(m, flush=True))
     res.update(weights_bytes=text.stat().st_size + mmproj.stat().st_size, gguf=[text.name, mmproj.name],
                threads=threads, version=_version(tree))
     ctx, n = spec.get("max_model_len") or 8192, spec["decode_tokens"]

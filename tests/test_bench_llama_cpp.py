@@ -128,3 +128,88 @@ def test_mtmd_command_is_greedy_with_the_checkpoints_template(tmp_path):
     assert cmd[0] == str(tmp_path / "cli") and "--ignore-eos" in cmd and "--jinja" in cmd
     assert (flags["-m"], flags["--mmproj"], flags["--image"], flags["-n"], flags["--temp"], flags["-c"]) == (
         "t.gguf", "m.gguf", "i.png", "32", "0", "8192")
+
+
+# ---- the process handling and the conversion cache, with stand-in tools (shell / Python scripts) for llama.cpp's
+FAKE_CLI = """#!/bin/sh
+case "$*" in *--version*) echo "version: 0 (stand-in)"; exit 0;; esac
+cat <<'END'
+%s
+END
+"""
+
+
+def _fake_tree(tmp_path: Path, cli_body: str | None = None) -> llama_cpp.Tree:
+    import sys
+
+    _tool(tmp_path / "build" / "bin" / "llama-mtmd-cli")
+    (tmp_path / "build" / "bin" / "llama-mtmd-cli").write_text(cli_body or FAKE_CLI % LOG)
+    _tool(tmp_path / "build" / "bin" / "llama-quantize")  # IN OUT TYPE THREADS: OUT = IN's text + TYPE
+    (tmp_path / "build" / "bin" / "llama-quantize").write_text('#!/bin/sh\n{ cat "$1"; echo "$3"; } > "$2"\n')
+    (tmp_path / "gguf-py").mkdir(exist_ok=True)
+    (tmp_path / "convert_hf_to_gguf.py").write_text(
+        "import sys, os\nargs = sys.argv[1:]\nout = args[args.index('--outfile') + 1]\n"
+        "assert os.path.basename(out).startswith('partial-'), out\n"
+        "assert os.environ['PYTHONPATH'].split(os.pathsep)[0].endswith('gguf-py')\n"
+        "open(out, 'w').write(' '.join(a for a in args if a.startswith('--') or a in ('bf16', 'f16')) + '\\n')\n")
+    return llama_cpp.find_tree(tmp_path, sys.executable)
+
+
+def test_run_mtmd_reads_the_log_rss_and_exit_of_one_process(tmp_path):
+    tree = _fake_tree(tmp_path / "tree")
+    got = llama_cpp.run_mtmd([str(tree.mtmd_cli), "-m", "x"], tmp_path / "run.log", timeout=60)
+    assert got["prompt_eval_ms"] == 19950.5 and got["eval_runs"] == 31
+    assert 0 < got["wall_s"] < 60 and got["peak_rss"] > 100_000  # ru_maxrss of the shell, in bytes
+    bad = tmp_path / "bad"
+    bad.write_text("#!/bin/sh\necho 'clip: cannot load mmproj'\nexit 3\n")
+    bad.chmod(0o755)
+    with pytest.raises(RuntimeError, match="exit code 3 .*clip: cannot load mmproj"):
+        llama_cpp.run_mtmd([str(bad)], tmp_path / "bad.log", timeout=60)
+    slow = tmp_path / "slow"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(RuntimeError, match="ran past 1 s"):
+        llama_cpp.run_mtmd([str(slow)], tmp_path / "slow.log", timeout=1)
+
+
+def test_ensure_gguf_converts_once_quantizes_from_bf16_and_keeps_no_partial_file(tmp_path):
+    tree = _fake_tree(tmp_path / "tree")
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    said = []
+    text, mmproj = llama_cpp.ensure_gguf(tree, model, "q4_k_m", cache=tmp_path / "gguf", say=said.append)
+    assert (text.name, mmproj.name) == ("text-q4_k_m.gguf", "mmproj-f16.gguf")
+    assert mmproj.read_text() == "--outfile --mmproj --outtype f16\n"
+    assert text.read_text() == "--outfile --outtype bf16\nQ4_K_M\n"  # quantized from the bf16 GGUF
+    assert not list((tmp_path / "gguf").rglob("partial-*"))
+    n = len(said)
+    assert llama_cpp.ensure_gguf(tree, model, "q4_k_m", cache=tmp_path / "gguf", say=said.append) == (text, mmproj)
+    assert len(said) == n  # nothing written again
+    (model / "config.json").write_text('{"changed": 1}')  # another checkpoint state: another directory
+    assert llama_cpp.ensure_gguf(tree, model, "bf16", cache=tmp_path / "gguf", say=said.append)[0].parent != text.parent
+    (tree.convert).write_text("import sys; print('Can not map tensor x'); sys.exit(1)\n")
+    with pytest.raises(RuntimeError, match=r"writing mmproj-f16.gguf failed \(exit code 1; .*Can not map tensor x"):
+        llama_cpp.ensure_gguf(tree, model, "bf16", cache=tmp_path / "gguf2", say=said.append)
+    with pytest.raises(InvalidInputError, match="llama.cpp format 'q2_k'"):
+        llama_cpp.ensure_gguf(tree, model, "q2_k", cache=tmp_path / "gguf", say=said.append)
+
+
+def test_worker_runs_warm_up_then_one_process_per_image(tmp_path):
+    from bench.common import Result
+
+    tree = _fake_tree(tmp_path / "tree")
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    spec = {"name": "llamacpp-q8_0", "format": "q8_0", "llama_cpp": str(tree.root), "llama_cpp_python": tree.python,
+            "model": str(model), "artifacts": str(tmp_path), "decode_tokens": 32, "ttft_runs": 3}
+    res = Result(tmp_path / "r.json")
+    llama_cpp.worker(dict(spec, gguf_cache=str(tmp_path / "gguf")), res)
+    assert res["ttft_s"] == pytest.approx(19.9505) and res["decode_tok_s"] == pytest.approx(31 / 6.2)
+    assert res["prompt_tokens"] == 281 and res["decode_tokens"] == 31 and res["image_encode_s"] == 8.13
+    assert len(res["runs"]) == 3 and res["version"] == "version: 0 (stand-in)"
+    loads = sorted(r["wall_s"] - 26.1505 for r in res["runs"])  # each process's wall time less prompt and eval
+    assert res["load_s"] == pytest.approx(loads[1]) and res["peak_rss"] == max(r["peak_rss"] for r in res["runs"])
+    assert sorted(p.name for p in tmp_path.glob("llamacpp-q8_0.*.png")) == [
+        "llamacpp-q8_0.0.png", "llamacpp-q8_0.1.png", "llamacpp-q8_0.2.png", "llamacpp-q8_0.warmup.png"]
