@@ -23,9 +23,9 @@ Contract:
 Time to first token is llama.cpp's "prompt eval time": its clock starts at the first prompt batch and stops when
 the first token's logits are read, so it holds the text chunks, the image encode (the CLIP graph runs between the
 text batches, before any synchronisation) and the image embeddings' batch; it leaves out reading and resizing
-the image file (done before) and sampling the first token. Decode is llama.cpp's "eval time": one-token steps,
-rate = steps / time. Load is the process's wall time less those two: process start, model and mmproj load,
-llama.cpp's warm-up decode, image file, exit.
+the image file (done before) and sampling the first token (a captured log: tests/data/llama-mtmd-cli-nano.log).
+Decode is llama.cpp's "eval time": one-token steps, rate = steps / time. Load is the process's wall time less those
+two: process start, model and mmproj load, llama.cpp's warm-up decode, image file, exit.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ PEERS = {"bfloat16": ("bf16",), "int8": ("q8_0",), "int4": ("q4_0", "q4_k_m")}  
 BUILD_HINT = ("cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF && "
               "cmake --build build --target llama-mtmd-cli llama-quantize (see bench/README.md)")
 
-# What one llama-mtmd-cli run prints (llama_perf_context_print and mtmd-helper's lines); values in ms.
+# What one llama-mtmd-cli run prints (libllama's lines need -lv 4: its info level is the CLI's "trace"); in ms.
 PATTERNS = {
-    "load_ms": r"^\S*\s+load time =\s*([\d.]+) ms",
-    "prompt_eval_ms": r"^\S*\s+prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens",
-    "eval_ms": r"^\S*\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs",
-    "image_encode_ms": r"image slice encoded in (\d+) ms",
+    "load_ms": r"llama_perf_context_print:\s+load time =\s*([\d.]+) ms",
+    "prompt_eval_ms": r"llama_perf_context_print:\s+prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens",
+    "eval_ms": r"llama_perf_context_print:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs",
+    "image_encode_ms": r"(?:mtmd batch encoding done|image slice encoded) in (\d+) ms",
     "image_batch_ms": r"image decoded \(batch \d+/\d+\) in (\d+) ms",
 }
 
@@ -161,7 +161,7 @@ def parse_log(text: str) -> dict:
 def mtmd_command(tree: Tree, text: Path, mmproj: Path, image: Path, prompt: str, n_predict: int, threads: int,
                  ctx: int) -> list[str]:
     return [str(tree.mtmd_cli), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image), "-p", prompt,
-            "-n", str(n_predict), "--temp", "0", "--ignore-eos", "--jinja", "-c", str(ctx),
+            "-n", str(n_predict), "--temp", "0", "--ignore-eos", "--jinja", "-c", str(ctx), "-lv", "4",
             "-t", str(threads), "-tb", str(threads)]
 
 

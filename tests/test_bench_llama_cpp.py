@@ -1,4 +1,4 @@
-"""bench/llama_cpp.py without llama.cpp: the timing-log parser, the refusal of a tree
+"""bench/llama_cpp.py without llama.cpp: the timing-log parser on a real llama-mtmd-cli log, the refusal of a tree
 that lacks a built binary, where the peers sit among the configurations, and the report's llama.cpp table.
 (The conversion and the runs themselves need a built llama.cpp: bench/README.md, "llama.cpp as a peer".)"""
 
@@ -10,24 +10,17 @@ import pytest
 from bench import bench, llama_cpp
 from qwen2vl.errors import InvalidInputError
 
-# The lines parse_log reads, written with llama.cpp's own printf formats (llama_perf_context_print in
-# src/llama-context.cpp, mtmd-helper.cpp) as of llama-cpp-python 0.3.36's tree, around other log lines.
-PERF = ("%s:        load time = %10.2f ms\n"
-        "%s: prompt eval time = %10.2f ms / %5d tokens (%8.2f ms per token, %8.2f tokens per second)\n"
-        "%s:        eval time = %10.2f ms / %5d runs   (%8.2f ms per token, %8.2f tokens per second)\n"
-        "%s:       total time = %10.2f ms / %5d tokens\n"
-        "%s:    graphs reused = %10d\n")
-F = "llama_perf_context_print"
-LOG = ("main: loading model: text-bf16.gguf\nencoding image slice...\nimage slice encoded in %d ms\n"
-       "decoding image batch 1/1, n_tokens_batch = 256\nimage decoded (batch 1/1) in %d ms\n"
-       "some generated text\n\n" % (8130, 7215)) + PERF % (
-    F, 1534.25, F, 19950.5, 281, 19950.5 / 281, 281e3 / 19950.5, F, 6200.0, 31, 200.0, 5.0, F, 29000.0, 312, F, 30)
+# The end of a real llama-mtmd-cli log (llama-cpp-python 0.3.36's tree, -lv 4, the nano demo model in bf16, one
+# 448x448 image; the line naming the model file left out), timestamps as the CLI prints them.
+LOG = (Path(__file__).resolve().parent / "data" / "llama-mtmd-cli-nano.log").read_text()
 
 
-def test_parse_log_reads_llama_mtmd_cli_timings():
+def test_parse_log_reads_a_real_llama_mtmd_cli_log():
     got = llama_cpp.parse_log(LOG)
-    assert got == {"load_ms": 1534.25, "prompt_eval_ms": 19950.5, "prompt_tokens": 281, "eval_ms": 6200.0,
-                   "eval_runs": 31, "image_encode_ms": 8130.0, "image_batch_ms": 7215.0}
+    assert got == {"load_ms": 17319.23, "prompt_eval_ms": 28190.57, "prompt_tokens": 281, "eval_ms": 1860.92,
+                   "eval_runs": 31, "image_encode_ms": 13022.0, "image_batch_ms": 1495.0}
+    # prompt eval holds the image encode and the image's batch
+    assert got["prompt_eval_ms"] > got["image_encode_ms"] + got["image_batch_ms"]
 
 
 def test_parse_log_names_what_is_missing():
@@ -126,6 +119,7 @@ def test_mtmd_command_is_greedy_with_the_checkpoints_template(tmp_path):
                                  os.cpu_count() or 1, 8192)
     flags = {k: cmd[cmd.index(k) + 1] for k in ("-m", "--mmproj", "--image", "-n", "--temp", "-c")}
     assert cmd[0] == str(tmp_path / "cli") and "--ignore-eos" in cmd and "--jinja" in cmd
+    assert cmd[cmd.index("-lv") + 1] == "4"  # libllama's timings are the CLI's "trace" level
     assert (flags["-m"], flags["--mmproj"], flags["--image"], flags["-n"], flags["--temp"], flags["-c"]) == (
         "t.gguf", "m.gguf", "i.png", "32", "0", "8192")
 
@@ -158,7 +152,7 @@ def _fake_tree(tmp_path: Path, cli_body: str | None = None) -> llama_cpp.Tree:
 def test_run_mtmd_reads_the_log_rss_and_exit_of_one_process(tmp_path):
     tree = _fake_tree(tmp_path / "tree")
     got = llama_cpp.run_mtmd([str(tree.mtmd_cli), "-m", "x"], tmp_path / "run.log", timeout=60)
-    assert got["prompt_eval_ms"] == 19950.5 and got["eval_runs"] == 31
+    assert got["prompt_eval_ms"] == 28190.57 and got["eval_runs"] == 31
     assert 0 < got["wall_s"] < 60 and got["peak_rss"] > 100_000  # ru_maxrss of the shell, in bytes
     bad = tmp_path / "bad"
     bad.write_text("#!/bin/sh\necho 'clip: cannot load mmproj'\nexit 3\n")
@@ -206,10 +200,10 @@ def test_worker_runs_warm_up_then_one_process_per_image(tmp_path):
             "model": str(model), "artifacts": str(tmp_path), "decode_tokens": 32, "ttft_runs": 3}
     res = Result(tmp_path / "r.json")
     llama_cpp.worker(dict(spec, gguf_cache=str(tmp_path / "gguf")), res)
-    assert res["ttft_s"] == pytest.approx(19.9505) and res["decode_tok_s"] == pytest.approx(31 / 6.2)
-    assert res["prompt_tokens"] == 281 and res["decode_tokens"] == 31 and res["image_encode_s"] == 8.13
+    assert res["ttft_s"] == pytest.approx(28.19057) and res["decode_tok_s"] == pytest.approx(31 / 1.86092)
+    assert res["prompt_tokens"] == 281 and res["decode_tokens"] == 31 and res["image_encode_s"] == 13.022
     assert len(res["runs"]) == 3 and res["version"] == "version: 0 (stand-in)"
-    loads = sorted(r["wall_s"] - 26.1505 for r in res["runs"])  # each process's wall time less prompt and eval
+    loads = sorted(r["wall_s"] - 30.05149 for r in res["runs"])  # each process's wall time less prompt and eval
     assert res["load_s"] == pytest.approx(loads[1]) and res["peak_rss"] == max(r["peak_rss"] for r in res["runs"])
     assert sorted(p.name for p in tmp_path.glob("llamacpp-q8_0.*.png")) == [
         "llamacpp-q8_0.0.png", "llamacpp-q8_0.1.png", "llamacpp-q8_0.2.png", "llamacpp-q8_0.warmup.png"]
