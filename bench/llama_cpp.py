@@ -276,7 +276,8 @@ def report_lines(results: list[dict]) -> list[str]:
             note = f"**failed**: {q['error'][:160]}" if q.get("error") else (
                 f"prompt {q.get('prompt_tokens')} tok" if q.get("prompt_tokens") else "")
             L.append(f"| {q['name']} | {q['cfg'].get('format')} | {f(q.get('ttft_s'))} | {f(q.get('decode_tok_s'))} | "
-                     f"{gb(_qwen2vl_peak(q))} | {f(q.get('load_s'), 1)} | {gb(q.get('weights_bytes'))} | – | {note} |")
+                     f"{gb(_qwen2vl_peak(q))} | {f(q.get('load_s'), 1)} | {gb(q.get('weights_bytes'))} | – | "
+                     f"{note} |")
         notes = []
         if p.get("error"):
             notes.append(f"**failed**: {' '.join(p['error'].split())[:200]}")

@@ -101,7 +101,8 @@ def test_report_table_pairs_each_peer_with_its_qwen2vl_row(tmp_path):
                                                  "| llamacpp-q4_0", "| llamacpp-q4_k_m"]
     assert rows[0].startswith("| qwen2vl-bfloat16 | bfloat16 | 2.00 | 4.00 | 2.00 | 1.0 | 1.50 | – |")
     # TTFT 3/2, decode 4/2, peak 3/2 (qwen2vl: the larger of load and serving), load 1.5/1
-    assert rows[1].startswith("| llamacpp-bf16 | BF16 | 3.00 | 2.00 | 3.00 | 1.5 | 1.60 | 1.50× / 2.00× / 1.50× / 1.50× |")
+    assert rows[1].startswith("| llamacpp-bf16 | BF16 | 3.00 | 2.00 | 3.00 | 1.5 | 1.60 | "
+                              "1.50× / 2.00× / 1.50× / 1.50× |")
     assert "image encode 1.25 s of the TTFT" in rows[1] and "TTFT runs 3.00 / 3.10 / 2.90 s" in rows[1]
     assert "| – | **failed**: RuntimeError: boom" in rows[3]
     assert "| 1.00× / 0.50× / 1.50× / 1.50× |" in rows[4]
