@@ -5,6 +5,7 @@
     python bench/bench.py --tiny --quick        # the seconds-long smoke version (tiny fixture), what CI runs
     python bench/bench.py --only qwen2vl-bfloat16,bandwidth
     python bench/bench.py --skip-transformers
+    python bench/bench.py --llama-cpp DIR       # adds llama.cpp (bench/llama_cpp.py) next to qwen2vl's formats
 
 Every configuration (engine x dtype / weight format, the bandwidth probe, each vision stress run) runs in its own
 subprocess with a timeout, so peak-memory figures never mix and a failure becomes a line in the table. The table
@@ -53,6 +54,13 @@ def configurations(a: argparse.Namespace) -> list[dict]:
                      **({"quantization": q} if q else {})})
     for engine in ("qwen2vl", "transformers"):
         cfgs.append({"name": f"vision-{engine}", "kind": "vision", "engine": engine, "dtype": a.vision_dtype})
+    if getattr(a, "llama_cpp", None):  # each llama.cpp peer right after the qwen2vl configuration it faces
+        from bench.llama_cpp import PEERS
+        for fmt, peers in PEERS.items():
+            at = next(i for i, c in enumerate(cfgs) if c["name"] == f"qwen2vl-{fmt}")
+            cfgs[at + 1:at + 1] = [{"name": f"llamacpp-{p}", "kind": "llamacpp", "engine": "llama.cpp", "format": p,
+                                    "peer": f"qwen2vl-{fmt}", "llama_cpp": str(a.llama_cpp),
+                                    "llama_cpp_python": a.llama_cpp_python} for p in peers]
     if a.skip_transformers:
         cfgs = [c for c in cfgs if c.get("engine") != "transformers"]
     if a.only:
@@ -60,7 +68,8 @@ def configurations(a: argparse.Namespace) -> list[dict]:
         unknown = [w for w in wanted if not any(c["name"] == w or c["name"].startswith(w) for c in cfgs)]
         if unknown:
             raise SystemExit(f"--only: no configuration matches {unknown}; known: {[c['name'] for c in cfgs]}")
-        cfgs = [c for c in cfgs if any(c["name"] == w or c["name"].startswith(w) for w in wanted)]
+        exact = {w for w in wanted if any(c["name"] == w for c in cfgs)}  # a full name selects that one only
+        cfgs = [c for c in cfgs if c["name"] in exact or any(c["name"].startswith(w) for w in wanted if w not in exact)]
     return cfgs
 
 
@@ -460,6 +469,9 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
                             is not None else "") + " |")
         L.append("")
 
+    from bench.llama_cpp import report_lines
+    L.extend(report_lines(results))
+
     L.append(f"Raw results, logs and logits: `{work}`.")
     return "\n".join(L) + "\n"
 
@@ -495,6 +507,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "results.md", help="markdown table output")
     ap.add_argument("--merge", action="store_true", help="keep the results of configurations not run now from the "
                                                          "work directory's earlier results.json (re-run one row)")
+    ap.add_argument("--llama-cpp", type=Path, help="a built llama.cpp tree: adds llamacpp-bf16/q8_0/q4_0/q4_k_m "
+                                                  "(bench/llama_cpp.py), each after its qwen2vl counterpart")
+    ap.add_argument("--llama-cpp-python", help="the Python that runs llama.cpp's convert_hf_to_gguf.py (default: "
+                                               "this one)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     q = a.quick
@@ -535,6 +551,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.workers import main as worker_main
         return worker_main(a.worker)
 
+    if a.llama_cpp:
+        from bench.llama_cpp import find_tree
+        from qwen2vl.errors import InvalidInputError
+        try:
+            find_tree(a.llama_cpp, a.llama_cpp_python)
+        except InvalidInputError as e:
+            raise SystemExit(str(e)) from None
     model, what = ensure_model(a)
     cfgs = configurations(a)
     work = a.work_dir or (CACHE_DIR / "runs" / time.strftime("%Y%m%d-%H%M%S"))

@@ -7,6 +7,7 @@ Kinds:
   decode rate, second turn, peak memory, quality artifacts (last-token logits, greedy tokens), concurrency.
 - ``bandwidth``: streaming memory bandwidth and matrix-vector bandwidth per weight format.
 - ``vision``: encode a 1280-token image and a 32-frame video with one engine's vision tower.
+- ``llamacpp``: llama.cpp's ``llama-mtmd-cli`` on GGUF conversions of the checkpoint (``bench/llama_cpp.py``).
 """
 
 from __future__ import annotations
@@ -414,7 +415,14 @@ def vision_worker(spec: dict, res: Result) -> None:
         gc.collect()
 
 
-WORKERS = {"engine": engine_worker, "bandwidth": bandwidth_worker, "vision": vision_worker}
+def llamacpp_worker(spec: dict, res: Result) -> None:
+    from bench.llama_cpp import worker
+
+    worker(spec, res)
+
+
+WORKERS = {"engine": engine_worker, "bandwidth": bandwidth_worker, "vision": vision_worker,
+           "llamacpp": llamacpp_worker}
 
 
 def main(spec_path: str) -> int:
