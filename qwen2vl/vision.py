@@ -92,6 +92,37 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_bloc
     return out
 
 
+class PaddedFrames:
+    """Every frame of every item as one right-padded batch, so that attention is one call however many items a
+    batch holds (training on a GPU, where one small kernel per item costs more than the work). Keys past a frame's
+    length are masked, so each row's result is the per-frame one up to rounding.
+
+    Worked example: runs [(0, 1, 4), (4, 2, 3)] (an item of one 4-patch frame, then one of two 3-patch frames),
+    N = 10 rows. Frames 3, L = 4: ``idx`` = [[0, 1, 2, 3], [4, 5, 6, 10], [7, 8, 9, 10]] (10: an appended zero
+    row), ``mask`` the non-10 entries, and ``back`` = the flat positions of those entries, [0, 1, 2, 3, 4, 5, 6,
+    8, 9, 10], which list the rows 0..9 in order (frames are consecutive rows)."""
+
+    def __init__(self, runs: list[tuple[int, int, int]], n: int, device):
+        starts = [start + f * length for start, count, length in runs for f in range(count)]
+        lengths = torch.tensor([length for _, count, length in runs for _ in range(count)])  # (frames,)
+        ar = torch.arange(int(lengths.max()))
+        valid = ar[None] < lengths[:, None]  # (frames, L)
+        self.idx = torch.where(valid, torch.tensor(starts)[:, None] + ar[None], n).to(device)  # (frames, L)
+        self.mask = valid[:, None, None, :].to(device)  # (frames, 1, 1, L): keys to attend to
+        self.back = valid.flatten().nonzero().squeeze(1).to(device)  # (N,)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(N, heads, hd) each -> (N, heads, hd)."""
+        n, heads, hd = q.shape
+
+        def frames(z):
+            z = torch.cat([z, z.new_zeros(1, heads, hd)])  # (N + 1, heads, hd)
+            return z[self.idx].transpose(1, 2)  # (frames, heads, L, hd)
+
+        o = F.scaled_dot_product_attention(frames(q), frames(k), frames(v), attn_mask=self.mask)
+        return o.transpose(1, 2).reshape(-1, heads, hd)[self.back]  # (frames * L, heads, hd) -> (N, heads, hd)
+
+
 class VisionAttention(nn.Module):
     matmul_attention = False  # bf16 matmul attention instead of SDPA (set when the tower is quantized)
 
@@ -102,7 +133,8 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[tuple[int, int, int]]):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs):
+        """``runs``: (start, frames, length) of each item, or their :class:`PaddedFrames`."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, hd)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, hd)
@@ -116,6 +148,8 @@ class VisionAttention(nn.Module):
             qf, kf = q.float(), k.float()
             q = (qf * cos + rotate_half(qf) * sin).to(v.dtype)
             k = (kf * cos + rotate_half(kf) * sin).to(v.dtype)
+        if isinstance(runs, PaddedFrames):
+            return self.proj(runs.attend(q, k, v).reshape(n, -1))
         out = torch.empty_like(q)
         for start, count, length in runs:  # `count` consecutive frames of `length` patches each
             end = start + count * length

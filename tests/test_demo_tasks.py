@@ -314,6 +314,19 @@ def test_fonts_found_and_missing(monkeypatch):
         fonts.cjk_font("regular", "sc")
 
 
+def test_font_folder_from_the_environment(monkeypatch, tmp_path):
+    """QWEN2VL_FONT_DIR: fonts copied to a folder are found there, first, with no fontconfig and no system fonts."""
+    import shutil
+    found = fonts.find_font_files()
+    for name in ("DejaVuSans-Bold.ttf", "NotoSansCJK-Regular.ttc"):
+        shutil.copy(found[name], tmp_path / name)
+    monkeypatch.setenv("QWEN2VL_FONT_DIR", str(tmp_path))
+    monkeypatch.setattr(fonts, "_fc_list", lambda: None)
+    monkeypatch.setattr(fonts, "FONT_DIRS", (str(tmp_path / "none"),))
+    got = fonts.find_font_files.__wrapped__()
+    assert got == {n: str(tmp_path / n) for n in ("DejaVuSans-Bold.ttf", "NotoSansCJK-Regular.ttc")}
+
+
 def test_seed_ranges_disjoint():
     assert held_out_seed(0) == HELD_OUT_START and held_out_seed(5, 10) == HELD_OUT_START + 15
     data = DemoData(seed_offset=HELD_OUT_START - 2)

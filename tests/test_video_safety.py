@@ -75,3 +75,14 @@ def test_a_trusted_llm_cannot_be_served():
     llm = types.SimpleNamespace(processor=types.SimpleNamespace(trusted_local_media=True))
     with pytest.raises(InvalidInputError, match="cannot be served"):
         build_app(llm, ServerConfig(served_model_names=[MODEL]))
+
+
+def test_without_pyav_a_video_file_is_refused_with_the_fix(monkeypatch, tmp_path):
+    """PyAV is only needed for video files: without it, pictures and frame lists work and a file is refused
+    with the install line (a machine with no PyAV, such as a lent GPU box)."""
+    from qwen2vl.media import video
+    monkeypatch.setattr(video, "av", None)
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"\0" * 64)
+    with pytest.raises(InvalidInputError, match="pip install av"):
+        video._open(str(path), trusted=True)

@@ -3,7 +3,8 @@
 Owns: which installed font files count (:data:`LATIN_REGULAR`, :data:`LATIN_BOLD`, :data:`CJK`: DejaVu Sans,
 Liberation Sans and Noto Sans regular / bold from Debian's fonts-dejavu, fonts-liberation and fonts-noto-core; Noto
 Sans CJK from fonts-noto-cjk), how they are found (``fc-list`` when fontconfig is installed, else a walk of
-:data:`FONT_DIRS`), and loading them at a pixel size (cached). Lists come back sorted by file name, so a seed picks
+:data:`FONT_DIRS`), and loading them at a pixel size (cached). ``QWEN2VL_FONT_DIR`` names one more folder, searched first (a machine
+where the fonts cannot be installed with apt, e.g. a GPU box with no network). Lists come back sorted by file name, so a seed picks
 the same font on every machine that has the same fonts. :class:`FontsNotFoundError` names the apt packages when a
 kind of font is missing.
 """
@@ -71,9 +72,10 @@ def find_font_files() -> dict[str, str]:
     """File name -> path of every wanted font installed (the first path fontconfig or the walk lists)."""
     wanted = set(LATIN_REGULAR) | set(LATIN_BOLD) | set(CJK["regular"]) | set(CJK["bold"])
     listed = _fc_list()
-    paths = listed if listed else _walk(FONT_DIRS)
+    extra = os.environ.get("QWEN2VL_FONT_DIR")
+    paths = (_walk((extra,)) if extra else []) + (listed if listed else _walk(FONT_DIRS))
     found: dict[str, str] = {}
-    for p in sorted(paths):
+    for p in (sorted(paths) if not extra else paths):
         base = os.path.basename(p)
         if base in wanted and base not in found and os.path.isfile(p):
             found[base] = p

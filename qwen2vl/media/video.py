@@ -37,7 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any
 
-import av
+try:
+    import av
+except ImportError:  # PyAV reads video files only: pictures and frame lists need none
+    av = None
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -185,6 +188,8 @@ def _open(path: str, trusted: bool = False):
     """Open a video file with PyAV. Unless ``trusted`` (local files the user vouches for), only the container
     formats of ``SAFE_VIDEO_FORMATS`` are read."""
     refused = ("the video is not a file in an accepted container format (" + ", ".join(SAFE_VIDEO_FORMATS) + ")")
+    if av is None:
+        raise InvalidInputError("reading a video file needs PyAV: pip install av")
     try:
         container = av.open(path) if trusted else av.open(path, options=dict(_SAFE_OPTIONS))
     except (av.FFmpegError, OSError, ValueError) as e:

@@ -38,7 +38,6 @@ IGNORED_KEYS = {
     "template": "the checkpoint's own chat template renders every prompt",
     "trust_remote_code": "no remote code is ever run",
     "preprocessing_num_workers": "samples are prepared in this process",
-    "dataloader_num_workers": "samples are prepared in this process",
     "overwrite_cache": "no dataset cache is written",
     "report_to": "the JSONL log in output_dir is the report",
     "ddp_timeout": "one device, no process group",
@@ -95,6 +94,9 @@ class TrainConfig:
     disable_gradient_checkpointing: bool = False  # LLaMA-Factory's way to turn it off
     bf16: bool = False
     use_cpu: bool = False
+    batch_forward: bool | None = None  # run each micro-batch (per_device_train_batch_size sequences) as one
+    # right-padded forward (qwen2vl.train.forward.batch_sequence_loss); None: on a GPU yes, on a CPU one by one
+    dataloader_num_workers: int = 0  # processes that prepare the next steps' samples (0: this process)
     seed: int = 42
     disable_shuffling: bool = False
     logging_steps: int = 10
@@ -263,6 +265,7 @@ def check(cfg: TrainConfig) -> None:
         (cfg.lr_scheduler_type in SCHEDULES,
          f"lr_scheduler_type {cfg.lr_scheduler_type!r} is not one of {', '.join(SCHEDULES)}"),
         (cfg.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
+        (cfg.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0"),
         (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
         (cfg.max_steps > 0 or cfg.num_train_epochs > 0, "give max_steps > 0 or num_train_epochs > 0"),
         (0.0 <= cfg.warmup_ratio <= 1.0, f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}"),

@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,9 +43,9 @@ import torch
 from ..errors import InvalidInputError
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
-from .forward import sequence_loss, trained_count
-from .feature_reg import feature_penalty
-from .vision_targets import aux_loss
+from .forward import batch_sequence_loss, sequence_loss, trained_count
+from .feature_reg import feature_penalty, feature_penalty_items
+from .vision_targets import aux_loss, aux_loss_items
 from .prepare import apply_dtype, build_model, make_optimizer, make_scheduler, make_trainable, model_config
 from .progress import JsonlLog, Progress, Rate, summary_text, write_results
 
@@ -121,6 +122,34 @@ def _compact_vocab(model, mask):
     return CompactVocab(weight, mask)
 
 
+class _Steps:
+    """A batch sampler over precomputed step index lists (the DataLoader asks only for ``len`` and ``iter``)."""
+
+    def __init__(self, steps, n: int):
+        self.steps, self.n = steps, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.steps)
+
+
+def _raise_open_files() -> None:
+    """Lift the soft limit on open files to the hard one (worker processes pass tensors as descriptors)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
 class Trainer:
     """One training run. ``config``: a ``TrainConfig``, a dict of flat keys, or a YAML / JSON path.
     ``train_samples`` / ``eval_samples`` (objects with ``input_ids``, ``labels``, ``vision``) replace the dataset
@@ -133,6 +162,7 @@ class Trainer:
         self.resume = ckpt.resolve_resume(cfg)
         self.device = _device(cfg)
         self.autocast = _bf16_context(cfg, self.device)
+        self.batched = cfg.batch_forward if cfg.batch_forward is not None else self.device.type == "cuda"
         from ..loader import resolve_model_path
         self.base_dir = resolve_model_path(cfg.model_name_or_path)  # a hub id is fetched; cfg keeps the name
         local = dataclasses.replace(cfg, model_name_or_path=self.base_dir)
@@ -181,10 +211,29 @@ class Trainer:
 
     def step_samples(self, step: int) -> list:
         """The sequences of optimizer step ``step`` (0-based)."""
+        return [self.train_samples[i] for i in self.step_indices(step)]
+
+    def step_indices(self, step: int) -> list[int]:
+        """The sample indices of optimizer step ``step`` (0-based): those :meth:`step_samples` reads."""
         per_step = self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        return [self.train_samples[i] for i in order[k * per_step:(k + 1) * per_step]]
+        if epoch != getattr(self, "_order_epoch", None):
+            self._order, self._order_epoch = self.epoch_order(epoch), epoch
+        return self._order[k * per_step:(k + 1) * per_step]
+
+    def step_batches(self, start: int):
+        """The samples of steps ``start``, ``start + 1``, ... up to ``total_steps``: built here, or ahead of
+        time by ``dataloader_num_workers`` processes (a DataLoader over the same indices, in order)."""
+        if self.cfg.dataloader_num_workers == 0 or not isinstance(self.train_samples, Sequence):
+            for step in range(start, self.total_steps):
+                yield self.step_samples(step)
+            return
+        from torch.utils.data import DataLoader
+        _raise_open_files()  # each prepared tensor travels as a file descriptor
+        indices = (self.step_indices(step) for step in range(start, self.total_steps))
+        loader = DataLoader(self.train_samples, batch_sampler=_Steps(indices, self.total_steps - start),
+                            num_workers=self.cfg.dataloader_num_workers, collate_fn=_as_list, prefetch_factor=4)
+        yield from loader
 
     # ------------------------------------------------------------------ one step
     def _loss(self, sample, scale: float, n_samples: int = 1) -> float:
@@ -209,6 +258,43 @@ class Trainer:
             loss.backward()
         return float(ce.detach())
 
+    def _batch_loss(self, samples: list, scale: float, n_samples: int) -> float:
+        """:meth:`_loss` for several sequences in one padded forward (``batch_forward``), the penalty and the
+        naming loss over all their media at once; the same loss up to rounding. Returns the cross-entropy sum."""
+        seqs = [(torch.as_tensor(s.input_ids, dtype=torch.long), torch.as_tensor(s.labels, dtype=torch.long),
+                 s.vision) for s in samples]
+        reg, aux = self.cfg.vision_feature_reg, self.cfg.vision_aux_loss
+        media = [] if reg or aux else None
+        with self.autocast():
+            ce, _ = batch_sequence_loss(self.model, seqs, self.cfg.checkpointing, self.vocab, media,
+                                        detach_vision=not self.cfg.vision_lm_grad)
+        if scale:
+            loss = ce / scale
+            for m in media or ():
+                if reg:  # feature_penalty of a sequence's images (or videos) is the mean over them
+                    per_seq = Counter(b for b, _, _, _ in m.items)
+                    items = [(row, n, 1.0 / per_seq[b]) for b, _, row, n in m.items]
+                    loss = loss + reg / n_samples * feature_penalty_items(m.features, items)
+                if aux:
+                    naming = self._batch_naming(samples, m)
+                    if naming is not None:
+                        self._naming_sum += float(naming.detach()) / n_samples
+                        loss = loss + aux / n_samples * naming
+            loss.backward()
+        return float(ce.detach())
+
+    def _batch_naming(self, samples: list, m) -> torch.Tensor | None:
+        """The naming loss of one MediaBatch's items that have targets (qwen2vl.train.vision_targets)."""
+        slot = 0 if m.kind == "image" else 1
+        items = []
+        for b, _, row, _ in m.items:
+            targets = getattr(samples[b], "vision_targets", None)
+            if targets is not None and targets[slot] is not None:
+                items.append((row, targets[slot]))
+        if not items:
+            return None
+        return aux_loss_items(m.features, items, self.model.model.embed_tokens.weight, self.label_ids)
+
     def _naming_loss(self, sample, feats) -> torch.Tensor | float:
         """The vision naming loss of one sample's media (0 when it has no targets), summed over its kinds."""
         targets = getattr(sample, "vision_targets", None)
@@ -228,7 +314,12 @@ class Trainer:
         if self.vocab is not None:
             self.vocab.begin()
         self._naming_sum = 0.0
-        total = sum(self._loss(s, count, len(samples)) for s in samples)
+        if self.batched:
+            size = self.cfg.per_device_train_batch_size
+            total = sum(self._batch_loss(samples[i:i + size], count, len(samples))
+                        for i in range(0, len(samples), size))
+        else:
+            total = sum(self._loss(s, count, len(samples)) for s in samples)
         if self.vocab is not None:
             self.vocab.finish()
         if self.cfg.max_grad_norm > 0:
@@ -322,8 +413,9 @@ class Trainer:
         records: list[dict] = []
         eval_loss, interrupted = None, False
         try:
+            batches = self.step_batches(self.global_step)
             while self.global_step < self.total_steps and not self._stop:
-                record = self.train_step(self.step_samples(self.global_step))
+                record = self.train_step(next(batches))
                 tps, elapsed, eta = rate.update(self.global_step, record["seq_tokens"])
                 record.update(tokens_per_s=tps, elapsed_s=elapsed, eta_s=eta)
                 log.write(record)

@@ -181,3 +181,47 @@ def aux_loss(features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
     per_kind = torch.zeros(n_kinds, device=ce.device).index_add(0, kind, ce)  # (kinds,) sums
     count = torch.bincount(kind, minlength=n_kinds)
     return (per_kind[count > 0] / count[count > 0]).mean()  # each kind present weighs the same
+
+
+def aux_loss_items(features: torch.Tensor, items: list[tuple[int, torch.Tensor]], weight: torch.Tensor,
+                   labels: Labels) -> torch.Tensor | None:
+    """The sum of :func:`aux_loss` over media items, in a fixed number of operations however many items there
+    are (a training batch on a GPU): ``items`` are (first row in ``features``, targets (n_i, K_i)); an item
+    without any target adds nothing, and None comes back when no item has one."""
+    width = max(t.shape[1] for _, t in items)
+    rows_all, targets, item_of = [], [], []
+    for j, (start, t) in enumerate(items):
+        rows_all.append(torch.arange(start, start + t.shape[0]))
+        targets.append(F.pad(t, (0, width - t.shape[1]), value=IGNORE))
+        item_of.append(torch.full((t.shape[0],), j, dtype=torch.long))
+    targets = torch.cat(targets)  # (tokens, K)
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return None
+    dev = weight.device
+    ids = torch.tensor(labels.ids, dtype=torch.long, device=dev)
+    kinds = torch.tensor(labels.kinds, dtype=torch.long, device=dev)  # (L,)
+    rows_e = weight.detach().index_select(0, ids).float()  # (L, hidden)
+    n_kinds = max(labels.kinds) + 1
+    means = torch.zeros(n_kinds, rows_e.shape[1], device=dev).index_add_(0, kinds, rows_e)
+    means = means / torch.bincount(kinds, minlength=n_kinds).clamp(min=1)[:, None].float()  # (kinds, hidden)
+    table = F.normalize(rows_e - means[kinds], dim=-1)  # (L, hidden): each row centred on its kind's mean
+    remap = torch.full((max(labels.ids) + 1,), -1, dtype=torch.long)
+    remap[torch.tensor(labels.ids)] = torch.arange(len(labels.ids))
+    want_cpu = remap[targets[rows, cols]]  # (pairs,), on the CPU: checked without a device sync
+    if bool((want_cpu < 0).any()):
+        raise ValueError("a vision target is not one of label_ids")
+    want = want_cpu.to(dev)
+    feat_rows = torch.cat(rows_all)[rows].to(features.device)  # (pairs,) rows of `features`
+    pair_item = torch.cat(item_of)[rows].to(dev)  # (pairs,)
+    feats = F.normalize(features.float().index_select(0, feat_rows), dim=-1)  # (pairs, hidden)
+    logits = SCALE * feats @ table.t()  # (pairs, L)
+    kind = kinds[want]  # (pairs,)
+    other = kinds[None, :] != kind[:, None]  # (pairs, L): labels outside the target's kind
+    ce = F.cross_entropy(logits.masked_fill(other, float("-inf")), want, reduction="none")  # (pairs,)
+    cell = pair_item * n_kinds + kind  # (pairs,): (item, kind) cells
+    sums = torch.zeros(len(items) * n_kinds, device=dev).index_add(0, cell, ce).view(len(items), n_kinds)
+    count = torch.bincount(cell, minlength=len(items) * n_kinds).view(len(items), n_kinds)
+    present = (count > 0).sum(1)  # (items,): kinds each item has
+    per_item = (sums / count.clamp(min=1)).sum(1) / present.clamp(min=1)  # mean over the kinds present
+    return per_item.sum()
