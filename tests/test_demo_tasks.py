@@ -396,6 +396,8 @@ def test_evaluate_with_an_oracle():
     assert [mp4 for c in oracle.calls for mp4 in c[3]][:3] == [False, True, False]  # every second video as mp4
     wrong = evaluate(_Oracle(["?"] * len(right)), n, tasks=TASKS[:2])
     assert wrong.min_accuracy == 0.0 and "blocks" in wrong.table() and "0.0%" in wrong.table()
+    taps = evaluate(_Oracle([s.answer for s in held_out_samples("tap", n)]), n, tasks=["tap"])  # the agent task
+    assert taps.min_accuracy == 1.0 and list(taps.scores) == ["tap"]
 
 
 def test_evaluate_on_the_tiny_checkpoint(tiny_checkpoint, capsys):

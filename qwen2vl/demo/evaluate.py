@@ -25,7 +25,7 @@ __all__ = ["evaluate", "held_out_samples", "TaskScore", "EvalReport", "MAX_TOKEN
 
 #: Generation budget per task (the longest blocks target, 16 blocks in the long phrasing, is ~165 tokens).
 MAX_TOKENS = {"blocks": 256, "counting": 48, "reading": 48, "weather": 64, "grounding": 64, "video": 48,
-              "conversation": 64}
+              "conversation": 64, "tap": 48}  # tap: one click call block, ~30 tokens
 
 
 @dataclass
