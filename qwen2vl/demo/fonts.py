@@ -3,9 +3,9 @@
 Owns: which installed font files count (:data:`LATIN_REGULAR`, :data:`LATIN_BOLD`, :data:`CJK`: DejaVu Sans,
 Liberation Sans and Noto Sans regular / bold from Debian's fonts-dejavu, fonts-liberation and fonts-noto-core; Noto
 Sans CJK from fonts-noto-cjk), how they are found (``fc-list`` when fontconfig is installed, else a walk of
-:data:`FONT_DIRS`), and loading them at a pixel size (cached). ``QWEN2VL_FONT_DIR`` names one more folder, searched first (a machine
-where the fonts cannot be installed with apt, e.g. a GPU box with no network). Lists come back sorted by file name, so a seed picks
-the same font on every machine that has the same fonts. :class:`FontsNotFoundError` names the apt packages when a
+:data:`FONT_DIRS`), and loading them at a pixel size (cached). ``QWEN2VL_FONT_DIR`` names one more folder, searched
+first (a machine where apt cannot install them, e.g. a lent GPU box with no network). Lists come back sorted by file
+name, so a seed picks the same font on every machine that has the same fonts. :class:`FontsNotFoundError` names the apt packages when a
 kind of font is missing.
 """
 
