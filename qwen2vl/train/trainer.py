@@ -7,9 +7,11 @@ The contract:
   (qwen2vl.train.prepare). Only then is ``output_dir`` created.
 - An optimizer step takes ``per_device_train_batch_size x gradient_accumulation_steps`` sequences, in the
   epoch's order (a permutation drawn from ``seed + epoch``, or file order with ``disable_shuffling``); the last
-  step of an epoch takes what is left. Batch size > 1 runs each sequence through the model on its own and adds
-  the gradients: no padding, so the result does not depend on how sequences are grouped, and it equals a padded
-  batch's (whose padding is masked) up to rounding. The loss is the mean over every trained token of the step's
+  step of an epoch takes what is left. On a CPU, batch size > 1 runs each sequence through the model on its own
+  and adds the gradients: no padding, so the result does not depend on how sequences are grouped. With
+  ``batch_forward`` (the default on a GPU) each micro-batch of ``per_device_train_batch_size`` sequences is one
+  right-padded forward (qwen2vl.train.forward.batch_sequence_loss): the same loss and gradients up to rounding.
+  ``dataloader_num_workers`` processes prepare the samples of the coming steps, in the same order. The loss is the mean over every trained token of the step's
   sequences (qwen2vl.train.forward: each sequence's cross-entropy sum divided by the step's token count, as
   transformers' Trainer does with ``num_items_in_batch``). Then gradient clipping (``max_grad_norm``), AdamW,
   the schedule.
