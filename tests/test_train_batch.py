@@ -18,6 +18,7 @@ def _cfg(ckpt, out, **kw):
             "demo_eval_size": 0, **kw}
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the spy below
 @pytest.mark.parametrize("lm_grad", [True, False])
 def test_batched_forward_gives_the_per_sequence_loss_and_update(tiny_checkpoint, tmp_path, lm_grad):
     one = Trainer(_cfg(tiny_checkpoint, tmp_path / "one", batch_forward=False, vision_lm_grad=lm_grad), progress=False)
