@@ -64,3 +64,20 @@ def test_padded_frames_attention_equals_the_per_item_loop():
     frames = PaddedFrames(runs, 16, x.device)
     assert frames.idx.tolist()[:3] == [[0, 1, 2, 3, 16, 16], [4, 5, 6, 16, 16, 16], [7, 8, 9, 16, 16, 16]]
     assert torch.allclose(attn(x, cos, sin, frames), attn(x, cos, sin, runs), atol=1e-6)
+
+
+def test_batched_forward_with_lora_checkpointing_and_text_only_sequences(tiny_checkpoint, tmp_path):
+    """LoRA, gradient checkpointing, a dataset's samples, one of them text only: still the per-sequence loss."""
+    from tests.train_helpers import COLOURS, make_sample
+    samples = [make_sample(tiny_checkpoint, c, answer=c, size=28 * (2 + k)) for k, c in enumerate(COLOURS)]
+    text = make_sample(tiny_checkpoint, "red", answer="red")
+    samples.append(type(text)("text", text.input_ids[-6:], text.labels[-6:], None))
+    base = {"model_name_or_path": str(tiny_checkpoint), "lora_rank": 4, "per_device_train_batch_size": 5,
+            "gradient_checkpointing": True, "max_steps": 1, "use_cpu": True, "save_steps": 100,
+            "learning_rate": 1e-3}
+    one = Trainer({**base, "output_dir": str(tmp_path / "a"), "batch_forward": False}, train_samples=samples,
+                  progress=False)
+    many = Trainer({**base, "output_dir": str(tmp_path / "b"), "batch_forward": True}, train_samples=samples,
+                   progress=False)
+    a, b = one.train_step(samples), many.train_step(samples)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
