@@ -11,13 +11,11 @@ import json
 import math
 import os
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
-from . import load_cache, prequant, quant
+from . import load_cache, packed, prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
@@ -376,7 +374,7 @@ class _Reader:
         self.parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row ->
         # leaf -> tensor
         self.tp = None  # a TPShard: each tensor read as this rank's slice (qwen2vl.parallel.tp)
-        self.prepacks: _Prepacks | None = None  # where packed layers are prepacked while reading goes on
+        self.prepacks: packed.BackgroundPrepacker | None = None  # packs float layers while reading goes on
         self.maps: WeightMaps | None = None  # the files' memory maps, while reading (qwen2vl.weight_map)
         self.spans: dict[str, list[tuple]] = {}  # module -> the file spans of its mapped weights, until built
 
@@ -446,6 +444,11 @@ class _Reader:
             _param_slot(self.model, name, dest, info["shape"], self.plan.dtype, self.device).copy_(view)
         self.spans.setdefault(mod_path, []).append(span)
 
+    def put_built(self, path: str, new: nn.Module) -> None:
+        """A layer prepacked on a thread (``packed.BackgroundPrepacker``): put in place, its file pages dropped."""
+        replace_module(self.model, path, new)
+        self.built(path)
+
     def built(self, path: str) -> None:
         """The module at ``path`` is built: the pages of the file it was read from are dropped (qwen2vl.weight_map)."""
         spans = self.spans.pop(path, None)
@@ -483,7 +486,7 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
     background = _pack_in_background()
     packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and background, workers=_pack_workers())
     if background and reader.device.type == "cpu":
-        reader.prepacks = _Prepacks(reader.model, _pack_workers(), reader.built)
+        reader.prepacks = packed.BackgroundPrepacker(_pack_workers(), reader.put_built)
     reader.maps = WeightMaps()
     try:
         reader.restore()
@@ -520,39 +523,6 @@ def _pack_in_background() -> bool:
 def _pack_workers() -> int:
     """Threads that pack at once: fbgemm's packing is single-threaded, so as many as torch computes with."""
     return torch.get_num_threads()
-
-
-class _Prepacks:
-    """Float layers prepacked for oneDNN (``LoadPlan.build``'s ``defer``) on ``workers`` threads while the loader
-    reads on; each new module is put in place when taken (here, on the loading thread). At most ``workers`` wait,
-    each holding its float weight."""
-
-    def __init__(self, model: nn.Module, workers: int, built):
-        self.model, self.workers, self.built = model, max(1, workers), built
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qwen2vl-prepack")
-        self.pending: deque = deque()
-
-    def submit(self, path: str, make) -> None:
-        def run():
-            with torch.no_grad():  # grad mode is per thread
-                return make()
-        self.pending.append((path, self.pool.submit(run)))
-        while len(self.pending) > self.workers:
-            self._take()
-
-    def _take(self) -> None:
-        path, fut = self.pending.popleft()
-        replace_module(self.model, path, fut.result())
-        self.built(path)
-
-    def finish(self) -> None:
-        while self.pending:
-            self._take()
-
-    def close(self) -> None:
-        for _, fut in self.pending:
-            fut.cancel()
-        self.pool.shutdown(wait=True)
 
 
 def _read_quantized(f, name: str, info: dict, data_start: int, tp: TPShard | None) -> torch.Tensor:
