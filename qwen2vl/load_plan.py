@@ -88,17 +88,11 @@ class LoadPlan:
         return "\n".join(f"{p}: {k}" for p, k in self.summary().items())
 
     @torch.no_grad()
-    def build(self, model: nn.Module, path: str, sink=None, defer=None) -> None:
+    def build(self, model: nn.Module, path: str, sink=None) -> None:
         """Replace the module at ``path``, its float tensors all read, by what its kind makes of it (not for
         prequantized modules, which the loader builds from their 4-bit tensors). ``sink(path, tensors)``, when
-        given, gets what ``restore`` rebuilds the module from (the load cache's entry, qwen2vl.load_cache).
-        ``defer(path, make)``, when given, takes a packed layer's prepacking: ``make()`` gives the new module, which
-        the caller puts at ``path`` (qwen2vl.loader runs it on a thread of its own while it reads on)."""
+        given, gets what ``restore`` rebuilds the module from (the load cache's entry, qwen2vl.load_cache)."""
         kind = self.kinds[path]
-        if kind.name == "packed" and defer is not None:
-            lin = model.get_submodule(path)
-            defer(path, lambda: packed.PackedLinear(lin))
-            return
         if path == EMBEDDING:
             assert kind.name == "int8", kind
             quant.quantize_embedding_(model, self.kinds.get(HEAD) == TIED, self.dtype)

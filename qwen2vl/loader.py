@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from . import load_cache, packed, prequant, quant
+from . import load_cache, prequant, quant
 from .config import Qwen2VLConfig
 from .errors import InvalidInputError
 from .file_embedding import FileEmbedding
@@ -374,7 +374,6 @@ class _Reader:
         self.parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row ->
         # leaf -> tensor
         self.tp = None  # a TPShard: each tensor read as this rank's slice (qwen2vl.parallel.tp)
-        self.prepacks: packed.BackgroundPrepacker | None = None  # packs float layers while reading goes on
         self.maps: WeightMaps | None = None  # the files' memory maps, while reading (qwen2vl.weight_map)
         self.spans: dict[str, list[tuple]] = {}  # module -> the file spans of its mapped weights, until built
 
@@ -444,11 +443,6 @@ class _Reader:
             _param_slot(self.model, name, dest, info["shape"], self.plan.dtype, self.device).copy_(view)
         self.spans.setdefault(mod_path, []).append(span)
 
-    def put_built(self, path: str, new: nn.Module) -> None:
-        """A layer prepacked on a thread (``packed.BackgroundPrepacker``): put in place, its file pages dropped."""
-        replace_module(self.model, path, new)
-        self.built(path)
-
     def built(self, path: str) -> None:
         """The module at ``path`` is built: the pages of the file it was read from are dropped (qwen2vl.weight_map)."""
         spans = self.spans.pop(path, None)
@@ -457,7 +451,6 @@ class _Reader:
 
     def _build(self, path: str) -> None:
         sink = self.writer.add if self.writer is not None else None
-        defer = self.prepacks.submit if self.prepacks is not None else None
         if self.plan.kinds[path] == PREQUANTIZED:
             new = _prequantized_module(self.model, self.model.cfg, path, self.parts.pop(path), self.plan.dtype,
                                        self.device)
@@ -465,9 +458,8 @@ class _Reader:
                 sink(path, new.cache_state() if isinstance(new, quant.Int4Linear) else dict(new.state_dict()))
             replace_module(self.model, path, new)
         else:
-            self.plan.build(self.model, path, sink, defer)
-        if self.plan.kinds[path].name != "packed" or defer is None:  # a deferred one when it is taken
-            self.built(path)
+            self.plan.build(self.model, path, sink)
+        self.built(path)
 
 
 def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -> None:
@@ -483,10 +475,8 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
     transient = reader.plan.transient
     if transient:  # float weights are freed after they arrive (quantized, or packed as they arrive): each gets
         _malloc_mmap_threshold(1 << 20)  # its own pages, given back to the OS when freed
-    background = _pack_in_background()
-    packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and background, workers=_pack_workers())
-    if background and reader.device.type == "cpu":
-        reader.prepacks = packed.BackgroundPrepacker(_pack_workers(), reader.put_built)
+    packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and _pack_in_background(),
+                                   workers=_pack_workers())
     reader.maps = WeightMaps()
     try:
         reader.restore()
@@ -501,13 +491,8 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
                         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
                     reader.tensor(f, name, info, data_start)
         packs.finish()
-        if reader.prepacks is not None:
-            reader.prepacks.finish()
     finally:
         packs.close()
-        if reader.prepacks is not None:
-            reader.prepacks.close()
-            reader.prepacks = None
         reader.maps.close()
         reader.maps, reader.spans = None, {}
         if bar is not None:

@@ -17,8 +17,6 @@ embedding reads that matrix by rows; the loader avoids the case on the CPU by le
 from __future__ import annotations
 
 import functools
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -71,36 +69,3 @@ def supported(dtype: torch.dtype) -> bool:
         return bool(torch.allclose(got, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5))
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
-
-
-class BackgroundPrepacker:
-    """Float layers prepacked on ``workers`` threads while the loader reads on (``LoadPlan.build``'s ``defer``):
-    ``submit(path, make)`` runs ``make()`` (which gives the new module) on a thread; ``put(path, module)`` gets it
-    on the submitting thread when it is taken. At most ``workers`` wait, each holding its float weight. Measured on
-    the 2B in bf16 (2 threads, 2026-12-04 Intel VM): load_model 3.8 s prepacking in turn, 3.1 s with this."""
-
-    def __init__(self, workers: int, put):
-        self.workers, self.put = max(1, workers), put
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qwen2vl-prepack")
-        self.pending: deque = deque()
-
-    def submit(self, path: str, make) -> None:
-        def run():
-            with torch.no_grad():  # grad mode is per thread
-                return make()
-        self.pending.append((path, self.pool.submit(run)))
-        while len(self.pending) > self.workers:
-            self._take()
-
-    def _take(self) -> None:
-        path, fut = self.pending.popleft()
-        self.put(path, fut.result())
-
-    def finish(self) -> None:
-        while self.pending:
-            self._take()
-
-    def close(self) -> None:
-        for _, fut in self.pending:
-            fut.cancel()
-        self.pool.shutdown(wait=True)
