@@ -2,7 +2,9 @@
 
 The model is built on the meta device, its load plan made (qwen2vl.load_plan: how each linear and the embedding
 are built), and each tensor read from the safetensors files is cast and assigned in place, each planned module
-built as soon as its tensors are in, so peak memory stays near the size of the weights as they end up.
+built as soon as its tensors are in, so peak memory stays near the size of the weights as they end up. The weights
+of layers that are packed or quantized as they arrive are views of a memory map of the file (qwen2vl.weight_map),
+not copies.
 """
 
 from __future__ import annotations
