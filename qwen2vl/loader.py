@@ -403,9 +403,7 @@ class _Reader:
         if self.plan.kinds.get(mod_path) == PREQUANTIZED and dest[1] in prequant.LEAVES:
             part = self.parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
             part[dest[1]] = _read_quantized(f, name, info, data_start, self.tp)
-        elif self._mappable(mod_path, dest, info):
-            self._map(f, name, dest, info, data_start)
-        else:
+        elif not (self._mappable(mod_path, dest, info) and self._map(f, name, dest, info, data_start)):
             cut = self.tp.cut(name) if self.tp is not None else None
             dst = _param_slot(model, name, dest, info["shape"] if cut is None else cut.shape(info["shape"]), dtype,
                               self.device)
@@ -429,11 +427,15 @@ class _Reader:
                 and mod_path != EMBEDDING and self.plan.kinds.get(mod_path, FILE).name in _MAPPED_KINDS
                 and _ST_DTYPES.get(info["dtype"]) == self.plan.dtype)
 
-    def _map(self, f, name: str, dest: tuple, info: dict, data_start: int) -> None:
+    def _map(self, f, name: str, dest: tuple, info: dict, data_start: int) -> bool:
+        """Tensor ``name`` as a view of the file's map (False: it cannot be mapped; then it is read)."""
         begin, end = (data_start + x for x in info["data_offsets"])
         if end - begin != math.prod(info["shape"]) * self.plan.dtype.itemsize or os.fstat(f.fileno()).st_size < end:
             raise InvalidInputError(f"{f.name} is truncated")
-        view, span = self.maps.view(f, begin, end, self.plan.dtype, info["shape"])
+        got = self.maps.view(f, begin, end, self.plan.dtype, info["shape"])
+        if got is None:
+            return False
+        view, span = got
         mod_path, leaf, rows = dest
         if rows is None:  # the whole parameter: the file's pages are it until the layer is built
             mod = self.model.get_submodule(mod_path)
@@ -444,6 +446,7 @@ class _Reader:
         else:  # a part of a fused parameter: copied into its rows
             _param_slot(self.model, name, dest, info["shape"], self.plan.dtype, self.device).copy_(view)
         self.spans.setdefault(mod_path, []).append(span)
+        return True
 
     def built(self, path: str) -> None:
         """The module at ``path`` is built: the pages of the file it was read from are dropped (qwen2vl.weight_map)."""

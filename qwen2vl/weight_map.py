@@ -25,13 +25,22 @@ class WeightMaps:
     """One private memory map per open checkpoint file, views of tensors in it, and their pages dropped again."""
 
     def __init__(self):
-        self.maps: dict[str, mmap.mmap] = {}
+        self.maps: dict[str, mmap.mmap | None] = {}  # file -> its map (None: it cannot be mapped)
 
-    def view(self, f, begin: int, end: int, dtype: torch.dtype, shape) -> tuple[torch.Tensor, tuple]:
-        """(the tensor stored at bytes ``begin:end`` of open file ``f``, a span to ``drop`` once it is used)."""
-        mm = self.maps.get(f.name)
+    def view(self, f, begin: int, end: int, dtype: torch.dtype, shape) -> tuple[torch.Tensor, tuple] | None:
+        """(the tensor stored at bytes ``begin:end`` of open file ``f``, a span to ``drop`` once it is used), or None
+        where the file cannot be mapped (some file systems) or the tensor is not aligned to its element size: the
+        caller reads it instead."""
+        if begin % dtype.itemsize:
+            return None
+        if f.name not in self.maps:
+            try:
+                self.maps[f.name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):
+                self.maps[f.name] = None
+        mm = self.maps[f.name]
         if mm is None:
-            mm = self.maps[f.name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return None
         t = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
         return t, (mm, begin, end)
 

@@ -52,10 +52,16 @@ def test_a_view_reads_the_file_and_reads_it_again_after_its_pages_are_dropped(tm
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 @pytest.mark.parametrize("threads", [False, True])
 def test_a_mapped_load_is_the_read_load_and_leaves_no_map(checkpoint_factory, monkeypatch, quantization, threads):
-    ckpt = str(checkpoint_factory(variant="tiny"))  # the 2B's vocabulary: a 19 MB tied lm_head, read mapped
+    # stored in bf16 as loaded (a cast is read); the 2B's vocabulary: a 19 MB tied lm_head, mapped
+    ckpt = str(checkpoint_factory(variant="tiny", dtype=torch.bfloat16))
     monkeypatch.setattr(loader, "_pack_in_background", lambda: threads)
     monkeypatch.setattr(loader, "_pack_workers", lambda: 2)
+    views = []
+    view = WeightMaps.view
+    monkeypatch.setattr(WeightMaps, "view", lambda *a: views.append(view(*a)) or views[-1])
     mapped = load_model(ckpt, torch.bfloat16, quantization=quantization)
+    assert len([v for v in views if v is not None]) > 20  # every linear's weight
+    views.clear()
     assert _mapped_rss(os.path.join(ckpt, "model.safetensors")) is None
     monkeypatch.setattr(loader._Reader, "_mappable", lambda *a: False)
     read = load_model(ckpt, torch.bfloat16, quantization=quantization)
@@ -74,3 +80,23 @@ def test_a_cached_int8_load_keeps_no_page_of_the_matrices_it_repacked(checkpoint
     q_bytes = cached.lm_head.out_features * cached.lm_head.in_features  # 9.7 MB, read to be repacked
     assert _mapped_rss(tmp_path / "cache" / entry) < q_bytes // 4
     assert torch.equal(cached(IDS), fresh(IDS))
+
+
+def test_a_file_that_cannot_be_mapped_is_read(checkpoint_factory, monkeypatch):
+    import mmap
+
+    from qwen2vl import weight_map
+    ckpt = str(checkpoint_factory(variant="tiny", dtype=torch.bfloat16))
+    read = load_model(ckpt, torch.bfloat16)
+
+    tried = []
+
+    def refuse(*a, **k):
+        tried.append(a)
+        raise OSError("no mmap on this file system")
+
+    monkeypatch.setattr(weight_map.mmap, "mmap", refuse)
+    unmapped = load_model(ckpt, torch.bfloat16)
+    monkeypatch.setattr(weight_map.mmap, "mmap", mmap.mmap)
+    assert len(tried) == 1  # once per file, then every tensor is read
+    assert torch.equal(unmapped(IDS), read(IDS))
