@@ -158,7 +158,12 @@ class Qwen2Model(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # normal_ initialises the table as nn.Embedding would, except on the meta device (the loader's), where the
+        # op's first call imports about 800 modules (sympy, ...: 1 s of every load, measured)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        if self.embed_tokens.weight.device.type != "meta":
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.decode_layer = None  # (layer, x, cos, sin, kv, cache) -> x for decode steps: see qwen2vl.compiled

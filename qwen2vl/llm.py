@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
@@ -89,15 +90,32 @@ class LLM:
         self.config = cfg
         self.device = resolve_device(ec.device)
         self.dtype = resolve_dtype(ec.dtype, cfg, self.device)
-        self.tokenizer = Tokenizer.from_pretrained(path)
+        with ThreadPoolExecutor(1, thread_name_prefix="qwen2vl-tokenizer") as pool:  # read while the weights load
+            tokenizer = pool.submit(Tokenizer.from_pretrained, path)  # (0.5 s of the 2B's start, measured)
+            pixels = self._load(ec, path, cfg)
+            self.tokenizer = tokenizer.result()
+        self.processor = Processor(self.tokenizer, cfg, min_pixels=pixels[0], max_pixels=pixels[1],
+                                   media_timeout=ec.media_timeout, trusted_local_media=ec.trusted_local_media)
+        self.compiled = ec.compile and compile_decode_(self.model)
+        lora = LoraManager(self.model, ec.max_loras, ec.max_lora_rank) if ec.enable_lora else None
+        self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
+                                max_model_len=self.max_model_len, max_num_seqs=ec.max_num_seqs,
+                                max_num_batched_tokens=ec.max_num_batched_tokens,
+                                prefix_cache_bytes=ec.prefix_cache_bytes, vision_cache_bytes=ec.vision_cache_bytes,
+                                lora=lora)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.attach(self.engine)
+        self.output_processor = OutputProcessor(self.tokenizer, self.engine.finish_request)
+        self._collectors: dict[str, OutputCollector] = {}  # request id -> outputs its caller has not taken yet
+
+    def _load(self, ec: EngineConfig, path: str, cfg: Qwen2VLConfig) -> tuple[int | None, int | None]:
+        """The settings checked, then the weights loaded (``self.model``): (min_pixels, max_pixels)."""
         self.generation_config = _read_json(path, "generation_config.json")
         pre = _read_json(path, "preprocessor_config.json")
         min_pixels = ec.min_pixels if ec.min_pixels is not None else pre.get("min_pixels")
         max_pixels = ec.max_pixels if ec.max_pixels is not None else pre.get("max_pixels")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise InvalidInputError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
-        self.processor = Processor(self.tokenizer, cfg, min_pixels=min_pixels, max_pixels=max_pixels,
-                                   media_timeout=ec.media_timeout, trusted_local_media=ec.trusted_local_media)
         limit = cfg.text.max_position_embeddings
         if ec.max_model_len is not None and not ec.max_model_len <= limit:
             raise InvalidInputError(f"max_model_len must be in 2..{limit}, got {ec.max_model_len}")
@@ -111,17 +129,7 @@ class LLM:
             self.model = load_model(path, self.dtype, self.device, cfg, progress=ec.progress,
                                     quantization=ec.quantization, file_embedding=ec.file_embedding,
                                     cache=ec.load_cache)
-        self.compiled = ec.compile and compile_decode_(self.model)
-        lora = LoraManager(self.model, ec.max_loras, ec.max_lora_rank) if ec.enable_lora else None
-        self.engine = LLMEngine(self.model, self.tokenizer, eos_token_ids=self.eos_token_ids,
-                                max_model_len=self.max_model_len, max_num_seqs=ec.max_num_seqs,
-                                max_num_batched_tokens=ec.max_num_batched_tokens,
-                                prefix_cache_bytes=ec.prefix_cache_bytes, vision_cache_bytes=ec.vision_cache_bytes,
-                                lora=lora)
-        if self.tensor_parallel is not None:
-            self.tensor_parallel.attach(self.engine)
-        self.output_processor = OutputProcessor(self.tokenizer, self.engine.finish_request)
-        self._collectors: dict[str, OutputCollector] = {}  # request id -> outputs its caller has not taken yet
+        return min_pixels, max_pixels
 
     def _start_tensor_parallel(self, ec: EngineConfig, path: str):
         from .parallel.launch import start

@@ -2,12 +2,15 @@
 
 The model is built on the meta device, its load plan made (qwen2vl.load_plan: how each linear and the embedding
 are built), and each tensor read from the safetensors files is cast and assigned in place, each planned module
-built as soon as its tensors are in, so peak memory stays near the size of the weights as they end up.
+built as soon as its tensors are in, so peak memory stays near the size of the weights as they end up. The weights
+of layers that are packed or quantized as they arrive are views of a memory map of the file (qwen2vl.weight_map),
+not copies.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -23,6 +26,7 @@ from .memory import trim_heap
 from .models import DEMO_MODEL, demo_model_dir
 from .model import Qwen2VLForConditionalGeneration
 from .parallel.tp import TPShard, read_cut, shard_model_
+from .weight_map import WeightMaps
 
 # Checkpoint-name prefix -> our module-name prefix. Official checkpoints already use our names; checkpoints
 # saved by transformers >= 4.52 nest everything under ``model.``.
@@ -137,6 +141,7 @@ def read_safetensors_header(f) -> tuple[dict, int]:
 
 
 _CHUNK = 16 << 20
+_MAPPED_KINDS = ("packed", "int8", "int4")  # layers read through the file's memory map (qwen2vl.weight_map)
 
 
 def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None,
@@ -371,6 +376,16 @@ class _Reader:
         self.parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # GPTQ / AWQ module -> part's first row ->
         # leaf -> tensor
         self.tp = None  # a TPShard: each tensor read as this rank's slice (qwen2vl.parallel.tp)
+        self.maps: WeightMaps | None = None  # the files' memory maps, while reading (qwen2vl.weight_map)
+        self.spans: dict[str, list[tuple]] = {}  # module -> the file spans of its mapped weights, until built
+
+    def restore(self) -> None:
+        """Build the modules the load cache holds (in the fbgemm packer's reach: call within ``_read_checkpoint``).
+        The pages of stored tensors a built layer does not keep (int8 matrices packed into a kernel's layout) are
+        dropped from this process as soon as it is built (``load_cache.drop_unkept``)."""
+        for path, tensors in self.entry.items():
+            self.plan.restore(self.model, path, tensors)
+            load_cache.drop_unkept(tensors, self.model.get_submodule(path))
 
     def tensor(self, f, name: str, info: dict, data_start: int) -> None:
         """Read checkpoint tensor ``name`` (our naming) of open file ``f``."""
@@ -388,7 +403,7 @@ class _Reader:
         if self.plan.kinds.get(mod_path) == PREQUANTIZED and dest[1] in prequant.LEAVES:
             part = self.parts.setdefault(mod_path, {}).setdefault(dest[2].start if dest[2] else 0, {})
             part[dest[1]] = _read_quantized(f, name, info, data_start, self.tp)
-        else:
+        elif not (self._mappable(mod_path, dest, info) and self._map(f, name, dest, info, data_start)):
             cut = self.tp.cut(name) if self.tp is not None else None
             dst = _param_slot(model, name, dest, info["shape"] if cut is None else cut.shape(info["shape"]), dtype,
                               self.device)
@@ -405,10 +420,39 @@ class _Reader:
                 del self.waiting[mod_path]
                 self._build(mod_path)
 
-    def restore(self) -> None:
-        """Build the modules the load cache holds (in the fbgemm packer's reach: call within ``_read_checkpoint``)."""
-        for path, tensors in self.entry.items():
-            self.plan.restore(self.model, path, tensors)
+    def _mappable(self, mod_path: str, dest: tuple, info: dict) -> bool:
+        """Whether a tensor is read through the file's memory map (qwen2vl.weight_map): the weight of a CPU layer
+        that is packed or quantized once read (it keeps no view), stored in the load's dtype, not a rank's slice."""
+        return (self.maps is not None and dest[1] == "weight" and self.tp is None and self.device.type == "cpu"
+                and mod_path != EMBEDDING and self.plan.kinds.get(mod_path, FILE).name in _MAPPED_KINDS
+                and _ST_DTYPES.get(info["dtype"]) == self.plan.dtype)
+
+    def _map(self, f, name: str, dest: tuple, info: dict, data_start: int) -> bool:
+        """Tensor ``name`` as a view of the file's map (False: it cannot be mapped; then it is read)."""
+        begin, end = (data_start + x for x in info["data_offsets"])
+        if end - begin != math.prod(info["shape"]) * self.plan.dtype.itemsize or os.fstat(f.fileno()).st_size < end:
+            raise InvalidInputError(f"{f.name} is truncated")
+        got = self.maps.view(f, begin, end, self.plan.dtype, info["shape"])
+        if got is None:
+            return False
+        view, span = got
+        mod_path, leaf, rows = dest
+        if rows is None:  # the whole parameter: the file's pages are it until the layer is built
+            mod = self.model.get_submodule(mod_path)
+            if tuple(mod._parameters[leaf].shape) != tuple(view.shape):
+                raise InvalidInputError(f"weight {name} has shape {tuple(view.shape)}, the config implies "
+                                        f"{tuple(mod._parameters[leaf].shape)}")
+            mod._parameters[leaf] = nn.Parameter(view, requires_grad=False)
+        else:  # a part of a fused parameter: copied into its rows
+            _param_slot(self.model, name, dest, info["shape"], self.plan.dtype, self.device).copy_(view)
+        self.spans.setdefault(mod_path, []).append(span)
+        return True
+
+    def built(self, path: str) -> None:
+        """The module at ``path`` is built: the pages of the file it was read from are dropped (qwen2vl.weight_map)."""
+        spans = self.spans.pop(path, None)
+        if spans:
+            self.maps.drop(spans)
 
     def _build(self, path: str) -> None:
         sink = self.writer.add if self.writer is not None else None
@@ -420,6 +464,7 @@ class _Reader:
             replace_module(self.model, path, new)
         else:
             self.plan.build(self.model, path, sink)
+        self.built(path)
 
 
 def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -> None:
@@ -435,7 +480,9 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
     transient = reader.plan.transient
     if transient:  # float weights are freed after they arrive (quantized, or packed as they arrive): each gets
         _malloc_mmap_threshold(1 << 20)  # its own pages, given back to the OS when freed
-    packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and _pack_in_background())
+    packs = quant.BackgroundPacker(enabled=bool(reader.plan.quantization) and _pack_in_background(),
+                                   workers=_pack_workers())
+    reader.maps = WeightMaps()
     try:
         reader.restore()
         for file in files:
@@ -451,6 +498,8 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
         packs.finish()
     finally:
         packs.close()
+        reader.maps.close()
+        reader.maps, reader.spans = None, {}
         if bar is not None:
             bar.close()
         if transient:
@@ -459,6 +508,11 @@ def _read_checkpoint(reader: _Reader, files: list[str], progress: bool | None) -
 
 def _pack_in_background() -> bool:
     return torch.get_num_threads() > 1
+
+
+def _pack_workers() -> int:
+    """Threads that pack at once: fbgemm's packing is single-threaded, so as many as torch computes with."""
+    return torch.get_num_threads()
 
 
 def _read_quantized(f, name: str, info: dict, data_start: int, tp: TPShard | None) -> torch.Tensor:

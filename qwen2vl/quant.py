@@ -33,7 +33,7 @@ import functools
 import threading
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 from torch import nn
@@ -108,16 +108,18 @@ _building = threading.local()  # .packer: the BackgroundPacker that Int8Linears 
 
 
 class BackgroundPacker:
-    """fbgemm's packing (single-threaded: a third of an int8 load) on a thread of its own for the int8 linears built
-    on this thread from now until ``close``, while this thread goes on (the loader: reading and quantizing the next
-    tensors). Each such layer's ``packed`` is set when its packing is taken, at the latest by ``finish``. At most one
-    packing waits, holding its int8 matrix. The 2B in int8 loaded in 13.8-14.1 s against 15.9-16.8 s packing in
-    turn (2026-12-02, AMD bench VM, 2 cores; same peak RSS). fbgemm is the quantized engine throughout, so the
-    packing thread finds it set and leaves it so. Disabled, it changes nothing."""
+    """fbgemm's packing (single-threaded, about 140 MB/s of int8 weights: most of an int8 load) on ``workers``
+    threads of its own for the int8 linears built on this thread from now until ``close``, while this thread goes on
+    (the loader: reading and quantizing the next tensors, or restoring the load cache's next layers). Each such
+    layer's ``packed`` is set when its packing is taken, at the latest by ``finish``. At most ``2 * workers - 1``
+    packings wait, each holding its int8 matrix. The 2B in int8 loaded in 13.8-14.1 s against 15.9-16.8 s packing
+    in turn (2026-12-02, AMD bench VM, 2 cores, one worker; same peak RSS). fbgemm is the quantized engine
+    throughout, so the packing threads find it set and leave it so. Disabled, it changes nothing."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, workers: int = 1):
         self.pending: deque = deque()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qwen2vl-pack") if enabled else None
+        self.workers = max(1, workers)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qwen2vl-pack") if enabled else None
         self.engine = contextlib.ExitStack()
         if self.pool is not None:
             self.engine.enter_context(fbgemm_engine())
@@ -125,16 +127,21 @@ class BackgroundPacker:
 
     def __call__(self, mod: nn.Module, qw: torch.Tensor) -> None:
         self.pending.append((mod, self.pool.submit(_fbgemm_pack, qw)))
-        while len(self.pending) > 1:
-            self._take()
+        if len(self.pending) > 2 * self.workers - 1:  # each worker busy and one more queued (one worker: none)
+            wait([fut for _, fut in self.pending], return_when=FIRST_COMPLETED)  # not the oldest: a long one (the
+            self._take(done_only=True)  # lm_head's 3 s) must not leave the other workers idle behind it
 
-    def _take(self) -> None:
-        mod, fut = self.pending.popleft()
-        mod.packed = fut.result()
+    def _take(self, done_only: bool = False) -> None:
+        left: deque = deque()
+        for mod, fut in self.pending:
+            if done_only and not fut.done():
+                left.append((mod, fut))
+            else:
+                mod.packed = fut.result()
+        self.pending = left
 
     def finish(self) -> None:
-        while self.pending:
-            self._take()
+        self._take()
 
     def close(self) -> None:
         """Stop taking layers; a packing not yet started is dropped (after ``finish`` there is none)."""
@@ -250,7 +257,11 @@ class Int8Linear(nn.Module):
             # runs the kernel at once
             qw, q = _fbgemm_weight(q, s), None  # q freed: the packer holds only the copy it packs
             packer = getattr(_building, "packer", None) if _check else None
-            self.packed = _fbgemm_pack(qw) if packer is None else packer(self, qw)
+            self.packed = None  # before handing it over: the packer may set it at once
+            if packer is None:
+                self.packed = _fbgemm_pack(qw)
+            else:
+                packer(self, qw)
         else:
             self.register_buffer("weight", None if self.prepacked else q)  # (out, in) int8
             self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None) if self.prepacked else None)

@@ -163,20 +163,23 @@ def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype, q
     assert grown <= 1.15 * weights + (24 << 20), (weights, grown)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_packing_on_a_thread_gives_the_model_packing_in_turn_does(ckpt, monkeypatch, quant):
-    """The loader hands fbgemm's packing to a thread while it reads and quantizes the next tensors; the model is the
-    same, every int8 linear packed, and torch's quantized engine and the warnings filters (both process-wide) are
-    as they were."""
+def test_packing_on_a_thread_gives_the_model_packing_in_turn_does(ckpt, monkeypatch, quant, workers):
+    """The loader hands fbgemm's packing to ``workers`` threads while it reads and quantizes the next tensors; the
+    model is the same, every int8 linear packed, and torch's quantized engine and the warnings filters (both
+    process-wide) are as they were."""
     from qwen2vl import loader
     from qwen2vl.quant import Int8Linear
     engine, filters = torch.backends.quantized.engine, list(warnings.filters)
     monkeypatch.setattr(loader, "_pack_in_background", lambda: False)
     in_turn = load_model(str(ckpt), torch.bfloat16, quantization=quant)
     monkeypatch.setattr(loader, "_pack_in_background", lambda: True)
+    monkeypatch.setattr(loader, "_pack_workers", lambda: workers)
     threaded = load_model(str(ckpt), torch.bfloat16, quantization=quant)
     assert torch.backends.quantized.engine == engine and warnings.filters == filters
     assert all(m.packed is not None for m in threaded.modules() if isinstance(m, Int8Linear) and m.prepacked)
+    assert [type(m) for m in threaded.modules()] == [type(m) for m in in_turn.modules()]
     assert [m.layout for m in threaded.modules() if isinstance(m, Int8Linear)] == \
         [m.layout for m in in_turn.modules() if isinstance(m, Int8Linear)]
     ids = torch.arange(1000, 1020)
