@@ -46,8 +46,6 @@ _SMALL_M = 8  # 2..8 rows run the weight-only kernel; 1 row and more than 8 quan
 _BLOCK_M, _BLOCK_N = 512, 1024  # int8 GEMM blocks: rows, and at least this many output columns...
 _BLOCK_ELEMS = 1 << 19  # ...or as many as keep a block's product under this many elements (rescaled in cache)
 _PACKED_M = 256  # prepacked int8: at most this many rows per call, so the float32 product stays small
-_SPLIT_ROWS = 1 << 16  # an fbgemm layer this tall (lm_head: 151,936 rows) is packed as row blocks on every packing
-# thread at once: its single packing (3.3 s for the 2B's lm_head) was the longest task of a load
 _FALLBACK = {"fbgemm": ("fbgemm", "onednn"), "onednn": ("onednn",), "plain": ()}  # int8 layouts, and what each
 # becomes where its kernel is missing (quantized tensors, which fbgemm's needs, are deprecated in torch)
 _INT4_GEMM_M = 128  # above this many rows int4 unpacks to bf16 blocks for the GEMM (measured crossover)
@@ -127,22 +125,19 @@ class BackgroundPacker:
             self.engine.enter_context(fbgemm_engine())
             _building.packer = self
 
-    def __call__(self, mod: nn.Module, qw: torch.Tensor, block: int | None = None) -> None:
-        """Pack ``qw`` for ``mod.packed``, or for its slot ``block`` when ``mod.packed`` is a list of row blocks."""
-        self.pending.append((mod, block, self.pool.submit(_fbgemm_pack, qw)))
+    def __call__(self, mod: nn.Module, qw: torch.Tensor) -> None:
+        self.pending.append((mod, self.pool.submit(_fbgemm_pack, qw)))
         if len(self.pending) > 2 * self.workers - 1:  # each worker busy and one more queued (one worker: none)
-            wait([fut for _, _, fut in self.pending], return_when=FIRST_COMPLETED)  # not the oldest: a long one
-            self._take(done_only=True)  # (a 3 s packing) must not leave the other workers idle behind it
+            wait([fut for _, fut in self.pending], return_when=FIRST_COMPLETED)  # not the oldest: a long one (the
+            self._take(done_only=True)  # lm_head's 3 s) must not leave the other workers idle behind it
 
     def _take(self, done_only: bool = False) -> None:
         left: deque = deque()
-        for mod, block, fut in self.pending:
+        for mod, fut in self.pending:
             if done_only and not fut.done():
-                left.append((mod, block, fut))
-            elif block is None:
-                mod.packed = fut.result()
+                left.append((mod, fut))
             else:
-                mod.packed[block] = fut.result()
+                mod.packed = fut.result()
         self.pending = left
 
     def finish(self) -> None:
@@ -150,7 +145,7 @@ class BackgroundPacker:
 
     def close(self) -> None:
         """Stop taking layers; a packing not yet started is dropped (after ``finish`` there is none)."""
-        for _, _, fut in self.pending:
+        for _, fut in self.pending:
             fut.cancel()
         if self.pool is not None:
             _building.packer = None
@@ -186,12 +181,7 @@ def _fbgemm_pack(qw: torch.Tensor):
 
 
 def _fbgemm(x: torch.Tensor, packed) -> torch.Tensor:
-    """(M, in) float32 -> (M, out) float32, x quantized with one scale (its min and max) and zero point. ``packed``:
-    one packed weight, or a list of the packed row blocks of one (their outputs side by side: every output column
-    depends on its row alone, and the activations' quantization on x alone, so the result is the same bit for
-    bit)."""
-    if isinstance(packed, list):
-        return torch.cat([torch.ops.quantized.linear_dynamic(x, p, False) for p in packed], dim=1)
+    """(M, in) float32 -> (M, out) float32, x quantized with one scale (its min and max) and zero point."""
     return torch.ops.quantized.linear_dynamic(x, packed, False)
 
 
@@ -265,19 +255,13 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight", None)
             # not a tensor: a plain attribute, set later where a BackgroundPacker takes the job; the layout check
             # runs the kernel at once
+            qw, q = _fbgemm_weight(q, s), None  # q freed: the packer holds only the copy it packs
             packer = getattr(_building, "packer", None) if _check else None
-            if packer is not None and packer.workers > 1 and q.shape[0] >= _SPLIT_ROWS:  # row blocks, packed at once
-                bounds = [q.shape[0] * i // packer.workers for i in range(packer.workers + 1)]
-                self.packed = [None] * packer.workers  # each slot set when its block's packing is taken
-                for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-                    packer(self, _fbgemm_weight(q[a:b], s[a:b]), i)
+            self.packed = None  # before handing it over: the packer may set it at once
+            if packer is None:
+                self.packed = _fbgemm_pack(qw)
             else:
-                qw, q = _fbgemm_weight(q, s), None  # q freed: the packer holds only the copy it packs
-                self.packed = None  # before handing it over: the packer may set it at once
-                if packer is None:
-                    self.packed = _fbgemm_pack(qw)
-                else:
-                    packer(self, qw)
+                packer(self, qw)
         else:
             self.register_buffer("weight", None if self.prepacked else q)  # (out, in) int8
             self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(q, None) if self.prepacked else None)

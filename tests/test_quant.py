@@ -293,23 +293,3 @@ def test_background_packer_takes_only_its_own_threads_layers():
     x = torch.randn(2, 64)
     assert all(m.packed is not None and m(x).shape == (2, 64) for m in mine + built)
     assert getattr(quant._building, "packer", None) is None
-
-
-@needs_fbgemm
-def test_a_tall_layer_packs_as_row_blocks_on_every_thread_with_the_same_output(monkeypatch):
-    """A layer as tall as lm_head is packed as one row block per packing thread, all at once; its outputs (one
-    row, and more rows than a decode) equal the one-block layer's bit for bit, in bf16 and float32."""
-    monkeypatch.setattr(quant, "_SPLIT_ROWS", 96)  # a small stand-in for lm_head's 151,936 rows
-    torch.manual_seed(0)
-    w, bias = torch.randn(100, 64), torch.randn(100)
-    whole = Int8Linear(w, bias, layout="fbgemm")
-    packer = quant.BackgroundPacker(workers=3)
-    try:
-        split = Int8Linear(w, bias, layout="fbgemm")
-        packer.finish()
-    finally:
-        packer.close()
-    assert isinstance(split.packed, list) and len(split.packed) == 3 and not isinstance(whole.packed, list)
-    for x in (torch.randn(1, 64), torch.randn(5, 64), torch.randn(300, 64)):
-        assert torch.equal(split(x), whole(x))
-        assert torch.equal(split(x.bfloat16()), whole(x.bfloat16()))
