@@ -30,31 +30,25 @@ def feature_penalty(features: torch.Tensor, grid_thw) -> torch.Tensor:
     """The mean penalty over the media items in ``features`` ((N, hidden), items in ``grid_thw`` order, each
     t * h * w / 4 merged tokens; merge size 2)."""
     sizes = [int(t) * int(h) * int(w) // 4 for t, h, w in grid_thw]
-    total = features.new_zeros((), dtype=torch.float32)
-    for f in torch.split(features.float(), sizes):  # f: (n, hidden) one item's tokens
-        rms = f.pow(2).mean(-1).sqrt()  # (n,)
-        size = (rms - MAX_RMS).clamp(min=0).pow(2).mean()
-        spread = (MIN_STD - f.std(0)).clamp(min=0).mean() if f.shape[0] > 1 else f.new_zeros(())
-        total = total + size + spread
-    return total / max(1, len(sizes))
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return feature_penalty_items(features, [(a, n, 1.0 / len(sizes)) for a, n in zip(starts, sizes)])
 
 
 def feature_penalty_items(features: torch.Tensor, items: list[tuple[int, int, float]]) -> torch.Tensor:
     """``sum(weight x penalty)`` over media items, each (first row, rows, weight) of ``features`` (n, hidden), in
-    a fixed number of operations however many items there are (a training batch on a GPU). With weight
-    1 / (items of its picture set) per item it equals the sum of :func:`feature_penalty` over those sets, up to
-    rounding: the spread's standard deviation comes from per-item sums of x and x^2 here."""
+    a fixed number of operations however many items there are (a training batch on a GPU)."""
     f = features.float()
     seg = torch.cat([torch.full((n,), j, dtype=torch.long) for j, (_, n, _) in enumerate(items)]).to(f.device)
     rows = torch.cat([torch.arange(a, a + n) for a, n, _ in items]).to(f.device)
     f = f.index_select(0, rows)  # (tokens, hidden), items in order
     count = torch.tensor([float(n) for _, n, _ in items], device=f.device)  # (items,)
     weight = torch.tensor([w for _, _, w in items], device=f.device)
+    zeros = torch.zeros(len(items), f.shape[1], device=f.device)
     rms = f.pow(2).mean(-1).sqrt()  # (tokens,)
     size = torch.zeros(len(items), device=f.device).index_add(0, seg, (rms - MAX_RMS).clamp(min=0).pow(2)) / count
-    s1 = torch.zeros(len(items), f.shape[1], device=f.device).index_add(0, seg, f)  # (items, hidden)
-    s2 = torch.zeros(len(items), f.shape[1], device=f.device).index_add(0, seg, f * f)
-    var = (s2 - s1 * s1 / count[:, None]) / (count[:, None] - 1).clamp(min=1)  # unbiased, as Tensor.std
-    std = var.clamp(min=1e-12).sqrt()
+    mean = zeros.index_add(0, seg, f) / count[:, None]  # (items, hidden)
+    dev2 = zeros.index_add(0, seg, (f - mean[seg]).pow(2))  # (items, hidden): squared deviations, two-pass
+    std = (dev2 / (count[:, None] - 1).clamp(min=1)).clamp(min=1e-24).sqrt()  # unbiased, as Tensor.std (no inf
+    # gradient where a channel is exactly constant)
     spread = (MIN_STD - std).clamp(min=0).mean(-1) * (count > 1)  # (items,): a one-token item has none
     return (weight * (size + spread)).sum()

@@ -46,8 +46,8 @@ from ..errors import InvalidInputError
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .forward import batch_sequence_loss, sequence_loss, trained_count
-from .feature_reg import feature_penalty, feature_penalty_items
-from .vision_targets import aux_loss, aux_loss_items
+from .feature_reg import feature_penalty_items
+from .vision_targets import aux_loss_items
 from .prepare import apply_dtype, build_model, make_optimizer, make_scheduler, make_trainable, model_config
 from .progress import JsonlLog, Progress, Rate, summary_text, write_results
 
@@ -238,31 +238,12 @@ class Trainer:
         yield from loader
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, sample, scale: float, n_samples: int = 1) -> float:
-        """Forward and backward of one sequence: its cross-entropy sum / ``scale`` (the step's trained tokens),
-        plus (``vision_feature_reg`` x the feature penalty + ``vision_aux_loss`` x the naming loss of
-        qwen2vl.train.vision_targets) / ``n_samples``; returns the cross-entropy sum."""
-        ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
-        labels = torch.as_tensor(sample.labels, dtype=torch.long)
-        reg, aux = self.cfg.vision_feature_reg, self.cfg.vision_aux_loss
-        feats = [] if reg or aux else None
-        with self.autocast():
-            ce, _ = sequence_loss(self.model, ids, labels, sample.vision, self.cfg.checkpointing, self.vocab, feats,
-                                  detach_vision=not self.cfg.vision_lm_grad)
-        if scale:
-            loss = ce / scale
-            if feats and reg:
-                loss = loss + reg / n_samples * sum(feature_penalty(f, g) for f, g in feats)
-            if feats and aux:
-                naming = self._naming_loss(sample, feats)
-                self._naming_sum += float(naming.detach() if torch.is_tensor(naming) else naming) / n_samples
-                loss = loss + aux / n_samples * naming
-            loss.backward()
-        return float(ce.detach())
-
     def _batch_loss(self, samples: list, scale: float, n_samples: int) -> float:
-        """:meth:`_loss` for several sequences in one padded forward (``batch_forward``), the penalty and the
-        naming loss over all their media at once; the same loss up to rounding. Returns the cross-entropy sum."""
+        """Forward and backward of sequences run as one padded batch (one sequence at a time without
+        ``batch_forward``): their cross-entropy sum / ``scale`` (the step's trained tokens), plus
+        (``vision_feature_reg`` x the feature penalty + ``vision_aux_loss`` x the naming loss of
+        qwen2vl.train.vision_targets, over all their media at once) / ``n_samples``; returns the cross-entropy
+        sum."""
         seqs = [(torch.as_tensor(s.input_ids, dtype=torch.long), torch.as_tensor(s.labels, dtype=torch.long),
                  s.vision) for s in samples]
         reg, aux = self.cfg.vision_feature_reg, self.cfg.vision_aux_loss
@@ -297,18 +278,6 @@ class Trainer:
             return None
         return aux_loss_items(m.features, items, self.model.model.embed_tokens.weight, self.label_ids)
 
-    def _naming_loss(self, sample, feats) -> torch.Tensor | float:
-        """The vision naming loss of one sample's media (0 when it has no targets), summed over its kinds."""
-        targets = getattr(sample, "vision_targets", None)
-        if targets is None or sample.vision is None:
-            return 0.0
-        v = sample.vision
-        present = [t for pv, t in zip((v.pixel_values, v.pixel_values_videos), targets) if pv is not None]
-        weight = self.model.model.embed_tokens.weight
-        losses = [aux_loss(f, t, weight, self.label_ids) for (f, _), t in zip(feats, present) if t is not None]
-        losses = [x for x in losses if x is not None]
-        return sum(losses) if losses else 0.0
-
     def train_step(self, samples: list) -> dict:
         """Forward and backward over ``samples``, then one optimizer step; returns the step's record."""
         self.model.train()
@@ -316,12 +285,8 @@ class Trainer:
         if self.vocab is not None:
             self.vocab.begin()
         self._naming_sum = 0.0
-        if self.batched:
-            size = self.cfg.per_device_train_batch_size
-            total = sum(self._batch_loss(samples[i:i + size], count, len(samples))
-                        for i in range(0, len(samples), size))
-        else:
-            total = sum(self._loss(s, count, len(samples)) for s in samples)
+        size = self.cfg.per_device_train_batch_size if self.batched else 1
+        total = sum(self._batch_loss(samples[i:i + size], count, len(samples)) for i in range(0, len(samples), size))
         if self.vocab is not None:
             self.vocab.finish()
         if self.cfg.max_grad_norm > 0:

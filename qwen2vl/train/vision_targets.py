@@ -156,38 +156,16 @@ def aux_loss(features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
         -> torch.Tensor | None:
     """Mean cross-entropy of the (token, target) pairs of one item (None when it has none): features (n, hidden),
     targets (n, K), ``weight`` the (vocab, hidden) embedding (detached here), ``labels`` :func:`label_ids`; each
-    pair's softmax runs over the labels of its target's kind."""
-    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        return None
-    ids = torch.tensor(labels.ids, dtype=torch.long, device=weight.device)
-    kinds = torch.tensor(labels.kinds, dtype=torch.long, device=weight.device)  # (L,)
-    rows_e = weight.detach().index_select(0, ids).float()  # (L, hidden)
-    n_kinds = int(kinds.max()) + 1
-    means = torch.zeros(n_kinds, rows_e.shape[1], device=weight.device).index_add_(0, kinds, rows_e)
-    means = means / torch.bincount(kinds, minlength=n_kinds).clamp(min=1)[:, None].float()  # (kinds, hidden)
-    table = F.normalize(rows_e - means[kinds], dim=-1)  # (L, hidden): each row centred on its kind's mean
-    remap = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=weight.device)
-    remap[ids] = torch.arange(len(labels.ids), device=weight.device)
-    want = remap[targets[rows, cols].to(weight.device)]  # (pairs,)
-    if bool((want < 0).any()):
-        raise ValueError("a vision target is not one of label_ids")
-    feats = F.normalize(features.float().index_select(0, rows.to(features.device)), dim=-1)  # (pairs, hidden)
-    logits = SCALE * feats @ table.t()  # (pairs, L)
-    kind = kinds[want]  # (pairs,)
-    other = kinds[None, :] != kind[:, None]  # (pairs, L): labels outside the target's kind
-    ce = F.cross_entropy(logits.masked_fill(other, float("-inf")), want, reduction="none")  # (pairs,)
-    n_kinds = int(kinds.max()) + 1
-    per_kind = torch.zeros(n_kinds, device=ce.device).index_add(0, kind, ce)  # (kinds,) sums
-    count = torch.bincount(kind, minlength=n_kinds)
-    return (per_kind[count > 0] / count[count > 0]).mean()  # each kind present weighs the same
+    pair's softmax runs over the labels of its target's kind, and each kind present weighs the same."""
+    return aux_loss_items(features, [(0, targets)], weight, labels)
 
 
 def aux_loss_items(features: torch.Tensor, items: list[tuple[int, torch.Tensor]], weight: torch.Tensor,
                    labels: Labels) -> torch.Tensor | None:
     """The sum of :func:`aux_loss` over media items, in a fixed number of operations however many items there
     are (a training batch on a GPU): ``items`` are (first row in ``features``, targets (n_i, K_i)); an item
-    without any target adds nothing, and None comes back when no item has one."""
+    without any target adds nothing, and None comes back when no item has one. Per item: the mean over the kinds
+    present of the mean cross-entropy of that kind's (token, target) pairs."""
     width = max(t.shape[1] for _, t in items)
     rows_all, targets, item_of = [], [], []
     for j, (start, t) in enumerate(items):
