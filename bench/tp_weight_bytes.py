@@ -3,6 +3,7 @@
     python bench/tp_weight_bytes.py                         # the 2B's shapes, int4, 1 rank and 2 ranks
     python bench/tp_weight_bytes.py --quantization int8 --tp 2
     python bench/tp_weight_bytes.py --check DIR --tp 2      # DIR's shapes, and each rank loaded to compare
+    python bench/tp_weight_bytes.py --vision rank0          # the vision tower whole on rank 0 (default: split)
 
 The model is built on the meta device, given a rank's shapes (qwen2vl.parallel.tp.shard_model_) and its load plan
 (qwen2vl.load_plan.build_plan); each planned module's bytes follow from its kind and local shape:
@@ -43,14 +44,19 @@ def _module_bytes(mod, kind, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in mod.parameters()) * dtype.itemsize
 
 
+def _shard(rank: int, world: int, quantization: str | None, split_vision: bool) -> TPShard:
+    return TPShard(rank, world, int4=quantization == "int4", vocab_parallel_embedding=False,
+                   split_vision=split_vision)
+
+
 def rank_bytes(cfg: Qwen2VLConfig, rank: int, world: int, quantization: str | None,
-               dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """{"language": ..., "vision": ...} weight bytes rank ``rank`` of ``world`` holds (world 1: the whole model)."""
+               dtype: torch.dtype = torch.bfloat16, split_vision: bool = True) -> dict[str, int]:
+    """{"language": ..., "vision": ...} weight bytes rank ``rank`` of ``world`` holds (world 1: the whole model);
+    ``split_vision``: the vision blocks split across the ranks (else whole on rank 0)."""
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(cfg)
     if world > 1:
-        shard_model_(model, TPShard(rank, world, int4=quantization == "int4", vocab_parallel_embedding=False),
-                     vision=rank == 0)
+        shard_model_(model, _shard(rank, world, quantization, split_vision), vision=rank == 0 or split_vision)
     plan = build_plan(model, quantization, torch.device("cpu"), dtype, file_embedding=True)
     total = {"language": 0, "vision": 0}
     for path, kind in plan.kinds.items():
@@ -74,17 +80,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--check", metavar="DIR", help="a checkpoint: its shapes, and each rank loaded to compare")
+    ap.add_argument("--vision", choices=("split", "rank0"), default="split")
     a = ap.parse_args(argv)
     quant = None if a.quantization == "none" else a.quantization
     dtype = getattr(torch, a.dtype)
     cfg = Qwen2VLConfig.from_pretrained(a.check) if a.check else _config_2b()
     for world in sorted({1, a.tp}):
         for rank in range(world):
-            row = {"tp": world, "rank": rank, "quantization": quant, **rank_bytes(cfg, rank, world, quant, dtype)}
+            split = a.vision == "split"
+            row = {"tp": world, "rank": rank, "quantization": quant, "vision_tower": a.vision,
+                   **rank_bytes(cfg, rank, world, quant, dtype, split)}
             if a.check:
                 from qwen2vl.loader import load_model
                 from qwen2vl.parallel.launch import weight_bytes
-                tp = TPShard(rank, world, int4=quant == "int4", vocab_parallel_embedding=False) if world > 1 else None
+                tp = _shard(rank, world, quant, split) if world > 1 else None
                 m = load_model(a.check, dtype, quantization=quant, tp=tp)
                 row.update(measured_language=weight_bytes(m) - weight_bytes(m.visual),
                            measured_vision=weight_bytes(m.visual))

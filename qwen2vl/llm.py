@@ -70,6 +70,8 @@ class LLM:
         tensor_parallel_size, nnodes, node_rank, master_addr, master_port: split the language model over ranks
             (qwen2vl.parallel): this process is rank 0 and starts the others (under torchrun, or on a node other
             than 0, the call serves rank 0 and then exits the process); ``close()`` stops them.
+        tensor_parallel_vision: "auto" | "split" | "rank0": the vision tower's blocks split across the ranks
+            too, or run whole on rank 0 with its features broadcast (auto: split where the ranks divide its heads).
         revision, media_timeout, trusted_local_media, file_embedding, progress: see EngineConfig.
     """
 
@@ -133,9 +135,11 @@ class LLM:
 
     def _start_tensor_parallel(self, ec: EngineConfig, path: str):
         from .parallel.launch import start
+        split_vision = ec.tensor_parallel_vision == "split" or (
+            ec.tensor_parallel_vision == "auto" and self.config.vision.num_heads % ec.tensor_parallel_size == 0)
         spec = dict(path=path, dtype=self.dtype, quantization=ec.quantization, file_embedding=ec.file_embedding,
                     max_model_len=self.max_model_len, prefix_cache_bytes=ec.prefix_cache_bytes,
-                    vision_cache_bytes=ec.vision_cache_bytes)
+                    vision_cache_bytes=ec.vision_cache_bytes, split_vision=split_vision)
         return start(spec, ec.tensor_parallel_size, ec.nnodes, ec.node_rank, ec.master_addr, ec.master_port,
                      self.device, ec.progress)
 

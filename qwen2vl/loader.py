@@ -294,7 +294,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     holds this load's entry, and are written to it when not: the same model either way, bit for bit. With ``tp``
     (qwen2vl.parallel.tp), the model gets one tensor-parallel rank's shapes first and each tensor is read as that
     rank's slice only, a GPTQ / AWQ checkpoint's packed tensors too (no load cache; ranks other than 0 read no
-    vision weights)."""
+    vision weights unless the tower is split too)."""
     cfg = cfg or Qwen2VLConfig.from_pretrained(path)
     if cfg.prequant is not None and quantization == "int8":
         raise InvalidInputError(f"this checkpoint is already {cfg.prequant.method.upper()} 4-bit: use quantization "
@@ -302,7 +302,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(cfg)
     if tp is not None:
-        shard_model_(model, tp, vision=tp.rank == 0)
+        shard_model_(model, tp, vision=tp.rank == 0 or tp.split_vision)
         cache = False
     model.eval().requires_grad_(False)
     expected = checkpoint_names(model)

@@ -26,6 +26,7 @@ from qwen2vl.server.protocol import parse_chat_request
     (dict(media_timeout=0), "media_timeout must be > 0"),
     (dict(compile="yes"), "compile must be a bool"),
     (dict(enable_prefix_caching=None), "enable_prefix_caching must be a bool"),
+    (dict(tensor_parallel_vision="replicate"), "tensor_parallel_vision must be 'auto', 'split' or 'rank0'"),
 ])
 def test_bad_values_are_refused_with_their_name(kw, msg):
     with pytest.raises(InvalidInputError, match=msg):
@@ -45,8 +46,8 @@ def test_every_field_is_a_flag_of_chat_and_serve(command):
              "--no-enable-prefix-caching", "--prefix-cache-mb", "5", "--vision-cache-mb", "6", "--quantization",
              "int8", "--compile", "--media-timeout", "2.5", "--trusted-local-media", "--no-file-embedding", "--progress",
              "--no-load-cache",
-             "--enable-lora", "--max-loras", "3", "--max-lora-rank", "32", "--tensor-parallel-size", "4", "--nnodes",
-             "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29400"]
+             "--enable-lora", "--max-loras", "3", "--max-lora-rank", "32", "--tensor-parallel-size", "4",
+             "--tensor-parallel-vision", "rank0", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29400"]
     args = build_parser().parse_args([command] + flags + (["hi"] if command == "chat" else []))
     c = engine_config_from_args(args)
     assert c == EngineConfig(model="ckpt", revision="r1", dtype="float32", device="cpu", min_pixels=100,
@@ -54,7 +55,8 @@ def test_every_field_is_a_flag_of_chat_and_serve(command):
                              enable_prefix_caching=False, prefix_cache_mb=5, vision_cache_mb=6, quantization="int8",
                              compile=True, media_timeout=2.5, trusted_local_media=True, file_embedding=False,
                              load_cache=False, progress=True, enable_lora=True, max_loras=3, max_lora_rank=32,
-                             tensor_parallel_size=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29400)
+                             tensor_parallel_size=4, tensor_parallel_vision="rank0", nnodes=2, node_rank=1,
+                             master_addr="10.0.0.1", master_port=29400)
     assert all(getattr(c, f.name) != f.default for f in dataclasses.fields(EngineConfig))  # the flags name all
     defaults = engine_config_from_args(build_parser().parse_args([command, "--model", "ckpt"]))
     assert defaults == EngineConfig(model="ckpt")

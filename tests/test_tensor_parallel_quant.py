@@ -17,7 +17,7 @@ from qwen2vl.loader import load_model
 from qwen2vl.parallel.launch import weight_bytes
 from qwen2vl.parallel.tp import TPShard
 from tests.fixtures import official_config, write_prequantized_checkpoint
-from tests.test_tensor_parallel import BATCH, _run
+from tests.test_tensor_parallel import BATCH, _features, _run
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,10 @@ def test_two_ranks_give_one_rank_tokens(kind, prequantized, checkpoint_factory):
     bytes (its quantized linears, their scales and zeros, and lm_head; the norms on every rank). float32 between
     the layers: the int4 kernels take and give bf16, so the ranks' partial sums are rounded to bf16 before they
     are added (in bf16 throughout, a near-tie in the fifth token of the text prompt (margin 0.125) went the other
-    way on 2 ranks; in float32 the smallest margin seen was 0.06 and every token agreed)."""
+    way on 2 ranks; in float32 the smallest margin seen was 0.06 and every token agreed). The vision tower on rank 0
+    (``tensor_parallel_vision="rank0"``), so the image's features are 1 rank's exactly: split, they differ in the
+    last bits (the next test), which on these fixtures moves a first-token log-probability by ~0.1 as noise of
+    6e-7 on 1 rank does, and can flip a greedy token."""
     if kind == "int4":  # hidden and intermediate 256: each rank's o_proj / down_proj inputs (128) take the 1-rank
         # groups of 128, so the ranks quantize exactly as 1 rank does (the tiny fixture's 64 would give groups of 32)
         path = str(checkpoint_factory(variant="tiny", hidden_size=256, intermediate_size=256,
@@ -57,7 +60,7 @@ def test_two_ranks_give_one_rank_tokens(kind, prequantized, checkpoint_factory):
         path, kw = str(prequantized(kind, method=kind)), dict(dtype="float32")
     one = LLM(path, device="cpu", **kw)
     want = [ids for ids, _ in _run(one, BATCH[:2])]
-    two = LLM(path, device="cpu", tensor_parallel_size=2, **kw)
+    two = LLM(path, device="cpu", tensor_parallel_size=2, tensor_parallel_vision="rank0", **kw)
     try:
         assert [ids for ids, _ in _run(two, BATCH[:2])] == want
         reports = {r["rank"]: r for r in two.tensor_parallel.reports}
@@ -65,6 +68,21 @@ def test_two_ranks_give_one_rank_tokens(kind, prequantized, checkpoint_factory):
         half = (_lm_bytes(one.model) - norms) // 2 + norms
         assert reports[1]["weight_bytes"] == half
         assert reports[0]["weight_bytes"] == half + weight_bytes(one.model.visual)
+    finally:
+        two.close()
+
+
+def test_split_vision_on_a_prequantized_checkpoint(prequantized):
+    """A GPTQ checkpoint (float vision tower) with the vision blocks split over 2 ranks: the image's features are 1
+    rank's within float32 rounding, and both ranks hold the same bytes."""
+    path = str(prequantized("gptq", method="gptq"))
+    one = LLM(path, device="cpu", dtype="float32")
+    two = LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2)
+    try:
+        for a, b in zip(_features(two), _features(one), strict=True):
+            assert (a - b).norm() <= 1e-5 * b.norm()
+        reports = {r["rank"]: r for r in two.tensor_parallel.reports}
+        assert reports[0]["weight_bytes"] == reports[1]["weight_bytes"] < weight_bytes(one.model)
     finally:
         two.close()
 
@@ -126,8 +144,10 @@ def test_weight_bytes_calculation_matches_the_loaded_ranks(tiny_checkpoint):
     from bench.tp_weight_bytes import rank_bytes
 
     cfg = Qwen2VLConfig.from_pretrained(str(tiny_checkpoint))
-    for rank in range(2):
-        m = load_model(str(tiny_checkpoint), torch.bfloat16, quantization="int4",
-                       tp=TPShard(rank, 2, int4=True, vocab_parallel_embedding=False))
-        measured = {"language": weight_bytes(m) - weight_bytes(m.visual), "vision": weight_bytes(m.visual)}
-        assert rank_bytes(cfg, rank, 2, "int4") == measured
+    for split_vision in (True, False):
+        for rank in range(2):
+            m = load_model(str(tiny_checkpoint), torch.bfloat16, quantization="int4",
+                           tp=TPShard(rank, 2, int4=True, vocab_parallel_embedding=False, split_vision=split_vision))
+            measured = {"language": weight_bytes(m) - weight_bytes(m.visual), "vision": weight_bytes(m.visual)}
+            assert rank_bytes(cfg, rank, 2, "int4", split_vision=split_vision) == measured
+            assert (measured["vision"] > 0) == (rank == 0 or split_vision)

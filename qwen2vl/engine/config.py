@@ -78,6 +78,10 @@ class EngineConfig:
                                type=int)
     tensor_parallel_size: int = _knob(1, "split the language model over this many ranks (processes), Megatron-style "
                                          "(qwen2vl.parallel; default: 1)", type=int)
+    tensor_parallel_vision: str = _knob(
+        "auto", "auto | split | rank0: with tensor_parallel_size > 1, split the vision tower's blocks across the "
+                "ranks like the language model (split), or run it whole on rank 0 and broadcast its features "
+                "(rank0); auto: split where the ranks divide its heads (default: auto)", type=str)
     nnodes: int = _knob(1, "tensor parallelism over several machines: how many (run the same command on each)",
                         type=int)
     node_rank: int = _knob(0, "this machine's place among the nnodes (0: the one that serves)", type=int)
@@ -130,6 +134,9 @@ class EngineConfig:
         self.node_rank = check_int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
         if self.master_port is not None:
             self.master_port = check_int("master_port", self.master_port, lo=1, hi=65535)
+        if self.tensor_parallel_vision not in ("auto", "split", "rank0"):
+            raise InvalidInputError(f"tensor_parallel_vision must be 'auto', 'split' or 'rank0', got "
+                                    f"{self.tensor_parallel_vision!r}")
         if self.tensor_parallel_size % self.nnodes:
             raise InvalidInputError(f"tensor_parallel_size {self.tensor_parallel_size} is not a multiple of nnodes "
                                     f"{self.nnodes}")

@@ -60,6 +60,7 @@ class RankSpec:
     world_size: int
     nnodes: int
     init_method: str
+    split_vision: bool = True  # the vision blocks split across the ranks; False: rank 0 runs the tower whole
 
     @property
     def per_node(self) -> int:
@@ -119,7 +120,7 @@ def _load(spec: RankSpec, rank: int, device: torch.device, progress: bool | None
     cfg = Qwen2VLConfig.from_pretrained(spec.path)
     shard = TPShard(rank, spec.world_size, int4=spec.quantization == "int4",
                     vocab_parallel_embedding=not (spec.file_embedding and device.type == "cpu"),
-                    group=dist.group.WORLD)
+                    split_vision=spec.split_vision, group=dist.group.WORLD)
     model = load_model(spec.path, spec.dtype, device, cfg, progress=progress, quantization=spec.quantization,
                        file_embedding=spec.file_embedding, tp=shard)
     finish_model_(model, shard)
@@ -233,7 +234,8 @@ def start(spec_args: dict, size: int, nnodes: int = 1, node_rank: int = 0, maste
     """Start (or join) the N ranks; on rank 0 return its handle, on every other rank serve, then SystemExit(0).
     ``spec_args``: RankSpec's fields about the model and engine."""
     check_options(size, nnodes, node_rank, device)
-    TPShard(0, size).check(Qwen2VLConfig.from_pretrained(spec_args["path"]))  # before any rank starts
+    TPShard(0, size, split_vision=spec_args.get("split_vision", True)).check(
+        Qwen2VLConfig.from_pretrained(spec_args["path"]))  # before any rank starts
     if _torchrun():
         world, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         if world != size:

@@ -19,9 +19,14 @@ rows summed by an all-reduce); one left in the checkpoint file (qwen2vl.file_emb
 is read whole by every rank. Norms are replicated. A GPTQ / AWQ checkpoint's packed tensors are cut the same way
 (:meth:`TPShard.prequant_cut`): column-parallel by whole words of 8 outputs, row-parallel by whole groups of
 inputs, the intermediate size padded to whole groups where needed (zero scales: zero weights); a head split that
-would cut a group or a word is refused (:meth:`TPShard.check`). The vision tower runs on rank 0 only: its features
-(tokens, hidden) are broadcast, so the other ranks hold no vision weights at all (see the README for the
-measurement).
+would cut a group or a word is refused (:meth:`TPShard.check`).
+
+The vision tower (``split_vision``, the default where the ranks divide its 16 heads) is split the same way: each
+block's fused qkv by heads (rank r's rows of q, of k and of v: a :class:`Cut` of 3 parts), proj by its inputs,
+fc1 by its outputs, fc2 by its inputs, two all-reduces of (patches, 1280) a block; the biases of proj and fc2 only
+on rank 0 (zeros elsewhere), so the sum adds them once; the patch embedding, norms and merger whole on every rank.
+Every rank then holds the features itself. Without it the tower runs on rank 0 only and its features (tokens,
+hidden) are broadcast, the other ranks holding no vision weights (see the README for the measurement of both).
 """
 
 from __future__ import annotations
@@ -45,15 +50,19 @@ class TensorParallelError(RuntimeError):
 
 @dataclass(frozen=True)
 class Cut:
-    """The part of a checkpoint tensor a rank holds: ``[start, end)`` along ``dim``, zero-padded to ``size``."""
+    """The part of a checkpoint tensor a rank holds: ``[start, end)`` along ``dim``, zero-padded to ``size``. With
+    ``parts`` > 1 the tensor is that many equal parts stacked along ``dim`` (the vision tower's fused q/k/v) and the
+    rank holds ``[start, end)`` of each part, stacked the same way. A cut with ``start == end`` holds only zeros
+    (a row-parallel bias on ranks other than 0: added once, by rank 0, before the sum)."""
     dim: int
     start: int
     end: int
     size: int
+    parts: int = 1
 
     def shape(self, full: list[int]) -> list[int]:
         out = list(full)
-        out[self.dim] = self.size
+        out[self.dim] = self.size * self.parts
         return out
 
 
@@ -83,11 +92,13 @@ class TPShard:
     its layers all-reduce over (set once the group exists; None while only shapes are needed)."""
 
     def __init__(self, rank: int, world_size: int, *, int4: bool = False, vocab_parallel_embedding: bool = True,
-                 group=None):
+                 split_vision: bool = False, group=None):
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.split_vision = split_vision  # the vision blocks split across the ranks (else rank 0 runs the tower)
         self.int4 = int4  # pad the intermediate size per rank to whole int4 groups
         self.vocab_parallel_embedding = vocab_parallel_embedding  # False: the embedding is in the file, replicated
         self.sizes: dict[str, tuple[int, int, int]] = {}  # set by shard_model_: "heads", "kv", "mlp", "vocab"
+        #                                                    (and "vheads", "vmlp" with split_vision)
         self.totals: dict[str, int] = {}  # the same keys: the whole lengths
         self.prequant = None  # the checkpoint's PrequantConfig (GPTQ / AWQ), set with the sizes
 
@@ -95,7 +106,10 @@ class TPShard:
         """InvalidInputError when the model's heads do not split evenly over the ranks, or when the split would cut
         a GPTQ / AWQ checkpoint's quantization groups or packed words (see :meth:`prequant_cut`)."""
         t, n = cfg.text, self.world_size
-        for what, count in (("attention heads", t.num_attention_heads), ("key/value heads", t.num_key_value_heads)):
+        counts = [("attention heads", t.num_attention_heads), ("key/value heads", t.num_key_value_heads)]
+        if self.split_vision:
+            counts.append(("vision attention heads (use tensor_parallel_vision 'rank0')", cfg.vision.num_heads))
+        for what, count in counts:
             if count % n:
                 raise InvalidInputError(f"tensor_parallel_size {n} does not divide the model's {count} {what}")
         pq = cfg.prequant
@@ -123,6 +137,11 @@ class TPShard:
             "mlp": split(t.intermediate_size, n, r, self._mlp_multiple(t, cfg.prequant)),
             "vocab": split(t.vocab_size, n, r),
         }
+        if self.split_vision:
+            v = cfg.vision
+            mlp = int(v.embed_dim * v.mlp_ratio)
+            self.totals.update(vheads=v.embed_dim, vmlp=mlp, vdim=v.embed_dim)
+            self.sizes.update(vheads=split(v.embed_dim, n, r, v.head_dim), vmlp=split(mlp, n, r))
 
     def _mlp_multiple(self, t, pq) -> int:
         """What the intermediate size per rank is padded to a multiple of, where an even split would not give one:
@@ -152,7 +171,23 @@ class TPShard:
             return Cut(dim if leaf == "weight" else 0, *self.sizes[key]), self.totals[key]
         if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and self.vocab_parallel_embedding):
             return Cut(0, *self.sizes["vocab"]), self.totals["vocab"]
+        if self.split_vision and mod.startswith("visual.blocks."):
+            return self._vision_cut(mod.rpartition(".")[2], leaf)
         return None
+
+    def _vision_cut(self, part: str, leaf: str) -> tuple[Cut, int] | None:
+        """A vision block's linears, split like the decoder's: qkv by heads (of each of q, k, v), proj by its
+        inputs, fc1 by its outputs, fc2 by its inputs; the biases of proj and fc2 (added after the sum) only on
+        rank 0."""
+        key, dim = {"qkv": ("vheads", 0), "proj": ("vheads", 1), "fc1": ("vmlp", 0), "fc2": ("vmlp", 1)}.get(
+            part, (None, 0))
+        if key is None:
+            return None
+        start, end, size = self.sizes[key]
+        if leaf == "bias" and dim == 1:
+            return None if self.rank == 0 else (Cut(0, 0, 0, self.totals["vdim"]), self.totals["vdim"])
+        return Cut(dim if leaf == "weight" else 0, start, end, size, parts=3 if part == "qkv" else 1), \
+            self.totals[key]
 
     def cut(self, name: str) -> Cut | None:
         """The slice of checkpoint tensor ``name`` (our naming, stacked parts under their own names) this rank
@@ -253,8 +288,22 @@ def shard_model_(model: nn.Module, shard: TPShard, vision: bool) -> None:
         model.lm_head = nn.Linear(t.hidden_size, s["vocab"][2], bias=False)
         if shard.vocab_parallel_embedding:
             model.model.embed_tokens = nn.Embedding(s["vocab"][2], t.hidden_size)
+        if shard.split_vision:
+            _shard_vision(model.visual, cfg.vision, s["vheads"][2], s["vmlp"][2])
     if not vision:
         model.visual = NoVision()
+
+
+def _shard_vision(visual: nn.Module, v, heads: int, mlp: int) -> None:
+    """Each vision block's local shapes (``heads``: this rank's q (= k = v) width, ``mlp``: its fc1 outputs); the
+    patch embedding, norms and the merger stay whole on every rank (the merger runs on the summed output)."""
+    for block in visual.blocks:
+        a, m = block.attn, block.mlp
+        a.num_heads = heads // v.head_dim
+        a.qkv = nn.Linear(v.embed_dim, 3 * heads, bias=True)  # [q; k; v] of this rank's heads
+        a.proj = nn.Linear(heads, v.embed_dim, bias=True)
+        m.fc1 = nn.Linear(v.embed_dim, mlp, bias=True)
+        m.fc2 = nn.Linear(mlp, v.embed_dim, bias=True)
 
 
 class NoVision(nn.Module):
@@ -273,6 +322,16 @@ def read_cut(f, info: dict, data_start: int, dtype: torch.dtype, cut: Cut, out: 
     begin = info["data_offsets"][0]
     itemsize = (info["data_offsets"][1] - begin) // max(1, math.prod(shape))
     row_elems = math.prod(shape[1:])
+    if cut.parts > 1:  # e.g. q/k/v stacked: (3 * E, E) -> this rank's rows of each, (3 * size, E)
+        assert cut.dim == 0 and shape[0] % cut.parts == 0, (cut, shape)
+        rows = shape[0] // cut.parts
+        for p in range(cut.parts):
+            lo = begin + p * rows * row_elems * itemsize
+            part = {"dtype": info["dtype"], "shape": [rows] + shape[1:],
+                    "data_offsets": [lo, lo + rows * row_elems * itemsize]}
+            read_cut(f, part, data_start, dtype, Cut(0, cut.start, cut.end, cut.size),
+                     out[p * cut.size:(p + 1) * cut.size], read_tensor)
+        return
     n = cut.end - cut.start
     if cut.size > n:
         out.narrow(cut.dim, n, cut.size - n).zero_()
@@ -350,6 +409,11 @@ def finish_model_(model: nn.Module, shard: TPShard) -> None:
     model.lm_head = GatheredHead(model.lm_head, model.cfg.text.vocab_size, group, shard.world_size, shard.rank)
     if shard.vocab_parallel_embedding:
         model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, v0, v1, group)
+    if shard.split_vision:  # every rank runs the tower on its heads: two all-reduces a block, no broadcast
+        for block in model.visual.blocks:
+            block.attn.register_forward_hook(_all_reduce_output(group))
+            block.mlp.register_forward_hook(_all_reduce_output(group))
+        return
     local_encode = model.encode_vision
     merge = model.cfg.vision.spatial_merge_size ** 2
 
