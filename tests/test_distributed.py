@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import importlib.util
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -68,32 +69,49 @@ def test_merge_metrics_labels_each_replica():
     assert lines.index('x_total{replica="r2",model_name="m"} 4') < lines.index("# HELP g A gauge.")
 
 
-def test_a_scrape_asks_each_replica_in_a_context_of_its_own():
-    """/metrics asks the replicas at once, each call outside the HTTP request's context (Ray Serve keys a handle's
-    pending calls by the request id found there: the calls of one scrape were mixed up and never answered); one
-    that does not answer in time is left out; a scrape before any request first starts the handle's router."""
+def test_a_scrape_asks_each_replica_in_a_context_of_its_own(monkeypatch):
+    """/metrics asks the replicas at once, each at its actor (``__ray_call__`` of routing.replica_metrics, beside Ray
+    Serve's request queue, so a full replica answers too) and outside the HTTP request's context (Ray Serve keys a
+    handle's pending calls by the request id found there: the calls of one scrape were mixed up and never
+    answered); one that does not answer in time is left out; a scrape before any request first starts the
+    handle's router with one call through the handle."""
     from qwen2vl.distributed import routing
     from qwen2vl.distributed.relay import Relay
     request = contextvars.ContextVar("request")
     calls = []
 
-    class Router:  # what routing.replica_ids reads
+    class Router:  # what routing.replica_names reads
         curr_replicas = []
 
     router = Router()
 
-    class MetricsText:
+    class MetricsText:  # the deployment handle's method
         def remote(self, replica=None):
-            calls.append((replica, request.get(None)))
-            if replica is None:  # the first call through the handle starts its router
-                router.curr_replicas = [SimpleNamespace(unique_id=r) for r in ("r1", "r2")]
-                routing.ROUTERS.add(router)
+            calls.append(("handle", replica, request.get(None)))
+            router.curr_replicas = [SimpleNamespace(unique_id=r, to_full_id_str=lambda r=r: f"SERVE_REPLICA::a#E#{r}")
+                                    for r in ("r1", "r2")]
+            routing.ROUTERS.add(router)
 
             async def answer():
-                if replica == "r2":
-                    await asyncio.sleep(30)  # a replica that does not answer in time
                 return "# TYPE up gauge\nup 1\n"
             return answer()
+
+    class Actor:
+        def __init__(self, name):
+            self.name = name
+            self.__ray_call__ = SimpleNamespace(remote=self.call)
+
+        def call(self, fn, rid):
+            calls.append((self.name, fn, rid, request.get(None)))
+
+            async def answer():
+                if rid == "r2":
+                    await asyncio.sleep(30)  # a replica that does not answer in time
+                return fn(None, rid)
+            return answer()
+
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(get_actor=lambda name, namespace: Actor(name)))
+    monkeypatch.setitem(routing.LOCAL_REPLICAS, "r1", SimpleNamespace(metrics_text=lambda: "# TYPE up gauge\nup 1\n"))
 
     async def scrape():
         request.set("http-request-1")
@@ -104,7 +122,8 @@ def test_a_scrape_asks_each_replica_in_a_context_of_its_own():
         text = asyncio.run(scrape())
     finally:
         routing.ROUTERS.discard(router)
-    assert calls == [(None, None), ("r1", None), ("r2", None)]
+    assert calls == [("handle", None, None), ("SERVE_REPLICA::a#E#r1", routing.replica_metrics, "r1", None),
+                     ("SERVE_REPLICA::a#E#r2", routing.replica_metrics, "r2", None)]
     assert 'up{replica="r1"} 1' in text and 'replica="r2"' not in text
     assert 'qwen2vl_ray_replicas{state="known"} 2' in text and 'qwen2vl_ray_replicas{state="answered"} 1' in text
 

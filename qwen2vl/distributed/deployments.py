@@ -34,6 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from ..engine.config import EngineConfig
 from ..errors import InvalidInputError
 from ..server.app import ServerConfig
+from . import routing
 from .relay import Relay, run_asgi
 from .router import CacheAffinityRouter
 
@@ -61,6 +62,7 @@ class EngineReplica:
         await self._lifespan.__aenter__()  # starts the engine thread
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._headers = [(REPLICA_HEADER, self.replica_id.encode())]
+        routing.LOCAL_REPLICAS[self.replica_id] = self  # the ingress's scrapes (routing.replica_metrics)
 
     async def asgi(self, scope: dict, body: bytes, routing_key: str | None = None):
         """The app's ASGI messages for one request (``routing_key`` is the router's, unused here)."""

@@ -30,7 +30,8 @@ import logging
 from typing import Any, AsyncIterator
 
 from ..server.protocol import APIError
-from .routing import replica_ids, routing_key
+from . import routing
+from .routing import replica_names, routing_key
 
 __all__ = ["Relay", "run_asgi", "merge_metrics", "CHAT_PATH"]
 
@@ -132,6 +133,7 @@ class Relay:
         self.retries = retries
         self.metrics_timeout_s = metrics_timeout_s
         self.counters = {"retries": 0, "replica_lost": 0, "rejected": 0}
+        self._actors: dict = {}  # replica actor name -> its handle (the scrapes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -232,14 +234,26 @@ class Relay:
             tail = ("data: " + json.dumps(err.body()) + "\n\ndata: [DONE]\n\n").encode()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
-    async def _ask(self, rid: str | None) -> str | None:
-        """Replica ``rid``'s metrics text (None: any replica), or None when it does not answer in time. The call
-        runs as a task with a context of its own, outside this HTTP request's Ray Serve request context: Ray Serve
-        (2.60) indexes a handle's pending calls by the request id they inherit from that context, so the calls of
-        one scrape, made at once, were mixed up (one never sent, another's answer never matched: every scrape
-        timed out)."""
+    async def _ask(self, rid: str | None, name: str | None = None) -> str | None:
+        """Replica ``rid``'s metrics text, or None when it does not answer in time. With its actor's ``name`` the
+        call goes to the actor itself (``__ray_call__`` of :func:`routing.replica_metrics`), beside Ray Serve's
+        queue: a full replica answers too (through the deployment handle the call waited behind the requests, and
+        with the ingress queue full it was refused at once, so a busy replica vanished from its own metrics).
+        Without (``rid`` None: any replica) it goes through the handle, which starts its router. The call runs as
+        a task with a context of its own, outside this HTTP request's Ray Serve request context: Ray Serve (2.60)
+        indexes a handle's pending calls by the request id they inherit from that context, so the calls of one
+        scrape, made at once, were mixed up (one never sent, another's answer never matched)."""
         async def call() -> str:
-            return await self.engine.metrics_text.remote(replica=rid)
+            if name is None:
+                return await self.engine.metrics_text.remote(replica=rid)
+            import ray
+            if name not in self._actors:
+                self._actors[name] = await asyncio.to_thread(ray.get_actor, name, namespace="serve")
+            try:
+                return await self._actors[name].__ray_call__.remote(routing.replica_metrics, rid)
+            except Exception:
+                self._actors.pop(name, None)  # a replaced replica: look it up again next time
+                raise
 
         task = asyncio.get_running_loop().create_task(call(), context=contextvars.Context())
         try:
@@ -248,11 +262,12 @@ class Relay:
             return None
 
     async def _metrics(self) -> list[dict]:
-        ids = replica_ids()
-        if not ids:  # nothing has gone through the handle yet: its router, which knows the replicas, starts now
-            await self._ask(None)
-            ids = replica_ids()
-        texts = {rid: t for rid, t in zip(ids, await asyncio.gather(*(self._ask(r) for r in ids))) if t is not None}
+        if not replica_names():  # nothing has gone through the handle yet: its router, which knows the replicas,
+            await self._ask(None)  # starts now
+        names = replica_names()
+        ids = sorted(names)
+        answers = await asyncio.gather(*(self._ask(r, names[r]) for r in ids))
+        texts = {rid: t for rid, t in zip(ids, answers) if t is not None}
         own = ["# HELP qwen2vl_ray_replicas Engine replicas the ingress routes to, and those that answered this "
                "scrape.", "# TYPE qwen2vl_ray_replicas gauge", f'qwen2vl_ray_replicas{{state="known"}} {len(ids)}',
                f'qwen2vl_ray_replicas{{state="answered"}} {len(texts)}']

@@ -10,8 +10,9 @@ message. :func:`routing_key` hashes the first of these a request has:
 
 :func:`preference` orders replicas for a key by rendezvous hashing (highest random weight): every router ranks
 the replicas the same way without sharing any state, and when a replica comes or goes only the keys it held move.
-Pure functions on JSON bodies and strings, and :data:`ROUTERS`, the registry of this process's routers; Ray is
-imported by qwen2vl.distributed.router, not here.
+Pure functions on JSON bodies and strings, and the registries of this process: :data:`ROUTERS` (its routers) and
+:data:`LOCAL_REPLICAS` (its engine replicas, for :func:`replica_metrics`); Ray is imported by
+qwen2vl.distributed.router, not here.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import json
 import weakref
 from typing import Any
 
-__all__ = ["routing_key", "preference", "ROUTERS", "replica_ids"]
+__all__ = ["routing_key", "preference", "ROUTERS", "LOCAL_REPLICAS", "replica_ids", "replica_names",
+           "replica_metrics"]
 
 #: The cache-aware routers of this process (qwen2vl.distributed.router), one per deployment handle using one.
 ROUTERS: weakref.WeakSet = weakref.WeakSet()
+
+#: The engine replicas living in this process, by replica id (qwen2vl.distributed.deployments registers them).
+LOCAL_REPLICAS: dict[str, Any] = {}
 
 _MEDIA_TYPES = {"image_url": "image_url", "image": "image", "video_url": "video_url", "video": "video",
                 "input_image": "image_url"}
@@ -91,3 +96,18 @@ def replica_ids() -> list[str]:
     for r in list(ROUTERS):
         out.update(rid.unique_id for rid in r.curr_replicas)
     return sorted(out)
+
+
+def replica_names() -> dict[str, str]:
+    """Replica id -> the name of its Ray actor (``SERVE_REPLICA::app#deployment#id``), for the replicas the routers
+    of this process know."""
+    out: dict[str, str] = {}
+    for r in list(ROUTERS):
+        out.update((rid.unique_id, rid.to_full_id_str()) for rid in r.curr_replicas)
+    return out
+
+
+def replica_metrics(_actor: Any, replica: str) -> str:
+    """Run inside replica ``replica``'s actor (``actor.__ray_call__``): its Prometheus text. Called this way, a
+    scrape is never queued behind requests at a replica that is full."""
+    return LOCAL_REPLICAS[replica].metrics_text()
