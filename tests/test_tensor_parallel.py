@@ -6,6 +6,7 @@ quantization noise); each rank holds half of the language model's weights and of
 and the int4 padding are checked without processes.
 """
 
+import json
 import os
 import re
 import signal
@@ -234,3 +235,58 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # an orphan not yet reaped by init is a zombie: it has exited
         return f.read().split(") ")[1][0] != "Z"
+
+
+NODE = textwrap.dedent("""
+    import json, sys
+    from qwen2vl import LLM, SamplingParams
+    from tests.test_tensor_parallel import BATCH
+    kw = dict(dtype="float32", device="cpu", tensor_parallel_size=2)
+    if len(sys.argv) > 2:  # --nnodes 2 --node-rank R --master-addr 127.0.0.1 --master-port P
+        kw.update(nnodes=2, node_rank=int(sys.argv[2]), master_addr="127.0.0.1", master_port=int(sys.argv[3]))
+    llm = LLM(sys.argv[1], **kw)  # on ranks other than 0: serves rank 0, then exits the process
+    outs = llm.chat(BATCH, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+    llm.close()
+""")
+
+
+def _tokens(proc_out: str) -> list:
+    line, = [x for x in proc_out.splitlines() if x.startswith("TOKENS ")]
+    return json.loads(line[7:])
+
+
+def _node_env():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+
+
+def test_two_nodes_on_one_machine(one, tiny_checkpoint):
+    """``--nnodes 2``: the same command on each "node" (here two processes of one rank each, rendezvous on
+    loopback); node 0 serves and gives the 1-rank tokens, node 1 serves rank 0 and exits 0 when it closes."""
+    from qwen2vl.parallel.launch import _free_port
+    port, env = str(_free_port()), _node_env()
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(tiny_checkpoint), str(r), port], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (1, 0)]
+    try:
+        out1, err1 = nodes[0].communicate(timeout=300)
+        out0, err0 = nodes[1].communicate(timeout=60)
+    finally:
+        for p in nodes:
+            p.kill()
+    assert nodes[1].returncode == 0, err0[-2000:]
+    assert nodes[0].returncode == 0 and "TOKENS" not in out1, err1[-2000:]  # node 1 only served
+    assert _tokens(out0) == [ids for ids, _ in _run(one)]
+
+
+def test_torchrun(one, tiny_checkpoint, tmp_path):
+    """``torchrun --nproc-per-node 2 script.py``: every process runs the script; ``LLM(...)`` returns on rank 0
+    (the 1-rank tokens) and serves on rank 1, which exits when rank 0 closes."""
+    script = tmp_path / "script.py"
+    script.write_text(NODE)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(__import__("qwen2vl.parallel.launch", fromlist=["x"])._free_port()),
+                          str(script), str(tiny_checkpoint)], env=_node_env(), text=True, capture_output=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert _tokens(run.stdout) == [ids for ids, _ in _run(one)]

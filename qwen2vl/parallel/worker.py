@@ -20,6 +20,7 @@ worker prints it and exits with status 1.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 
@@ -107,6 +108,7 @@ class BroadcastRunner:
         if not self.broken:
             try:
                 _send(("stop",), self.group)
+                collective(dist.barrier, group=self.group)  # every rank has it: none is still reading a socket
             except TensorParallelError:
                 pass
             self.broken = "tensor parallel: the engine was closed"
@@ -125,6 +127,8 @@ def serve_worker(runner: ModelRunner, group, rank: int) -> None:
             raise SystemExit(1) from None
         kind = msg[0]
         if kind == "stop":
+            with contextlib.suppress(TensorParallelError):  # rank 0 tears down once every rank stopped reading
+                collective(dist.barrier, group=group)
             return
         try:
             _apply(runner, seqs, params, msg)
