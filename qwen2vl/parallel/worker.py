@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,8 @@ from ..engine.model_runner import ModelRunner
 from ..engine.sequence import Sequence
 from ..sampling_params import SamplingParams
 from .tp import TensorParallelError, collective
+
+STOP_TIMEOUT = timedelta(seconds=60)  # how long closing waits for every rank to take the stop message
 
 
 INLINE = 1024  # bytes of a control message sent in one broadcast (a decode step of up to ~20 rows); longer: two
@@ -108,7 +111,8 @@ class BroadcastRunner:
         if not self.broken:
             try:
                 _send(("stop",), self.group)
-                collective(dist.barrier, group=self.group)  # every rank has it: none is still reading a socket
+                collective(dist.monitored_barrier, group=self.group, timeout=STOP_TIMEOUT)  # every rank has it:
+                # none is still reading a socket when rank 0 (the rendezvous store's host) tears down
             except TensorParallelError:
                 pass
             self.broken = "tensor parallel: the engine was closed"
@@ -128,7 +132,7 @@ def serve_worker(runner: ModelRunner, group, rank: int) -> None:
         kind = msg[0]
         if kind == "stop":
             with contextlib.suppress(TensorParallelError):  # rank 0 tears down once every rank stopped reading
-                collective(dist.barrier, group=group)
+                collective(dist.monitored_barrier, group=group, timeout=STOP_TIMEOUT)
             return
         try:
             _apply(runner, seqs, params, msg)
