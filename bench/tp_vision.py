@@ -67,7 +67,8 @@ def run(model: str, name: str, images: int, side: int, quantization: str | None)
            "encode_s_median": round(statistics.median(timed), 2), "ttft_s_median": round(statistics.median(ttft), 2),
            "weight_bytes_rank0": weight_bytes(llm.model), "peak_rss_bytes_rank0": peak_rss_bytes()}
     if tp > 1:
-        res["ranks"] = [{k: r[k] for k in ("rank", "weight_bytes", "peak_rss_bytes")} for r in llm.tensor_parallel.reports]
+        res["ranks"] = [{k: r[k] for k in ("rank", "weight_bytes", "peak_rss_bytes")}
+                        for r in llm.tensor_parallel.reports]
         res.update(encode_collectives=counter.calls / len(timed), encode_comm_bytes=counter.bytes / len(timed),
                    encode_comm_s=round(counter.seconds / len(timed), 3))
     llm.close()

@@ -47,7 +47,8 @@ def test_every_field_is_a_flag_of_chat_and_serve(command):
              "int8", "--compile", "--media-timeout", "2.5", "--trusted-local-media", "--no-file-embedding", "--progress",
              "--no-load-cache",
              "--enable-lora", "--max-loras", "3", "--max-lora-rank", "32", "--tensor-parallel-size", "4",
-             "--tensor-parallel-vision", "rank0", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29400"]
+             "--tensor-parallel-vision", "rank0", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+             "--master-port", "29400"]
     args = build_parser().parse_args([command] + flags + (["hi"] if command == "chat" else []))
     c = engine_config_from_args(args)
     assert c == EngineConfig(model="ckpt", revision="r1", dtype="float32", device="cpu", min_pixels=100,

@@ -275,12 +275,14 @@ def _long(i, stream=True, tokens=300):
             "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream": stream}
 
 
-def _load(port, text=None):
+def _load(port, text=None, strict=True):
     """Sequences running or waiting in the replicas' engines, from /metrics, where every known replica answered
-    (one left out of a scrape must not read as idle)."""
+    (one left out of a scrape must not read as idle: ``strict`` fails then, otherwise the answer is None)."""
     text = text or _replica_ids(port, wait_for=0)[1]
     known = re.search(r'qwen2vl_ray_replicas\{state="known"\} (\d+)', text).group(1)
-    assert f'qwen2vl_ray_replicas{{state="answered"}} {known}' in text, text[-400:]
+    if f'qwen2vl_ray_replicas{{state="answered"}} {known}' not in text:
+        assert not strict, text[-400:]
+        return None
     return sum(float(v) for v in re.findall(r"^qwen2vl_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.M))
 
 
@@ -326,8 +328,8 @@ def test_a_full_cluster_answers_429(cluster):
             assert headers["retry-after"] == "1" and json.loads(text)["error"]["code"] == "queue_full"
     assert rejected == codes.count(429)  # turned away at the ingress, none queued inside a replica
     deadline = time.monotonic() + 120  # the aborted streams leave the engines, and Ray's count of each
-    while _load(cluster) and time.monotonic() < deadline:  # replica's requests: the next test needs both free
-        time.sleep(0.5)
+    while _load(cluster, strict=False) != 0 and time.monotonic() < deadline:  # replica's requests: the next
+        time.sleep(0.5)  # test needs both free (a scrape that left a replica out counts as not drained yet)
     assert _load(cluster) == 0
     ids = _replica_ids(cluster)[0]
     for k, rid in enumerate(ids):

@@ -2,10 +2,13 @@
 
 Greedy tokens of a batch with text, an image and a video are the 1-rank tokens (float32; int8 too, with its
 quantization noise); each rank holds half of the language model's weights and of the vision blocks' (or, with
-``tensor_parallel_vision="rank0"``, rank 0 the whole tower and the others none); a rank that dies makes the others fail or exit with a message that says so. The sharding's slices
-and the int4 padding are checked without processes.
+``tensor_parallel_vision="rank0"``, rank 0 the whole tower and the others none); a rank that dies makes the
+others fail or exit with a message that says so, and so does one that fails inside the split vision tower;
+``--nnodes`` and torchrun start ranks too. The sharding's slices and the int4 padding are checked without
+processes.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 import torch
@@ -117,9 +121,10 @@ def test_int8_two_ranks(tiny_checkpoint):
 
 
 def _features(llm):
-    """The vision features of the image and the video of BATCH, from rank 0's vision cache."""
+    """The vision features of the image and the video of BATCH, from rank 0's vision cache (the last two items:
+    a hit moves an item to the end, as an insert puts it there)."""
     llm.chat(BATCH[1:], SamplingParams(temperature=0, max_tokens=1))
-    return [v[0] for v in llm.engine.runner.vision_cache.items.values()]
+    return [v[0] for v in list(llm.engine.runner.vision_cache.items.values())[-2:]]
 
 
 def test_int8_split_vision_error(one, tiny_checkpoint):
@@ -184,6 +189,9 @@ def test_vision_split_needs_heads_that_divide(tiny_checkpoint):
     rank0.plan_sizes(cfg)
     assert shard.cut("visual.blocks.0.attn.proj.bias").end == 0 and rank0.cut("visual.blocks.0.mlp.fc2.bias") is None
     assert shard.cut("visual.merger.mlp.0.weight") is None  # the merger whole on every rank
+    shard.prequant = types.SimpleNamespace(method="gptq")  # a checkpoint whose vision tower is GPTQ: not split
+    with pytest.raises(InvalidInputError, match="vision tower is quantized \\(GPTQ\\).*tensor_parallel_vision 'rank0'"):
+        shard.prequant_cut("visual.blocks.0.attn.qkv.qweight", [160, 96])
 
 
 def test_a_worker_that_dies_fails_rank_0_clearly(tiny_checkpoint):
@@ -198,6 +206,42 @@ def test_a_worker_that_dies_fails_rank_0_clearly(tiny_checkpoint):
             llm.chat(BATCH[0], GREEDY)
     finally:
         llm.close()
+
+
+def test_a_failure_inside_the_split_vision_tower_ends_the_engine(tiny_checkpoint):
+    """A rank that fails inside the split tower (here rank 0, as if out of memory) leaves the others inside a
+    block's all-reduce: the engine says so and stops (every later call fails), and ``close()`` still returns."""
+    llm = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        def fail(*args):
+            raise MemoryError("no room for the attention")
+        llm.model.visual.blocks[0].attn.forward = fail
+        with pytest.raises(TensorParallelError, match=r"rank 0 failed inside the split vision tower \(MemoryError"):
+            llm.chat(BATCH[1], GREEDY)
+        with pytest.raises(TensorParallelError, match="cannot continue"):
+            llm.chat(BATCH[0], GREEDY)
+    finally:
+        t = time.monotonic()
+        llm.close()  # the worker, stuck in the collective, is killed after the reap's wait
+        assert time.monotonic() - t < 60
+
+
+def test_close_does_not_wait_for_a_wedged_worker(tiny_checkpoint, monkeypatch):
+    """The stop message's barrier has a timeout: a worker that cannot answer (stopped by SIGSTOP) does not hold
+    ``close()``; it is killed."""
+    import qwen2vl.parallel.worker as worker
+    monkeypatch.setattr(worker, "STOP_TIMEOUT", worker.timedelta(seconds=2))
+    llm = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=2)
+    (_, proc), = llm.tensor_parallel.procs
+    try:
+        assert _run(llm, BATCH[:1])
+        os.kill(proc.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        llm.close()
+        assert time.monotonic() - t < 45 and proc.poll() is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
 
 
 RANK0 = textwrap.dedent("""

@@ -78,6 +78,7 @@ class EngineReplica:
             raise RuntimeError("the engine thread has stopped")
 
     async def __del__(self):
+        routing.LOCAL_REPLICAS.pop(getattr(self, "replica_id", None), None)
         if getattr(self, "_lifespan", None) is not None:
             lifespan, self._lifespan = self._lifespan, None
             await lifespan.__aexit__(None, None, None)  # stops the engine thread

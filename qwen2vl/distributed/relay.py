@@ -16,9 +16,12 @@ cache-aware routing (qwen2vl.distributed.routing) and maps what only the cluster
 * the client goes away: Ray cancels the relay, which cancels the replica's generator; the app then sees
   ``http.disconnect`` and aborts the request in its engine, as in the single-process server.
 
-``GET /metrics`` is answered by the relay: every replica's Prometheus text (asked by replica id; one that does not
-answer within ``metrics_timeout_s``, Prometheus' default scrape timeout, is left out of that scrape and counted in
+``GET /metrics`` is answered by the relay: every replica's Prometheus text (asked of each replica's actor directly,
+beside Ray Serve's request queue, so a full replica answers too; one that does not answer within
+``metrics_timeout_s``, Prometheus' default scrape timeout, is left out of that scrape and counted in
 ``qwen2vl_ray_replicas{state="answered"}``), each sample labelled ``replica``, plus the relay's own counters.
+(Ray runs an async actor's calls up to its ``max_concurrency``: 1000, or ``max_ongoing_requests`` where that is
+larger, and then a replica holding that many requests answers a scrape only once one of them ends.)
 """
 
 from __future__ import annotations
@@ -266,6 +269,8 @@ class Relay:
             await self._ask(None)  # starts now
         names = replica_names()
         ids = sorted(names)
+        for gone in set(self._actors) - set(names.values()):  # replicas removed since (downscaled, replaced)
+            del self._actors[gone]
         answers = await asyncio.gather(*(self._ask(r, names[r]) for r in ids))
         texts = {rid: t for rid, t in zip(ids, answers) if t is not None}
         own = ["# HELP qwen2vl_ray_replicas Engine replicas the ingress routes to, and those that answered this "

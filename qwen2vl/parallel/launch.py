@@ -60,7 +60,7 @@ class RankSpec:
     world_size: int
     nnodes: int
     init_method: str
-    split_vision: bool = True  # the vision blocks split across the ranks; False: rank 0 runs the tower whole
+    split_vision: bool  # the vision blocks split across the ranks; False: rank 0 runs the tower whole
 
     @property
     def per_node(self) -> int:
@@ -234,7 +234,7 @@ def start(spec_args: dict, size: int, nnodes: int = 1, node_rank: int = 0, maste
     """Start (or join) the N ranks; on rank 0 return its handle, on every other rank serve, then SystemExit(0).
     ``spec_args``: RankSpec's fields about the model and engine."""
     check_options(size, nnodes, node_rank, device)
-    TPShard(0, size, split_vision=spec_args.get("split_vision", True)).check(
+    TPShard(0, size, split_vision=spec_args["split_vision"]).check(
         Qwen2VLConfig.from_pretrained(spec_args["path"]))  # before any rank starts
     if _torchrun():
         world, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])

@@ -1,4 +1,5 @@
-"""Megatron-style tensor parallelism for the language model, as a transform of the model built on the meta device.
+"""Megatron-style tensor parallelism for the language model and the vision tower, as a transform of the model built
+on the meta device.
 
 ``TPShard(rank, world_size, ...)`` says which part of every checkpoint tensor a rank holds; :func:`shard_model_`
 gives the meta model those local shapes before the loader reads anything, so each rank reads only its slices
@@ -203,6 +204,10 @@ class TPShard:
         and qzeros). Where the groups are not runs of inputs (desc_act, or one group for the whole input), a
         row-parallel rank reads every group's scales and zeros and its own inputs' g_idx."""
         mod, _, leaf = name.rpartition(".")
+        if self.split_vision and mod.startswith("visual."):
+            raise InvalidInputError(f"{name}: this checkpoint's vision tower is quantized "
+                                    f"({self.prequant.method.upper()}), which tensor parallelism does not split: use "
+                                    "tensor_parallel_vision 'rank0'")
         found = self._weight_cut(f"{mod}.weight")
         if found is None:
             return None
@@ -400,7 +405,7 @@ class GatheredHead(nn.Module):
 
 def finish_model_(model: nn.Module, shard: TPShard) -> None:
     """After loading: the all-reduces of the attention and MLP outputs, the vocab-parallel lm_head and embedding,
-    and the vision features computed on rank 0 and broadcast."""
+    and the vision tower's collectives (:func:`_split_vision_` or :func:`_vision_on_rank_0_`)."""
     group = shard.group
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(_all_reduce_output(group))
@@ -409,16 +414,38 @@ def finish_model_(model: nn.Module, shard: TPShard) -> None:
     model.lm_head = GatheredHead(model.lm_head, model.cfg.text.vocab_size, group, shard.world_size, shard.rank)
     if shard.vocab_parallel_embedding:
         model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, v0, v1, group)
-    if shard.split_vision:  # every rank runs the tower on its heads: two all-reduces a block, no broadcast
-        for block in model.visual.blocks:
-            block.attn.register_forward_hook(_all_reduce_output(group))
-            block.mlp.register_forward_hook(_all_reduce_output(group))
-        return
+    (_split_vision_ if shard.split_vision else _vision_on_rank_0_)(model, shard)
+
+
+def _split_vision_(model: nn.Module, shard: TPShard) -> None:
+    """Every rank runs the tower on its heads: two all-reduces a block, no broadcast. A rank that fails inside it
+    (out of memory, say) leaves the others inside a block's all-reduce, out of step for good: the failure is a
+    TensorParallelError, which ends the engine on rank 0 and the worker elsewhere."""
+    for block in model.visual.blocks:
+        block.attn.register_forward_hook(_all_reduce_output(shard.group))
+        block.mlp.register_forward_hook(_all_reduce_output(shard.group))
+    local_encode = model.encode_vision
+
+    def encode_vision(self, pixel_values, grid_thw):
+        try:
+            return local_encode(pixel_values, grid_thw)
+        except TensorParallelError:
+            raise
+        except Exception as e:
+            raise TensorParallelError(f"tensor parallel: rank {shard.rank} failed inside the split vision tower "
+                                      f"({type(e).__name__}: {e}); the ranks' collectives are out of step") from e
+
+    model.encode_vision = types.MethodType(encode_vision, model)
+
+
+def _vision_on_rank_0_(model: nn.Module, shard: TPShard) -> None:
+    """Rank 0 runs the whole tower and broadcasts each request's features (whether it succeeded first, so a
+    failure fails every rank alike); the other ranks hold no vision weights."""
+    group = shard.group
     local_encode = model.encode_vision
     merge = model.cfg.vision.spatial_merge_size ** 2
 
     def encode_vision(self, pixel_values, grid_thw):
-        """Rank 0 encodes and broadcasts (whether it succeeded first, so a failure fails every rank alike)."""
         src = dist.get_global_rank(group, 0) if group is not None else 0
         ok = torch.ones(1, dtype=torch.int32, device=model.device)
         if shard.rank == 0:

@@ -39,9 +39,18 @@ STOP_TIMEOUT = timedelta(seconds=60)  # how long closing waits for every rank to
 INLINE = 1024  # bytes of a control message sent in one broadcast (a decode step of up to ~20 rows); longer: two
 
 
-def _send(msg: tuple | None, group) -> tuple:
+def broadcast(t: torch.Tensor, src: int, group, timeout: timedelta | None = None) -> None:
+    """``dist.broadcast``, given up after ``timeout`` (None: the group's own)."""
+    if timeout is None:
+        dist.broadcast(t, src=src, group=group)
+    else:
+        dist.broadcast(t, src=src, group=group, async_op=True).wait(timeout)
+
+
+def _send(msg: tuple | None, group, timeout: timedelta | None = None) -> tuple:
     """Rank 0 broadcasts ``msg`` (pickled) over the control group; every other rank passes None and gets it. One
-    broadcast of INLINE bytes (8 of them the length) carries a short message; a longer one takes a second."""
+    broadcast of INLINE bytes (8 of them the length) carries a short message; a longer one takes a second.
+    ``timeout``: how long rank 0 waits for every rank to take the first one (None: the group's, a year)."""
     src = dist.get_global_rank(group, 0)
     head = torch.zeros(INLINE, dtype=torch.uint8)
     if msg is not None:
@@ -49,7 +58,7 @@ def _send(msg: tuple | None, group) -> tuple:
         head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
         body = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         head[8:8 + min(len(data), INLINE - 8)] = body[:INLINE - 8]
-    collective(dist.broadcast, head, src=src, group=group)
+    collective(broadcast, head, src, group, timeout)
     if msg is not None:
         if len(data) > INLINE - 8:
             collective(dist.broadcast, body[INLINE - 8:].clone(), src=src, group=group)
@@ -110,7 +119,7 @@ class BroadcastRunner:
         """Tell the workers to exit (nothing when the group already failed)."""
         if not self.broken:
             try:
-                _send(("stop",), self.group)
+                _send(("stop",), self.group, STOP_TIMEOUT)
                 collective(dist.monitored_barrier, group=self.group, timeout=STOP_TIMEOUT)  # every rank has it:
                 # none is still reading a socket when rank 0 (the rendezvous store's host) tears down
             except TensorParallelError:
