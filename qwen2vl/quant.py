@@ -512,9 +512,15 @@ def fast_attention_(model) -> None:
 
 
 def linear_layout(path: str) -> str:
-    """The int8 layout of the linear at ``path``: fbgemm's for the language model's (read once per decode step),
-    oneDNN's for the vision tower's and the merger's (large prefills)."""
-    return "fbgemm" if path.startswith("model.layers.") or path == "lm_head" else "onednn"
+    """The int8 layout of the linear at ``path``: fbgemm's for the decoder's (read once per decode step), oneDNN's
+    for the vision tower's and the merger's (large prefills), and for lm_head oneDNN's where the CPU has int8 dot
+    products (``int4_prefill.int8_gemm_is_fast``), fbgemm's elsewhere. On the 2-core Intel VM (AVX512-VNNI) the
+    two decode lm_head alike (10.2-11.2 ms against 10.4-10.6 ms a step, the same tokens) and oneDNN packs it 4x
+    faster (0.74 s against 3.05 s): int4 from the load cache started in 2.5-2.9 s against 5.3-7.6 s (bench/HISTORY.md).
+    Without those instructions oneDNN's int8 decoded far slower (the AMD VMs), so fbgemm stays there."""
+    if path == "lm_head":
+        return "onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm"
+    return "fbgemm" if path.startswith("model.layers.") else "onednn"
 
 
 @torch.no_grad()
