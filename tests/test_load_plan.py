@@ -4,7 +4,7 @@ weight is read, and the loader building exactly what the plan says."""
 import pytest
 import torch
 
-from qwen2vl import packed, quant
+from qwen2vl import int4_prefill, packed, quant
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.errors import InvalidInputError
 from qwen2vl.file_embedding import FileEmbedding
@@ -43,14 +43,16 @@ def test_the_2b_plan_in_each_mode(meta_2b):
     fp = "packed" if packed.supported(torch.float32) else "float"
     bf = "packed" if packed.supported(torch.bfloat16) else "float"
     int8 = ["int8/fbgemm"] * 4
+    head = quant.linear_layout("lm_head")  # oneDNN's where the CPU has int8 dot products, else fbgemm's
+    assert head == ("onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm")
     cases = [  # (build_plan arguments, summary, quantized, float weights freed while loading)
         (dict(), _expect("file", fp, fp, fp), False, True),  # the tied head holds its own copy
         (dict(dtype=torch.bfloat16), _expect("file", bf, bf, bf), False, True),
         (dict(prepack=False), _expect("file", "float", "float", "float"), False, False),
         (dict(file_embedding=False), _expect("float", fp, fp, "tied"), False, True),
-        (dict(quantization="int8"), _expect("file", int8, "int8/onednn", "int8/fbgemm"), True, True),
+        (dict(quantization="int8"), _expect("file", int8, "int8/onednn", f"int8/{head}"), True, True),
         (dict(quantization="int8", file_embedding=False), _expect("int8", int8, "int8/onednn", "tied"), True, True),
-        (dict(quantization="int4"), _expect("file", "int4/g128", "int8/onednn", "int8/fbgemm"), True, True),
+        (dict(quantization="int4"), _expect("file", "int4/g128", "int8/onednn", f"int8/{head}"), True, True),
         (dict(device=torch.device("cuda"), dtype=torch.bfloat16), _expect("float", "float", "float", "tied"),
          False, False),  # no CUDA needed: planning reads no weight
     ]
@@ -71,7 +73,7 @@ def test_a_gptq_checkpoints_4bit_linears_stay_so(meta_2b):
     plan = build_plan(meta_2b, dtype=torch.bfloat16, prequantized=pre)
     assert plan.summary() == _expect("file", "prequantized", bf, bf) and plan.transient
     plan = build_plan(meta_2b, "int4", dtype=torch.bfloat16, prequantized=pre)
-    assert plan.summary() == _expect("file", "prequantized", "int8/onednn", "int8/fbgemm")
+    assert plan.summary() == _expect("file", "prequantized", "int8/onednn", f"int8/{quant.linear_layout('lm_head')}")
 
 
 def test_bad_plans_fail_before_reading(meta_2b):
