@@ -128,3 +128,16 @@ def test_tiny_checkpoint_is_reused(tiny):
     before = (tiny / "model.safetensors").stat().st_mtime_ns
     assert mk.write_tiny(tiny) == tiny
     assert (tiny / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_bytes_per_token_leave_out_the_int4_prefill_copy():
+    """An int4 layer's int8 copy for long prefills (held once the load cache has it) is not read by a decode step."""
+    import torch
+    from bench.common import lm_bytes_per_token, model_weight_bytes
+    from qwen2vl.quant import Int4Linear
+
+    lin = Int4Linear(torch.randn(64, 128), None, group_size=128)
+    plain = lm_bytes_per_token(torch.nn.Sequential(lin))
+    lin.int8 = (torch.zeros(64, 128, dtype=torch.int8), torch.ones(64))
+    assert lm_bytes_per_token(torch.nn.Sequential(lin)) == plain == 64 * 64 + 64 * 2 * 2
+    assert model_weight_bytes(torch.nn.Sequential(lin)) == plain + 64 * 128 + 64 * 4  # held, though
