@@ -27,20 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DEFAULT_MODEL_DIR  # noqa: E402
+from bench.common import DEFAULT_MODEL_DIR, _status_kb  # noqa: E402
 
 _FORMATS = {"bfloat16": ("bfloat16", None), "float32": ("float32", None), "int8": ("bfloat16", "int8"),
             "int4": ("bfloat16", "int4")}
 
 
 def _status() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) / 1e6  # kB -> GB
-    return out
+    """Peak and current RSS, and its anonymous and file-mapped parts, in GB (from /proc/self/status)."""
+    return {k: kb / 1e6 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") if (kb := _status_kb(k)) is not None}
 
 
 def _wrap(owner, name: str, times: dict[str, float]) -> None:

@@ -26,14 +26,11 @@ a tensor after writing is not detected.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import json
-import mmap
 import os
 import platform
-import sys
 import time
 import uuid
 import warnings
@@ -43,6 +40,7 @@ from torch import nn
 
 from . import int4_prefill, load_plan, prequant, quant
 from .load_plan import EMBEDDING, PREQUANTIZED, LoadPlan
+from .weight_map import drop_pages, span
 
 FORMAT = "1"
 _CACHED = ("int8", "int4", "prequantized")  # kinds whose built module an entry holds
@@ -165,38 +163,13 @@ def drop_unkept(tensors: dict[str, torch.Tensor], module: nn.Module) -> None:
     does not keep (an int8 matrix copied into a kernel's packed layout): they would otherwise stay mapped, and
     counted in its RSS, for as long as any tensor of the entry lives. The pages stay in the page cache; a tensor
     read again after this is read from the file again (the entry's map is private and never written), so this
-    changes no value. Linux only; elsewhere nothing is done."""
-    if _madvise is None:
-        return
+    changes no value (``weight_map.drop_pages``)."""
     held = list(module.state_dict(keep_vars=True).values()) + list(getattr(module, "int8", None) or ())
-    kept = [_span(t) for t in held if t is not None and t.layout == torch.strided]  # not oneDNN's opaque ones
-    page = mmap.PAGESIZE
+    kept = [span(t) for t in held if t is not None and t.layout == torch.strided]  # not oneDNN's opaque ones
     for t in tensors.values():
-        lo, hi = _span(t)
-        if any(a < hi and lo < b for a, b in kept):
-            continue
-        lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the tensor only
-        if hi > lo:
-            _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-
-
-def _libc_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-_MADV_DONTNEED = 4
-_madvise = _libc_madvise()
+        lo, hi = span(t)
+        if not any(a < hi and lo < b for a, b in kept):
+            drop_pages(lo, hi)
 
 
 def _fits(model: nn.Module, plan: LoadPlan, path: str, got: dict[str, tuple]) -> bool:

@@ -14,11 +14,40 @@ loader gives views only to the kinds that copy or repack: qwen2vl.load_plan).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import sys
 
 import torch
 
-_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_MADV_DONTNEED = 4
+_madvise = _libc_madvise()
+
+
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[lo, hi)`` of a tensor's bytes."""
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def drop_pages(lo: int, hi: int) -> None:
+    """Drop from this process the whole pages inside addresses ``[lo, hi)`` of a private, never written file map
+    (``MADV_DONTNEED``: the page cache keeps them, and a page read again is the file's again). The one way this
+    package gives mapped weights back, here and in qwen2vl.load_cache. Linux only; elsewhere nothing is done."""
+    lo, hi = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE, hi // mmap.PAGESIZE * mmap.PAGESIZE
+    if _madvise is not None and hi > lo:
+        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 class WeightMaps:
@@ -42,17 +71,15 @@ class WeightMaps:
         if mm is None:
             return None
         t = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
-        return t, (mm, begin, end)
+        return t, (mm, *span(t))
 
     @staticmethod
     def drop(spans: list[tuple]) -> None:
-        """Drop the whole pages of ``spans`` from this process (where the platform has ``madvise``)."""
-        if _DONTNEED is None:
-            return
-        for mm, begin, end in spans:
-            lo, hi = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-            if hi > lo and not mm.closed:
-                mm.madvise(_DONTNEED, lo, hi - lo)
+        """Drop the whole pages of ``spans`` from this process (:func:`drop_pages`; the span's map keeps its
+        addresses mapped until then)."""
+        for mm, lo, hi in spans:
+            if not mm.closed:
+                drop_pages(lo, hi)
 
     def close(self) -> None:
         """Forget the maps; each is unmapped when no view of it is left."""

@@ -22,8 +22,7 @@ import json
 import weakref
 from typing import Any
 
-__all__ = ["routing_key", "preference", "ROUTERS", "LOCAL_REPLICAS", "replica_ids", "replica_names",
-           "replica_metrics"]
+__all__ = ["routing_key", "preference", "ROUTERS", "LOCAL_REPLICAS", "replica_names", "replica_metrics"]
 
 #: The cache-aware routers of this process (qwen2vl.distributed.router), one per deployment handle using one.
 ROUTERS: weakref.WeakSet = weakref.WeakSet()
@@ -88,14 +87,6 @@ def routing_key(body: Any) -> str | None:
 def preference(key: str, replica_ids: list[str]) -> list[str]:
     """``replica_ids`` best first for ``key``: ordered by a hash of (key, replica id), the same on every router."""
     return sorted(replica_ids, key=lambda rid: _digest(key, rid), reverse=True)
-
-
-def replica_ids() -> list[str]:
-    """The ids of the replicas the routers of this process know (running, as the Serve controller last said)."""
-    out: set[str] = set()
-    for r in list(ROUTERS):
-        out.update(rid.unique_id for rid in r.curr_replicas)
-    return sorted(out)
 
 
 def replica_names() -> dict[str, str]:
