@@ -3,8 +3,8 @@
 A decode step is about a hundred small tensor ops per decoder layer around four matrix products. On a 2-core CPU
 their dispatch costs as much as a third of the step (20 ms of a 2B int8 step, measured on a 28-layer model with
 tiny matrices). Inductor fuses those ops into a few C++ loops per layer; the matrix products stay the prepacked
-kernels (oneDNN's in ``qwen2vl.packed``, oneDNN's and fbgemm's in ``qwen2vl.quant``), called through the custom
-ops below.
+kernels (oneDNN's in ``qwen2vl.packed``, oneDNN's and fbgemm's in ``qwen2vl.quant``, the package's own in
+``qwen2vl.kernels``), called through the custom ops below.
 
 Regional compilation: one compiled function serves every decoder layer (their weights are its inputs, not
 constants), so the compile cost is one layer's, paid once per variant of the step: one row or several, with or
@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .packed import PackedLinear
 from .quant import Int8Linear, _fbgemm, _qlinear
 
@@ -73,6 +74,30 @@ def fbgemm_linear(x: Tensor, handle: Tensor, out_features: int) -> Tensor:
 @fbgemm_linear.register_fake
 def _(x, handle, out_features):
     return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("qwen2vl::w4_linear", mutates_args=())
+def w4_linear(x: Tensor, w: Tensor, sz: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
+    """``qwen2vl.kernels.w4_linear`` (an int4 "vnni16" weight: plain tensors, so no handle)."""
+    return kernels.w4_linear(x, w, sz, group_size, bias)
+
+
+@w4_linear.register_fake
+def _(x, w, sz, group_size, bias):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=x.dtype if x.dtype in (torch.bfloat16, torch.float32)
+                       else torch.float32)
+
+
+@torch.library.custom_op("qwen2vl::w8_linear", mutates_args=())
+def w8_linear(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """``qwen2vl.kernels.w8_linear`` (a plain int8 weight)."""
+    return kernels.w8_linear(x, q, scales, bias)
+
+
+@w8_linear.register_fake
+def _(x, q, scales, bias):
+    return x.new_empty(x.shape[0], q.shape[0], dtype=x.dtype if x.dtype in (torch.bfloat16, torch.float32)
+                       else torch.float32)
 
 
 def _register(mod: nn.Module) -> None:

@@ -1,7 +1,7 @@
-"""int4 prefill on int8 kernels: the GEMM of a long input against an int4 weight (``quant.Int4Linear``, torch's CPU
-packed layout) run as int8 x int8 -> int32 (``torch._int_mm``: oneDNN's VNNI / AMX kernels), the weight requantized
-to int8 a block of output rows at a time while multiplying. Owns that requantization and the unpacking of the
-packed layout (which ``Int4Linear.dequantize`` uses too); when a prefill takes this path is ``Int4Linear``'s.
+"""int4 prefill on int8 kernels: the GEMM of a long input against an int4 weight (``quant.Int4Linear``, in either
+of its layouts) run as int8 x int8 -> int32 (``torch._int_mm``: oneDNN's VNNI / AMX kernels), the weight requantized
+to int8 a block of output rows at a time while multiplying. Owns that requantization and the unpacking of torch's
+packed layout (``unpack``; qwen2vl.kernels unpacks its own); when a prefill takes this path is ``Int4Linear``'s.
 
 Requantization: an int4 group holds w = (q - 8) * s + z, q in 0..15, so every value it can hold lies within
 max(|z - 8s|, |z + 7s|); a row's int8 scale is the largest such bound over its groups / 127 (no value clips, and
@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-BLOCK_N = 512  # output rows requantized at a time (a multiple of 64, the packed layout's row block)
+BLOCK_N = 512  # output rows requantized at a time (a multiple of 64 and 16, the packed layouts' row blocks)
 
 
 def unpack(weight: torch.Tensor, start: int, end: int, block_n: int, in_features: int) -> torch.Tensor:
@@ -45,42 +45,41 @@ def unpack(weight: torch.Tensor, start: int, end: int, block_n: int, in_features
     return q.view(end - start, K)
 
 
-def requantize(weight: torch.Tensor, scales_and_zeros: torch.Tensor, start: int, end: int, block_n: int,
-               group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows start..end of an int4 weight as int8 (rows, in) and float32 scales (rows,): w ~ w8 * scale."""
-    K = weight.shape[1] * 2
-    sz = scales_and_zeros[:, start:end].float()  # (groups, rows, 2)
+def requantize(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of an int4 weight, ``q`` uint8 (rows, in) values 0..15 and their scales and zeros ``sz`` (groups,
+    rows, 2), as int8 (rows, in) and float32 scales (rows,): w ~ w8 * scale."""
+    rows, K = q.shape
+    sz = sz.float()  # (groups, rows, 2)
     s, lo = sz[..., 0].t(), sz[..., 1].t() - 8 * sz[..., 0].t()  # (rows, groups): w = q * s + lo
     scale = torch.maximum(lo.abs(), (lo + 15 * s).abs()).amax(1).clamp_min_(1e-12).div_(127.0)  # (rows,)
     a, b = s.div_(scale[:, None]), lo.div_(scale[:, None])  # w / scale = q * a + b
-    w = unpack(weight, start, end, block_n, K).view(end - start, K // group_size, group_size).to(torch.float32)
+    w = q.view(rows, K // group_size, group_size).to(torch.float32)
     w8 = w.mul_(a[..., None]).add_(b[..., None]).round_().clamp_(-127, 127).to(torch.int8)  # (rows, groups, g)
-    return w8.view(end - start, K), scale
+    return w8.view(rows, K), scale
 
 
-def requantize_all(weight: torch.Tensor, scales_and_zeros: torch.Tensor, block_n: int,
+def requantize_all(rows, out_features: int, in_features: int,
                    group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole weight as ``requantize`` gives it, a block of ``BLOCK_N`` rows at a time (small temporaries)."""
-    out_f, K = weight.shape[0], weight.shape[1] * 2
-    w8, scale = torch.empty(out_f, K, dtype=torch.int8), torch.empty(out_f, dtype=torch.float32)
-    for r in range(0, out_f, BLOCK_N):
-        e = min(r + BLOCK_N, out_f)
-        w8[r:e], scale[r:e] = requantize(weight, scales_and_zeros, r, e, block_n, group_size)
+    """The whole weight as ``requantize`` gives it, a block of ``BLOCK_N`` rows at a time (small temporaries);
+    ``rows(start, end)`` reads rows as (q, sz) (``Int4Linear.rows``)."""
+    w8, scale = torch.empty(out_features, in_features, dtype=torch.int8), torch.empty(out_features)
+    for r in range(0, out_features, BLOCK_N):
+        e = min(r + BLOCK_N, out_features)
+        w8[r:e], scale[r:e] = requantize(*rows(r, e), group_size)
     return w8, scale
 
 
-def linear(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor,
-           block_n: int, group_size: int, dtype: torch.dtype,
+def linear(xq: torch.Tensor, sx: torch.Tensor, rows, out_features: int, group_size: int, dtype: torch.dtype,
            int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """int8 rows ``xq`` (M, in) with float32 scales ``sx`` (M, 1) times an int4 weight (out rows) -> (M, out) in
-    ``dtype``, no bias: each block of ``BLOCK_N`` output rows requantized (or sliced from ``int8``, the weight as
-    ``requantize_all`` gives it), multiplied by ``torch._int_mm`` and rescaled. Either way the same result."""
-    out_f = weight.shape[0]
-    y = torch.empty(xq.shape[0], out_f, dtype=dtype)
-    for r in range(0, out_f, BLOCK_N):
-        e = min(r + BLOCK_N, out_f)
+    """int8 rows ``xq`` (M, in) with float32 scales ``sx`` (M, 1) times an int4 weight (out rows, read by
+    ``rows(start, end)`` as (q, sz)) -> (M, out) in ``dtype``, no bias: each block of ``BLOCK_N`` output rows
+    requantized (or sliced from ``int8``, the weight as ``requantize_all`` gives it), multiplied by
+    ``torch._int_mm`` and rescaled. Either way the same result."""
+    y = torch.empty(xq.shape[0], out_features, dtype=dtype)
+    for r in range(0, out_features, BLOCK_N):
+        e = min(r + BLOCK_N, out_features)
         if int8 is None:
-            w8, scale = requantize(weight, scales_and_zeros, r, e, block_n, group_size)
+            w8, scale = requantize(*rows(r, e), group_size)
         else:
             w8, scale = int8[0][r:e], int8[1][r:e]
         y[:, r:e] = torch._int_mm(xq, w8.t()).to(torch.float32).mul_(sx).mul_(scale)  # (M, rows)

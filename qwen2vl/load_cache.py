@@ -7,9 +7,10 @@ built from its stored tensors is the load plan's (``LoadPlan.restore``); when th
 loader's (qwen2vl.loader).
 
 An entry holds, per module the plan builds from quantized weights, what ``LoadPlan.build`` gave its sink: an int8
-linear's int8 matrix and scales (fbgemm's and oneDNN's packed layouts are opaque kernel objects: they are packed
-again from it on load, the one cost a cached load keeps), an int4 linear's packed weight (torch's CPU layout, which
-depends on the ISA) with its scales and zeros, biases. Float and prepacked float layers are not stored: they are
+linear's int8 matrix and scales (a plain layer, the decoder's and lm_head where qwen2vl.kernels run, uses it as
+mapped; fbgemm's and oneDNN's packed layouts are opaque kernel objects: they are packed again from it on load, the
+one cost a cached load keeps there), an int4 linear's packed weight (qwen2vl.kernels' "vnni16" layout, or torch's
+CPU layout, which depends on the ISA) with its scales and zeros, biases. Float and prepacked float layers are not stored: they are
 read from the checkpoint as without the cache (prepacking, oneDNN's opaque layout, is redone), so a float load
 writes no entry. Tensors are used zero-copy from the file's memory map where a layer keeps them as they are; the
 pages of those it repacks are dropped from the process once it is built (``drop_unkept``: otherwise they stayed
@@ -17,7 +18,7 @@ mapped, 2.28 GB of the 2B's cached int8 load).
 
 Key: the checkpoint (absolute path; per file name, size, mtime and a SHA-256 of its first and last MiB), the plan
 (each module's kind, the dtype), torch's version, the CPU's ISA level and machine, the int4 layout's row block,
-whether prefills run on int8, the source of the modules that build the layers, and ``FORMAT``. An entry is
+whether prefills run on int8, whether the package's kernels run, the source of the modules that build the layers, and ``FORMAT``. An entry is
 written to a temporary file and renamed into place when complete; one whose metadata, key, tensor names, dtypes,
 shapes or size does not match is removed and rebuilt, never used. The entry of a checkpoint and setting whose
 files changed replaces the old one (same file-name stem). Data is not checksummed on load: a bit flipped inside
@@ -38,7 +39,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import int4_prefill, load_plan, prequant, quant
+from . import int4_prefill, kernels, load_plan, prequant, quant
 from .load_plan import EMBEDDING, PREQUANTIZED, LoadPlan
 from .weight_map import drop_pages, span
 
@@ -74,7 +75,7 @@ def _file_print(file: str) -> list:
 def _code_print() -> str:
     """SHA-256 of the sources that decide what a cached layer holds: a changed quantizer never meets old entries."""
     h = hashlib.sha256()
-    for mod in (quant, int4_prefill, prequant, load_plan):
+    for mod in (quant, int4_prefill, prequant, load_plan, kernels):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
     return h.hexdigest()
@@ -94,7 +95,8 @@ class LoadCache:
                    "kinds": {p: str(plan.kinds[p]) for p in self.modules}, "torch": torch.__version__, "code": _code_print(),
                    "isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
                    "int4_block": quant._unpack_block_n() if int4 else None,
-                   "int8_prefill": int4_prefill.int8_gemm_is_fast() if int4 else None}
+                   "int8_prefill": int4_prefill.int8_gemm_is_fast() if int4 else None,
+                   "kernels": kernels.available()}
         extra = [os.path.join(path, "config.json")] if os.path.isfile(os.path.join(path, "config.json")) else []
         content = [_file_print(f) for f in files + extra]
         stem = _digest(setting)[:24]
@@ -185,12 +187,14 @@ def _fits(model: nn.Module, plan: LoadPlan, path: str, got: dict[str, tuple]) ->
         want.update(q=("I8", (out_f, in_f)), scales=("F32", (out_f,)))
     elif "scales_and_zeros" in got:
         sz = got["scales_and_zeros"]
-        groups = sz[1][0] if len(sz[1]) == 3 else 0
+        groups = {3: sz[1][0], 4: sz[1][1]}.get(len(sz[1]), 0)  # torch's layout (3 dims) or "vnni16" (4)
         if kind.name == "int4" and groups * kind.group_size != in_f or groups < 1 or in_f % groups:
             return False
-        want.update(weight=("U8", (out_f, in_f // 2)), scales_and_zeros=("BF16", (groups, out_f, 2)))
-        if int4_prefill.int8_gemm_is_fast() and out_f % 64 == 0 and quant._unpack_block_n():  # the int8 prefill
-            # copy (Int4Linear.cache_state)
+        vnni16 = kernels.int4_fits(out_f, in_f, in_f // groups)  # the layout Int4Linear builds here
+        want.update(weight=("U8", (out_f, in_f // 2)),
+                    scales_and_zeros=("BF16", (out_f // 16, groups, 16, 2) if vnni16 else (groups, out_f, 2)))
+        if int4_prefill.int8_gemm_is_fast() and (vnni16 or out_f % 64 == 0 and quant._unpack_block_n()):  # the
+            # int8 prefill copy (Int4Linear.cache_state)
             want.update(int8=("I8", (out_f, in_f)), int8_scales=("F32", (out_f,)))
     elif kind == PREQUANTIZED:
         want.update(weight=(dt, (out_f, in_f)))

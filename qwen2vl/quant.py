@@ -38,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import torch
 from torch import nn
 
-from . import int4_prefill
+from . import int4_prefill, kernels
 
 
 MODES = ("int8", "int4")
@@ -48,6 +48,7 @@ _BLOCK_ELEMS = 1 << 19  # ...or as many as keep a block's product under this man
 _PACKED_M = 256  # prepacked int8: at most this many rows per call, so the float32 product stays small
 _FALLBACK = {"fbgemm": ("fbgemm", "onednn"), "onednn": ("onednn",), "plain": ()}  # int8 layouts, and what each
 # becomes where its kernel is missing (quantized tensors, which fbgemm's needs, are deprecated in torch)
+_KERNEL_M = 16  # up to this many rows a plain int8 weight runs qwen2vl.kernels' product (where it runs)
 _INT4_GEMM_M = 128  # above this many rows int4 unpacks to bf16 blocks for the GEMM (measured crossover)
 _INT4_BLOCK_N = 1024  # output rows unpacked at a time (a multiple of 64, the kernel layout's row block)
 
@@ -271,12 +272,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales_lp", s.to(dtype) if dtype in _LOW_PRECISION else None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dtype = dtype
+        # a plain weight's decode rows run the package's kernel (qwen2vl.kernels) where it runs; it adds the bias
+        self.kernel = layout == "plain" and q.device.type == "cpu" and q.is_contiguous() \
+            and kernels.int8_fits(self.out_features, self.in_features)
+        self._bias32 = None if bias is None or not self.kernel else bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
         if self.prepacked:
             return self._prepacked(x).view(*lead, self.out_features)
+        if self.kernel and x.shape[0] <= _KERNEL_M and x.device.type == "cpu":
+            if torch.compiler.is_compiling():  # a custom op (qwen2vl.compiled): the compiler cannot trace ctypes
+                y = torch.ops.qwen2vl.w8_linear(x, self.weight, self.scales, self._bias32)
+            else:
+                y = kernels.w8_linear(x, self.weight, self.scales, self._bias32)
+            return y.to(x.dtype).view(*lead, self.out_features)
         if x.device.type == "cpu" and not 1 < x.shape[0] <= _SMALL_M:
             return self._dynamic(x).view(*lead, self.out_features)
         dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
@@ -340,7 +351,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Asymmetric 4-bit weights in groups along the input: w ~ (q - 8) * scale + zero, q in 0..15."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 128, inner_k_tiles: int = 2):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 128, inner_k_tiles: int = 2,
+                 layout: str | None = None):
         super().__init__()
         out_f, in_f = weight.shape
         if in_f % group_size:
@@ -357,7 +369,7 @@ class Int4Linear(nn.Module):
             q = qbuf[:j - i].copy_(w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).view(-1, in_f))
             return q, scale, lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
 
-        self._pack(out_f, in_f, group_size, blocks, bias, inner_k_tiles)
+        self._pack(out_f, in_f, group_size, blocks, bias, inner_k_tiles, layout)
 
     @classmethod
     def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
@@ -376,62 +388,89 @@ class Int4Linear(nn.Module):
 
     int8 = None  # the int8 prefill copy (qwen2vl.int4_prefill), memory-mapped from the load cache; not a buffer:
     # the file's pages, not the layer's memory
+    layout = "torch"  # or "vnni16": qwen2vl.kernels' layout (see _pack)
+    _bias32 = None  # the bias in float32, which the kernels add
 
     @classmethod
     def from_packed(cls, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
                     int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Int4Linear":
         """The layer of tensors another Int4Linear holds (its ``cache_state``, e.g. memory-mapped from the load
-        cache): ``weight`` uint8 (out, in/2) in this CPU's packed layout, ``scales_and_zeros`` (groups, out, 2),
-        and optionally the int8 prefill copy ``int8`` (int8 (out, in), float32 scales (out,))."""
+        cache): ``weight`` uint8 (out, in/2) and ``scales_and_zeros`` in one of the layouts (torch's: (groups,
+        out, 2); "vnni16": (out/16, groups, 16, 2)), and optionally the int8 prefill copy ``int8`` (int8 (out,
+        in), float32 scales (out,))."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.int8 = int8
+        self.layout = "vnni16" if scales_and_zeros.dim() == 4 else "torch"
         self.out_features, self.in_features = weight.shape[0], weight.shape[1] * 2
-        self.group_size = self.in_features // scales_and_zeros.shape[0]
+        self.group_size = self.in_features // scales_and_zeros.shape[1 if self.layout == "vnni16" else 0]
         self.register_buffer("weight", weight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._bias32 = None if bias is None else bias.float().contiguous()
         return self
 
     @staticmethod
     def _step(out_f: int, in_f: int) -> int:
-        """Rows quantized and packed at a time (the packed layout is per 64 rows)."""
+        """Rows quantized and packed at a time (torch's packed layout is per 64 rows, "vnni16" per 16)."""
         return min(out_f, _block_rows(in_f, 64)) if out_f % 64 == 0 else out_f
 
-    def _pack(self, out_f: int, in_f: int, group_size: int, blocks, bias, inner_k_tiles: int) -> None:
+    def _pack(self, out_f: int, in_f: int, group_size: int, blocks, bias, inner_k_tiles: int,
+              layout: str | None = None) -> None:
         """``blocks(i, j)`` gives rows i..j as (q int32 (rows, in), scale and zero (rows, groups)); rows are
-        packed a block at a time (the packed layout is per 64 rows), so temporaries stay small."""
+        packed a block at a time, so temporaries stay small. The layout is the package's own ("vnni16", for
+        qwen2vl.kernels) where those kernels run and the shape fits them, else torch's
+        (``_weight_int4pack_mm_for_cpu``), or ``layout`` where given."""
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        self.layout = layout or ("vnni16" if kernels.int4_fits(out_f, in_f, group_size) else "torch")
         step = self._step(out_f, in_f)
         packed, sz = None, []
         for i in range(0, out_f, step):
             q, scale, zero = blocks(i, min(i + step, out_f))
-            block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)  # (rows, in/2) bytes
+            if self.layout == "vnni16":
+                block = kernels.pack_int4(q)
+                sz.append(kernels.block_scales(scale, zero))  # (rows/16, groups, 16, 2)
+            else:
+                block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)  # (rows, in/2) bytes
+                sz.append(torch.stack([scale, zero], dim=-1).to(torch.bfloat16))  # (rows, groups, 2)
             if packed is None:
                 packed = block.new_empty(out_f, *block.shape[1:])
             packed[i:i + step] = block
-            sz.append(torch.stack([scale, zero], dim=-1).to(torch.bfloat16))  # (rows, groups, 2)
         self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", torch.cat(sz).transpose(0, 1).contiguous())  # (groups, out, 2)
+        sz = torch.cat(sz) if self.layout == "vnni16" else torch.cat(sz).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz)  # torch's: (groups, out, 2)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._bias32 = None if bias is None else bias.detach().float().contiguous()
+
+    def rows(self, start: int, end: int, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows start..end (multiples of the layout's row block) as uint8 q (rows, in) values 0..15 and
+        their scales and zeros (groups, rows, 2): w = (q - 8) * scale + zero. torch's packed layout's row block N
+        (64 where its kernel uses AVX-512, 32 with AVX2; ``int4_prefill.unpack``) is found once per process by
+        ``_unpack_block_n``, which checks the unpacking against torch's kernel."""
+        if self.layout == "vnni16":
+            return kernels.unpack_int4(self.weight, start, end), kernels.torch_scales(self.scales_and_zeros, start, end)
+        q = int4_prefill.unpack(self.weight, start, end, block_n or _unpack_block_n() or 64, self.in_features)
+        return q, self.scales_and_zeros[:, start:end]
 
     def dequantize(self, start: int = 0, end: int | None = None, block_n: int | None = None) -> torch.Tensor:
-        """Output rows start..end of the weight as bf16 (out rows, in). The packed layout's row block N (64 where
-        torch's kernel uses AVX-512, 32 where it uses AVX2; see ``int4_prefill.unpack``) is found once per process
-        by ``_unpack_block_n``, which checks the unpacking against torch's kernel."""
-        block_n = block_n or _unpack_block_n() or 64
+        """Output rows start..end of the weight as bf16 (out rows, in)."""
         end = self.out_features if end is None else end
         n, K, g = end - start, self.in_features, self.group_size
-        q = int4_prefill.unpack(self.weight, start, end, block_n, K)  # (n, in) 0..15
+        q, sz = self.rows(start, end, block_n)  # (n, in) 0..15, (groups, n, 2)
         w = q.view(torch.int8).sub_(8).view(n, K // g, g).to(torch.bfloat16)  # (n, groups, g): q - 8 in -8..7
-        sz = self.scales_and_zeros[:, start:end]  # (groups, n, 2)
         return w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None]).view(n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if x2.shape[0] > _INT4_GEMM_M and self.out_features % 64 == 0 and _unpack_block_n():
+        if x2.shape[0] > _INT4_GEMM_M and self._unpacks():
             y = self.int8_prefill(x2) if self._int8_prefills() else self._bf16_prefill(x2)
+        elif self.layout == "vnni16":  # the package's kernel adds the bias
+            if torch.compiler.is_compiling():  # a custom op (qwen2vl.compiled): the compiler cannot trace ctypes
+                y = torch.ops.qwen2vl.w4_linear(x2, self.weight, self.scales_and_zeros, self.group_size, self._bias32)
+            else:
+                y = kernels.w4_linear(x2, self.weight, self.scales_and_zeros, self.group_size, self._bias32)
+            return y.to(x.dtype).view(*lead, self.out_features)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
                                                            self.scales_and_zeros)
@@ -445,14 +484,17 @@ class Int4Linear(nn.Module):
         copy of the weight they read (``int8``, ``int8_scales``; see qwen2vl.int4_prefill)."""
         state = dict(self.state_dict())
         if self._int8_prefills():
-            w8, scale = int4_prefill.requantize_all(self.weight, self.scales_and_zeros, _unpack_block_n(),
-                                                    self.group_size)
+            w8, scale = int4_prefill.requantize_all(self.rows, self.out_features, self.in_features, self.group_size)
             state.update(int8=w8, int8_scales=scale)
         return state
 
+    def _unpacks(self) -> bool:
+        """Whether this layer's weight can be read a block of rows at a time (``rows``) for a prefill."""
+        return self.layout == "vnni16" or (self.out_features % 64 == 0 and bool(_unpack_block_n()))
+
     def _int8_prefills(self) -> bool:
         """Whether prefills (above ``_INT4_GEMM_M`` rows) run on int8 kernels."""
-        return self.out_features % 64 == 0 and bool(_unpack_block_n()) and int4_prefill.int8_gemm_is_fast()
+        return self._unpacks() and int4_prefill.int8_gemm_is_fast()
 
     def _bf16_prefill(self, x: torch.Tensor) -> torch.Tensor:
         """(M, in) -> (M, out) bf16, no bias: the weight unpacked to bf16 a block of output rows at a time."""
@@ -470,8 +512,8 @@ class Int4Linear(nn.Module):
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
         for i in range(0, x.shape[0], _BLOCK_M):
             xq, sx = _quantize_rows(x[i:i + _BLOCK_M])  # (rows, in) int8, (rows, 1)
-            y[i:i + _BLOCK_M] = int4_prefill.linear(xq, sx, self.weight, self.scales_and_zeros, _unpack_block_n(),
-                                                    self.group_size, x.dtype, self.int8)
+            y[i:i + _BLOCK_M] = int4_prefill.linear(xq, sx, self.rows, self.out_features, self.group_size, x.dtype,
+                                                    self.int8)
         return y
 
 
@@ -482,7 +524,7 @@ def _unpack_block_n() -> int:
     neither reads it right (then prefill keeps the int4 kernel)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 64, generator=g)
-    lin = Int4Linear(w, None, group_size=32)
+    lin = Int4Linear(w, None, group_size=32, layout="torch")
     eye = torch.eye(64, dtype=torch.bfloat16)
     ref = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, 32, lin.scales_and_zeros).t().float()
     for block_n in (64, 32):
@@ -512,15 +554,17 @@ def fast_attention_(model) -> None:
 
 
 def linear_layout(path: str) -> str:
-    """The int8 layout of the linear at ``path``: fbgemm's for the decoder's (read once per decode step), oneDNN's
-    for the vision tower's and the merger's (large prefills), and for lm_head oneDNN's where the CPU has int8 dot
-    products (``int4_prefill.int8_gemm_is_fast``), fbgemm's elsewhere. On the 2-core Intel VM (AVX512-VNNI) the
-    two decode lm_head alike (10.2-11.2 ms against 10.4-10.6 ms a step, the same tokens) and oneDNN packs it 4x
-    faster (0.74 s against 3.05 s): int4 from the load cache started in 2.5-2.9 s against 5.3-7.6 s (bench/HISTORY.md).
-    Without those instructions oneDNN's int8 decoded far slower (the AMD VMs), so fbgemm stays there."""
-    if path == "lm_head":
-        return "onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm"
-    return "fbgemm" if path.startswith("model.layers.") else "onednn"
+    """The int8 layout of the linear at ``path``. The decoder's and lm_head (read once per decode step): plain where
+    the package's kernels run (qwen2vl.kernels: decode on its VNNI product, 20-22 GB/s of weights on the 2-core
+    Intel VM against fbgemm's 16.5; prefill on ``torch._int_mm``; nothing to pack, so a cached load maps the
+    matrices), else fbgemm's, except lm_head where the CPU has int8 dot products (``int4_prefill.int8_gemm_is_fast``):
+    oneDNN's, which packs 4x faster and decodes alike (bench/HISTORY.md). Without those instructions oneDNN's int8
+    decoded far slower (the AMD VMs). The vision tower's and the merger's (large prefills): oneDNN's."""
+    if not (path == "lm_head" or path.startswith("model.layers.")):
+        return "onednn"
+    if kernels.available():
+        return "plain"
+    return "onednn" if path == "lm_head" and int4_prefill.int8_gemm_is_fast() else "fbgemm"
 
 
 @torch.no_grad()

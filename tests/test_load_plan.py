@@ -4,7 +4,7 @@ weight is read, and the loader building exactly what the plan says."""
 import pytest
 import torch
 
-from qwen2vl import int4_prefill, packed, quant
+from qwen2vl import int4_prefill, kernels, packed, quant
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.errors import InvalidInputError
 from qwen2vl.file_embedding import FileEmbedding
@@ -42,9 +42,14 @@ def _expect(embed: str, layers, vision: str, head: str) -> dict:
 def test_the_2b_plan_in_each_mode(meta_2b):
     fp = "packed" if packed.supported(torch.float32) else "float"
     bf = "packed" if packed.supported(torch.bfloat16) else "float"
-    int8 = ["int8/fbgemm"] * 4
-    head = quant.linear_layout("lm_head")  # oneDNN's where the CPU has int8 dot products, else fbgemm's
-    assert head == ("onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm")
+    layer = quant.linear_layout("model.layers.0.mlp.down_proj")  # plain on the package's kernels, else fbgemm's
+    int8 = [f"int8/{layer}"] * 4
+    head = quant.linear_layout("lm_head")  # plain on the package's kernels, else oneDNN's where the CPU has int8
+    # dot products, else fbgemm's
+    if kernels.available():
+        assert layer == head == "plain"
+    else:
+        assert layer == "fbgemm" and head == ("onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm")
     cases = [  # (build_plan arguments, summary, quantized, float weights freed while loading)
         (dict(), _expect("file", fp, fp, fp), False, True),  # the tied head holds its own copy
         (dict(dtype=torch.bfloat16), _expect("file", bf, bf, bf), False, True),

@@ -97,25 +97,38 @@ def test_int8_prefill_blocks_match_one_gemm():
     torch.testing.assert_close(q(x), ref, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["torch", "vnni16"])
 @pytest.mark.parametrize("out_features", [384, 2048 + 320])
-def test_int4_prefill_unpacks_what_the_kernel_reads(out_features, monkeypatch):
-    """Above _INT4_GEMM_M rows the packed weight is unpacked for a bf16 GEMM: same weights as the int4 kernel.
-    (Pinned to the bf16 route: where the CPU has int8 dot products, tests/test_int4_prefill.py bounds the int8 one.)"""
-    from qwen2vl import int4_prefill, quant
+def test_int4_prefill_unpacks_what_the_kernel_reads(out_features, layout, monkeypatch):
+    """Above _INT4_GEMM_M rows the packed weight is unpacked for a bf16 GEMM: same weights as the int4 kernel
+    (torch's, or the package's where it runs). (Pinned to the bf16 route: where the CPU has int8 dot products,
+    tests/test_int4_prefill.py bounds the int8 one.)"""
+    from qwen2vl import int4_prefill, kernels, quant
+    if layout == "vnni16" and not kernels.available():
+        pytest.skip("qwen2vl.kernels do not run on this machine")
     monkeypatch.setattr(int4_prefill, "int8_gemm_is_fast", lambda: False)
     assert quant._unpack_block_n() in (32, 64)
     torch.manual_seed(0)
-    q = Int4Linear(torch.randn(out_features, 256), torch.randn(out_features), group_size=64)
+    q = Int4Linear(torch.randn(out_features, 256), torch.randn(out_features), group_size=64, layout=layout)
     eye = torch.eye(256, dtype=torch.bfloat16)
-    kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.weight, 64, q.scales_and_zeros).t()
+    if layout == "torch":
+        kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.weight, 64, q.scales_and_zeros).t()
+    else:  # an identity row is quantized exactly (127 at one place)
+        kernel_w = kernels.w4_linear(eye, q.weight, q.scales_and_zeros, 64).t()
     torch.testing.assert_close(q.dequantize().float(), kernel_w.float(), rtol=0, atol=2 ** -6 * kernel_w.abs().max())
     x = torch.randn(quant._INT4_GEMM_M + 5, 256)
     small = torch.cat([q(x[i:i + 8]) for i in range(0, x.shape[0], 8)])  # the kernel path, 8 rows at a time
     assert _rel(q(x), small) < 0.01
 
 
-def test_int4_linear_exact_on_representable_weights():
-    """Weights that are exactly q * scale + min per group come back exactly (up to bfloat16 rounding)."""
+@pytest.mark.parametrize("layout", ["torch", "vnni16"])
+def test_int4_linear_exact_on_representable_weights(layout):
+    """Weights that are exactly q * scale + min per group come back exactly (up to bfloat16 rounding). The
+    package's kernel ("vnni16") also quantizes the activations per row to int8, as its int8 prefill does: its
+    result is the exact product of those (``kernels.reference_int4``), within 0.8% of the float one here."""
+    from qwen2vl import kernels
+    if layout == "vnni16" and not kernels.available():
+        pytest.skip("qwen2vl.kernels do not run on this machine")
     torch.manual_seed(0)
     q = torch.randint(0, 16, (64, 256)).float()
     q[:, ::128], q[:, 1::128] = 0, 15
@@ -123,7 +136,14 @@ def test_int4_linear_exact_on_representable_weights():
     sc = (torch.rand(64, 2) * 0.1 + 0.01).repeat_interleave(128, 1).bfloat16().float()
     w = q * sc + lo
     x = torch.randn(3, 256)
-    assert _rel(Int4Linear(w, None)(x), x @ w.t()) < 0.005
+    lin = Int4Linear(w, None, layout=layout)
+    if layout == "torch":
+        assert _rel(lin(x), x @ w.t()) < 0.005
+    else:
+        sz = kernels.torch_scales(lin.scales_and_zeros)  # (groups, out, 2)
+        ref = kernels.reference_int4(x, kernels.unpack_int4(lin.weight, 0, 64), sz[..., 0].t(), sz[..., 1].t(), 128)
+        assert _rel(lin(x).double(), ref) < 1e-6
+        assert _rel(lin(x), x @ w.t()) < 0.008
 
 
 def test_int8_embedding_rows():
@@ -176,24 +196,30 @@ def test_quantized_llm_runs_and_shrinks(ckpt, mode):
 @needs_prepack
 @pytest.mark.parametrize("variant", ["tiny-hd32", "tiny-untied"])
 def test_int8_linears_are_prepacked(tmp_path, variant):
-    """Every int8 linear (decoder, vision tower, lm_head) holds only the prepacked weight. With the embedding in
-    memory instead of in the file, a tied lm_head shares the embedding's plain int8 matrix."""
+    """Every int8 linear (decoder, vision tower, lm_head) holds only one weight: the decoder's and lm_head plain
+    on the package's kernels where they run (qwen2vl.kernels), else prepacked; the vision tower's prepacked. With
+    the embedding in memory instead of in the file, a tied lm_head shares the embedding's plain int8 matrix."""
+    from qwen2vl import kernels
     from qwen2vl.loader import load_model
     ck = str(write_checkpoint(tmp_path / "ck", variant=variant))
     m = load_model(ck, torch.bfloat16, quantization="int8")
     layer = [mod for mod in m.model.layers.modules() if isinstance(mod, Int8Linear)]
     vision = [mod for mod in m.visual.modules() if isinstance(mod, Int8Linear)]
-    assert layer and all(mod.packed is not None and mod.weight is None for mod in layer)
     assert vision and all(mod.packed is not None and mod.weight is None for mod in vision)
-    assert m.lm_head.packed is not None and isinstance(m.model.embed_tokens, FileEmbedding)
-    if quant._layout_checked("fbgemm"):  # read every decode step: fbgemm's kernel; the vision tower: oneDNN's
+    assert isinstance(m.model.embed_tokens, FileEmbedding)
+    if kernels.available():
+        assert layer and all(mod.layout == "plain" and mod.kernel and mod.packed is None for mod in layer + [m.lm_head])
+    else:
+        assert layer and all(mod.packed is not None and mod.weight is None for mod in layer)
+        assert m.lm_head.packed is not None
+    if quant._layout_checked("fbgemm") and not kernels.available():  # fbgemm for the decoder
         assert all(mod.layout == "fbgemm" for mod in layer)
         # lm_head: oneDNN's where the CPU has int8 dot products (it packs 4x faster and decodes as fast there)
         assert m.lm_head.layout == ("onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm")
     assert all(mod.layout == "onednn" for mod in vision)
     held = load_model(ck, torch.bfloat16, quantization="int8", file_embedding=False)
     tied = variant != "tiny-untied"
-    assert (held.lm_head.packed is None) == tied
+    assert (held.lm_head.packed is None) == (tied or kernels.available())
     assert isinstance(held.model.embed_tokens, Int8Embedding)
     if tied:
         assert held.model.embed_tokens.weight is held.lm_head.weight
