@@ -100,6 +100,17 @@ def _(x, q, scales, bias):
                        else torch.float32)
 
 
+@torch.library.custom_op("qwen2vl::w16_linear", mutates_args=())
+def w16_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """``qwen2vl.kernels.w16_linear`` (a plain bf16 weight)."""
+    return kernels.w16_linear(x, w, bias)
+
+
+@w16_linear.register_fake
+def _(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+
+
 def _register(mod: nn.Module) -> None:
     handle = len(_LAYERS)
     while handle in _LAYERS:
@@ -123,7 +134,7 @@ def compile_decode_(model, warmup: bool = True) -> bool:
     if not supported(model):
         return False
     for mod in model.model.layers.modules():
-        if (isinstance(mod, PackedLinear) or (isinstance(mod, Int8Linear) and mod.prepacked)) \
+        if ((isinstance(mod, PackedLinear) and not mod.kernel) or (isinstance(mod, Int8Linear) and mod.prepacked)) \
                 and getattr(mod, "handle", None) is None:
             _register(mod)
     # emulate_precision_casts: round to bf16 wherever eager does, so the compiled step gives the eager step's bits

@@ -9,7 +9,8 @@ This is the one place that decides it: there is no second path that transforms a
 
 Kinds (``Kind.name``):
     float         left as read: ``nn.Linear`` / ``nn.Embedding``
-    packed        ``packed.PackedLinear``: the float weight in oneDNN's layout (CPU)
+    packed        ``packed.PackedLinear``: the float weight in oneDNN's layout (CPU); layout "kernel": the plain bf16
+                  matrix for the package's decode kernel (the decoder's linears and lm_head, qwen2vl.kernels)
     int8          ``quant.Int8Linear`` in ``Kind.layout`` ("fbgemm" / "onednn" / "plain", see qwen2vl.quant);
                   for the embedding ``quant.Int8Embedding``
     int4          ``quant.Int4Linear`` with groups of ``Kind.group_size`` inputs
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import packed, quant
+from . import kernels, packed, quant
 from .errors import InvalidInputError
 
 KINDS = ("float", "packed", "int8", "int4", "prequantized", "file", "tied")
@@ -41,7 +42,8 @@ EMBEDDING, HEAD = "model.embed_tokens", "lm_head"
 @dataclass(frozen=True)
 class Kind:
     name: str
-    layout: str | None = None  # int8: the kernel layout asked for (Int8Linear falls back where it is missing)
+    layout: str | None = None  # int8: the kernel layout asked for (Int8Linear falls back where it is missing);
+    # packed: "kernel" for the plain bf16 matrix of qwen2vl.kernels
     group_size: int | None = None  # int4: inputs per group
 
     def __post_init__(self):
@@ -101,7 +103,7 @@ class LoadPlan:
             return
         lin = model.get_submodule(path)
         if kind.name == "packed":
-            new = packed.PackedLinear(lin)
+            new = packed.PackedLinear(lin, kernel=kind.layout == "kernel")
         elif kind.name == "int8":  # the int8 matrix goes to the sink before a kernel layout hides it
             q, s = quant.int8_rows(lin.weight)
             if sink is not None:
@@ -172,13 +174,13 @@ def build_plan(model: nn.Module, quantization: str | None = None, device: torch.
     for path, mod in model.named_modules():
         if type(mod) is nn.Linear:
             kinds[path] = _linear_kind(path, mod, quantization, pack, path in prequantized,
-                                       shared_head and path == HEAD)
+                                       shared_head and path == HEAD, dtype)
     return LoadPlan(kinds, dtype, quantization,
                     transient=bool(quantization or prequantized or (prepack and cpu)))
 
 
 def _linear_kind(path: str, lin: nn.Linear, quantization: str | None, pack: bool, prequantized: bool,
-                 shared_head: bool) -> Kind:
+                 shared_head: bool, dtype: torch.dtype) -> Kind:
     if prequantized:
         return PREQUANTIZED
     if shared_head:
@@ -190,6 +192,9 @@ def _linear_kind(path: str, lin: nn.Linear, quantization: str | None, pack: bool
         return Kind("int4", group_size=g)
     if quantization:
         return Kind("int8", layout=quant.linear_layout(path))
+    if pack and dtype == torch.bfloat16 and (path == HEAD or path.startswith("model.layers.")) \
+            and kernels.bf16_fits(lin.out_features, lin.in_features):
+        return Kind("packed", layout="kernel")  # read every decode step: the plain matrix, nothing to pack
     return PACKED if pack else FLOAT
 
 

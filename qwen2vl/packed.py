@@ -21,7 +21,10 @@ import functools
 import torch
 from torch import nn
 
+from . import kernels
+
 DTYPES = (torch.float32, torch.bfloat16)
+KERNEL_M = 16  # rows up to which a ``kernel`` layer runs the package's product
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -35,18 +38,34 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class PackedLinear(nn.Module):
-    """An ``nn.Linear`` whose weight is held only in oneDNN's layout (``packed``, opaque)."""
+    """An ``nn.Linear`` whose weight is held only in oneDNN's layout (``packed``, opaque), or, with ``kernel`` (a
+    bf16 linear read every decode step, where ``kernels.bf16_fits``), only as the plain matrix (``weight``): decode
+    rows (up to ``KERNEL_M``) on the package's bf16 product (qwen2vl.kernels: 24.7 GB/s of weights against the
+    packed layout's 23 on the 2-core Intel VM), longer inputs on ``F.linear`` (a 281-row prefill of the 2B's
+    decoder shapes 1.37x the packed layout's time there), and nothing to pack at load (oneDNN's reorder was
+    4.6 s of a 6.4 s bf16 load of the 2B)."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, kernel: bool = False):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.dtype = lin.weight.dtype
-        self.register_buffer("packed", pack_weight(lin.weight))
+        self.kernel = kernel
+        self.register_buffer("packed", None if kernel else pack_weight(lin.weight))
+        self.register_buffer("weight", lin.weight.detach().contiguous() if kernel else None)
         self.bias = lin.bias
+        self._bias32 = None if lin.bias is None or not kernel else lin.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (M, in)
+        if self.kernel:
+            if x.shape[0] > KERNEL_M or x.dtype != torch.bfloat16:
+                y = nn.functional.linear(x, self.weight, self.bias)
+            elif torch.compiler.is_compiling():  # a custom op (qwen2vl.compiled): the compiler cannot trace ctypes
+                y = torch.ops.qwen2vl.w16_linear(x, self.weight, self._bias32)
+            else:
+                y = kernels.w16_linear(x, self.weight, self._bias32)
+            return y.view(*lead, self.out_features)
         if torch.compiler.is_compiling():  # the opaque weight stays out of the graph (qwen2vl.compiled)
             return torch.ops.qwen2vl.packed_linear(x, self.handle, self.out_features).view(*lead, self.out_features)
         return linear(x, self.packed, self.bias).view(*lead, self.out_features)

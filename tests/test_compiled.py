@@ -59,7 +59,7 @@ def test_compiled_step_matches_the_eager_step(ckpt):
 def test_packed_weights_stay_out_of_the_graph(ckpt):
     llm = LLM(str(ckpt), dtype="bfloat16", device="cpu", quantization="int8")
     if not any(getattr(m, "prepacked", False) for m in llm.model.model.layers.modules()):
-        pytest.skip("no prepacked int8 kernel passes its check on this CPU (AVX2): the plain kernel is traced")
+        pytest.skip("no prepacked int8 layer here (plain on the package's kernels, or no packed kernel passes its check)")
     assert compiled.compile_decode_(llm.model, warmup=False)
     handles = [int(mod.handle) for mod in llm.model.model.layers.modules() if hasattr(mod, "handle")]
     assert len(handles) == 4 * 3 and len(set(handles)) == len(handles)  # qkv, o, gate_up, down per layer

@@ -42,6 +42,8 @@ def _expect(embed: str, layers, vision: str, head: str) -> dict:
 def test_the_2b_plan_in_each_mode(meta_2b):
     fp = "packed" if packed.supported(torch.float32) else "float"
     bf = "packed" if packed.supported(torch.bfloat16) else "float"
+    # bf16 decoder linears and lm_head: the plain matrix on the package's bf16 kernel where it runs
+    bf_dec = "packed/kernel" if bf == "packed" and kernels.bf16_fits(1536, 1536) else bf
     layer = quant.linear_layout("model.layers.0.mlp.down_proj")  # plain on the package's kernels, else fbgemm's
     int8 = [f"int8/{layer}"] * 4
     head = quant.linear_layout("lm_head")  # plain on the package's kernels, else oneDNN's where the CPU has int8
@@ -52,7 +54,7 @@ def test_the_2b_plan_in_each_mode(meta_2b):
         assert layer == "fbgemm" and head == ("onednn" if int4_prefill.int8_gemm_is_fast() else "fbgemm")
     cases = [  # (build_plan arguments, summary, quantized, float weights freed while loading)
         (dict(), _expect("file", fp, fp, fp), False, True),  # the tied head holds its own copy
-        (dict(dtype=torch.bfloat16), _expect("file", bf, bf, bf), False, True),
+        (dict(dtype=torch.bfloat16), _expect("file", bf_dec, bf, bf_dec), False, True),
         (dict(prepack=False), _expect("file", "float", "float", "float"), False, False),
         (dict(file_embedding=False), _expect("float", fp, fp, "tied"), False, True),
         (dict(quantization="int8"), _expect("file", int8, "int8/onednn", f"int8/{head}"), True, True),
@@ -75,8 +77,10 @@ def test_the_2b_plan_in_each_mode(meta_2b):
 def test_a_gptq_checkpoints_4bit_linears_stay_so(meta_2b):
     pre = {f"model.layers.{i}.{n}" for i in range(28) for n in LAYER}
     bf = "packed" if packed.supported(torch.bfloat16) else "float"
+    # bf16 decoder linears and lm_head: the plain matrix on the package's bf16 kernel where it runs
+    bf_dec = "packed/kernel" if bf == "packed" and kernels.bf16_fits(1536, 1536) else bf
     plan = build_plan(meta_2b, dtype=torch.bfloat16, prequantized=pre)
-    assert plan.summary() == _expect("file", "prequantized", bf, bf) and plan.transient
+    assert plan.summary() == _expect("file", "prequantized", bf, bf_dec) and plan.transient
     plan = build_plan(meta_2b, "int4", dtype=torch.bfloat16, prequantized=pre)
     assert plan.summary() == _expect("file", "prequantized", "int8/onednn", f"int8/{quant.linear_layout('lm_head')}")
 

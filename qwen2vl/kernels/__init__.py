@@ -1,5 +1,6 @@
-"""The package's own CPU kernels (``vnni.c``): int4 and int8 decode products on CPUs with AVX512-VNNI, in weight
-layouts that are plain tensors (so the load cache stores them and a cached load maps them: nothing to pack).
+"""The package's own CPU kernels (``vnni.c``): int4, int8 and bf16 decode products on CPUs with AVX512-VNNI (bf16:
+AVX512-BF16 too), in weight layouts that are plain tensors (so the load cache stores them and a cached load maps
+them, and a bf16 load keeps the checkpoint's matrices as they are: nothing to pack).
 
 Contract: ``available()`` says whether they run here; where not, every caller keeps torch's kernels, and nothing
 else changes. They run where the CPU is x86-64 with AVX512-VNNI (read from /proc/cpuinfo), a C compiler is found
@@ -14,6 +15,7 @@ The layouts (worked examples in ``vnni.c``):
   (``pack_int4`` / ``unpack_int4``), its scales and zeros bf16 (N/16, G, 16, 2) (``block_scales`` /
   ``torch_scales``: torch's (G, N, 2) with the 16-row blocks outermost).
 - int8: the plain (N, K) matrix, which ``torch._int_mm`` reads for prefills too.
+- bf16: the plain (N, K) matrix, which ``F.linear`` reads for prefills too.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import warnings
 import torch
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vnni.c")
-_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+          "-mavx512bf16"]
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
@@ -91,7 +94,8 @@ def lib() -> ctypes.CDLL | None:
         return None
     so.w4_linear.argtypes = [_P, _I, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _I, _I]
     so.w8_linear.argtypes = [_P, _I, _I64, _I64, _P, _P, _I64, _P, _P, _I, _I]
-    so.w4_linear.restype = so.w8_linear.restype = _I
+    so.w16_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _P, _I, _I]
+    so.w4_linear.restype = so.w8_linear.restype = so.w16_linear.restype = _I
     if not _check(so):
         warnings.warn("qwen2vl's int8/int4 decode kernels gave wrong results here; using torch's", stacklevel=2)
         return None
@@ -109,6 +113,16 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
 
 def int8_fits(out_features: int, in_features: int) -> bool:
     return available() and out_features % 4 == 0 and in_features % 64 == 0
+
+
+def bf16_fits(out_features: int, in_features: int) -> bool:
+    """Whether a bf16 linear of this shape runs on the bf16 kernel (which also needs AVX512-BF16)."""
+    return available() and _has_bf16() and out_features % 4 == 0 and in_features % 32 == 0
+
+
+@functools.cache
+def _has_bf16() -> bool:
+    return "avx512_bf16" in _cpu_flags()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -161,6 +175,19 @@ def w4_linear(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: in
     return y
 
 
+def w16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x bf16 (M, K) -> bf16 (M, N) through the bf16 kernel (``bf16_fits``): ``w`` bf16 (N, K) contiguous, ``bias``
+    float32 (N,) or None."""
+    N, K = w.shape
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], N, dtype=torch.bfloat16)
+    rc = lib().w16_linear(x.data_ptr(), x.shape[0], K, w.data_ptr(), N, None if bias is None else bias.data_ptr(),
+                          y.data_ptr(), 1, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"w16_linear failed ({rc}) for K={K}, N={N}")
+    return y
+
+
 def w8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype (bf16 or float32), through the int8 kernel: ``q`` int8 (N, K) contiguous,
@@ -196,6 +223,7 @@ def _check(so: ctypes.CDLL) -> bool:
     q8, s8 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, generator=g) / 100
     w4, sz = pack_int4(q4), block_scales(scale, zero)
     ok = torch.equal(unpack_int4(w4, 0, N), q4.to(torch.uint8))
+    wb = (torch.randn(N, K, generator=g) / 16).to(torch.bfloat16)
     for rows in (1, 5):
         xr = x[:rows].contiguous()
         for dt in (torch.float32, torch.bfloat16):
@@ -210,6 +238,11 @@ def _check(so: ctypes.CDLL) -> bool:
             sx = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
             r8 = ((xf / sx).round().double() @ q8.double().t()) * sx.double() * s8.double()
             tol = 1e-2 if bf else 1e-4
-            for y, r in ((y4, r4), (y8, r8)):
+            checks = [(y4, r4), (y8, r8)]
+            if bf and _has_bf16():
+                y16 = torch.empty(rows, N, dtype=dt)
+                so.w16_linear(xd.data_ptr(), rows, K, wb.data_ptr(), N, None, y16.data_ptr(), 1, 1)
+                checks.append((y16, xd.double() @ wb.double().t()))
+            for y, r in checks:
                 ok = ok and torch.allclose(y.double(), r, rtol=tol, atol=tol * float(r.abs().amax()))
     return ok

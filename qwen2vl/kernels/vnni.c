@@ -226,3 +226,52 @@ int w8_linear(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *w, c
     free(xu); free(sx);
     return 0;
 }
+
+/* Rows m0..m0+MR of the output for bf16 weight rows n0..n0+4 (VDPBF16PS: pairs of bf16 products summed into
+   float32 lanes). */
+static inline __attribute__((always_inline)) void w16_block(
+    const uint16_t *w, const uint16_t *x, int64_t K, const int MR, const float *bias, void *y, int ybf16, int64_t N,
+    int64_t n0) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < MR; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512i wv[4];
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(w + (n0 + i) * K + k) + 1024, _MM_HINT_T0);
+            wv[i] = _mm512_loadu_si512((const void *)(w + (n0 + i) * K + k));
+        }
+        for (int r = 0; r < MR; r++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + r * K + k));
+            for (int i = 0; i < 4; i++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, (__m512bh)wv[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < MR; r++) {
+            float v = _mm512_reduce_add_ps(acc[i][r]);
+            if (bias) v += bias[n0 + i];
+            if (ybf16) ((uint16_t *)y)[r * N + n0 + i] = to_bf16(v);
+            else ((float *)y)[r * N + n0 + i] = v;
+        }
+}
+
+/* x bf16 (M, K) -> y (M, N) bf16 or float32 (+ bias): the plain bf16 (N, K) weight. K % 32 == 0, N % 4 == 0. */
+int w16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int ybf16, int nthreads) {
+    if (K % 32 || N % 4) return 1;
+    const size_t esz = ybf16 ? 2 : 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        for (int64_t m = 0; m < M; m += 4) {
+            const uint16_t *xm = x + m * K;
+            char *ym = (char *)y + m * N * esz;
+            switch (M - m >= 4 ? 4 : M - m) {
+                case 4: w16_block(w, xm, K, 4, bias, ym, ybf16, N, n0); break;
+                case 3: w16_block(w, xm, K, 3, bias, ym, ybf16, N, n0); break;
+                case 2: w16_block(w, xm, K, 2, bias, ym, ybf16, N, n0); break;
+                default: w16_block(w, xm, K, 1, bias, ym, ybf16, N, n0); break;
+            }
+        }
+    }
+    return 0;
+}
