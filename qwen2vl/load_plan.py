@@ -117,6 +117,14 @@ class LoadPlan:
             sink(path, new.cache_state())  # weight (packed), scales_and_zeros, bias, the int8 prefill copy
         replace_module(model, path, new)
 
+    def keeps_view(self, path: str) -> bool:
+        """Whether the layer at ``path`` keeps the weight it was given as it is: a bf16 linear on the package's
+        kernel ("packed/kernel"). Given a view of the checkpoint file's memory map (qwen2vl.weight_map), its weight
+        stays the file's pages (nothing copied, shared with the page cache, as llama.cpp maps its file); a fused
+        weight (q/k/v, gate/up) is a copy either way."""
+        kind = self.kinds.get(path)
+        return kind is not None and kind.name == "packed" and kind.layout == "kernel"
+
     @torch.no_grad()
     def restore(self, model: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> None:
         """Build the module at ``path`` from what ``build`` (or the loader, for a prequantized one) gave its sink:

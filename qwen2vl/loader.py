@@ -449,9 +449,10 @@ class _Reader:
         return True
 
     def built(self, path: str) -> None:
-        """The module at ``path`` is built: the pages of the file it was read from are dropped (qwen2vl.weight_map)."""
+        """The module at ``path`` is built: the pages of the file it was read from are dropped (qwen2vl.weight_map),
+        unless the layer keeps its view (``LoadPlan.keeps_view``: the file's pages are its weight)."""
         spans = self.spans.pop(path, None)
-        if spans:
+        if spans and not self.plan.keeps_view(path):
             self.maps.drop(spans)
 
     def _build(self, path: str) -> None:

@@ -8,8 +8,9 @@ mapped. Once the layer is built, ``drop`` hands the view's pages back (``MADV_DO
 them), so the process's memory does not grow with the mapped file as the load goes on. The map is private and
 never written, so a page read again after ``drop`` is the file's again: no value can change.
 
-Only whole weight tensors of the dtype they are stored in are viewed; a layer must not keep the view itself (the
-loader gives views only to the kinds that copy or repack: qwen2vl.load_plan).
+Only whole weight tensors of the dtype they are stored in are viewed. The layers that copy or repack them must not
+keep the view; the one kind that keeps it (a bf16 linear on the package's decode kernel, ``LoadPlan.keeps_view``)
+uses the file's pages as its weight, never dropped: the map lives as long as such a view.
 """
 
 from __future__ import annotations

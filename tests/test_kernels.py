@@ -1,6 +1,7 @@
-"""qwen2vl.kernels: the int4 layout round-trips, the int4 and int8 products are the exact products of
-int8-quantized activations (int8: bit for bit what Int8Linear's torch._int_mm path gives) and the bf16 one is the
-float product within bf16 rounding, for every row count a decode or a chunk of one reaches, in float32 and bf16,
+"""qwen2vl.kernels: the int4 layout round-trips, the int4 and int8 products are the exact products of activations
+quantized to int8 per block (int4: per weight group; int8: per 64 inputs), so a block's result does not depend on
+the rest of the row (what makes tensor-parallel ranks exact), and the bf16 one is the float product within bf16
+rounding, for every row count a decode or a chunk of one reaches, in float32 and bf16,
 with and without bias, on any thread count; where they cannot run
 (turned off, no compiler, a compiler that fails) everything falls back to torch's kernels with at most a warning."""
 
@@ -69,14 +70,37 @@ def test_w4_linear_is_the_exact_product_of_int8_activations(M, dtype, group_size
 @needs
 @pytest.mark.parametrize("M", [1, 2, 4, 7, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_w8_linear_is_int8_linears_torch_product_bit_for_bit(M, dtype):
+def test_w8_linear_is_the_exact_product_of_int8_activation_blocks(M, dtype):
     torch.manual_seed(M)
     lin = torch.nn.Linear(192, 100)
     q = quant.Int8Linear(lin.weight, lin.bias)
     x = (torch.randn(M, 192) * torch.logspace(-2, 2, M)[:, None]).to(dtype)
-    torch_path = q._dynamic(x)  # torch._int_mm, rescaled in the same order
-    assert torch.equal(kernels.w8_linear(x, q.weight, q.scales, lin.bias.detach().float()), torch_path)
-    assert q.kernel and torch.equal(q(x), torch_path)  # the layer takes the kernel for decode rows
+    x[:, 70] *= 50  # an outlier: only its own block of 64 loses precision
+    ref = kernels.reference_int8(x, q.weight, q.scales) + lin.bias.double()
+    y = kernels.w8_linear(x, q.weight, q.scales, lin.bias.detach().float())
+    tol = 2 ** -8 if dtype == torch.bfloat16 else 1e-6
+    assert y.dtype == dtype and _rel(y, ref) < tol
+    assert q.kernel and torch.equal(q(x), y)  # the layer takes the kernel for decode rows
+    whole = q._dynamic(x)  # the prefill path (torch._int_mm) quantizes per whole row: the outlier costs more there
+    assert _rel(y, lin(x.float())) < _rel(whole, lin(x.float()))
+
+
+@needs
+def test_a_blocks_result_does_not_depend_on_the_rest_of_the_row():
+    """Two halves of the inputs (whole blocks) multiplied apart and summed give the whole row's product (to float
+    rounding): a tensor-parallel rank's part is 1 rank's."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 64, 256
+    x = torch.randn(2, K, generator=g) * torch.linspace(0.1, 10, K)
+    q4 = torch.randint(0, 16, (N, K), generator=g)
+    s, z = torch.rand(N, 2, generator=g) / 10, torch.randn(N, 2, generator=g) / 10
+    q8, s8 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, generator=g)
+    w4 = lambda cols, gr: kernels.w4_linear(x[:, cols].contiguous(), kernels.pack_int4(q4[:, cols]),  # noqa: E731
+                                            kernels.block_scales(s[:, gr], z[:, gr]), 128)
+    whole4, halves4 = w4(slice(None), slice(None)), w4(slice(0, 128), slice(0, 1)) + w4(slice(128, K), slice(1, 2))
+    w8 = lambda cols: kernels.w8_linear(x[:, cols].contiguous(), q8[:, cols].contiguous(), s8)  # noqa: E731
+    whole8, halves8 = w8(slice(None)), w8(slice(0, 128)) + w8(slice(128, K))
+    assert _rel(halves4, whole4) < 1e-6 and _rel(halves8, whole8) < 1e-6
 
 
 @needs

@@ -163,6 +163,13 @@ def test_peak_memory_while_loading_stays_near_weights(tmp_path_factory, dtype, q
     assert grown <= 1.15 * weights + (24 << 20), (weights, grown)
 
 
+def _fbgemm_decoder(monkeypatch):
+    """The decoder's int8 linears in fbgemm's layout, as where the package's kernels do not run (there they are
+    plain: nothing to pack)."""
+    layout = quant.linear_layout
+    monkeypatch.setattr(quant, "linear_layout", lambda p: "fbgemm" if p.startswith("model.layers.") else layout(p))
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_packing_on_a_thread_gives_the_model_packing_in_turn_does(ckpt, monkeypatch, quant, workers):
@@ -171,6 +178,7 @@ def test_packing_on_a_thread_gives_the_model_packing_in_turn_does(ckpt, monkeypa
     process-wide) are as they were."""
     from qwen2vl import loader
     from qwen2vl.quant import Int8Linear
+    _fbgemm_decoder(monkeypatch)
     engine, filters = torch.backends.quantized.engine, list(warnings.filters)
     monkeypatch.setattr(loader, "_pack_in_background", lambda: False)
     in_turn = load_model(str(ckpt), torch.bfloat16, quantization=quant)
@@ -190,6 +198,7 @@ def test_packing_on_a_thread_gives_the_model_packing_in_turn_does(ckpt, monkeypa
                     "thread")
 def test_a_packing_failing_on_its_thread_fails_the_load(ckpt, monkeypatch):
     from qwen2vl import loader
+    _fbgemm_decoder(monkeypatch)
     monkeypatch.setattr(loader, "_pack_in_background", lambda: True)
     before = threading.active_count()
 

@@ -128,9 +128,11 @@ def _has_bf16() -> bool:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q (N, K) integers 0..15 -> uint8 (N, K/2) in the "vnni16" layout (N % 16 == 0, K % 8 == 0)."""
     N, K = q.shape
-    q5 = q.to(torch.uint8).view(N // 16, 16, K // 8, 2, 4)  # (block, row j, step i, low|high, byte t)
-    byte = q5[:, :, :, 0] | (q5[:, :, :, 1] << 4)  # (block, j, i, t)
-    return byte.permute(0, 2, 1, 3).contiguous().view(N, K // 2)  # (block, i, j, t) = 64 bytes a step
+    q5 = q.view(N // 16, 16, K // 8, 2, 4)  # (block, row j, step i, low|high, byte t)
+    out = torch.empty(N // 16, K // 8, 16, 4, dtype=torch.uint8)  # (block, i, j, t) = 64 bytes a step
+    byte = out.permute(0, 2, 1, 3)  # (block, j, i, t): written in place, no full-size temporary
+    byte.copy_(q5[:, :, :, 1]).bitwise_left_shift_(4).bitwise_or_(q5[:, :, :, 0].to(torch.uint8))
+    return out.view(N, K // 2)
 
 
 def unpack_int4(w: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -201,20 +203,34 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     return y
 
 
+def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels do to their input: x (M, K) -> int8 values as float64 (M, K) and float32 scales (M,
+    K / block), each block of ``block`` inputs of a row scaled to max |x| / 127 and rounded half to even."""
+    xb = x.float().view(x.shape[0], -1, block)  # (M, blocks, block)
+    sx = xb.abs().amax(-1, keepdim=True).clamp_min(1e-12).div(127.0)  # (M, blocks, 1)
+    return (xb / sx).round().double().view(x.shape), sx.squeeze(-1)
+
+
 def reference_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    group_size: int) -> torch.Tensor:
-    """What ``w4_linear`` computes, in float64: x quantized per row to int8 (max |x| / 127), times
+    """What ``w4_linear`` computes, in float64: x quantized to int8 per group of inputs (``quantize_blocks``), times
     w = (q - 8) * scale + zero with q (N, K) and scale, zero (N, G) as the kernel reads them (bf16)."""
-    xf = x.double()
-    sx = xf.abs().amax(1, keepdim=True).float().clamp_min(1e-12).div(127.0).double()  # (M, 1), float32 rounding
-    xq = (x.float() / sx.float()).round().double()
+    xq, sx = quantize_blocks(x, group_size)  # (M, K), (M, G)
     s, z = scale.to(torch.bfloat16).double(), zero.to(torch.bfloat16).double()
     w = (q.double().view(q.shape[0], -1, group_size) - 8) * s[..., None] + z[..., None]  # (N, G, g)
-    return (xq @ w.view(q.shape[0], -1).t()) * sx
+    xs = xq.view(x.shape[0], -1, group_size) * sx.double()[..., None]  # (M, G, g): dequantized activations
+    return xs.view(x.shape[0], -1) @ w.view(q.shape[0], -1).t()
+
+
+def reference_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What ``w8_linear`` computes, in float64: x quantized to int8 per 64 inputs, times q (N, K) * scales (N,)."""
+    xq, sx = quantize_blocks(x, 64)
+    xs = (xq.view(x.shape[0], -1, 64) * sx.double()[..., None]).view(x.shape)
+    return xs @ q.double().t() * scales.double()
 
 
 def _check(so: ctypes.CDLL) -> bool:
-    """Both kernels against their float64 references on a known matrix, 1 and 5 rows."""
+    """The kernels against their float64 references on a known matrix, 1 and 5 rows."""
     g = torch.Generator().manual_seed(0)
     N, K, gs = 48, 256, 64
     x = torch.randn(5, K, generator=g) * torch.tensor([[1.0], [30.0], [0.01], [1.0], [3.0]])
@@ -233,10 +249,7 @@ def _check(so: ctypes.CDLL) -> bool:
             bf = int(dt == torch.bfloat16)
             so.w4_linear(xd.data_ptr(), bf, rows, K, w4.data_ptr(), sz.data_ptr(), N, gs, None, y4.data_ptr(), bf, 1)
             so.w8_linear(xd.data_ptr(), bf, rows, K, q8.data_ptr(), s8.data_ptr(), N, None, y8.data_ptr(), bf, 1)
-            r4 = reference_int4(xd, q4, scale, zero, gs)
-            xf = xd.float()
-            sx = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-            r8 = ((xf / sx).round().double() @ q8.double().t()) * sx.double() * s8.double()
+            r4, r8 = reference_int4(xd, q4, scale, zero, gs), reference_int8(xd, q8, s8)
             tol = 1e-2 if bf else 1e-4
             checks = [(y4, r4), (y8, r8)]
             if bf and _has_bf16():

@@ -1,7 +1,9 @@
 /* Quantized matrix products for decode on CPUs with AVX512-VNNI (qwen2vl.kernels builds and loads this file).
 
-Both kernels quantize each input row to int8 (scale max|x| / 127, round half to even, as quant._quantize_rows does),
-multiply with VPDPBUSD (four u8 x s8 products summed into each int32 lane) and rescale in float32. They read the
+Both kernels quantize the input to int8 in blocks along a row (scale max|x| / 127 over the block, round half to
+even): int4 per weight group, int8 per 64 inputs. A block's scale belongs to its inputs alone, so a tensor-parallel
+rank holding whole blocks of a row computes exactly the 1-rank products of its part (and an outlier costs only its
+block precision, as in llama.cpp's Q8 activations). They multiply with VPDPBUSD (four u8 x s8 products summed into each int32 lane) and rescale in float32. They read the
 weight once per call however many rows (at most a few: decode steps), in layouts that are plain tensors, so the
 load cache can store them and a load maps them instead of packing them.
 
@@ -14,12 +16,12 @@ w4_linear: int4 weights, asymmetric, in groups of g inputs: w[n][k] = (q - 8) * 
   q[3][14] (high nibble).
   Scales: sz[b][G][16][2] bf16 (block b's rows' scale s and zero z, pairs, group by group: torch's (G, N, 2)
   scales_and_zeros with the rows in blocks of 16 moved outermost), so a block reads them in order.
-  y[m][n] = sx[m] * sum_gi (s * sum_{k in gi} q * xq[m][k] + (z - 8 s) * sum_{k in gi} xq[m][k]).
+  y[m][n] = sum_gi sx[m][gi] * (s * sum_{k in gi} q * xq[m][k] + (z - 8 s) * sum_{k in gi} xq[m][k]).
 
 w8_linear: int8 weights, symmetric per row (w[n][k] = q[n][k] * sw[n]), the plain (N, K) matrix torch._int_mm
   reads for prefills too. The input is offset to u8 (xq + 128) and sum_k q[n][k] (also by VPDPBUSD) takes the
-  offset out again: y[m][n] = (float)(sum_k (xq + 128) q - 128 sum_k q) * sx[m] * sw[n] (+ bias), the order
-  quant.Int8Linear._dynamic rescales in, so both give the same floats.
+  offset out again, block by block: y[m][n] = sw[n] * sum_b sx[m][b] * (float)(sum_{k in b} (xq + 128) q -
+  128 sum_{k in b} q) (+ bias).
 
 Threads: OpenMP, the same runtime torch uses (qwen2vl.kernels links torch's libgomp), num_threads from the caller.
 */
@@ -44,36 +46,35 @@ static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch co
     return (uint16_t)(u >> 16);
 }
 
-/* One row of K inputs (K % 16 == 0) -> int8 q (offset 128 as u8 when offset), its scale, and with g > 0 the sum
-   of q over each group of g inputs. */
-static void quant_row(const void *x, int bf16, int64_t K, int offset, int8_t *q, float *sx, int64_t g,
-                      int32_t *gsum) {
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, bf16, k)));
-    float m = _mm512_reduce_max_ps(amax);
-    float s = (m > 1e-12f ? m : 1e-12f) / 127.0f;
-    __m512 vs = _mm512_set1_ps(s);
-    __m512i off = _mm512_set1_epi32(offset ? 128 : 0);
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16(x, bf16, k), vs));  /* nearest even, |v| <= 127 */
-        acc = _mm512_add_epi32(acc, v);
-        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(v, off)));
-        if (g > 0 && (k + 16) % g == 0) {
-            gsum[k / g] = _mm512_reduce_add_epi32(acc);
-            acc = _mm512_setzero_si512();
+/* One row of K inputs (K % qb == 0, qb % 16 == 0) -> int8 q (offset 128 as u8 when offset) and, per block of qb
+   inputs, its scale (max |x| / 127 over the block) and the sum of its q (before the offset). */
+static void quant_row(const void *x, int bf16, int64_t K, int64_t qb, int offset, int8_t *q, float *sx,
+                      int32_t *qsum) {
+    const __m512i off = _mm512_set1_epi32(offset ? 128 : 0);
+    for (int64_t b = 0; b < K; b += qb) {
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t k = b; k < b + qb; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, bf16, k)));
+        float m = _mm512_reduce_max_ps(amax);
+        float s = (m > 1e-12f ? m : 1e-12f) / 127.0f;
+        __m512 vs = _mm512_set1_ps(s);
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t k = b; k < b + qb; k += 16) {
+            __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16(x, bf16, k), vs));  /* nearest even, |v| <= 127 */
+            acc = _mm512_add_epi32(acc, v);
+            _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(v, off)));
         }
+        sx[b / qb] = s;
+        qsum[b / qb] = _mm512_reduce_add_epi32(acc);
     }
-    *sx = s;
 }
 
-static void quant_rows(const void *x, int bf16, int64_t M, int64_t K, int offset, int8_t *q, float *sx, int64_t g,
-                       int32_t *gsum, int nthreads) {
-    int64_t G = g > 0 ? K / g : 0;
+static void quant_rows(const void *x, int bf16, int64_t M, int64_t K, int64_t qb, int offset, int8_t *q, float *sx,
+                       int32_t *qsum, int nthreads) {
+    const int64_t B = K / qb;
     const size_t esz = bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M >= 8)
     for (int64_t m = 0; m < M; m++)
-        quant_row((const char *)x + m * K * esz, bf16, K, offset, q + m * K, sx + m, g, gsum + m * G);
+        quant_row((const char *)x + m * K * esz, bf16, K, qb, offset, q + m * K, sx + m * B, qsum + m * B);
 }
 
 static inline void store16(void *y, int bf16, int64_t i, __m512 v) {
@@ -121,14 +122,14 @@ static inline __attribute__((always_inline)) void w4_block(
         __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
         __m512 z = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xffff0000u)));
         __m512 lo8 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);  /* z - 8 s: w = q * s + lo8 */
-        for (int r = 0; r < MR; r++) {
+        for (int r = 0; r < MR; r++) {  /* the group's s * sum q xq + lo8 * sum xq, times its activation scale */
             __m512 a = _mm512_cvtepi32_ps(_mm512_add_epi32(alo[r], ahi[r]));
-            yacc[r] = _mm512_fmadd_ps(a, s, yacc[r]);
-            yacc[r] = _mm512_fmadd_ps(lo8, _mm512_set1_ps((float)gsum[r * G + gi]), yacc[r]);
+            __m512 t = _mm512_fmadd_ps(lo8, _mm512_set1_ps((float)gsum[r * G + gi]), _mm512_mul_ps(a, s));
+            yacc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sx[r * G + gi]), yacc[r]);
         }
     }
     for (int r = 0; r < MR; r++) {
-        __m512 v = _mm512_mul_ps(yacc[r], _mm512_set1_ps(sx[r]));
+        __m512 v = yacc[r];
         if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0));
         store16(y, ybf16, r * N + n0, v);
     }
@@ -141,10 +142,10 @@ int w4_linear(const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *w, 
     if (K % g || g % 16 || N % 16) return 1;
     const int64_t G = K / g;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K + 64));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)M);
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(M * G));
     int32_t *gsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * G));
     if (!xq || !sx || !gsum) { free(xq); free(sx); free(gsum); return 2; }
-    quant_rows(x, xbf16, M, K, 0, xq, sx, g, gsum, nthreads);
+    quant_rows(x, xbf16, M, K, g, 0, xq, sx, gsum, nthreads);
     const int64_t nb = N / 16;
     const size_t esz = ybf16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -156,10 +157,10 @@ int w4_linear(const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *w, 
             const int32_t *gm = gsum + m * G;
             char *ym = (char *)y + m * N * esz;
             switch (M - m >= 4 ? 4 : M - m) {
-                case 4: w4_block(wb, szb, xm, sx + m, gm, K, g, 4, bias, ym, ybf16, N, b * 16); break;
-                case 3: w4_block(wb, szb, xm, sx + m, gm, K, g, 3, bias, ym, ybf16, N, b * 16); break;
-                case 2: w4_block(wb, szb, xm, sx + m, gm, K, g, 2, bias, ym, ybf16, N, b * 16); break;
-                default: w4_block(wb, szb, xm, sx + m, gm, K, g, 1, bias, ym, ybf16, N, b * 16); break;
+                case 4: w4_block(wb, szb, xm, sx + m * G, gm, K, g, 4, bias, ym, ybf16, N, b * 16); break;
+                case 3: w4_block(wb, szb, xm, sx + m * G, gm, K, g, 3, bias, ym, ybf16, N, b * 16); break;
+                case 2: w4_block(wb, szb, xm, sx + m * G, gm, K, g, 2, bias, ym, ybf16, N, b * 16); break;
+                default: w4_block(wb, szb, xm, sx + m * G, gm, K, g, 1, bias, ym, ybf16, N, b * 16); break;
             }
         }
     }
@@ -167,63 +168,66 @@ int w4_linear(const void *x, int xbf16, int64_t M, int64_t K, const uint8_t *w, 
     return 0;
 }
 
-/* Rows m0..m0+MR of the output for weight rows n0..n0+4. */
+/* Rows m0..m0+MR of the output for weight rows n0..n0+4; activation blocks of 64 inputs (one step). */
 static inline __attribute__((always_inline)) void w8_block(
     const int8_t *w, const uint8_t *xu, const float *sx, const float *sw, int64_t K, const int MR,
     const float *bias, void *y, int ybf16, int64_t N, int64_t n0) {
     const __m512i ones = _mm512_set1_epi8(1);
-    __m512i acc[4][4], ws[4];
-    for (int i = 0; i < 4; i++) {
-        ws[i] = _mm512_setzero_si512();
-        for (int r = 0; r < MR; r++) acc[i][r] = _mm512_setzero_si512();
-    }
+    const int64_t B = K / 64;
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < MR; r++) acc[i][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 64) {
-        __m512i wv[4];
+        __m512i wv[4], off[4];
         for (int i = 0; i < 4; i++) {
             _mm_prefetch((const char *)(w + (n0 + i) * K + k) + 1024, _MM_HINT_T0);
             wv[i] = _mm512_loadu_si512((const void *)(w + (n0 + i) * K + k));
-            ws[i] = _mm512_dpbusd_epi32(ws[i], ones, wv[i]);
+            off[i] = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv[i]), 7);  /* 128 sum q */
         }
         for (int r = 0; r < MR; r++) {
             __m512i xv = _mm512_loadu_si512((const void *)(xu + r * K + k));
-            for (int i = 0; i < 4; i++) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv, wv[i]);
+            __m512 s = _mm512_set1_ps(sx[r * B + k / 64]);
+            for (int i = 0; i < 4; i++) {
+                __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[i]), off[i]);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[i][r]);
+            }
         }
     }
-    for (int i = 0; i < 4; i++) {
-        int32_t wsum = _mm512_reduce_add_epi32(ws[i]);
+    for (int i = 0; i < 4; i++)
         for (int r = 0; r < MR; r++) {
-            int32_t a = _mm512_reduce_add_epi32(acc[i][r]) - 128 * wsum;
-            float v = (float)a * sx[r] * sw[n0 + i];
+            float v = _mm512_reduce_add_ps(acc[i][r]) * sw[n0 + i];
             if (bias) v += bias[n0 + i];
             if (ybf16) ((uint16_t *)y)[r * N + n0 + i] = to_bf16(v);
             else ((float *)y)[r * N + n0 + i] = v;
         }
-    }
 }
 
 /* x (M, K) float32 or bf16 -> y (M, N) float32 or bf16 (+ bias). K % 64 == 0, N % 4 == 0. */
 int w8_linear(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *w, const float *sw, int64_t N,
               const float *bias, void *y, int ybf16, int nthreads) {
     if (K % 64 || N % 4) return 1;
+    const int64_t B = K / 64;
     uint8_t *xu = (uint8_t *)malloc((size_t)(M * K + 64));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)M);
-    if (!xu || !sx) { free(xu); free(sx); return 2; }
-    quant_rows(x, xbf16, M, K, 1, (int8_t *)xu, sx, 0, NULL, nthreads);
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(M * B));
+    int32_t *qsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * B));
+    if (!xu || !sx || !qsum) { free(xu); free(sx); free(qsum); return 2; }
+    quant_rows(x, xbf16, M, K, 64, 1, (int8_t *)xu, sx, qsum, nthreads);
     const size_t esz = ybf16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
         for (int64_t m = 0; m < M; m += 4) {
             const uint8_t *xm = xu + m * K;
+            const float *sm = sx + m * B;
             char *ym = (char *)y + m * N * esz;
             switch (M - m >= 4 ? 4 : M - m) {
-                case 4: w8_block(w, xm, sx + m, sw, K, 4, bias, ym, ybf16, N, n0); break;
-                case 3: w8_block(w, xm, sx + m, sw, K, 3, bias, ym, ybf16, N, n0); break;
-                case 2: w8_block(w, xm, sx + m, sw, K, 2, bias, ym, ybf16, N, n0); break;
-                default: w8_block(w, xm, sx + m, sw, K, 1, bias, ym, ybf16, N, n0); break;
+                case 4: w8_block(w, xm, sm, sw, K, 4, bias, ym, ybf16, N, n0); break;
+                case 3: w8_block(w, xm, sm, sw, K, 3, bias, ym, ybf16, N, n0); break;
+                case 2: w8_block(w, xm, sm, sw, K, 2, bias, ym, ybf16, N, n0); break;
+                default: w8_block(w, xm, sm, sw, K, 1, bias, ym, ybf16, N, n0); break;
             }
         }
     }
-    free(xu); free(sx);
+    free(xu); free(sx); free(qsum);
     return 0;
 }
 
