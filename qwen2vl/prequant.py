@@ -15,8 +15,8 @@ AWQ (AutoAWQ GEMM), weight = (q - zero) * scales, groups of consecutive inputs:
 Worked example (AWQ): qweight[k, 0] = 0x76543210 holds nibbles 0..7 at bit positions 0, 4, .., 28, i.e. nibble i
 is output column ORDER[i]: columns 0 2 4 6 1 3 5 7 get 0 1 2 3 4 5 6 7, so q[:, k] = 0 4 1 5 2 6 3 7.
 
-On the CPU the weights go into ``quant.Int4Linear`` (torch's int4 kernels) unchanged: w = (q - 8) * s + (8 - z) * s,
-with s and (8 - z) * s in bfloat16, which the kernels need. Elsewhere, or when the groups are not runs of
+On the CPU the weights go into ``quant.Int4Linear`` (the package's int4 kernel where it runs, else torch's) unchanged:
+w = (q - 8) * s + (8 - z) * s, with s and (8 - z) * s in bfloat16, which the kernels need. Elsewhere, or when the groups are not runs of
 consecutive inputs (desc_act with a permuted g_idx), the weight is dequantized into an ordinary linear.
 """
 

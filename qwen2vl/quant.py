@@ -5,9 +5,9 @@ int8: symmetric per-output-channel int8 weights; activations are quantized per r
     int8 x int8 -> int32, rescaled in float32. Every int8 linear keeps its weight in one layout:
     - the language model's linears and lm_head (read once per decode step): where the package's kernels run
       (qwen2vl.kernels: AVX512-VNNI, a C compiler), the plain (out, in) matrix: decode rows (up to ``_KERNEL_M``)
-      on its product (20-22 GB/s of weights on the 2-core Intel VM against fbgemm's 16.5), longer inputs on
-      ``torch._int_mm`` (oneDNN's VNNI / AMX GEMM); both compute the same per-row-quantized product, bit for bit,
-      and a cached load maps the matrix instead of packing it. Elsewhere fbgemm's packed layout, through
+      on its product (activations quantized per 64 inputs; 20-22 GB/s of weights on the 2-core Intel VM against
+      fbgemm's 16.5), longer inputs on ``torch._int_mm`` (oneDNN's VNNI / AMX GEMM, activations per row); a cached
+      load maps the matrix instead of packing it. Elsewhere fbgemm's packed layout, through
       ``quantized::linear_dynamic``: it quantizes, multiplies and rescales in one call. Against oneDNN's int8
       linear on the 2B's shapes it streamed the weights 1.25-1.5x faster for one row and 1.1-2.6x for 2-4 rows on
       an AMD bench VM reading 32 GB/s (int8 decode 7 -> 9.6 tok/s), 0.85-1.2x for one row on one reading 46 GB/s;
@@ -21,8 +21,8 @@ int8: symmetric per-output-channel int8 weights; activations are quantized per r
     and ``_weight_int8pack_mm`` (bf16 activations) for 2-8 rows.
 int4: the language model's decoder linears as asymmetric 4-bit with groups of 128 along the input. Decode (up to
     ``_INT4_GEMM_M`` rows): where the package's kernels run, its own layout ("vnni16") and product (activations
-    quantized per row to int8, VPDPBUSD on the unpacked nibbles: 21-22 GB/s on the 2-core Intel VM against
-    torch's int4 kernel's 12.5); elsewhere torch's packed layout and ``_weight_int4pack_mm_for_cpu`` (bf16
+    quantized to int8 per weight group, VPDPBUSD on the unpacked nibbles: 21-22 GB/s on the 2-core Intel VM
+    against torch's int4 kernel's 12.5); elsewhere torch's packed layout and ``_weight_int4pack_mm_for_cpu`` (bf16
     activations). Above 128 rows (prefill), where the CPU has int8 dot products (VNNI / AMX), the weight is
     requantized to int8 a block of output rows at a time and multiplied on the int8 GEMM with per-row int8
     activations (qwen2vl.int4_prefill); elsewhere it is unpacked to bf16 blocks for the bf16 GEMM, 1.5-2x faster
