@@ -443,8 +443,10 @@ class _Reader:
                 raise InvalidInputError(f"weight {name} has shape {tuple(view.shape)}, the config implies "
                                         f"{tuple(mod._parameters[leaf].shape)}")
             mod._parameters[leaf] = nn.Parameter(view, requires_grad=False)
-        else:  # a part of a fused parameter: copied into its rows
+        else:  # a part of a fused parameter: copied into its rows, and its pages dropped at once
             _param_slot(self.model, name, dest, info["shape"], self.plan.dtype, self.device).copy_(view)
+            self.maps.drop([span])
+            return True
         self.spans.setdefault(mod_path, []).append(span)
         return True
 
