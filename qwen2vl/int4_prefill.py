@@ -62,7 +62,8 @@ def requantize_all(rows, out_features: int, in_features: int,
                    group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole weight as ``requantize`` gives it, a block of ``BLOCK_N`` rows at a time (small temporaries);
     ``rows(start, end)`` reads rows as (q, sz) (``Int4Linear.rows``)."""
-    w8, scale = torch.empty(out_features, in_features, dtype=torch.int8), torch.empty(out_features)
+    w8 = torch.empty(out_features, in_features, dtype=torch.int8)
+    scale = torch.empty(out_features, dtype=torch.float32)
     for r in range(0, out_features, BLOCK_N):
         e = min(r + BLOCK_N, out_features)
         w8[r:e], scale[r:e] = requantize(*rows(r, e), group_size)

@@ -180,3 +180,23 @@ def test_builds_once_into_the_cache_folder(tmp_path):
         assert run.stdout.strip() == "True", run.stderr
     built = os.listdir(tmp_path / "kernels")
     assert len(built) == 1 and built[0].startswith("vnni-") and built[0].endswith(".so")  # no temporary left
+
+
+@needs
+def test_tensors_the_c_code_would_misread_are_refused():
+    """A weight cast to another dtype, a strided view, a wrong shape or a tensor on another device: a ValueError
+    naming it, never a wrong read."""
+    q8, s8 = torch.zeros(64, 128, dtype=torch.int8), torch.ones(64)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="int8 scales"):
+        kernels.w8_linear(x, q8, s8.bfloat16())
+    with pytest.raises(ValueError, match="strided"):
+        kernels.w8_linear(x, torch.zeros(128, 64, dtype=torch.int8).t(), s8)
+    with pytest.raises(ValueError, match="input of shape"):
+        kernels.w8_linear(torch.randn(2, 64), q8, s8)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.w8_linear(x, q8, s8, torch.zeros(64, dtype=torch.bfloat16))
+    w4, sz = kernels.pack_int4(torch.zeros(64, 128)), kernels.block_scales(torch.ones(64, 1), torch.zeros(64, 1))
+    with pytest.raises(ValueError, match="int4 scales"):
+        kernels.w4_linear(x, w4, sz.float(), 128)
+    assert torch.equal(kernels.w4_linear(x.half(), w4, sz, 128), kernels.w4_linear(x.half().float(), w4, sz, 128))

@@ -33,8 +33,8 @@ import warnings
 import torch
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vnni.c")
-_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-          "-mavx512bf16"]
+_FLAGS = ["-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+# (the bf16 product has a target attribute of its own: the file runs on CPUs without AVX512-BF16)
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
@@ -128,7 +128,7 @@ def _has_bf16() -> bool:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q (N, K) integers 0..15 -> uint8 (N, K/2) in the "vnni16" layout (N % 16 == 0, K % 8 == 0)."""
     N, K = q.shape
-    q5 = q.view(N // 16, 16, K // 8, 2, 4)  # (block, row j, step i, low|high, byte t)
+    q5 = q.reshape(N // 16, 16, K // 8, 2, 4)  # (block, row j, step i, low|high, byte t)
     out = torch.empty(N // 16, K // 8, 16, 4, dtype=torch.uint8)  # (block, i, j, t) = 64 bytes a step
     byte = out.permute(0, 2, 1, 3)  # (block, j, i, t): written in place, no full-size temporary
     byte.copy_(q5[:, :, :, 1]).bitwise_left_shift_(4).bitwise_or_(q5[:, :, :, 0].to(torch.uint8))
@@ -156,12 +156,23 @@ def torch_scales(sz: torch.Tensor, start: int = 0, end: int | None = None) -> to
     return blk.permute(1, 0, 2, 3).reshape(sz.shape[1], -1, 2)
 
 
-def _call_args(x: torch.Tensor, out_features: int, bias: torch.Tensor | None):
+def _need(t: torch.Tensor, dtype: torch.dtype, shape: tuple, what: str) -> None:
+    """The C code reads raw pointers: a tensor of another dtype, shape or device, or a strided one, would be read
+    wrong, so it is refused (a ValueError) instead."""
+    if t.dtype != dtype or tuple(t.shape) != shape or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"qwen2vl.kernels: {what} must be a contiguous CPU {dtype} tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}{'' if t.is_contiguous() else ', strided'}")
+
+
+def _call_args(x: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None):
+    if x.dim() != 2 or x.shape[1] != in_features or x.device.type != "cpu":
+        raise ValueError(f"qwen2vl.kernels: input of shape {tuple(x.shape)} on {x.device}; want (rows, "
+                         f"{in_features}) on the CPU")
+    if bias is not None:
+        _need(bias, torch.float32, (out_features,), "bias")
     x = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
     x = x.contiguous()
-    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-    b = None if bias is None else bias.data_ptr()
-    return x, y, b, int(x.dtype == torch.bfloat16)
+    return x, None if bias is None else bias.data_ptr(), int(x.dtype == torch.bfloat16)
 
 
 def w4_linear(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int,
@@ -169,7 +180,10 @@ def w4_linear(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: in
     """x (M, K) -> (M, N) in x's dtype (bf16 or float32; others computed in float32), through the int4 kernel:
     ``w`` "vnni16" (N, K/2), ``sz`` (N/16, G, 16, 2), ``bias`` float32 (N,) or None."""
     N, K = w.shape[0], w.shape[1] * 2
-    x, y, b, bf = _call_args(x, N, bias)
+    _need(w, torch.uint8, (N, K // 2), "the int4 weight")
+    _need(sz, torch.bfloat16, (N // 16, K // group_size, 16, 2), "the int4 scales")
+    x, b, bf = _call_args(x, N, K, bias)
+    y = torch.empty(x.shape[0], N, dtype=x.dtype)
     rc = lib().w4_linear(x.data_ptr(), bf, x.shape[0], K, w.data_ptr(), sz.data_ptr(), N, group_size, b,
                          y.data_ptr(), bf, torch.get_num_threads())
     if rc:
@@ -181,7 +195,8 @@ def w16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     """x bf16 (M, K) -> bf16 (M, N) through the bf16 kernel (``bf16_fits``): ``w`` bf16 (N, K) contiguous, ``bias``
     float32 (N,) or None."""
     N, K = w.shape
-    x = x.contiguous()
+    _need(w, torch.bfloat16, (N, K), "the bf16 weight")
+    x = _call_args(x, N, K, bias)[0].to(torch.bfloat16)
     y = torch.empty(x.shape[0], N, dtype=torch.bfloat16)
     rc = lib().w16_linear(x.data_ptr(), x.shape[0], K, w.data_ptr(), N, None if bias is None else bias.data_ptr(),
                           y.data_ptr(), 1, torch.get_num_threads())
@@ -195,7 +210,10 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     """x (M, K) -> (M, N) in x's dtype (bf16 or float32), through the int8 kernel: ``q`` int8 (N, K) contiguous,
     ``scales`` float32 (N,), ``bias`` float32 (N,) or None."""
     N, K = q.shape
-    x, y, b, bf = _call_args(x, N, bias)
+    _need(q, torch.int8, (N, K), "the int8 weight")
+    _need(scales, torch.float32, (N,), "the int8 scales")
+    x, b, bf = _call_args(x, N, K, bias)
+    y = torch.empty(x.shape[0], N, dtype=x.dtype)
     rc = lib().w8_linear(x.data_ptr(), bf, x.shape[0], K, q.data_ptr(), scales.data_ptr(), N, b, y.data_ptr(), bf,
                          torch.get_num_threads())
     if rc:

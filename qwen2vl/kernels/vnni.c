@@ -232,8 +232,9 @@ int w8_linear(const void *x, int xbf16, int64_t M, int64_t K, const int8_t *w, c
 }
 
 /* Rows m0..m0+MR of the output for bf16 weight rows n0..n0+4 (VDPBF16PS: pairs of bf16 products summed into
-   float32 lanes). */
-static inline __attribute__((always_inline)) void w16_block(
+   float32 lanes). Only these two functions use AVX512-BF16 (a target of their own: the rest of the file runs on
+   CPUs with VNNI alone, and qwen2vl.kernels calls them only where the CPU has it). */
+static inline __attribute__((always_inline, target("avx512bf16"))) void w16_block(
     const uint16_t *w, const uint16_t *x, int64_t K, const int MR, const float *bias, void *y, int ybf16, int64_t N,
     int64_t n0) {
     __m512 acc[4][4];
@@ -260,7 +261,7 @@ static inline __attribute__((always_inline)) void w16_block(
 }
 
 /* x bf16 (M, K) -> y (M, N) bf16 or float32 (+ bias): the plain bf16 (N, K) weight. K % 32 == 0, N % 4 == 0. */
-int w16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+__attribute__((target("avx512bf16"))) int w16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int ybf16, int nthreads) {
     if (K % 32 || N % 4) return 1;
     const size_t esz = ybf16 ? 2 : 4;
