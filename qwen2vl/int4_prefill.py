@@ -27,6 +27,8 @@ import functools
 
 import torch
 
+from . import kernels
+
 BLOCK_N = 512  # output rows requantized at a time (a multiple of 64 and 16, the packed layouts' row blocks)
 
 
@@ -90,10 +92,5 @@ def linear(xq: torch.Tensor, sx: torch.Tensor, rows, out_features: int, group_si
 @functools.cache
 def int8_gemm_is_fast() -> bool:
     """Whether this CPU has int8 dot-product instructions oneDNN uses (AVX512-VNNI, AVX-VNNI or AMX), read once
-    from /proc/cpuinfo (Linux x86); False elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    from /proc/cpuinfo (``kernels.cpu_flags``; Linux x86); False elsewhere."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & kernels.cpu_flags())

@@ -190,11 +190,10 @@ def _fits(model: nn.Module, plan: LoadPlan, path: str, got: dict[str, tuple]) ->
         groups = {3: sz[1][0], 4: sz[1][1]}.get(len(sz[1]), 0)  # torch's layout (3 dims) or "vnni16" (4)
         if kind.name == "int4" and groups * kind.group_size != in_f or groups < 1 or in_f % groups:
             return False
-        vnni16 = kernels.int4_fits(out_f, in_f, in_f // groups)  # the layout Int4Linear builds here
-        want.update(weight=("U8", (out_f, in_f // 2)),
-                    scales_and_zeros=("BF16", (out_f // 16, groups, 16, 2) if vnni16 else (groups, out_f, 2)))
-        if int4_prefill.int8_gemm_is_fast() and (vnni16 or out_f % 64 == 0 and quant._unpack_block_n()):  # the
-            # int8 prefill copy (Int4Linear.cache_state)
+        layout, int8_copy = quant.int4_plan(out_f, in_f, in_f // groups)  # what Int4Linear builds here
+        want.update(weight=("U8", (out_f, in_f // 2)), scales_and_zeros=(
+            "BF16", (out_f // 16, groups, 16, 2) if layout == "vnni16" else (groups, out_f, 2)))
+        if int8_copy:  # Int4Linear.cache_state
             want.update(int8=("I8", (out_f, in_f)), int8_scales=("F32", (out_f,)))
     elif kind == PREQUANTIZED:
         want.update(weight=(dt, (out_f, in_f)))

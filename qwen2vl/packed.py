@@ -53,7 +53,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", None if kernel else pack_weight(lin.weight))
         self.register_buffer("weight", lin.weight.detach().contiguous() if kernel else None)
         self.bias = lin.bias
-        self._bias32 = None if lin.bias is None or not kernel else lin.bias.detach().float().contiguous()
+        self._bias32 = kernels.float_bias(lin.bias) if kernel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -282,7 +282,7 @@ class Int8Linear(nn.Module):
         # a plain weight's decode rows run the package's kernel (qwen2vl.kernels) where it runs; it adds the bias
         self.kernel = layout == "plain" and q.device.type == "cpu" and q.is_contiguous() \
             and kernels.int8_fits(self.out_features, self.in_features)
-        self._bias32 = None if bias is None or not self.kernel else bias.detach().float().contiguous()
+        self._bias32 = kernels.float_bias(bias) if self.kernel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -396,7 +396,7 @@ class Int4Linear(nn.Module):
     int8 = None  # the int8 prefill copy (qwen2vl.int4_prefill), memory-mapped from the load cache; not a buffer:
     # the file's pages, not the layer's memory
     layout = "torch"  # or "vnni16": qwen2vl.kernels' layout (see _pack)
-    _bias32 = None  # the bias in float32, which the kernels add
+    _bias32 = None  # the bias in float32, which the package's kernel adds ("vnni16")
 
     @classmethod
     def from_packed(cls, weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
@@ -414,7 +414,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._bias32 = None if bias is None else bias.float().contiguous()
+        self._bias32 = kernels.float_bias(bias) if self.layout == "vnni16" else None
         return self
 
     @staticmethod
@@ -429,7 +429,7 @@ class Int4Linear(nn.Module):
         qwen2vl.kernels) where those kernels run and the shape fits them, else torch's
         (``_weight_int4pack_mm_for_cpu``), or ``layout`` where given."""
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
-        self.layout = layout or ("vnni16" if kernels.int4_fits(out_f, in_f, group_size) else "torch")
+        self.layout = layout or int4_plan(out_f, in_f, group_size)[0]
         step = self._step(out_f, in_f)
         packed, sz = None, []
         for i in range(0, out_f, step):
@@ -447,7 +447,7 @@ class Int4Linear(nn.Module):
         sz = torch.cat(sz) if self.layout == "vnni16" else torch.cat(sz).transpose(0, 1).contiguous()
         self.register_buffer("scales_and_zeros", sz)  # torch's: (groups, out, 2)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._bias32 = None if bias is None else bias.detach().float().contiguous()
+        self._bias32 = kernels.float_bias(bias) if self.layout == "vnni16" else None
 
     def rows(self, start: int, end: int, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output rows start..end (multiples of the layout's row block) as uint8 q (rows, in) values 0..15 and
@@ -497,11 +497,12 @@ class Int4Linear(nn.Module):
 
     def _unpacks(self) -> bool:
         """Whether this layer's weight can be read a block of rows at a time (``rows``) for a prefill."""
-        return self.layout == "vnni16" or (self.out_features % 64 == 0 and bool(_unpack_block_n()))
+        return _int4_unpacks(self.layout, self.out_features)
 
     def _int8_prefills(self) -> bool:
         """Whether prefills (above ``_INT4_GEMM_M`` rows) run on int8 kernels."""
         return self._unpacks() and int4_prefill.int8_gemm_is_fast()
+
 
     def _bf16_prefill(self, x: torch.Tensor) -> torch.Tensor:
         """(M, in) -> (M, out) bf16, no bias: the weight unpacked to bf16 a block of output rows at a time."""
@@ -522,6 +523,19 @@ class Int4Linear(nn.Module):
             y[i:i + _BLOCK_M] = int4_prefill.linear(xq, sx, self.rows, self.out_features, self.group_size, x.dtype,
                                                     self.int8)
         return y
+
+
+def _int4_unpacks(layout: str, out_features: int) -> bool:
+    return layout == "vnni16" or (out_features % 64 == 0 and bool(_unpack_block_n()))
+
+
+def int4_plan(out_features: int, in_features: int, group_size: int) -> tuple[str, bool]:
+    """What an ``Int4Linear`` of this shape holds on this machine: its layout (the package's "vnni16" where
+    qwen2vl.kernels run and the shape fits them, else torch's) and whether it keeps an int8 prefill copy (where
+    prefills run on int8 kernels: ``Int4Linear.cache_state``). The load cache checks stored entries against it.
+    (Int4Linear also builds torch's layout when asked to.)"""
+    layout = "vnni16" if kernels.int4_fits(out_features, in_features, group_size) else "torch"
+    return layout, _int4_unpacks(layout, out_features) and int4_prefill.int8_gemm_is_fast()
 
 
 @functools.cache

@@ -23,7 +23,7 @@ def _rel(a, b):
 
 def test_kernels_run_under_ci_where_the_cpu_has_vnni():
     """CI installs gcc (.ci/run): a machine with the instructions must not silently test only the fallback."""
-    if os.environ.get("CI") and "avx512_vnni" in kernels._cpu_flags() and sys.platform == "linux":
+    if os.environ.get("CI") and "avx512_vnni" in kernels.cpu_flags() and sys.platform == "linux":
         assert kernels.available()
 
 
@@ -168,7 +168,7 @@ def test_falls_back_where_the_kernels_cannot_run(tmp_path, env, want):
                          env={**os.environ, "QWEN2VL_CACHE": str(tmp_path), **env})
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == want
-    if env.get("CC") == "false" and "avx512_vnni" in kernels._cpu_flags():
+    if env.get("CC") == "false" and "avx512_vnni" in kernels.cpu_flags():
         assert "could not be built" in run.stderr
 
 

@@ -38,7 +38,8 @@ _FLAGS = ["-O3", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere): the one place the package reads them."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
@@ -82,7 +83,7 @@ def lib() -> ctypes.CDLL | None:
     if os.environ.get("QWEN2VL_KERNELS", "1") == "0" or platform.system() != "Linux" \
             or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= _cpu_flags():
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= cpu_flags():
         return None
     cc, gomp = shutil.which(os.environ.get("CC", "gcc")), _torch_gomp()
     if cc is None or gomp is None:
@@ -122,7 +123,12 @@ def bf16_fits(out_features: int, in_features: int) -> bool:
 
 @functools.cache
 def _has_bf16() -> bool:
-    return "avx512_bf16" in _cpu_flags()
+    return "avx512_bf16" in cpu_flags()
+
+
+def float_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A layer's bias as the kernels add it (float32, contiguous), kept beside the layer's own; None stays None."""
+    return None if bias is None else bias.detach().float().contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
