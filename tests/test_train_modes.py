@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from qwen2vl.cli import main
+from qwen2vl.errors import InvalidInputError
 from qwen2vl.loader import load_model
 from qwen2vl.train.forward import sequence_loss
 from qwen2vl.train.prepare import init_weights
@@ -81,6 +82,34 @@ def test_from_scratch_is_seeded_and_saved_in_the_official_layout(tiny_checkpoint
     assert float(fresh.model.layers[0].mlp.down_proj.weight.std()) == pytest.approx(0.05, rel=0.05)
     assert float(fresh.model.norm.weight.min()) == 1.0 and float(fresh.visual.blocks[0].attn.qkv.bias.abs().max()) == 0
 
+
+
+def test_a_full_fine_tune_takes_a_config_that_keeps_the_shapes(tiny_checkpoint, tmp_path):
+    """config_path on trained weights (full fine-tune): the model is built from it (here another rope_theta), the
+    saved model carries it; a config of another shape, or a LoRA run, is refused with a message."""
+    conf = json.loads((tiny_checkpoint / "config.json").read_text())
+    samples = [make_sample(tiny_checkpoint, "red", answer="red")]
+    base = {"model_name_or_path": str(tiny_checkpoint), "finetuning_type": "full", "max_steps": 1,
+            "per_device_train_batch_size": 1}
+    (tmp_path / "theta.json").write_text(json.dumps({**conf, "rope_theta": 10.0}))
+    tr = Trainer({**base, "config_path": str(tmp_path / "theta.json"), "output_dir": str(tmp_path / "o")},
+                 train_samples=samples, progress=False)
+    assert tr.mcfg.text.rope_theta == 10.0 and tr.model.cfg.text.rope_theta == 10.0
+    ref = load_model(str(tiny_checkpoint), prepack=False, file_embedding=False)
+    assert all(torch.equal(a, b) for a, b in zip(tr.model.state_dict().values(), ref.state_dict().values()))
+    with torch.no_grad():  # the same weights, another rotary: other logits
+        ids = torch.tensor(samples[0].input_ids)
+        assert not torch.allclose(tr.model(ids, samples[0].vision), ref(ids, samples[0].vision))
+    tr.train()
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["rope_theta"] == 10.0
+    assert load_model(str(tmp_path / "o"), prepack=False).cfg.text.rope_theta == 10.0
+    (tmp_path / "wide.json").write_text(json.dumps({**conf, "intermediate_size": conf["intermediate_size"] * 2}))
+    with pytest.raises(InvalidInputError, match="shape"):
+        Trainer({**base, "config_path": str(tmp_path / "wide.json"), "output_dir": str(tmp_path / "w")},
+                train_samples=samples, progress=False)
+    with pytest.raises(InvalidInputError, match="config_path is only used with"):
+        Trainer({**base, "finetuning_type": "lora", "config_path": str(tmp_path / "theta.json"),
+                 "output_dir": str(tmp_path / "l")}, train_samples=samples, progress=False)
 
 def _weights_after(ckpt, out, samples, **kw):
     tr = Trainer({"model_name_or_path": str(ckpt), "output_dir": str(out), "lora_rank": 4, "max_steps": 2,

@@ -15,8 +15,9 @@ schedule, AdamW betas (0.9, 0.999), eps 1e-8, clipping at 1.0, batch size 8, 3 e
 (transformers). Deliberate differences: ``eval_strategy`` defaults to ``steps`` (an eval split exists only when
 ``val_size`` or ``eval_dataset`` asks for one, so it is evaluated), ``logging_steps`` to 10 (LLaMA-Factory's
 examples), and a key of both this config and ``DataArgs`` (``seed``) sets both. Keys of this package's own:
-``vision_lr`` and ``merger_lr`` (the vision tower's and the merger's learning rates), ``config_path`` (the shape
-of a model trained from scratch).
+``vision_lr`` and ``merger_lr`` (the vision tower's and the merger's learning rates), ``config_path`` (a
+config.json used in place of the model directory's: the shape of a model trained from scratch, or, for a full
+fine-tune, settings that keep the weights' shapes, such as ``rope_theta``; the saved model carries it).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class TrainConfig:
     # model (LLaMA-Factory ModelArguments)
     model_name_or_path: str = ""
     train_from_scratch: bool = False  # random init from model_name_or_path's (or config_path's) config.json
-    config_path: str | None = None  # with train_from_scratch: a config.json giving the shape
+    config_path: str | None = None  # a config.json in place of the model's (from scratch, or a full fine-tune)
     # finetuning (LLaMA-Factory FinetuningArguments)
     stage: str = "sft"
     finetuning_type: str = "lora"
@@ -276,7 +277,8 @@ def check(cfg: TrainConfig) -> None:
         (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit must be >= 1"),
         (cfg.finetuning_type == "lora" or not (cfg.use_rslora or cfg.additional_target),
          "use_rslora and additional_target are only valid with finetuning_type 'lora'"),
-        (not cfg.config_path or cfg.train_from_scratch, "config_path is only used with train_from_scratch"),
+        (not cfg.config_path or cfg.train_from_scratch or cfg.finetuning_type == "full",
+         "config_path is only used with train_from_scratch or finetuning_type 'full'"),
     ]
     rules.append((cfg.vision_feature_reg >= 0, f"vision_feature_reg must be >= 0, got {cfg.vision_feature_reg}"))
     rules.append((cfg.vision_aux_loss >= 0, f"vision_aux_loss must be >= 0, got {cfg.vision_aux_loss}"))
