@@ -83,7 +83,6 @@ def test_from_scratch_is_seeded_and_saved_in_the_official_layout(tiny_checkpoint
     assert float(fresh.model.norm.weight.min()) == 1.0 and float(fresh.visual.blocks[0].attn.qkv.bias.abs().max()) == 0
 
 
-
 def test_a_full_fine_tune_takes_a_config_that_keeps_the_shapes(tiny_checkpoint, tmp_path):
     """config_path on trained weights (full fine-tune): the model is built from it (here another rope_theta), the
     saved model carries it; a config of another shape, or a LoRA run, is refused with a message."""
@@ -110,6 +109,7 @@ def test_a_full_fine_tune_takes_a_config_that_keeps_the_shapes(tiny_checkpoint, 
     with pytest.raises(InvalidInputError, match="config_path is only used with"):
         Trainer({**base, "finetuning_type": "lora", "config_path": str(tmp_path / "theta.json"),
                  "output_dir": str(tmp_path / "l")}, train_samples=samples, progress=False)
+
 
 def _weights_after(ckpt, out, samples, **kw):
     tr = Trainer({"model_name_or_path": str(ckpt), "output_dir": str(out), "lora_rank": 4, "max_steps": 2,
