@@ -1,0 +1,254 @@
+"""A diagnostic: how well does qwen2vl-nano's decoder learn the demo tasks from *perfect* vision features?
+
+    python examples/nano/oracle_probe.py train CONFIG.yaml [--mode M] [--geometry] [--key value ...]
+    python examples/nano/oracle_probe.py eval MODEL_DIR [--mode M] [--geometry] [-n 50] [--tasks blocks,counting]
+    python examples/nano/oracle_probe.py grounding-ceiling -n 300
+
+Training and evaluation run as usual (``qwen2vl train``'s Trainer, ``LLM.chat`` and the demo graders), except
+that the vision tower's output is replaced by an oracle: each merged token gets a fixed code of what the
+generator drew under it, so the tower is never run and only the decoder learns. A code is a sum of fixed random
+unit vectors (x 1.5), one per name, over a constant background vector; the names are those of
+``qwen2vl.train.vision_targets`` (colour, shape / "box" / "block", digit, the sign word's pieces):
+
+* ``cells``: every cell an object covers names its colour and shape; a block's digit is named at the cell of
+  its centre only (the targets the tower is trained on);
+* ``cells+centre``: ``cells`` plus a "centre" code at the cell of each block's, shape's or video block's centre;
+* ``centre``: one token per object. The cell of an object's centre names everything about it (colour, shape,
+  digit, word) plus the "centre" code; every other cell is background.
+
+``--geometry`` adds to each covered cell its object's box relative to the cell (x0, y0, x1, y1 in cell widths,
+clipped to [-4, 5]) through a fixed random (4, HIDDEN) projection: what grounding would need beyond names.
+
+If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
+for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.
+Grounding needs more than cell-level names (the best box made of whole 28 px cells passes IoU 0.5 about 11% of
+the time), so it is not expected to pass here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from qwen2vl.train import demo_stream, forward
+from qwen2vl.train import vision_targets as vt
+
+HIDDEN = 96  # qwen2vl-nano's decoder width
+SCALE = 1.5
+_GEN = torch.Generator().manual_seed(1234)
+CODES = torch.randn(152_000, HIDDEN, generator=_GEN)  # row = token id (a name's code)
+CODES = CODES / CODES.norm(dim=1, keepdim=True)
+BACKGROUND = torch.randn(HIDDEN, generator=_GEN)
+BACKGROUND = 0.5 * BACKGROUND / BACKGROUND.norm()
+CENTRE = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(99))
+CENTRE = SCALE * CENTRE / CENTRE.norm()
+G = torch.randn(4, HIDDEN, generator=_GEN)
+G = 0.6 * G / G.norm(dim=1, keepdim=True)
+MODE = "cells"
+GEOMETRY = False
+
+
+def _cells(info: dict, grid, tokenizer) -> torch.Tensor:
+    """(t * rows * cols, HIDDEN): the sum of the codes of each merged token's naming targets."""
+    targets = vt.media_targets(info, grid, tokenizer)  # (n, K), -100 padded
+    out = BACKGROUND.expand(targets.shape[0], HIDDEN).clone()
+    for k in range(targets.shape[1]):
+        col = targets[:, k]
+        named = col != vt.IGNORE
+        out[named] += SCALE * CODES[col[named]]
+    return out
+
+
+def _layout(info: dict, grid) -> tuple:
+    """(t, rows, cols, drawn pixels per resized pixel in x and y) of a picture or video's merged grid."""
+    t, h, w = (int(v) for v in grid)
+    width, height = vt._drawn_size(info)
+    return t, h // 2, w // 2, width / (w * 14), height / (h * 14)
+
+
+def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
+    """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none)."""
+    t, rows, cols, sx, sy = _layout(info, grid)
+    out = torch.zeros(t, rows * cols)
+    for box, pair, _ in vt._objects(info, tokenizer):
+        if "word" in info and tuple(box) == tuple(info.get("text", ())):
+            continue
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        k = min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)
+        out[[p for p in range(t) if pair is None or pair == p], k] = 1.0
+    return out.reshape(-1)
+
+
+def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
+    """(t * rows * cols, 4): each cell's box of the object overlapping it most, relative to the cell."""
+    t, rows, cols, sx, sy = _layout(info, grid)
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    cw, ch = 28 * sx, 28 * sy
+    cell = np.stack([xs * cw, ys * ch], -1).reshape(-1, 2)  # (cells, 2): each cell's origin, drawn pixels
+    out = np.zeros((t, rows * cols, 4))
+    for p in range(t):
+        boxes = np.array([o[0] for o in vt._objects(info, tokenizer) if o[1] is None or o[1] == p], np.float64)
+        if not len(boxes):
+            continue
+        lo = np.maximum(cell[:, None, :], boxes[None, :, :2])  # (cells, objects, 2): the overlap's x0, y0
+        hi = np.minimum(cell[:, None, :] + [cw, ch], boxes[None, :, 2:])  # its x1, y1
+        ix, iy = np.clip(hi - lo, 0, None).transpose(2, 0, 1)  # (cells, objects) each
+        overlap = ix * iy  # (cells, objects)
+        b = boxes[overlap.argmax(1)]  # (cells, 4)
+        rel = (b - np.concatenate([cell, cell], 1)) / np.array([cw, ch, cw, ch])
+        covered = overlap.max(1) > 0
+        out[p][covered] = np.clip(rel[covered], -4, 5)
+    return torch.tensor(out.reshape(-1, 4), dtype=torch.float32)
+
+
+def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
+    """(t * rows * cols, HIDDEN): each object's names, digit included, at the cell of its centre only."""
+    t, h, w = (int(v) for v in grid)
+    rows, cols = h // 2, w // 2
+    width, height = vt._drawn_size(info)
+    sx, sy = width / (w * 14), height / (h * 14)  # drawn pixels per resized pixel
+    out = BACKGROUND.expand(t * rows * cols, HIDDEN).clone().view(t, rows * cols, HIDDEN)
+    digits = {tuple(b["box"]): str(b["digit"]) for b in info.get("blocks", ())}
+    for box, pair, toks in vt._objects(info, tokenizer):
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        k = min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)
+        if tuple(box) in digits:
+            toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
+        code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
+        for p in range(t):
+            if pair is None or pair == p:
+                out[p, k] += code
+    return out.reshape(-1, HIDDEN)
+
+
+def oracle(info: dict, grid, tokenizer) -> torch.Tensor:
+    """(t * rows * cols, HIDDEN): the oracle features of one picture or video under :data:`MODE`."""
+    grid = [int(v) for v in grid]
+    if MODE == "centre":
+        out = _centres(info, grid, tokenizer)
+    else:
+        out = _cells(info, grid, tokenizer)
+        if MODE == "cells+centre":
+            out = out + _centre_marks(info, grid, tokenizer)[:, None] * CENTRE
+    return out + _geometry(info, grid, tokenizer) @ G if GEOMETRY else out
+
+
+def _attach(got, info: dict, tokenizer):
+    """A training Sample whose VisionInputs carry their oracle features (``_oracle_image`` / ``_oracle_video``)."""
+    v = got.vision
+    for kind in ("image", "video"):
+        grids = getattr(v, f"{kind}_grid_thw", None) if v is not None else None
+        if grids:
+            setattr(v, f"_oracle_{kind}", torch.cat([oracle(info, g, tokenizer) for g in grids]))
+    return got
+
+
+def _item(self, i):
+    """``DemoSamples.__getitem__`` with the oracle features attached."""
+    if isinstance(i, slice):
+        return [self[j] for j in range(*i.indices(self.n))]
+    if not -self.n <= i < self.n:
+        raise IndexError(i)
+    i %= self.n
+    s = self.source(i)
+    name = f"{self.prefix}[{i}]:{s.task}/{s.seed}"
+    got = demo_stream.build_sample(self.builder, name, demo_stream.Conversation(s.conversation(), s.tools))
+    if isinstance(got, str):
+        raise ValueError(f"{name}: {got}")
+    return _attach(got, s.info, self.builder.tokenizer)
+
+
+def _media_batch(model, vis: list, kind: str, checkpointing: bool):
+    """``forward._media_batch`` with the oracle features in place of the tower's."""
+    feats, items, row = [], [], 0
+    for b, v in enumerate(vis):
+        grids = None if v is None else getattr(v, f"{kind}_grid_thw")
+        if not grids:
+            continue
+        for g in grids:
+            n = int(g[0]) * int(g[1]) * int(g[2]) // model.cfg.vision.spatial_merge_size ** 2
+            items.append((b, tuple(int(x) for x in g), row, n))
+            row += n
+        feats.append(getattr(v, f"_oracle_{kind}"))
+    return forward.MediaBatch(kind, torch.cat(feats).to(model.device), items) if feats else None
+
+
+def train(config: str, overrides: list[str]) -> None:
+    from qwen2vl.train.config import parse_overrides
+    from qwen2vl.train.trainer import Trainer
+    demo_stream.DemoSamples.__getitem__ = _item
+    forward._media_batch = _media_batch
+    kw = {"freeze_vision_tower": True, "freeze_multi_modal_projector": True, "eval_strategy": "no",
+          **parse_overrides(overrides), "vision_aux_loss": 0.0, "vision_feature_reg": 0.0}  # no tower to train
+    print(Trainer(config, **kw).train().results)
+
+
+def evaluate(model_dir: str, n: int, tasks: list[str]) -> None:
+    from qwen2vl import LLM
+    from qwen2vl.demo.evaluate import MAX_TOKENS, held_out_samples
+    from qwen2vl.demo.grading import grade
+    from qwen2vl.sampling_params import SamplingParams
+    llm = LLM(model_dir, dtype="float32", vision_cache_mb=0, enable_prefix_caching=False)
+    current = {}
+
+    def encode_vision(pixel_values, grid_thw):  # the engine encodes one item at a time
+        rows = grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw
+        return torch.cat([oracle(current["info"], g, llm.tokenizer) for g in rows]).to(llm.model.dtype)
+
+    llm.model.encode_vision = encode_vision
+    for task in tasks:
+        start, right = time.time(), 0
+        for s in held_out_samples(task, n, 0):
+            current["info"] = s.info
+            params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[task])
+            right += grade(s, llm.chat([s.messages], params, tools=s.tools)[0].outputs[0].text)
+        print(f"{task:<12} {right:>4}/{n} {100 * right / n:5.1f}%  ({time.time() - start:.0f} s)", flush=True)
+
+
+def grounding_ceiling(n: int) -> None:
+    """How often a box made of whole merged cells can pass grounding's IoU 0.5: the smallest run of cells that
+    covers the true box, and the true size centred on the centre of the cell holding the box's centre."""
+    from qwen2vl.demo.evaluate import held_out_samples
+    from qwen2vl.demo.grading import iou
+    from qwen2vl.media.common import smart_resize
+    cover = centred = 0
+    for s in held_out_samples("grounding", n, 0):
+        width, height = s.info["image"].size
+        h, w = smart_resize(height, width, 28, 56 * 56, 28 * 28 * 1280)
+        cx, cy = 1000 / (w // 28), 1000 / (h // 28)  # a cell on the 0-1000 scale
+        x0, y0, x1, y1 = s.truth
+        box = ((x0 // cx) * cx, (y0 // cy) * cy, -(-x1 // cx) * cx, -(-y1 // cy) * cy)
+        cover += iou(box, s.truth) >= 0.5
+        mx, my = ((x0 + x1) / 2 // cx + 0.5) * cx, ((y0 + y1) / 2 // cy + 0.5) * cy
+        bw, bh = x1 - x0, y1 - y0
+        centred += iou((mx - bw / 2, my - bh / 2, mx + bw / 2, my + bh / 2), s.truth) >= 0.5
+    print(f"covering cells {100 * cover / n:.1f}%, centre cell + true size {100 * centred / n:.1f}% (of {n})")
+
+
+def main(argv=None) -> None:
+    global MODE, GEOMETRY
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
+    p.add_argument("path", nargs="?", help="the training config (train) or the trained model directory (eval)")
+    p.add_argument("--mode", choices=["cells", "cells+centre", "centre"], default="cells")
+    p.add_argument("--geometry", action="store_true", help="each cell's object box relative to the cell, too")
+    p.add_argument("-n", type=int, default=50, help="held-out samples a task (eval)")
+    p.add_argument("--tasks", default="blocks,counting,reading,weather,grounding,video")
+    args, rest = p.parse_known_args(argv)
+    MODE, GEOMETRY = args.mode, args.geometry
+    if args.what != "grounding-ceiling" and not args.path:
+        p.error(f"{args.what} needs a path")
+    if args.what == "grounding-ceiling":
+        grounding_ceiling(args.n)
+    elif args.what == "train":
+        train(args.path, rest)
+    else:
+        evaluate(args.path, args.n, args.tasks.split(","))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
