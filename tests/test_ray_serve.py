@@ -297,10 +297,10 @@ def _load(port, text=None, strict=True):
 def test_a_full_cluster_answers_429(cluster):
     """16 long streams (3000 tokens each): 2 replicas x 4 are admitted, 2 wait at the ingress, the rest are
     answered 429 with Retry-After, counted by the ingress. How many depends on timing: on an idle machine 6; on
-    a loaded one full checks on this VM saw 3 and 5 (most likely Ray's router held a request back, retrying a
-    replica whose reported room was stale, instead of refusing it, and served it once a stream ended: 3000
-    tokens of the tiny model take seconds). So the test asks for at least one 429, never more than 8 running
-    (the engines' own count), and every 429 counted by the ingress. Then every connection is closed, which aborts the streams."""
+    a loaded one full checks on this VM saw 3 and 5 (why is not confirmed: most likely Ray's router held the
+    others back on a stale view of the replicas' room). So the test asks for at least one 429, at most
+    8 answered 200 when it is seen, at most 8 running (the engines' own count), and every 429 counted by the
+    ingress. Then every connection is closed, which aborts the streams."""
     outcomes, conns, lock = {}, [], threading.Lock()
 
     def send(i):
@@ -332,7 +332,7 @@ def test_a_full_cluster_answers_429(cluster):
     for t in threads:
         t.join(60)
     codes = [o[0] for o in full.values()]
-    assert set(codes) <= {200, 429} and codes.count(429) >= 1, codes
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) <= 8, codes
     for status, headers, text in full.values():
         if status == 429:
             assert headers["retry-after"] == "1" and json.loads(text)["error"]["code"] == "queue_full"

@@ -10,30 +10,37 @@ generator drew under it, so the tower is never run and only the decoder learns. 
 unit vectors (x 1.5), one per name, over a constant background vector; the names are those of
 ``qwen2vl.train.vision_targets`` (colour, shape / "box" / "block", digit, the sign word's pieces):
 
-* ``cells``: every cell an object covers names its colour and shape; a block's digit is named at the cell of
-  its centre only (the targets the tower is trained on);
+* ``cells``: the cells ``media_targets`` gives an object (those it covers by a quarter of the cell or 40% of
+  itself) name its colour and shape; a block's digit is named at the cell of its centre only (the targets the
+  tower is trained on);
 * ``cells+centre``: ``cells`` plus a "centre" code at the cell of each block's, shape's or video block's centre;
 * ``centre``: one token per object. The cell of an object's centre names everything about it (colour, shape,
   digit, word) plus the "centre" code; every other cell is background.
 
-``--geometry`` adds to each covered cell its object's box relative to the cell (x0, y0, x1, y1 in cell widths,
-clipped to [-4, 5]) through a fixed random (4, HIDDEN) projection: what grounding would need beyond names.
+``--geometry`` adds to each cell an object overlaps (in ``centre`` mode: to the centre cells only) that object's
+box relative to the cell (x0, y0, x1, y1 in cell widths, clipped to [-4, 5]) through a fixed random
+(4, HIDDEN) projection: what grounding would need beyond names. ``train`` records the mode beside the model
+(``oracle_probe.json``) and ``eval`` uses it. The codes are drawn from fixed seeds in a fixed order: evaluate a
+probe model with the version of this file that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
 for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.
-Grounding needs more than cell-level names (the best box made of whole 28 px cells passes IoU 0.5 about 11% of
-the time), so it is not expected to pass here.
+Grounding needs more than cell-level names (the smallest box of whole 28 px cells that covers the true box
+passes IoU 0.5 on about 11% of held-out samples: ``grounding-ceiling``), so it is not expected to pass here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
 import numpy as np
 import torch
 
+from qwen2vl.errors import InvalidInputError
 from qwen2vl.train import demo_stream, forward
 from qwen2vl.train import vision_targets as vt
 
@@ -50,6 +57,7 @@ G = torch.randn(4, HIDDEN, generator=_GEN)
 G = 0.6 * G / G.norm(dim=1, keepdim=True)
 MODE = "cells"
 GEOMETRY = False
+SAVED = "oracle_probe.json"  # beside a trained model: the mode and geometry it was trained under
 
 
 def _cells(info: dict, grid, tokenizer) -> torch.Tensor:
@@ -134,7 +142,12 @@ def oracle(info: dict, grid, tokenizer) -> torch.Tensor:
         out = _cells(info, grid, tokenizer)
         if MODE == "cells+centre":
             out = out + _centre_marks(info, grid, tokenizer)[:, None] * CENTRE
-    return out + _geometry(info, grid, tokenizer) @ G if GEOMETRY else out
+    if GEOMETRY:
+        geo = _geometry(info, grid, tokenizer) @ G  # (cells, HIDDEN)
+        if MODE == "centre":  # the other cells stay background
+            geo = geo * _centre_marks(info, grid, tokenizer)[:, None]
+        out = out + geo
+    return out
 
 
 def _attach(got, info: dict, tokenizer):
@@ -148,7 +161,7 @@ def _attach(got, info: dict, tokenizer):
 
 
 def _item(self, i):
-    """``DemoSamples.__getitem__`` with the oracle features attached."""
+    """``DemoSamples.__getitem__`` (demo data only) with the oracle features attached."""
     if isinstance(i, slice):
         return [self[j] for j in range(*i.indices(self.n))]
     if not -self.n <= i < self.n:
@@ -158,12 +171,15 @@ def _item(self, i):
     name = f"{self.prefix}[{i}]:{s.task}/{s.seed}"
     got = demo_stream.build_sample(self.builder, name, demo_stream.Conversation(s.conversation(), s.tools))
     if isinstance(got, str):
-        raise ValueError(f"{name}: {got}")
+        raise InvalidInputError(f"{name}: {got} (raise cutoff_len)")
+    if self.naming:
+        got.vision_targets = demo_stream.naming_targets(s.info, got.vision, self.builder.tokenizer)
     return _attach(got, s.info, self.builder.tokenizer)
 
 
 def _media_batch(model, vis: list, kind: str, checkpointing: bool):
-    """``forward._media_batch`` with the oracle features in place of the tower's."""
+    """``forward._media_batch`` with the oracle features in place of the tower's: every sample must come from
+    :func:`_item` (demo data; a ``dataset`` config has no oracle)."""
     feats, items, row = [], [], 0
     for b, v in enumerate(vis):
         grids = None if v is None else getattr(v, f"{kind}_grid_thw")
@@ -178,16 +194,27 @@ def _media_batch(model, vis: list, kind: str, checkpointing: bool):
 
 
 def train(config: str, overrides: list[str]) -> None:
+    """``qwen2vl train CONFIG`` (a ``demo_tasks`` config) with the oracle in place of the tower, which stays
+    frozen and is never run; the output directory also gets ``oracle_probe.json`` (the mode it was trained
+    under, which ``eval`` uses). The trainer's functions are patched for the run and restored after it."""
     from qwen2vl.train.config import parse_overrides
     from qwen2vl.train.trainer import Trainer
-    demo_stream.DemoSamples.__getitem__ = _item
-    forward._media_batch = _media_batch
     kw = {"freeze_vision_tower": True, "freeze_multi_modal_projector": True, "eval_strategy": "no",
           **parse_overrides(overrides), "vision_aux_loss": 0.0, "vision_feature_reg": 0.0}  # no tower to train
-    print(Trainer(config, **kw).train().results)
+    saved = demo_stream.DemoSamples.__getitem__, forward._media_batch
+    demo_stream.DemoSamples.__getitem__, forward._media_batch = _item, _media_batch
+    try:
+        result = Trainer(config, **kw).train()
+    finally:
+        demo_stream.DemoSamples.__getitem__, forward._media_batch = saved
+    with open(os.path.join(result.output_dir, SAVED), "w") as f:
+        json.dump({"mode": MODE, "geometry": GEOMETRY}, f)
+    print(result.results)
 
 
 def evaluate(model_dir: str, n: int, tasks: list[str]) -> None:
+    """Greedy answers to ``n`` held-out samples of each task through ``LLM.chat`` with the oracle in place of the
+    tower, graded by the demo graders; one line a task."""
     from qwen2vl import LLM
     from qwen2vl.demo.evaluate import MAX_TOKENS, held_out_samples
     from qwen2vl.demo.grading import grade
@@ -197,7 +224,8 @@ def evaluate(model_dir: str, n: int, tasks: list[str]) -> None:
 
     def encode_vision(pixel_values, grid_thw):  # the engine encodes one item at a time
         rows = grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw
-        return torch.cat([oracle(current["info"], g, llm.tokenizer) for g in rows]).to(llm.model.dtype)
+        feats = torch.cat([oracle(current["info"], g, llm.tokenizer) for g in rows])
+        return feats.to(llm.model.device, llm.model.dtype)
 
     llm.model.encode_vision = encode_vision
     for task in tasks:
@@ -230,6 +258,7 @@ def grounding_ceiling(n: int) -> None:
 
 
 def main(argv=None) -> None:
+    """The command line (see the module docstring)."""
     global MODE, GEOMETRY
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
@@ -242,6 +271,13 @@ def main(argv=None) -> None:
     MODE, GEOMETRY = args.mode, args.geometry
     if args.what != "grounding-ceiling" and not args.path:
         p.error(f"{args.what} needs a path")
+    if rest and args.what != "train":
+        p.error(f"unknown arguments: {' '.join(rest)}")
+    if args.what == "eval" and os.path.isfile(os.path.join(args.path, SAVED)):
+        with open(os.path.join(args.path, SAVED)) as f:
+            saved = json.load(f)
+        MODE, GEOMETRY = saved["mode"], saved["geometry"]  # the features it was trained on
+        print(f"oracle: mode {MODE}, geometry {GEOMETRY} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)
     elif args.what == "train":
