@@ -9,7 +9,7 @@ import torch
 
 from qwen2vl.demo.common import COLOURS
 from qwen2vl.demo.tasks import sample
-from qwen2vl.media.common import smart_resize
+from qwen2vl.media.common import MAX_PIXELS, MIN_PIXELS, smart_resize
 from qwen2vl.models import DEMO_MODEL_DIR
 from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train.vision_targets import IGNORE, media_targets
@@ -32,7 +32,7 @@ def tok():
 
 def _grid(info):
     width, height = info["image"].size
-    h, w = smart_resize(height, width, 28, 56 * 56, 28 * 28 * 1280)
+    h, w = smart_resize(height, width, 28, MIN_PIXELS, MAX_PIXELS)
     return [1, h // 14, w // 14]
 
 
@@ -85,13 +85,13 @@ def test_a_short_run_trains_the_decoder_alone_and_evaluates(probe, tmp_path, cap
     the same process), and eval grades through the oracle in the mode recorded beside the model."""
     from safetensors.torch import load_file
     from qwen2vl.train import demo_stream, forward
-    originals = demo_stream.DemoSamples.__getitem__, forward._media_batch
+    originals = demo_stream.DemoSamples.finish, forward._media_batch
     out = tmp_path / "run"
     probe.main(["train", str(ROOT / "examples/nano/train.yaml"), "--model_name_or_path", DEMO_MODEL_DIR,
                 "--train_from_scratch", "false", "--demo_vocab_only", "false", "--output_dir", str(out),
                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--demo_tasks", "reading",
                 "--demo_weights", "reading:1", "--logging_steps", "1", "--save_steps", "100"])
-    assert (demo_stream.DemoSamples.__getitem__, forward._media_batch) == originals
+    assert (demo_stream.DemoSamples.finish, forward._media_batch) == originals
     weights, init = load_file(out / "model.safetensors"), load_file(pathlib.Path(DEMO_MODEL_DIR) / "model.safetensors")
     text = [k for k in weights if k.startswith("model.layers.")]
     assert text and any(not torch.equal(weights[k], init[k]) for k in text)

@@ -40,7 +40,6 @@ import time
 import numpy as np
 import torch
 
-from qwen2vl.errors import InvalidInputError
 from qwen2vl.train import demo_stream, forward
 from qwen2vl.train import vision_targets as vt
 
@@ -78,6 +77,12 @@ def _layout(info: dict, grid) -> tuple:
     return t, h // 2, w // 2, width / (w * 14), height / (h * 14)
 
 
+def _centre_cell(box, rows: int, cols: int, sx: float, sy: float) -> int:
+    """The merged token holding a drawn box's centre (clamped as ``media_targets`` clamps)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)
+
+
 def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
     """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none)."""
     t, rows, cols, sx, sy = _layout(info, grid)
@@ -85,9 +90,7 @@ def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
     for box, pair, _ in vt._objects(info, tokenizer):
         if "word" in info and tuple(box) == tuple(info.get("text", ())):
             continue
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        k = min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)
-        out[[p for p in range(t) if pair is None or pair == p], k] = 1.0
+        out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] = 1.0
     return out.reshape(-1)
 
 
@@ -98,8 +101,9 @@ def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
     cw, ch = 28 * sx, 28 * sy
     cell = np.stack([xs * cw, ys * ch], -1).reshape(-1, 2)  # (cells, 2): each cell's origin, drawn pixels
     out = np.zeros((t, rows * cols, 4))
+    objects = vt._objects(info, tokenizer)
     for p in range(t):
-        boxes = np.array([o[0] for o in vt._objects(info, tokenizer) if o[1] is None or o[1] == p], np.float64)
+        boxes = np.array([o[0] for o in objects if o[1] is None or o[1] == p], np.float64)
         if not len(boxes):
             continue
         lo = np.maximum(cell[:, None, :], boxes[None, :, :2])  # (cells, objects, 2): the overlap's x0, y0
@@ -115,21 +119,14 @@ def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
 
 def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
     """(t * rows * cols, HIDDEN): each object's names, digit included, at the cell of its centre only."""
-    t, h, w = (int(v) for v in grid)
-    rows, cols = h // 2, w // 2
-    width, height = vt._drawn_size(info)
-    sx, sy = width / (w * 14), height / (h * 14)  # drawn pixels per resized pixel
+    t, rows, cols, sx, sy = _layout(info, grid)
     out = BACKGROUND.expand(t * rows * cols, HIDDEN).clone().view(t, rows * cols, HIDDEN)
     digits = {tuple(b["box"]): str(b["digit"]) for b in info.get("blocks", ())}
     for box, pair, toks in vt._objects(info, tokenizer):
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        k = min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)
         if tuple(box) in digits:
             toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
         code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
-        for p in range(t):
-            if pair is None or pair == p:
-                out[p, k] += code
+        out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] += code
     return out.reshape(-1, HIDDEN)
 
 
@@ -160,26 +157,17 @@ def _attach(got, info: dict, tokenizer):
     return got
 
 
-def _item(self, i):
-    """``DemoSamples.__getitem__`` (demo data only) with the oracle features attached."""
-    if isinstance(i, slice):
-        return [self[j] for j in range(*i.indices(self.n))]
-    if not -self.n <= i < self.n:
-        raise IndexError(i)
-    i %= self.n
-    s = self.source(i)
-    name = f"{self.prefix}[{i}]:{s.task}/{s.seed}"
-    got = demo_stream.build_sample(self.builder, name, demo_stream.Conversation(s.conversation(), s.tools))
-    if isinstance(got, str):
-        raise InvalidInputError(f"{name}: {got} (raise cutoff_len)")
-    if self.naming:
-        got.vision_targets = demo_stream.naming_targets(s.info, got.vision, self.builder.tokenizer)
-    return _attach(got, s.info, self.builder.tokenizer)
+def _finish(self, got, info: dict):
+    """``DemoSamples.finish`` with the oracle features attached as well (demo data only)."""
+    return _attach(_FINISH(self, got, info), info, self.builder.tokenizer)
+
+
+_FINISH = demo_stream.DemoSamples.finish
 
 
 def _media_batch(model, vis: list, kind: str, checkpointing: bool):
     """``forward._media_batch`` with the oracle features in place of the tower's: every sample must come from
-    :func:`_item` (demo data; a ``dataset`` config has no oracle)."""
+    :func:`_finish` (demo data; a ``dataset`` config has no oracle)."""
     feats, items, row = [], [], 0
     for b, v in enumerate(vis):
         grids = None if v is None else getattr(v, f"{kind}_grid_thw")
@@ -201,12 +189,12 @@ def train(config: str, overrides: list[str]) -> None:
     from qwen2vl.train.trainer import Trainer
     kw = {"freeze_vision_tower": True, "freeze_multi_modal_projector": True, "eval_strategy": "no",
           **parse_overrides(overrides), "vision_aux_loss": 0.0, "vision_feature_reg": 0.0}  # no tower to train
-    saved = demo_stream.DemoSamples.__getitem__, forward._media_batch
-    demo_stream.DemoSamples.__getitem__, forward._media_batch = _item, _media_batch
+    saved = demo_stream.DemoSamples.finish, forward._media_batch
+    demo_stream.DemoSamples.finish, forward._media_batch = _finish, _media_batch
     try:
         result = Trainer(config, **kw).train()
     finally:
-        demo_stream.DemoSamples.__getitem__, forward._media_batch = saved
+        demo_stream.DemoSamples.finish, forward._media_batch = saved
     with open(os.path.join(result.output_dir, SAVED), "w") as f:
         json.dump({"mode": MODE, "geometry": GEOMETRY}, f)
     print(result.results)
@@ -242,11 +230,11 @@ def grounding_ceiling(n: int) -> None:
     covers the true box, and the true size centred on the centre of the cell holding the box's centre."""
     from qwen2vl.demo.evaluate import held_out_samples
     from qwen2vl.demo.grading import iou
-    from qwen2vl.media.common import smart_resize
+    from qwen2vl.media.common import MAX_PIXELS, MIN_PIXELS, smart_resize
     cover = centred = 0
     for s in held_out_samples("grounding", n, 0):
         width, height = s.info["image"].size
-        h, w = smart_resize(height, width, 28, 56 * 56, 28 * 28 * 1280)
+        h, w = smart_resize(height, width, 28, MIN_PIXELS, MAX_PIXELS)
         cx, cy = 1000 / (w // 28), 1000 / (h // 28)  # a cell on the 0-1000 scale
         x0, y0, x1, y1 = s.truth
         box = ((x0 // cx) * cx, (y0 // cy) * cy, -(-x1 // cx) * cx, -(-y1 // cy) * cy)

@@ -70,8 +70,13 @@ class DemoSamples(Sequence):
         got = build_sample(self.builder, name, Conversation(s.conversation(), s.tools))
         if isinstance(got, str):
             raise InvalidInputError(f"{name}: {got} (raise cutoff_len)")
+        return self.finish(got, s.info)
+
+    def finish(self, got: Sample, info: dict) -> Sample:
+        """The last step of building item i: ``got`` with what needs the drawing's ``info`` attached (the naming
+        targets when asked; a diagnostic such as examples/nano/oracle_probe.py adds its own here)."""
         if self.naming:
-            got.vision_targets = naming_targets(s.info, got.vision, self.builder.tokenizer)
+            got.vision_targets = naming_targets(info, got.vision, self.builder.tokenizer)
         return got
 
 
