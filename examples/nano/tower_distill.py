@@ -1,0 +1,207 @@
+"""Train qwen2vl-nano's vision tower to produce the oracle features of ``oracle_probe.py`` (feature distillation).
+
+    python examples/nano/tower_distill.py train --init qwen2vl/models/nano --out DIR [--steps 3000] [--batch 8]
+    python examples/nano/tower_distill.py score DIR [-n 60]
+    python examples/nano/tower_distill.py assemble DIR --decoder DECODER_DIR --out MODEL_DIR
+
+The oracle probe (``oracle_probe.py``, HISTORY.md item 8) trains a decoder on fixed codes of what the demo
+generators drew under each merged token; this trains the tower (patch embedding, blocks, merger) to output those
+codes from the pixels, so the two can be put together into one checkpoint (``assemble``). The loss is the mean
+squared error per merged token (summed over the 96 channels), each object's centre cell weighing ``--centre_weight``
+times a background cell: background cells are most of a picture and the easiest.
+
+``score`` reads the features back as the decoder would need them: at each object's true centre cell, which colour,
+shape, digit or sign word the feature is nearest to (dot product with each name's code, within its kind), and how
+many cells carry a "centre" where none is drawn (precision / recall of the centre code at half its strength).
+Its held-out pictures come from seeds the trainer never draws (``SCORE_OFFSET``).
+
+A run saves ``DIR/tower.pt`` (the visual module's state and the step) every ``--save`` steps and resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oracle_probe as op  # noqa: E402  (the codes; the mode is set below)
+
+TASKS = "blocks,counting,reading,grounding,video"
+SCORE_OFFSET = 10 ** 8  # score pictures: training seeds far from any the trainer draws
+
+
+def _setup(path: str):
+    from qwen2vl.loader import load_model
+    from qwen2vl.processor import Processor
+    from qwen2vl.tokenizer import Tokenizer
+    model = load_model(path, torch.float32, prepack=False, file_embedding=False)
+    tok = Tokenizer.from_pretrained(path)
+    return model, tok, Processor(tok, model.cfg)
+
+
+def draw(data, i: int, processor, tok):
+    """(patches (N, 1176), grid (t, h, w), oracle target (cells, 96), centre mask (cells,), info) of sample i."""
+    from qwen2vl.media.messages import normalize_messages
+    s = data.sample(i)
+    _, media = normalize_messages(s.conversation())
+    v = processor.load_media(media)
+    if v.pixel_values is not None:
+        pix, grid = v.pixel_values, v.image_grid_thw[0]
+    else:
+        pix, grid = v.pixel_values_videos, v.video_grid_thw[0]
+    grid = [int(g) for g in grid]
+    return pix, grid, op.oracle(s.info, grid, tok), op._centre_marks(s.info, grid, tok), s.info
+
+
+def tower(model, pix: torch.Tensor, grids: list) -> torch.Tensor:
+    from qwen2vl.train.forward import vision_features
+    return vision_features(model, pix, grids, checkpointing=False)
+
+
+def step_loss(model, batch: list, centre_weight: float) -> torch.Tensor:
+    pix = torch.cat([b[0] for b in batch])
+    out = tower(model, pix, [b[1] for b in batch]).float()  # (cells of the batch, 96)
+    target = torch.cat([b[2] for b in batch])
+    weight = 1 + (centre_weight - 1) * torch.cat([b[3] for b in batch])  # (cells,)
+    return (((out - target) ** 2).sum(1) * weight).sum() / weight.sum()
+
+
+def train(args) -> None:
+    from qwen2vl.demo.data import DemoData
+    torch.manual_seed(args.seed)
+    model, tok, processor = _setup(args.init)
+    model.requires_grad_(False)
+    model.visual.requires_grad_(True)
+    params = [p for p in model.visual.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt, start = os.path.join(args.out, "tower.pt"), 0
+    if os.path.exists(ckpt):
+        saved = torch.load(ckpt)
+        model.visual.load_state_dict(saved["visual"])
+        opt.load_state_dict(saved["opt"])
+        start = saved["step"]
+        print(f"resumed at step {start}", flush=True)
+    data = DemoData(args.tasks.split(","))
+    lr_at = lambda s: args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))  # noqa
+    t0, run = time.time(), []
+    for step in range(start, args.steps):
+        batch = [draw(data, step * args.batch + j, processor, tok) for j in range(args.batch)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = step_loss(model, batch, args.centre_weight)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run.append(loss.item())
+        if (step + 1) % 25 == 0:
+            print(f"step {step + 1} loss {sum(run) / len(run):.4f} ({time.time() - t0:.0f} s)", flush=True)
+            run = []
+        if (step + 1) % args.save == 0 or step + 1 == args.steps:
+            torch.save({"visual": model.visual.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+            if args.score:
+                score_model(model, tok, processor, args.score, args.tasks)
+
+
+def _kind_codes(tok):
+    """{kind: (names, (names, 96) codes)} of the names a centre cell can carry."""
+    from qwen2vl.demo import common, signs
+    kinds = {"colour": [" " + c for c in common.COLOURS], "shape": [" " + s for s in common.SHAPES],
+             "digit": list("0123456789"), "word": list(signs.WORDS)}
+    return {k: (v, torch.stack([op.SCALE * op.CODES[torch.tensor(tok.encode(n))].sum(0) for n in v]))
+            for k, v in kinds.items()}
+
+
+@torch.no_grad()
+def score_model(model, tok, processor, n: int, tasks: str) -> dict:
+    """Per-kind accuracy of the names read at each object's true centre cell, and the centre code's
+    precision / recall, over ``n`` held-out pictures drawn round the tasks."""
+    from qwen2vl.demo.data import DemoData
+    data = DemoData(tasks.split(","), seed_offset=SCORE_OFFSET)
+    codes = _kind_codes(tok)
+    right = {k: [0, 0] for k in codes}
+    tp = fp = fn = 0
+    err = 0.0
+    for i in range(n):
+        pix, grid, target, marks, info = draw(data, i, processor, tok)
+        out = tower(model, pix, [grid])
+        err += ((out - target) ** 2).sum(1).mean().item() / n
+        said = ((out - op.BACKGROUND) @ op.CENTRE / op.CENTRE.norm() ** 2) > 0.5
+        tp += int((said & (marks > 0)).sum())
+        fp += int((said & (marks == 0)).sum())
+        fn += int((~said & (marks > 0)).sum())
+        for cell in torch.nonzero(marks > 0).flatten().tolist():
+            truth = target[cell] - op.BACKGROUND - op.CENTRE
+            for k, (names, c) in codes.items():
+                want = (c @ truth).argmax().item()
+                if (c[want] @ truth) < 0.8 * op.SCALE ** 2:  # this kind is not named here
+                    continue
+                right[k][0] += int((c @ out[cell]).argmax().item() == want)
+                right[k][1] += 1
+    got = {k: f"{100 * a / b:.0f}% of {b}" for k, (a, b) in right.items() if b}
+    got["centre P/R"] = f"{100 * tp / max(1, tp + fp):.0f}/{100 * tp / max(1, tp + fn):.0f}"
+    got["mse/cell"] = f"{err:.3f}"
+    print("score:", got, flush=True)
+    return got
+
+
+def assemble(run: str, decoder: str, out: str) -> None:
+    """A model directory (official layout, float32): ``decoder``'s model (an oracle-probe run: its config, text
+    weights and side files) with the tower of the run ``run`` in place of its own."""
+    import json
+    import shutil
+    from qwen2vl.loader import load_model
+    from qwen2vl.train.checkpoint import copy_model_files, save_full
+    model = load_model(decoder, torch.float32, prepack=False, file_embedding=False)
+    model.visual.load_state_dict(torch.load(os.path.join(run, "tower.pt"))["visual"])
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    with open(os.path.join(decoder, "config.json"), encoding="utf-8") as f:
+        save_full(model, json.load(f), out)
+    copy_model_files(decoder, out)
+    for name in (op.SAVED, "tower.pt"):  # not a probe model any more; no optimizer state either
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["train", "score", "assemble"])
+    p.add_argument("path", nargs="?", help="score: a run directory (its tower.pt) over --init")
+    p.add_argument("--init", default="qwen2vl/models/nano")
+    p.add_argument("--decoder", help="assemble: the decoder's model directory (an oracle-probe run)")
+    p.add_argument("--out", default="nano-tower")
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help="the tower's matmuls in bfloat16 (autocast; 1.7x here)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--centre_weight", type=float, default=8.0)
+    p.add_argument("--save", type=int, default=250)
+    p.add_argument("--score", type=int, default=40, help="held-out pictures scored at each save (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-geometry", dest="geometry", action="store_false")
+    p.add_argument("-n", type=int, default=60)
+    args = p.parse_args(argv)
+    op.MODE, op.GEOMETRY = "centre", args.geometry
+    if args.what == "train":
+        train(args)
+    elif args.what == "assemble":
+        assemble(args.path, args.decoder, args.out)
+    else:
+        model, tok, processor = _setup(args.init)
+        model.visual.load_state_dict(torch.load(os.path.join(args.path, "tower.pt"))["visual"])
+        score_model(model, tok, processor, args.n, args.tasks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""examples/nano/tower_distill.py: the tower learns the oracle's features (the loss falls on a fixed batch), a run
+resumes from its checkpoint, ``score`` reads names back at the centre cells, and ``assemble`` puts the trained
+tower beside a decoder in a model directory the engine loads."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen2vl.demo.data import DemoData
+from qwen2vl.models import DEMO_MODEL_DIR
+from tests.train_helpers import one_thread  # noqa: F401 (autouse: one thread for every test here)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def td():
+    spec = importlib.util.spec_from_file_location("tower_distill", ROOT / "examples/nano/tower_distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.op.MODE, mod.op.GEOMETRY = "centre", True
+    return mod
+
+
+@pytest.fixture(scope="module")
+def setup(td):
+    return td._setup(DEMO_MODEL_DIR)
+
+
+def test_the_target_marks_one_centre_per_object(td, setup):
+    _, tok, processor = setup
+    data = DemoData(["counting"])
+    for i in range(4):
+        pix, grid, target, marks, info = td.draw(data, i, processor, tok)
+        assert pix.shape[0] == grid[0] * grid[1] * grid[2] and target.shape == (pix.shape[0] // 4, td.op.HIDDEN)
+        # two shapes may share a centre cell (then that cell holds both codes)
+        assert 1 <= marks.sum() <= len(info["shapes"]) or not info["shapes"]
+        centre = (target - td.op.BACKGROUND) @ td.op.CENTRE / td.op.CENTRE.norm() ** 2  # (cells,)
+        assert torch.allclose((centre > 0.5).float(), (marks > 0).float())
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(td, setup):
+    model, tok, processor = setup
+    model.requires_grad_(False)
+    model.visual.requires_grad_(True)
+    data = DemoData(["blocks", "video"])
+    batch = [td.draw(data, i, processor, tok) for i in range(2)]
+    opt = torch.optim.AdamW(model.visual.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss = td.step_loss(model, batch, 8.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_train_resume_score_and_assemble(td, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--batch", "1", "--save", "1", "--score", "2", "--tasks", "blocks,reading"]
+    td.main(["train", "--steps", "1", *args])
+    assert torch.load(out / "tower.pt")["step"] == 1
+    td.main(["train", "--steps", "2", *args])
+    log = capsys.readouterr().out
+    assert "resumed at step 1" in log and log.count("score:") == 2
+    saved = torch.load(out / "tower.pt")
+    assert saved["step"] == 2
+    td.main(["score", str(out), "-n", "2", "--tasks", "blocks"])
+    assert "'colour':" in capsys.readouterr().out
+    model_dir = tmp_path / "model"
+    td.main(["assemble", str(out), "--decoder", DEMO_MODEL_DIR, "--out", str(model_dir)])
+    weights = load_file(str(model_dir / "model.safetensors"))
+    tower = saved["visual"]
+    assert torch.equal(weights["visual.blocks.0.attn.qkv.weight"], tower["blocks.0.attn.qkv.weight"])
+    assert torch.equal(weights["visual.merger.mlp.2.weight"], tower["merger.mlp.2.weight"])
+    from qwen2vl import LLM, SamplingParams
+    llm = LLM(str(model_dir), dtype="float32")
+    s = DemoData(["counting"]).sample(0)
+    assert llm.chat(s.messages, SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].text is not None
