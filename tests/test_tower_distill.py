@@ -42,6 +42,29 @@ def test_the_target_marks_one_centre_per_object(td, setup):
         assert torch.allclose((centre > 0.5).float(), (marks > 0).float())
 
 
+def test_score_of_a_perfect_tower_is_perfect(td, setup, monkeypatch):
+    """A tower that outputs the oracle's own features reads every name right at every centre (signs' words and
+    both frame pairs of a video included), and marks exactly the centres."""
+    model, tok, processor = setup
+    last = {}
+    real_draw = td.draw
+
+    def draw(*a):  # remember the picture's oracle features ...
+        got = real_draw(*a)
+        last["target"] = got[2]
+        return got
+
+    def perfect(model, pix, grids):  # ... and give them back as the tower's output
+        return last["target"]
+
+    monkeypatch.setattr(td, "tower", perfect)
+    monkeypatch.setattr(td, "draw", draw)
+    got = td.score_model(model, tok, processor, 10, "blocks,counting,reading,grounding,video")
+    for kind in ("colour", "shape", "digit", "word"):
+        assert got[kind].startswith("100% of "), (kind, got)
+    assert got["centre P/R"] == "100/100" and got["mse/cell"] == "0.000"
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(td, setup):
     model, tok, processor = setup
     model.requires_grad_(False)

@@ -55,7 +55,9 @@ def draw(data, i: int, processor, tok):
     else:
         pix, grid = v.pixel_values_videos, v.video_grid_thw[0]
     grid = [int(g) for g in grid]
-    return pix, grid, op.oracle(s.info, grid, tok), op._centre_marks(s.info, grid, tok), s.info
+    target = op.oracle(s.info, grid, tok)  # (cells, 96)
+    marks = (((target - op.BACKGROUND) @ op.CENTRE / op.CENTRE.norm() ** 2) > 0.5).float()  # signs' too
+    return pix, grid, target, marks, s.info
 
 
 def tower(model, pix: torch.Tensor, grids: list) -> torch.Tensor:
@@ -113,16 +115,35 @@ def train(args) -> None:
 def _kind_codes(tok):
     """{kind: (names, (names, 96) codes)} of the names a centre cell can carry."""
     from qwen2vl.demo import common, signs
-    kinds = {"colour": [" " + c for c in common.COLOURS], "shape": [" " + s for s in common.SHAPES],
-             "digit": list("0123456789"), "word": list(signs.WORDS)}
-    return {k: (v, torch.stack([op.SCALE * op.CODES[torch.tensor(tok.encode(n))].sum(0) for n in v]))
-            for k, v in kinds.items()}
+    kinds = {"colour": list(common.COLOURS), "shape": list(common.SHAPES), "digit": list("0123456789"),
+             "word": list(signs.WORDS)}
+    spell = {"colour": " {}", "shape": " {}", "digit": "{}", "word": "{}"}  # how oracle_probe names them
+    return {k: (v, torch.stack([op.SCALE * op.CODES[torch.tensor(tok.encode(spell[k].format(n)))].sum(0)
+                                for n in v])) for k, v in kinds.items()}
+
+
+def named_objects(info: dict, grid) -> list:
+    """(frame pair, centre cell, {kind: true name}) of every object the generator drew."""
+    t, rows, cols, sx, sy = op._layout(info, grid)
+    at = lambda box: op._centre_cell(box, rows, cols, sx, sy)  # noqa: E731
+    out = [(0, at(b["box"]), {"colour": b["colour"], "digit": str(b["digit"])}) for b in info.get("blocks", ())]
+    out += [(0, at(s["box"]), {"colour": s["colour"], "shape": s["kind"]}) for s in info.get("shapes", ())]
+    if "word" in info and "text" in info:
+        out.append((0, at(info["text"]), {"word": info["word"]}))
+    if "cells" in info and "grid" in info:
+        g = info["grid"]
+        step = g["size"] + g["gap"]
+        for pair, cells in enumerate((info["cells"], info["after"])):
+            for name, (c, r) in zip(info["colours"], cells):
+                x, y = g["origin"][0] + c * step, g["origin"][1] + r * step
+                out.append((pair, at((x, y, x + g["size"], y + g["size"])), {"colour": name}))
+    return out
 
 
 @torch.no_grad()
 def score_model(model, tok, processor, n: int, tasks: str) -> dict:
-    """Per-kind accuracy of the names read at each object's true centre cell, and the centre code's
-    precision / recall, over ``n`` held-out pictures drawn round the tasks."""
+    """Per-kind accuracy of the names read at each object's true centre cell (the name whose code the feature
+    projects on most, within the kind), and the centre code's precision / recall, over ``n`` held-out pictures drawn round the tasks."""
     from qwen2vl.demo.data import DemoData
     data = DemoData(tasks.split(","), seed_offset=SCORE_OFFSET)
     codes = _kind_codes(tok)
@@ -131,19 +152,18 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
     err = 0.0
     for i in range(n):
         pix, grid, target, marks, info = draw(data, i, processor, tok)
-        out = tower(model, pix, [grid])
+        out = tower(model, pix, [grid])  # (t * rows * cols, 96)
         err += ((out - target) ** 2).sum(1).mean().item() / n
         said = ((out - op.BACKGROUND) @ op.CENTRE / op.CENTRE.norm() ** 2) > 0.5
         tp += int((said & (marks > 0)).sum())
         fp += int((said & (marks == 0)).sum())
         fn += int((~said & (marks > 0)).sum())
-        for cell in torch.nonzero(marks > 0).flatten().tolist():
-            truth = target[cell] - op.BACKGROUND - op.CENTRE
-            for k, (names, c) in codes.items():
-                want = (c @ truth).argmax().item()
-                if (c[want] @ truth) < 0.8 * op.SCALE ** 2:  # this kind is not named here
-                    continue
-                right[k][0] += int((c @ out[cell]).argmax().item() == want)
+        per_pair = out.shape[0] // grid[0]
+        for pair, cell, names in named_objects(info, grid):
+            for k, name in names.items():
+                c = codes[k][1]  # the projection on each name's code: " light blue" beats " blue" only if both
+                got = codes[k][0][int((c @ out[pair * per_pair + cell] / c.norm(dim=1)).argmax())]
+                right[k][0] += int(got == name)
                 right[k][1] += 1
     got = {k: f"{100 * a / b:.0f}% of {b}" for k, (a, b) in right.items() if b}
     got["centre P/R"] = f"{100 * tp / max(1, tp + fp):.0f}/{100 * tp / max(1, tp + fn):.0f}"
