@@ -115,3 +115,25 @@ def test_geometry_is_the_box_of_the_object_over_the_cell_in_cell_widths(probe, t
         col, row = k % cols, k // cols
         want = torch.tensor([x0 / (28 * sx) - col, y0 / (28 * sy) - row, x1 / (28 * sx) - col, y1 / (28 * sy) - row])
         torch.testing.assert_close(geo[k], want.clamp(-4, 5))
+
+
+def test_pairs_add_one_code_per_colour_and_shape_at_the_shapes_centre(probe, tok):
+    from qwen2vl.demo.common import SHAPES
+    s = sample("counting", 5)
+    grid = _grid(s.info)
+    _, rows, cols, sx, sy = probe._layout(s.info, grid)
+    probe.MODE, probe.GEOMETRY = "centre", False
+    try:
+        plain = probe.oracle(s.info, grid, tok)
+        probe.PAIRS = True
+        paired = probe.oracle(s.info, grid, tok)
+    finally:
+        probe.PAIRS = False
+    cells = [probe._centre_cell(sh["box"], rows, cols, sx, sy) for sh in s.info["shapes"]]
+    assert s.info["shapes"] and len(set(cells)) == len(cells)  # this sample: one shape a cell
+    extra = paired - plain  # (cells, hidden)
+    for sh, cell in zip(s.info["shapes"], cells):
+        k = list(COLOURS).index(sh["colour"]) * len(SHAPES) + list(SHAPES).index(sh["kind"])
+        assert torch.allclose(extra[cell], probe.PAIR_CODES[k])
+    others = [c for c in range(rows * cols) if c not in cells]
+    assert extra[others].abs().max() == 0

@@ -19,9 +19,11 @@ unit vectors (x 1.5), one per name, over a constant background vector; the names
 
 ``--geometry`` adds to each cell an object overlaps (in ``centre`` mode: to the centre cells only) that object's
 box relative to the cell (x0, y0, x1, y1 in cell widths, clipped to [-4, 5]) through a fixed random
-(4, HIDDEN) projection: what grounding would need beyond names. ``train`` records the mode beside the model
-(``oracle_probe.json``) and ``eval`` uses it. The codes are drawn from fixed seeds in a fixed order: evaluate a
-probe model with the version of this file that trained it.
+(4, HIDDEN) projection: what grounding would need beyond names. ``--pairs`` (``centre`` mode) adds at each
+shape's centre one fixed code for its (colour, shape) pair, so "the red circle" is one lookup, not a
+conjunction. ``train`` records the mode and flags beside the model (``oracle_probe.json``) and ``eval`` uses
+them. The codes are drawn from fixed seeds in a fixed order: evaluate a probe model with the version of this file
+that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
 for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.
@@ -56,6 +58,9 @@ G = torch.randn(4, HIDDEN, generator=_GEN)
 G = 0.6 * G / G.norm(dim=1, keepdim=True)
 MODE = "cells"
 GEOMETRY = False
+PAIRS = False  # centre mode: a shape's centre also carries one code for its (colour, shape) pair
+PAIR_CODES = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(77))
+PAIR_CODES = SCALE * PAIR_CODES / PAIR_CODES.norm(dim=1, keepdim=True)
 SAVED = "oracle_probe.json"  # beside a trained model: the mode and geometry it was trained under
 
 
@@ -127,6 +132,11 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
             toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
         code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
         out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] += code
+    if PAIRS:
+        from qwen2vl.demo.common import COLOURS, SHAPES
+        for s in info.get("shapes", ()):
+            k = list(COLOURS).index(s["colour"]) * len(SHAPES) + list(SHAPES).index(s["kind"])
+            out[0, _centre_cell(s["box"], rows, cols, sx, sy)] += PAIR_CODES[k]
     return out.reshape(-1, HIDDEN)
 
 
@@ -196,7 +206,7 @@ def train(config: str, overrides: list[str]) -> None:
     finally:
         demo_stream.DemoSamples.finish, forward._media_batch = saved
     with open(os.path.join(result.output_dir, SAVED), "w") as f:
-        json.dump({"mode": MODE, "geometry": GEOMETRY}, f)
+        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS}, f)
     print(result.results)
 
 
@@ -247,16 +257,19 @@ def grounding_ceiling(n: int) -> None:
 
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
-    global MODE, GEOMETRY
+    global MODE, GEOMETRY, PAIRS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
     p.add_argument("path", nargs="?", help="the training config (train) or the trained model directory (eval)")
     p.add_argument("--mode", choices=["cells", "cells+centre", "centre"], default="cells")
     p.add_argument("--geometry", action="store_true", help="each cell's object box relative to the cell, too")
+    p.add_argument("--pairs", action="store_true", help="centre mode: a code per (colour, shape) pair as well")
     p.add_argument("-n", type=int, default=50, help="held-out samples a task (eval)")
     p.add_argument("--tasks", default="blocks,counting,reading,weather,grounding,video")
     args, rest = p.parse_known_args(argv)
-    MODE, GEOMETRY = args.mode, args.geometry
+    MODE, GEOMETRY, PAIRS = args.mode, args.geometry, args.pairs
+    if PAIRS and MODE != "centre":
+        p.error("--pairs needs --mode centre")
     if args.what != "grounding-ceiling" and not args.path:
         p.error(f"{args.what} needs a path")
     if rest and args.what != "train":
@@ -264,8 +277,8 @@ def main(argv=None) -> None:
     if args.what == "eval" and os.path.isfile(os.path.join(args.path, SAVED)):
         with open(os.path.join(args.path, SAVED)) as f:
             saved = json.load(f)
-        MODE, GEOMETRY = saved["mode"], saved["geometry"]  # the features it was trained on
-        print(f"oracle: mode {MODE}, geometry {GEOMETRY} (from {SAVED})")
+        MODE, GEOMETRY, PAIRS = saved["mode"], saved["geometry"], saved.get("pairs", False)  # as trained
+        print(f"oracle: mode {MODE}, geometry {GEOMETRY}, pairs {PAIRS} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)
     elif args.what == "train":

@@ -90,7 +90,8 @@ def train(args) -> None:
         start = saved["step"]
         print(f"resumed at step {start}", flush=True)
     data = DemoData(args.tasks.split(","))
-    lr_at = lambda s: args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))  # noqa
+    def lr_at(s: int) -> float:  # 50 warmup steps, then cosine to 0 at args.steps
+        return args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     t0, run = time.time(), []
     for step in range(start, args.steps):
         batch = [draw(data, step * args.batch + j, processor, tok) for j in range(args.batch)]
@@ -143,7 +144,8 @@ def named_objects(info: dict, grid) -> list:
 @torch.no_grad()
 def score_model(model, tok, processor, n: int, tasks: str) -> dict:
     """Per-kind accuracy of the names read at each object's true centre cell (the name whose code the feature
-    projects on most, within the kind), and the centre code's precision / recall, over ``n`` held-out pictures drawn round the tasks."""
+    projects on most, within the kind), and the centre code's precision / recall, over ``n`` held-out pictures
+    drawn round the tasks."""
     from qwen2vl.demo.data import DemoData
     data = DemoData(tasks.split(","), seed_offset=SCORE_OFFSET)
     codes = _kind_codes(tok)
