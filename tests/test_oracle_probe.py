@@ -1,7 +1,6 @@
 """examples/nano/oracle_probe.py: the oracle features say what the generator drew, where the tower's features
 would go, and a short decoder-only run trains and evaluates through them."""
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -12,17 +11,14 @@ from qwen2vl.demo.tasks import sample
 from qwen2vl.media.common import MAX_PIXELS, MIN_PIXELS, smart_resize
 from qwen2vl.models import DEMO_MODEL_DIR
 from qwen2vl.tokenizer import Tokenizer
-from qwen2vl.train.vision_targets import IGNORE, media_targets
+from tests.train_helpers import nano_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("oracle_probe", ROOT / "examples/nano/oracle_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return nano_example("oracle_probe")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """examples/nano/timed_train.py and assemble.py: the time box sets max_steps from the measured rate and re-draws the
 schedule over it; the compact weights assemble back into the very model the trainer saved."""
 
-import importlib.util
 import os
 
 import pytest
@@ -10,16 +9,11 @@ from safetensors.torch import load_file
 
 from qwen2vl.train.prepare import lr_lambda, warmup_steps
 from qwen2vl.train.trainer import Trainer
-from tests.train_helpers import one_thread  # noqa: F401 (autouse fixture)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.train_helpers import nano_example, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
-def _module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", "nano", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+_module = nano_example
 
 
 def _cfg(ckpt, out, **kw):

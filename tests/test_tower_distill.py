@@ -2,8 +2,6 @@
 resumes from its checkpoint, ``score`` reads names back at the centre cells, and ``assemble`` puts the trained
 tower beside a decoder in a model directory the engine loads."""
 
-import importlib.util
-import pathlib
 
 import pytest
 import torch
@@ -11,16 +9,12 @@ from safetensors.torch import load_file
 
 from qwen2vl.demo.data import DemoData
 from qwen2vl.models import DEMO_MODEL_DIR
-from tests.train_helpers import one_thread  # noqa: F401 (autouse: one thread for every test here)
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.train_helpers import nano_example, one_thread  # noqa: F401 (one_thread: autouse, one thread)
 
 
 @pytest.fixture(scope="module")
 def td():
-    spec = importlib.util.spec_from_file_location("tower_distill", ROOT / "examples/nano/tower_distill.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = nano_example("tower_distill")
     mod.op.MODE, mod.op.GEOMETRY = "centre", True
     return mod
 

@@ -125,19 +125,14 @@ def _kind_codes(tok):
 
 def named_objects(info: dict, grid) -> list:
     """(frame pair, centre cell, {kind: true name}) of every object the generator drew."""
+    from qwen2vl.train import vision_targets as vt
     t, rows, cols, sx, sy = op._layout(info, grid)
     at = lambda box: op._centre_cell(box, rows, cols, sx, sy)  # noqa: E731
     out = [(0, at(b["box"]), {"colour": b["colour"], "digit": str(b["digit"])}) for b in info.get("blocks", ())]
     out += [(0, at(s["box"]), {"colour": s["colour"], "shape": s["kind"]}) for s in info.get("shapes", ())]
     if "word" in info and "text" in info:
         out.append((0, at(info["text"]), {"word": info["word"]}))
-    if "cells" in info and "grid" in info:
-        g = info["grid"]
-        step = g["size"] + g["gap"]
-        for pair, cells in enumerate((info["cells"], info["after"])):
-            for name, (c, r) in zip(info["colours"], cells):
-                x, y = g["origin"][0] + c * step, g["origin"][1] + r * step
-                out.append((pair, at((x, y, x + g["size"], y + g["size"])), {"colour": name}))
+    out += [(pair, at(box), {"colour": name}) for pair, name, box in vt.video_blocks(info)]
     return out
 
 

@@ -93,13 +93,23 @@ def _objects(info: dict, tokenizer) -> list[tuple[tuple[float, float, float, flo
         out.append((s["box"], None, colour(s["colour"]) + _tokens(tokenizer, " " + s["kind"])))
     if "word" in info and "text" in info:
         out.append((info["text"], None, _tokens(tokenizer, info["word"])))
-    if "cells" in info and "grid" in info:
-        g = info["grid"]
-        step = g["size"] + g["gap"]
-        for pair, cells in enumerate((info["cells"], info["after"])):
-            for name, (c, r) in zip(info["colours"], cells):
-                x, y = g["origin"][0] + c * step, g["origin"][1] + r * step
-                out.append(((x, y, x + g["size"], y + g["size"]), pair, colour(name) + _tokens(tokenizer, " block")))
+    for pair, name, box in video_blocks(info):
+        out.append((box, pair, colour(name) + _tokens(tokenizer, " block")))
+    return out
+
+
+def video_blocks(info: dict) -> list[tuple[int, str, tuple[float, float, float, float]]]:
+    """(frame pair, colour, box x0, y0, x1, y1 in drawn pixels) of each block of a video task's grid, before
+    (pair 0) and after (pair 1) the move; [] for anything else."""
+    if "cells" not in info or "grid" not in info:
+        return []
+    g = info["grid"]
+    step = g["size"] + g["gap"]
+    out = []
+    for pair, cells in enumerate((info["cells"], info["after"])):
+        for name, (c, r) in zip(info["colours"], cells):
+            x, y = g["origin"][0] + c * step, g["origin"][1] + r * step
+            out.append((pair, name, (x, y, x + g["size"], y + g["size"])))
     return out
 
 
