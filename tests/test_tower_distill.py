@@ -59,6 +59,32 @@ def test_score_of_a_perfect_tower_is_perfect(td, setup, monkeypatch):
     assert got["centre P/R"] == "100/100" and got["mse/cell"] == "0.000"
 
 
+def test_naming_ce_is_near_zero_on_the_oracle_features_and_high_on_background(td, setup):
+    """At each object's centre cell the oracle's own features name it (every kind: blocks' digits, shapes, signs'
+    words, video blocks' colours); features that are background everywhere name nothing."""
+    _, tok, processor = setup
+    codes = td._kind_codes(tok)
+    data = DemoData(["blocks", "counting", "reading", "video"])
+    batch = [td.draw(data, i, processor, tok) for i in range(8)]
+    target = torch.cat([b[2] for b in batch])
+    perfect = td.naming_ce(target, batch, codes).item()
+    blank = td.naming_ce(td.op.BACKGROUND.expand_as(target).clone(), batch, codes).item()
+    assert perfect < 0.1 and blank > 1.5, (perfect, blank)
+
+
+def test_crop_batch_holds_blocks_and_signs_more_than_shapes(td, setup):
+    _, tok, processor = setup
+    crops = DemoData(["closeup"], seed_offset=td.CROP_OFFSET)
+    got = td.crop_batch(crops, 0, 21, processor, tok)
+    kinds = [td.crop_kind(b[4]) for b in got]
+    assert len(got) == 21 and kinds.count("shapes") < min(kinds.count("blocks"), kinds.count("word"))
+    signs = [td.crop_kind(b[4]) for b in td.crop_batch(crops, 0, 6, processor, tok, {"word": 1})]
+    assert signs == ["word"] * 6
+    assert got[0][4] is not td.crop_batch(crops, 1, 21, processor, tok)[0][4]  # each step its own crops
+    for pix, grid, target, marks, info in got:  # a crop is a picture of its own: the oracle marks its object
+        assert grid[0] == 1 and marks.sum() == 1 and grid[1] * grid[2] < 196  # under a 196 x 196 picture
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(td, setup):
     model, tok, processor = setup
     model.requires_grad_(False)
@@ -81,7 +107,7 @@ def test_train_resume_score_and_assemble(td, tmp_path, capsys):
     args = ["--out", str(out), "--batch", "1", "--save", "1", "--score", "2", "--tasks", "blocks,reading"]
     td.main(["train", "--steps", "1", *args])
     assert torch.load(out / "tower.pt")["step"] == 1
-    td.main(["train", "--steps", "2", *args])
+    td.main(["train", "--steps", "2", "--crops", "2", "--ce", "1", *args])  # crops and naming_ce join in
     log = capsys.readouterr().out
     assert "resumed at step 1" in log and log.count("score:") == 2
     saved = torch.load(out / "tower.pt")

@@ -1,6 +1,7 @@
 """Train qwen2vl-nano's vision tower to produce the oracle features of ``oracle_probe.py`` (feature distillation).
 
     python examples/nano/tower_distill.py train --init qwen2vl/models/nano --out DIR [--steps 3000] [--batch 8]
+        [--crops 32] [--ce 1] [--init_tower RUN] [--bf16]
     python examples/nano/tower_distill.py score DIR [-n 60]
     python examples/nano/tower_distill.py assemble DIR --decoder DECODER_DIR --out MODEL_DIR
 
@@ -8,7 +9,11 @@ The oracle probe (``oracle_probe.py``, HISTORY.md item 8) trains a decoder on fi
 generators drew under each merged token; this trains the tower (patch embedding, blocks, merger) to output those
 codes from the pixels, so the two can be put together into one checkpoint (``assemble``). The loss is the mean
 squared error per merged token (summed over the 96 channels), each object's centre cell weighing ``--centre_weight``
-times a background cell: background cells are most of a picture and the easiest.
+times a background cell: background cells are most of a picture and the easiest. ``--crops N`` adds N closeup
+crops a step (one block, shape or sign cut close from its picture, a few merged tokens each: a digit or a word
+costs a tenth of what it costs in a full picture), and ``--ce W`` adds W x the cross-entropy of each object's
+names at its centre cell (:func:`naming_ce`): the squared error alone left digits at chance (HISTORY.md item 9).
+``--init_tower RUN`` starts a new run from another run's tower.
 
 ``score`` reads the features back as the decoder would need them: at each object's true centre cell, which colour,
 shape, digit or sign word the feature is nearest to (dot product with each name's code, within its kind), and how
@@ -26,13 +31,17 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle_probe as op  # noqa: E402  (the codes; the mode is set below)
 
 TASKS = "blocks,counting,reading,grounding,video"
 SCORE_OFFSET = 10 ** 8  # score pictures: training seeds far from any the trainer draws
+CROP_OFFSET = 5 * 10 ** 8  # closeup crops: their own training seeds
+CE_SCALE = 4.0  # naming_ce: logits = projection on a name's code x this
 
 
 def _setup(path: str):
@@ -65,12 +74,37 @@ def tower(model, pix: torch.Tensor, grids: list) -> torch.Tensor:
     return vision_features(model, pix, grids, checkpointing=False)
 
 
-def step_loss(model, batch: list, centre_weight: float) -> torch.Tensor:
+def step_loss(model, batch: list, centre_weight: float, ce: float = 0.0, codes: dict | None = None) -> torch.Tensor:
+    """The batch's centre-weighted squared error per cell, plus ``ce`` x :func:`naming_ce` (``codes``:
+    :func:`_kind_codes`)."""
     pix = torch.cat([b[0] for b in batch])
     out = tower(model, pix, [b[1] for b in batch]).float()  # (cells of the batch, 96)
     target = torch.cat([b[2] for b in batch])
     weight = 1 + (centre_weight - 1) * torch.cat([b[3] for b in batch])  # (cells,)
-    return (((out - target) ** 2).sum(1) * weight).sum() / weight.sum()
+    loss = (((out - target) ** 2).sum(1) * weight).sum() / weight.sum()
+    return loss + ce * naming_ce(out, batch, codes) if ce else loss
+
+
+def naming_ce(out: torch.Tensor, batch: list, codes: dict) -> torch.Tensor:
+    """Mean over the kinds present (colour, shape, digit, word) of the cross-entropy, at each object's true centre
+    cell, of the feature's projections on the kind's name codes x :data:`CE_SCALE` (what ``score`` reads):
+    a sharper signal than the squared error for telling ten digits or 46 words apart."""
+    rows: dict[str, list[int]] = {k: [] for k in codes}
+    want: dict[str, list[int]] = {k: [] for k in codes}
+    start = 0
+    for _, grid, _, _, info in batch:
+        per_pair = grid[1] * grid[2] // 4  # merged tokens of one frame pair
+        for pair, cell, names in named_objects(info, grid):
+            for kind, name in names.items():
+                rows[kind].append(start + pair * per_pair + cell)
+                want[kind].append(codes[kind][0].index(name))
+        start += grid[0] * per_pair
+    losses = []
+    for kind, (_, table) in codes.items():
+        if rows[kind]:
+            logits = out[torch.tensor(rows[kind])] @ (table / table.norm(dim=1, keepdim=True)).t()  # (n, names)
+            losses.append(F.cross_entropy(CE_SCALE * logits, torch.tensor(want[kind])))
+    return torch.stack(losses).mean() if losses else out.new_zeros(())
 
 
 def train(args) -> None:
@@ -89,16 +123,22 @@ def train(args) -> None:
         opt.load_state_dict(saved["opt"])
         start = saved["step"]
         print(f"resumed at step {start}", flush=True)
+    elif args.init_tower:  # another run's tower (weights only): a new run from it
+        model.visual.load_state_dict(torch.load(os.path.join(args.init_tower, "tower.pt"))["visual"])
     data = DemoData(args.tasks.split(","))
+    crops = DemoData(["closeup"], seed_offset=CROP_OFFSET)
+    codes = _kind_codes(tok)
+    weights = {k: float(v) for k, v in (kv.split(":") for kv in args.crop_weights.split(","))}
     def lr_at(s: int) -> float:  # 50 warmup steps, then cosine to 0 at args.steps
         return args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     t0, run = time.time(), []
     for step in range(start, args.steps):
         batch = [draw(data, step * args.batch + j, processor, tok) for j in range(args.batch)]
+        batch += crop_batch(crops, step, args.crops, processor, tok, weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = step_loss(model, batch, args.centre_weight)
+            loss = step_loss(model, batch, args.centre_weight, args.ce, codes)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -111,6 +151,29 @@ def train(args) -> None:
             torch.save({"visual": model.visual.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
             if args.score:
                 score_model(model, tok, processor, args.score, args.tasks)
+
+
+CROP_KINDS = ("blocks", "shapes", "word")  # what a closeup crop holds: a block, a shape or a sign
+
+
+def crop_kind(info: dict) -> str:
+    return next(k for k in CROP_KINDS if k in info)
+
+
+def crop_batch(crops, step: int, n: int, processor, tok, weights: dict | None = None) -> list:
+    """``n`` closeup crops for training step ``step``, drawn in order from the step's own seeds, each kept with
+    probability weights[its kind] / the largest weight (a fixed function of its seed; a step's seeds start at
+    ``step * n * 8``, so steps share none while a kind kept is at least 1 in 8 of the crops drawn): the default
+    ``{"blocks": 3, "shapes": 1, "word": 3}`` makes about 3 in 7 blocks, 3 in 7 signs (shapes are learned first)."""
+    weights = weights or {"blocks": 3, "shapes": 1, "word": 3}
+    top = max(weights.values())
+    out, i = [], step * n * 8
+    while len(out) < n:
+        got = draw(crops, i, processor, tok)
+        if np.random.default_rng([i, 7]).random() < weights.get(crop_kind(got[4]), 0) / top:
+            out.append(got)
+        i += 1
+    return out
 
 
 def _kind_codes(tok):
@@ -203,6 +266,10 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true", help="the tower's matmuls in bfloat16 (autocast; 1.7x here)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--centre_weight", type=float, default=8.0)
+    p.add_argument("--crops", type=int, default=0, help="closeup crops a step (one block, shape or sign each)")
+    p.add_argument("--crop_weights", default="blocks:3,shapes:1,word:3", help="how often each kind of crop")
+    p.add_argument("--ce", type=float, default=0.0, help="weight of naming_ce (0: the squared error alone)")
+    p.add_argument("--init_tower", help="train: start from this run's tower.pt (weights only)")
     p.add_argument("--save", type=int, default=250)
     p.add_argument("--score", type=int, default=40, help="held-out pictures scored at each save (0: none)")
     p.add_argument("--seed", type=int, default=0)
