@@ -124,3 +124,25 @@ def test_train_resume_score_and_assemble(td, tmp_path, capsys):
     llm = LLM(str(model_dir), dtype="float32")
     s = DemoData(["counting"]).sample(0)
     assert llm.chat(s.messages, SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].text is not None
+
+
+@pytest.mark.parametrize("kind,cover", [("digit", False), ("word", True)])
+def test_tower_probe_runs_and_scores_held_out_crops(kind, cover, capsys):
+    probe = nano_example("tower_probe")
+    args = ["--kind", kind, "--steps", "2", "--batch", "2", "--every", "1", "--held", "3", "--model", DEMO_MODEL_DIR]
+    probe.main(args + (["--cover"] if cover else []))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and "held-out" in lines[-1] and "crops 4" in lines[-1]
+
+
+def test_tower_probe_cover_labels_every_cell_inside_the_object(td, setup):
+    probe = nano_example("tower_probe")
+    _, _, processor = setup
+    most = 0
+    for seed in range(4):
+        _, grid, centre, label = probe.crop("word", seed, processor, cover=False)
+        _, _, cells, same = probe.crop("word", seed, processor, cover=True)
+        assert len(centre) == 1 and same == label and 0 <= label < 46
+        assert all(0 <= c < grid[1] * grid[2] // 4 for c in cells)
+        most = max(most, len(cells))
+    assert most > 1  # a word's ink spans several cells
