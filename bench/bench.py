@@ -193,6 +193,15 @@ def _prefix_match(a_: list, b_: list) -> int:
     return n
 
 
+def _shown(path: Path) -> str:
+    """``path`` as a committed report may show it: relative to the repository when inside it, else its name alone
+    (a report never carries a path of the machine that wrote it)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return f"{Path(path).name} (outside the repository)"
+
+
 def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: Path, work: Path) -> str:
     import torch
 
@@ -472,7 +481,7 @@ def build_report(results: list[dict], info: dict, a: argparse.Namespace, model: 
     from bench.llama_cpp import report_lines
     L.extend(report_lines(results))
 
-    L.append(f"Raw results, logs and logits: `{work}`.")
+    L.append(f"Raw results, logs and logits: `{_shown(work)}`.")
     return "\n".join(L) + "\n"
 
 

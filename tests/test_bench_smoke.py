@@ -91,6 +91,8 @@ def test_report_shows_failures_instead_of_crashing(tmp_path):
     assert "not available: LLM() takes no quantization= yet" in report
     assert "killed (out of memory?)" in report
     assert "best: TTFT 2.00×, decode 2.00×" in report  # qwen2vl-bfloat16 vs transformers' best
+    assert f"Raw results, logs and logits: `{tmp_path.name} (outside the repository)`." in report
+    assert str(tmp_path) not in report  # a committed report carries no path of the machine that wrote it
 
 
 def test_2b_layout_matches_qwen2vl_and_the_official_parameter_count():
