@@ -55,8 +55,12 @@ def _setup(path: str):
 
 def draw(data, i: int, processor, tok):
     """(patches (N, 1176), grid (t, h, w), oracle target (cells, 96), centre mask (cells,), info) of sample i."""
+    return prepare(data.sample(i), processor, tok)
+
+
+def prepare(s, processor, tok):
+    """:func:`draw`'s tuple of an already drawn demo sample ``s``."""
     from qwen2vl.media.messages import normalize_messages
-    s = data.sample(i)
     _, media = normalize_messages(s.conversation())
     v = processor.load_media(media)
     if v.pixel_values is not None:
@@ -169,9 +173,9 @@ def crop_batch(crops, step: int, n: int, processor, tok, weights: dict | None = 
     top = max(weights.values())
     out, i = [], step * n * 8
     while len(out) < n:
-        got = draw(crops, i, processor, tok)
-        if np.random.default_rng([i, 7]).random() < weights.get(crop_kind(got[4]), 0) / top:
-            out.append(got)
+        s = crops.sample(i)  # only a kept crop is preprocessed and given its oracle target
+        if np.random.default_rng([i, 7]).random() < weights.get(crop_kind(s.info), 0) / top:
+            out.append(prepare(s, processor, tok))
         i += 1
     return out
 

@@ -42,16 +42,14 @@ def crop(kind: str, seed: int, processor, cover: bool) -> tuple:
     cut = closeup._crop(rng, img, {"blocks": [{"box": box}]}, box)
     img, box = cut["image"], cut["blocks"][0]["box"]
     v = processor.load_media([{"type": "image", "image": img}])
-    t, h, w = (int(g) for g in v.image_grid_thw[0])
-    sx, sy = img.size[0] / (w * 14), img.size[1] / (h * 14)  # crop pixels per resized pixel
-    rows, cols = h // 2, w // 2
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    cells = [min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)]
+    grid = [int(g) for g in v.image_grid_thw[0]]
+    _, rows, cols, sx, sy = td.op._layout({"image": img}, grid)  # sx, sy: crop pixels per resized pixel
+    cells = [td.op._centre_cell(box, rows, cols, sx, sy)]
     if cover:
         inside = [r * cols + c for r in range(rows) for c in range(cols)
                   if box[0] < (c + 0.5) * 28 * sx < box[2] and box[1] < (r + 0.5) * 28 * sy < box[3]]
         cells = inside or cells
-    return v.pixel_values, [t, h, w], cells, label
+    return v.pixel_values, grid, cells, label
 
 
 def run(model, head, batch: list, train: bool) -> tuple[torch.Tensor, float]:
