@@ -105,7 +105,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(td, setup):
 def test_train_resume_score_and_assemble(td, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--batch", "1", "--save", "1", "--score", "2", "--tasks", "blocks,reading"]
-    td.main(["train", "--steps", "1", *args])
+    td.main(["train", "--steps", "2", "--stop", "1", *args])  # the schedule of 2 steps, stopped after 1
     assert torch.load(out / "tower.pt")["step"] == 1
     td.main(["train", "--steps", "2", "--crops", "2", "--ce", "1", *args])  # crops and naming_ce join in
     log = capsys.readouterr().out

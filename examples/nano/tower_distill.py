@@ -1,7 +1,7 @@
 """Train qwen2vl-nano's vision tower to produce the oracle features of ``oracle_probe.py`` (feature distillation).
 
     python examples/nano/tower_distill.py train --init qwen2vl/models/nano --out DIR [--steps 3000] [--batch 8]
-        [--crops 32] [--ce 1] [--init_tower RUN] [--bf16]
+        [--crops 32] [--ce 1] [--init_tower RUN] [--bf16] [--stop N]
     python examples/nano/tower_distill.py score DIR [-n 60]
     python examples/nano/tower_distill.py assemble DIR --decoder DECODER_DIR --out MODEL_DIR
 
@@ -136,7 +136,7 @@ def train(args) -> None:
     def lr_at(s: int) -> float:  # 50 warmup steps, then cosine to 0 at args.steps
         return args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     t0, run = time.time(), []
-    for step in range(start, args.steps):
+    for step in range(start, min(args.stop or args.steps, args.steps)):
         batch = [draw(data, step * args.batch + j, processor, tok) for j in range(args.batch)]
         batch += crop_batch(crops, step, args.crops, processor, tok, weights)
         for g in opt.param_groups:
@@ -151,7 +151,7 @@ def train(args) -> None:
         if (step + 1) % 25 == 0:
             print(f"step {step + 1} loss {sum(run) / len(run):.4f} ({time.time() - t0:.0f} s)", flush=True)
             run = []
-        if (step + 1) % args.save == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save == 0 or step + 1 in (args.steps, args.stop):
             torch.save({"visual": model.visual.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
             if args.score:
                 score_model(model, tok, processor, args.score, args.tasks)
@@ -266,6 +266,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="nano-tower")
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--stop", type=int, help="train: stop (and save) at this step; the schedule still ends at --steps")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--bf16", action="store_true", help="the tower's matmuls in bfloat16 (autocast; 1.7x here)")
     p.add_argument("--lr", type=float, default=1e-3)
