@@ -9,14 +9,13 @@
 # Every leg is resumable (the trainer's checkpoints, tower.pt) and skipped when its output exists. The tower legs
 # before this stage's (items 9 and 10) are replayed as those items record them; two of them had their schedule
 # redrawn on resuming (noted below), so a replay is close to, not bit-equal with, the shipped tower.
-# Times on this project's 2-core CPU VM: decoder legs 12 + 8 + 18 minutes on one core; tower legs about 62 + 50 +
-# 20 + 33 + 17 + 25 minutes on one core; the fine-tune 40 minutes on two cores shared with a tower leg.
+# Times on this project's 2-core CPU VM: decoder legs 12 + 8 + 19 minutes on one core; tower legs about 62 + 50 +
+# 20 + 33 + 20 + 35 minutes on one core; the fine-tunes 37 minutes on two cores shared with a tower leg, then 7.
 set -euo pipefail
 W=${1:?usage: stage8.sh WORKDIR}
 mkdir -p "$W"
 cd "$(dirname "$0")/../.."
 STAGE5=d0a6324  # the commit that shipped the stage-5 weights (items 6 and 9 start from them)
-TD="python examples/nano/tower_distill.py train --bf16"
 
 if [ ! -f "$W/stage5/model.safetensors" ]; then  # the stage-5 model directory
     mkdir -p "$W/stage5"
