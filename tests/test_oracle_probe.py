@@ -113,6 +113,23 @@ def test_geometry_is_the_box_of_the_object_over_the_cell_in_cell_widths(probe, t
         torch.testing.assert_close(geo[k], want.clamp(-4, 5))
 
 
+def test_geometry_in_the_image_frame_is_the_box_in_tenths_of_the_picture(probe, tok):
+    s = sample("grounding", 13)
+    grid = _grid(s.info)
+    width, height = s.info["image"].size
+    _, rows, cols, sx, sy = probe._layout(s.info, grid)
+    probe.FRAME = "image"
+    try:
+        geo = probe._geometry(s.info, grid, tok)  # (cells, 4)
+    finally:
+        probe.FRAME = "cell"
+    for shape in s.info["shapes"]:  # the same box at every cell it covers: where it is, not where the cell is
+        x0, y0, x1, y1 = shape["box"]
+        k = probe._centre_cell(shape["box"], rows, cols, sx, sy)
+        want = torch.tensor([10 * x0 / width, 10 * y0 / height, 10 * x1 / width, 10 * y1 / height])
+        torch.testing.assert_close(geo[k], want)
+
+
 def test_pairs_add_one_code_per_colour_and_shape_at_the_shapes_centre(probe, tok):
     from qwen2vl.demo.common import SHAPES
     s = sample("counting", 5)

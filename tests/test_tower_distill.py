@@ -146,3 +146,23 @@ def test_tower_probe_cover_labels_every_cell_inside_the_object(td, setup):
         assert all(0 <= c < grid[1] * grid[2] // 4 for c in cells)
         most = max(most, len(cells))
     assert most > 1  # a word's ink spans several cells
+
+
+def test_data_from_draws_the_pictures_and_crops_of_a_later_step(td, tmp_path, monkeypatch):
+    """``--data_from K``: step s trains on what step K + s of a run from 0 would draw (a leg from another run's
+    tower sees pictures that run never did)."""
+    seen, real_draw, real_crops = [], td.draw, td.crop_batch
+
+    def draw(data, i, *a):
+        seen.append(("picture", i))
+        return real_draw(data, i, *a)
+
+    def crop_batch(crops, step, n, *a, **k):
+        seen.append(("crops", step))
+        return real_crops(crops, step, n, *a, **k)
+
+    monkeypatch.setattr(td, "draw", draw)
+    monkeypatch.setattr(td, "crop_batch", crop_batch)
+    td.main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "2", "--crops", "1",
+             "--score", "0", "--tasks", "blocks", "--data_from", "7"])
+    assert seen == [("picture", 14), ("picture", 15), ("crops", 7), ("picture", 16), ("picture", 17), ("crops", 8)]

@@ -1,6 +1,6 @@
 """A diagnostic: how well does qwen2vl-nano's decoder learn the demo tasks from *perfect* vision features?
 
-    python examples/nano/oracle_probe.py train CONFIG.yaml [--mode M] [--geometry] [--key value ...]
+    python examples/nano/oracle_probe.py train CONFIG.yaml [--mode M] [--geometry [--frame image]] [--key value ...]
     python examples/nano/oracle_probe.py eval MODEL_DIR [--mode M] [--geometry] [-n 50] [--tasks blocks,counting]
     python examples/nano/oracle_probe.py grounding-ceiling -n 300
 
@@ -19,11 +19,12 @@ unit vectors (x 1.5), one per name, over a constant background vector; the names
 
 ``--geometry`` adds to each cell an object overlaps (in ``centre`` mode: to the centre cells only) that object's
 box relative to the cell (x0, y0, x1, y1 in cell widths, clipped to [-4, 5]) through a fixed random
-(4, HIDDEN) projection: what grounding would need beyond names. ``--pairs`` (``centre`` mode) adds at each
-shape's centre one fixed code for its (colour, shape) pair, so "the red circle" is one lookup, not a
-conjunction. ``train`` records the mode and flags beside the model (``oracle_probe.json``) and ``eval`` uses
-them. The codes are drawn from fixed seeds in a fixed order: evaluate a probe model with the version of this file
-that trained it.
+(4, HIDDEN) projection: what grounding would need beyond names; with ``--frame image`` the box is instead
+given in tenths of the picture (0-10, Qwen2-VL's 0-1000 scale over 100), the same at every cell. ``--pairs``
+(``centre`` mode) adds at each shape's centre one fixed code for its (colour, shape) pair, so "the red circle"
+is one lookup, not a conjunction. ``train`` records the mode and flags beside the model (``oracle_probe.json``)
+and ``eval`` uses them. The codes are drawn from fixed seeds in a fixed order: evaluate a probe model with the
+version of this file that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
 for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.
@@ -58,6 +59,7 @@ G = torch.randn(4, HIDDEN, generator=_GEN)
 G = 0.6 * G / G.norm(dim=1, keepdim=True)
 MODE = "cells"
 GEOMETRY = False
+FRAME = "cell"  # --geometry's frame: "cell" (the box relative to its cell) or "image" (in tenths of the image)
 PAIRS = False  # centre mode: a shape's centre also carries one code for its (colour, shape) pair
 PAIR_CODES = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(77))
 PAIR_CODES = SCALE * PAIR_CODES / PAIR_CODES.norm(dim=1, keepdim=True)
@@ -116,9 +118,12 @@ def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
         ix, iy = np.clip(hi - lo, 0, None).transpose(2, 0, 1)  # (cells, objects) each
         overlap = ix * iy  # (cells, objects)
         b = boxes[overlap.argmax(1)]  # (cells, 4)
-        rel = (b - np.concatenate([cell, cell], 1)) / np.array([cw, ch, cw, ch])
+        rel = np.clip((b - np.concatenate([cell, cell], 1)) / np.array([cw, ch, cw, ch]), -4, 5)
+        if FRAME == "image":  # tenths of the drawn picture: 0 .. 10 (Qwen2-VL's 0-1000 scale / 100)
+            width, height = vt._drawn_size(info)
+            rel = 10 * b / np.array([width, height, width, height])
         covered = overlap.max(1) > 0
-        out[p][covered] = np.clip(rel[covered], -4, 5)
+        out[p][covered] = rel[covered]
     return torch.tensor(out.reshape(-1, 4), dtype=torch.float32)
 
 
@@ -206,7 +211,7 @@ def train(config: str, overrides: list[str]) -> None:
     finally:
         demo_stream.DemoSamples.finish, forward._media_batch = saved
     with open(os.path.join(result.output_dir, SAVED), "w") as f:
-        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS}, f)
+        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS, "frame": FRAME}, f)
     print(result.results)
 
 
@@ -257,17 +262,19 @@ def grounding_ceiling(n: int) -> None:
 
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
-    global MODE, GEOMETRY, PAIRS
+    global MODE, GEOMETRY, PAIRS, FRAME
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
     p.add_argument("path", nargs="?", help="the training config (train) or the trained model directory (eval)")
     p.add_argument("--mode", choices=["cells", "cells+centre", "centre"], default="cells")
     p.add_argument("--geometry", action="store_true", help="each cell's object box relative to the cell, too")
+    p.add_argument("--frame", choices=["cell", "image"], default="cell",
+                   help="--geometry's frame: the box relative to its cell, or in tenths of the picture")
     p.add_argument("--pairs", action="store_true", help="centre mode: a code per (colour, shape) pair as well")
     p.add_argument("-n", type=int, default=50, help="held-out samples a task (eval)")
     p.add_argument("--tasks", default="blocks,counting,reading,weather,grounding,video")
     args, rest = p.parse_known_args(argv)
-    MODE, GEOMETRY, PAIRS = args.mode, args.geometry, args.pairs
+    MODE, GEOMETRY, PAIRS, FRAME = args.mode, args.geometry, args.pairs, args.frame
     if PAIRS and MODE != "centre":
         p.error("--pairs needs --mode centre")
     if args.what != "grounding-ceiling" and not args.path:
@@ -278,7 +285,8 @@ def main(argv=None) -> None:
         with open(os.path.join(args.path, SAVED)) as f:
             saved = json.load(f)
         MODE, GEOMETRY, PAIRS = saved["mode"], saved["geometry"], saved.get("pairs", False)  # as trained
-        print(f"oracle: mode {MODE}, geometry {GEOMETRY}, pairs {PAIRS} (from {SAVED})")
+        FRAME = saved.get("frame", "cell")
+        print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)
     elif args.what == "train":

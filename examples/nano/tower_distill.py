@@ -137,8 +137,9 @@ def train(args) -> None:
         return args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     t0, run = time.time(), []
     for step in range(start, min(args.stop or args.steps, args.steps)):
-        batch = [draw(data, step * args.batch + j, processor, tok) for j in range(args.batch)]
-        batch += crop_batch(crops, step, args.crops, processor, tok, weights)
+        d = step + args.data_from  # the step whose pictures and crops this one draws
+        batch = [draw(data, d * args.batch + j, processor, tok) for j in range(args.batch)]
+        batch += crop_batch(crops, d, args.crops, processor, tok, weights)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -275,6 +276,9 @@ def main(argv=None) -> None:
     p.add_argument("--crop_weights", default="blocks:3,shapes:1,word:3", help="how often each kind of crop")
     p.add_argument("--ce", type=float, default=0.0, help="weight of naming_ce (0: the squared error alone)")
     p.add_argument("--init_tower", help="train: start from this run's tower.pt (weights only)")
+    p.add_argument("--data_from", type=int, default=0,
+                   help="train: draw pictures and crops as step data_from + step would (a leg from another run's "
+                        "tower then sees pictures that run never did)")
     p.add_argument("--save", type=int, default=250)
     p.add_argument("--score", type=int, default=40, help="held-out pictures scored at each save (0: none)")
     p.add_argument("--seed", type=int, default=0)
