@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# qwen2vl-nano stage 8 (HISTORY.md item 11): how the shipped weights were made from the stage-5 weights, in order.
+# qwen2vl-nano stage 8 (HISTORY.md items 11 and 12): how the shipped weights were made from the stage-5 weights,
+# in order.
 #
 #   bash examples/nano/stage8.sh WORKDIR
 #
@@ -11,6 +12,8 @@
 # redrawn on resuming (noted below), so a replay is close to, not bit-equal with, the shipped tower.
 # Times on this project's 2-core CPU VM: decoder legs 12 + 8 + 19 minutes on one core; tower legs about 62 + 50 +
 # 20 + 33 + 20 + 35 + 23 minutes on one core; the fine-tunes 37 minutes on two cores shared with a tower leg, then 7.
+# Item 12: tower legs 24 + 25 + 26 + 18 minutes on one core; fine-tunes 11 + 21 + 31 + 12 minutes on one core
+# (the middle two sharing it with another run).
 set -euo pipefail
 W=${1:?usage: stage8.sh WORKDIR}
 mkdir -p "$W"
@@ -63,4 +66,22 @@ AS="python examples/nano/tower_distill.py assemble"
 [ -f "$W/nano-ft2/train_results.json" ] || qwen2vl train examples/nano/finetune.yaml \
     --model_name_or_path "$W/nano-asm2" --output_dir "$W/nano-ft2" --max_steps 400 --learning_rate 5.0e-4 --seed 13
 [ -f "$W/nano-asm3/model.safetensors" ] || $AS "$W/tower7" --decoder "$W/nano-ft2" --out "$W/nano-asm3"
-python -m qwen2vl.nano export "$W/nano-asm3" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
+
+# stage 8, continued (item 12): the tower trained on pictures no earlier leg drew (--data_from), the decoder
+# fine-tuned over each new tower in turn (400 steps but one of 600, lr 5e-4, each with its own seed)
+FT="qwen2vl train examples/nano/finetune.yaml --learning_rate 5.0e-4"
+[ -f "$W/nano-ft3/train_results.json" ] || $FT --model_name_or_path "$W/nano-asm3" --output_dir "$W/nano-ft3" \
+    --max_steps 400 --seed 14
+for leg in 8 9 10; do
+    $TD --out "$W/tower$leg" --init_tower "$W/tower$((leg - 1))" --tasks reading,blocks --batch 1 --crops 48 \
+        --crop_weights blocks:3,shapes:1,word:10 --ce 8 --steps 1500 --bf16 --data_from $((leg * 10000 - 40000))
+    a=$((leg - 4)) f=$((leg - 5))  # tower8 under nano-ft3 is nano-asm4, fine-tuned into nano-ft4, ...
+    [ -f "$W/nano-asm$a/model.safetensors" ] || $AS "$W/tower$leg" --decoder "$W/nano-ft$f" --out "$W/nano-asm$a"
+    [ -f "$W/nano-ft$a/train_results.json" ] || $FT --model_name_or_path "$W/nano-asm$a" \
+        --output_dir "$W/nano-ft$a" --max_steps $([ "$leg" = 9 ] && echo 600 || echo 400) --seed $((leg + 7))
+done
+# the last tower leg adds counting and video pictures (shapes' centres); it goes under the last decoder as is
+$TD --out "$W/tower11" --init_tower "$W/tower10" --tasks blocks,counting,reading,video --batch 1 --crops 48 \
+    --crop_weights blocks:4,shapes:2,word:6 --ce 8 --steps 1000 --bf16 --data_from 70000
+[ -f "$W/nano-asm7/model.safetensors" ] || $AS "$W/tower11" --decoder "$W/nano-ft6" --out "$W/nano-asm7"
+python -m qwen2vl.nano export "$W/nano-asm7" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
