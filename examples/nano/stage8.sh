@@ -72,14 +72,19 @@ AS="python examples/nano/tower_distill.py assemble"
 FT="qwen2vl train examples/nano/finetune.yaml --learning_rate 5.0e-4"
 [ -f "$W/nano-ft3/train_results.json" ] || $FT --model_name_or_path "$W/nano-asm3" --output_dir "$W/nano-ft3" \
     --max_steps 400 --seed 14
-for leg in 8 9 10; do
+# each line: the tower leg, the step its data starts at, the decoder it goes under, the model it makes (then
+# fine-tuned into the next decoder), that fine-tune's steps and seed
+while read -r leg from dec asm ft steps seed; do
     $TD --out "$W/tower$leg" --init_tower "$W/tower$((leg - 1))" --tasks reading,blocks --batch 1 --crops 48 \
-        --crop_weights blocks:3,shapes:1,word:10 --ce 8 --steps 1500 --bf16 --data_from $((leg * 10000 - 40000))
-    a=$((leg - 4)) f=$((leg - 5))  # tower8 under nano-ft3 is nano-asm4, fine-tuned into nano-ft4, ...
-    [ -f "$W/nano-asm$a/model.safetensors" ] || $AS "$W/tower$leg" --decoder "$W/nano-ft$f" --out "$W/nano-asm$a"
-    [ -f "$W/nano-ft$a/train_results.json" ] || $FT --model_name_or_path "$W/nano-asm$a" \
-        --output_dir "$W/nano-ft$a" --max_steps $([ "$leg" = 9 ] && echo 600 || echo 400) --seed $((leg + 7))
-done
+        --crop_weights blocks:3,shapes:1,word:10 --ce 8 --steps 1500 --bf16 --data_from "$from"
+    [ -f "$W/$asm/model.safetensors" ] || $AS "$W/tower$leg" --decoder "$W/$dec" --out "$W/$asm"
+    [ -f "$W/$ft/train_results.json" ] || $FT --model_name_or_path "$W/$asm" --output_dir "$W/$ft" \
+        --max_steps "$steps" --seed "$seed"
+done <<'LEGS'
+8 40000 nano-ft3 nano-asm4 nano-ft4 400 15
+9 50000 nano-ft4 nano-asm5 nano-ft5 600 16
+10 60000 nano-ft5 nano-asm6 nano-ft6 400 17
+LEGS
 # the last tower leg adds counting and video pictures (shapes' centres); it goes under the last decoder as is
 $TD --out "$W/tower11" --init_tower "$W/tower10" --tasks blocks,counting,reading,video --batch 1 --crops 48 \
     --crop_weights blocks:4,shapes:2,word:6 --ce 8 --steps 1000 --bf16 --data_from 70000
