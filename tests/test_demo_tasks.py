@@ -148,7 +148,13 @@ def test_signs_within_ranges(task, seed):
     ink = (inside != np.array(info["fill"])).any(-1)
     assert (np.abs(inside - np.array(info["ink"])).max(-1) <= 2).any(), "the text is drawn in its dark colour"
     ix0, iy0, ix1, iy1 = _bbox(ink)
-    assert 18 <= iy1 - iy0 <= 32
+    assert iy1 - iy0 == info["text_height"]
+    if info["size_mode"] == "ink":  # "18-32 px high": the ink's height, the font size or the capitals' height
+        assert 18 <= iy1 - iy0 <= 32
+    elif info["size_mode"] == "em":
+        assert 18 <= info["font_size"] <= 32 and 10 <= iy1 - iy0 <= 32
+    else:
+        assert info["size_mode"] == "cap" and 18 <= iy1 - iy0 <= 45
     outside = np.ones(a.shape[:2], bool)
     outside[y0:y1, x0:x1] = False
     assert (a[outside] == bg).all()

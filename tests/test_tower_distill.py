@@ -109,6 +109,35 @@ def test_training_lowers_the_loss_on_a_fixed_batch(td, setup):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_near_centres_are_the_eight_cells_round_each_mark(td):
+    marks = torch.zeros(2 * 3 * 4)  # two frame pairs of 3 x 4 merged cells
+    marks[1 * 4 + 1] = 1  # pair 0, row 1, column 1
+    marks[12 + 1 * 4 + 3] = marks[12 + 2 * 4 + 3] = 1  # pair 1: two marks on top of each other at the right edge
+    near = td.near_centres(marks, [2, 6, 8]).view(2, 3, 4)
+    assert near[0].tolist() == [[1, 1, 1, 0], [1, 0, 1, 0], [1, 1, 1, 0]]
+    assert near[1].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 1, 0]]  # a mark is never its neighbour's near
+
+
+def test_near_weight_weighs_the_cells_round_a_centre(td, setup):
+    """A stray mark next to a centre costs more under ``near_weight`` > 1; a far one costs the same."""
+    model, tok, processor = setup
+    batch = [td.draw(DemoData(["blocks"]), 0, processor, tok)]
+    assert batch[0][3].sum() > 0
+    pix, grid, target, marks, info = batch[0]
+    near = td.near_centres(marks, grid)
+    far = ((near == 0) & (marks == 0)).nonzero()[0, 0]
+    base = td.tower(model, pix, [grid]).float()
+    losses = {}
+    for where in ("near", "far"):
+        out = base.clone()
+        out[near.nonzero()[0, 0] if where == "near" else far] += td.op.CENTRE  # a stray centre mark
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(td, "tower", lambda *a, out=out: out)
+            losses[where] = [td.step_loss(model, batch, 8.0, near_weight=w).item() for w in (1.0, 4.0)]
+    # at weight 1 the two stray marks cost about the same; at 4 the near one costs more than the far one
+    assert losses["near"][1] - losses["far"][1] > losses["near"][0] - losses["far"][0] + 1e-3, losses
+
+
 def test_train_resume_score_and_assemble(td, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--batch", "1", "--save", "1", "--score", "2", "--tasks", "blocks,reading"]

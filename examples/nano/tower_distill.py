@@ -9,7 +9,8 @@ The oracle probe (``oracle_probe.py``, HISTORY.md item 8) trains a decoder on fi
 generators drew under each merged token; this trains the tower (patch embedding, blocks, merger) to output those
 codes from the pixels, so the two can be put together into one checkpoint (``assemble``). The loss is the mean
 squared error per merged token (summed over the 96 channels), each object's centre cell weighing ``--centre_weight``
-times a background cell: background cells are most of a picture and the easiest. ``--crops N`` adds N closeup
+times a background cell: background cells are most of a picture and the easiest; ``--near_weight`` weighs the
+cells next to a centre (a tower marks a second centre there, and the decoder then names one block twice). ``--crops N`` adds N closeup
 crops a step (one block, shape or sign cut close from its picture, a few merged tokens each: a digit or a word
 costs a tenth of what it costs in a full picture), and ``--ce W`` adds W x the cross-entropy of each object's
 names at its centre cell (:func:`naming_ce`): the squared error alone left digits at chance (HISTORY.md item 9).
@@ -78,13 +79,26 @@ def tower(model, pix: torch.Tensor, grids: list) -> torch.Tensor:
     return vision_features(model, pix, grids, checkpointing=False)
 
 
-def step_loss(model, batch: list, centre_weight: float, ce: float = 0.0, codes: dict | None = None) -> torch.Tensor:
-    """The batch's centre-weighted squared error per cell, plus ``ce`` x :func:`naming_ce` (``codes``:
-    :func:`_kind_codes`)."""
+def near_centres(marks: torch.Tensor, grid) -> torch.Tensor:
+    """(cells,) 1 at the cells next to a centre mark (the 8 around it, in its frame pair), not marked themselves:
+    where a tower's stray centre marks fall. Worked example: one mark at row 1, column 1 of a 3 x 4 grid
+    (merged cells) gives rows 0-2 x columns 0-2 less that cell: 8 cells."""
+    t, rows, cols = grid[0], grid[1] // 2, grid[2] // 2
+    m = marks.view(t, 1, rows, cols)
+    near = F.max_pool2d(m, 3, stride=1, padding=1) - m  # (t, 1, rows, cols)
+    return near.reshape(-1)
+
+
+def step_loss(model, batch: list, centre_weight: float, ce: float = 0.0, codes: dict | None = None,
+              near_weight: float = 1.0) -> torch.Tensor:
+    """The batch's centre-weighted squared error per cell (a cell next to a centre weighing ``near_weight``), plus
+    ``ce`` x :func:`naming_ce` (``codes``: :func:`_kind_codes`)."""
     pix = torch.cat([b[0] for b in batch])
     out = tower(model, pix, [b[1] for b in batch]).float()  # (cells of the batch, 96)
     target = torch.cat([b[2] for b in batch])
     weight = 1 + (centre_weight - 1) * torch.cat([b[3] for b in batch])  # (cells,)
+    if near_weight != 1.0:
+        weight = weight + (near_weight - 1) * torch.cat([near_centres(b[3], b[1]) for b in batch])
     loss = (((out - target) ** 2).sum(1) * weight).sum() / weight.sum()
     return loss + ce * naming_ce(out, batch, codes) if ce else loss
 
@@ -143,7 +157,7 @@ def train(args) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = step_loss(model, batch, args.centre_weight, args.ce, codes)
+            loss = step_loss(model, batch, args.centre_weight, args.ce, codes, args.near_weight)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,7 +228,8 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
     codes = _kind_codes(tok)
     right = {k: [0, 0] for k in codes}
     tp = fp = fn = 0
-    err = 0.0
+    err = geo_err = 0.0
+    geo_n = 0
     for i in range(n):
         pix, grid, target, marks, info = draw(data, i, processor, tok)
         out = tower(model, pix, [grid])  # (t * rows * cols, 96)
@@ -223,6 +238,9 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
         tp += int((said & (marks > 0)).sum())
         fp += int((said & (marks == 0)).sum())
         fn += int((~said & (marks > 0)).sum())
+        if op.GEOMETRY:
+            e, k = box_error(out, target, info, grid, tok)
+            geo_err, geo_n = geo_err + e, geo_n + k
         per_pair = out.shape[0] // grid[0]
         for pair, cell, names in named_objects(info, grid):
             for k, name in names.items():
@@ -232,9 +250,22 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
                 right[k][1] += 1
     got = {k: f"{100 * a / b:.0f}% of {b}" for k, (a, b) in right.items() if b}
     got["centre P/R"] = f"{100 * tp / max(1, tp + fp):.0f}/{100 * tp / max(1, tp + fn):.0f}"
+    if geo_n:
+        got[f"box error ({op.FRAME})"] = f"{geo_err / geo_n:.2f}"
     got["mse/cell"] = f"{err:.3f}"
     print("score:", got, flush=True)
     return got
+
+
+def box_error(out: torch.Tensor, target: torch.Tensor, info: dict, grid, tok) -> tuple[float, int]:
+    """(sum over the centre cells of the mean absolute error of the 4 box values read back from ``out``, the
+    number of centre cells): the values are the least-squares solution through ``oracle_probe.G`` of the
+    feature less the target's other codes (in tenths of the picture under ``--frame image``, else cell widths)."""
+    marks = op._centre_marks(info, grid, tok) > 0  # (cells,)
+    true = op._geometry(info, grid, tok)[marks]  # (m, 4)
+    rest = target[marks] - true @ op.G  # the target's names and background
+    got = (out[marks] - rest) @ torch.linalg.pinv(op.G)  # (m, 4)
+    return float((got - true).abs().mean(1).sum()), int(marks.sum())
 
 
 def assemble(run: str, decoder: str, out: str) -> None:
@@ -272,6 +303,8 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true", help="the tower's matmuls in bfloat16 (autocast; 1.7x here)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--centre_weight", type=float, default=8.0)
+    p.add_argument("--near_weight", type=float, default=1.0,
+                   help="weight of the cells next to a centre (where stray centre marks fall); 1: as background")
     p.add_argument("--crops", type=int, default=0, help="closeup crops a step (one block, shape or sign each)")
     p.add_argument("--crop_weights", default="blocks:3,shapes:1,word:3", help="how often each kind of crop")
     p.add_argument("--ce", type=float, default=0.0, help="weight of naming_ce (0: the squared error alone)")
@@ -283,9 +316,12 @@ def main(argv=None) -> None:
     p.add_argument("--score", type=int, default=40, help="held-out pictures scored at each save (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-geometry", dest="geometry", action="store_false")
+    p.add_argument("--frame", choices=["cell", "image"], default="cell",
+                   help="the geometry's frame (oracle_probe.py --frame): the box relative to its cell, or in "
+                        "tenths of the picture")
     p.add_argument("-n", type=int, default=60)
     args = p.parse_args(argv)
-    op.MODE, op.GEOMETRY = "centre", args.geometry
+    op.MODE, op.GEOMETRY, op.FRAME = "centre", args.geometry, args.frame
     if args.what == "train":
         train(args)
     elif args.what == "assemble":

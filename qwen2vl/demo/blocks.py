@@ -2,7 +2,7 @@
 
 Owns the blocks distribution: 1-4 rows, each row centred under the one above, laid out as a *stack* (every row
 holds the same number of blocks, 1-4) or a *pyramid* (each row one block more than the row above, the bottom row
-at most 4); every block is the same size in one image, 36-56 px, with a gap of 0-6 px; each block is a jittered
+at most 4); every block is the same size in one image, 36-56 px, with a gap of 0-10 px; each block is a jittered
 palette colour with a white digit 0-9 centred, in one bold sans font per image whose digits' ink height is
 55-75% of the block (an integer pixel height drawn uniformly, the font size fitted to it); the whole arrangement
 sits at a uniform position with at least 4 px to each edge, and each image side is uniform in its range from
@@ -69,7 +69,7 @@ def draw_block(draw: ImageDraw.ImageDraw, x: int, y: int, size: int, fill, digit
 def sample_blocks(seed: int) -> Sample:
     rng = task_rng("blocks", seed)
     arrangement, counts = _layout(rng)
-    size, gap = randint(rng, 36, 56), randint(rng, 0, 6)
+    size, gap = randint(rng, 36, 56), randint(rng, 0, 10)
     span_w = max(counts) * size + (max(counts) - 1) * gap
     span_h = len(counts) * size + (len(counts) - 1) * gap
     width = randint(rng, max(SIDE[0], span_w + 2 * MARGIN), SIDE[1])

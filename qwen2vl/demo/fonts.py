@@ -1,12 +1,12 @@
 """The sans fonts the demo tasks draw text with, found on this machine (none are shipped).
 
-Owns: which installed font files count (:data:`LATIN_REGULAR`, :data:`LATIN_BOLD`, :data:`CJK`: DejaVu Sans,
-Liberation Sans and Noto Sans regular / bold from Debian's fonts-dejavu, fonts-liberation and fonts-noto-core; Noto
-Sans CJK from fonts-noto-cjk), how they are found (``fc-list`` when fontconfig is installed, else a walk of
-:data:`FONT_DIRS`), and loading them at a pixel size (cached). ``QWEN2VL_FONT_DIR`` names one more folder, searched
-first (a machine where apt cannot install them, e.g. a lent GPU box with no network). Lists come back sorted by file
-name, so a seed picks the same font on every machine that has the same fonts. :class:`FontsNotFoundError` names the apt packages when a
-kind of font is missing.
+Owns: which installed font files count (:data:`LATIN_REGULAR`, :data:`LATIN_BOLD`, :data:`CJK`: DejaVu Sans and
+DejaVu Sans Condensed, Liberation Sans and Liberation Sans Narrow, Noto Sans, regular / bold, from Debian's
+fonts-dejavu, fonts-liberation and fonts-noto-core; Noto Sans CJK from fonts-noto-cjk), how they are found
+(``fc-list`` when fontconfig is installed, else a walk of :data:`FONT_DIRS`), and loading them at a pixel size
+(cached). ``QWEN2VL_FONT_DIR`` names one more folder, searched first (a machine where apt cannot install them, e.g. a
+lent GPU box with no network). Lists come back sorted by file name, so a seed picks the same font on every machine
+that has the same fonts. :class:`FontsNotFoundError` names the apt packages when a kind of font is missing.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ APT_PACKAGES = "fonts-dejavu fonts-liberation fonts-noto-core fonts-noto-cjk"
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
 
 #: File names of the Latin sans fonts, by weight.
-LATIN_REGULAR = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "NotoSans-Regular.ttf")
-LATIN_BOLD = ("DejaVuSans-Bold.ttf", "LiberationSans-Bold.ttf", "NotoSans-Bold.ttf")
+LATIN_REGULAR = ("DejaVuSans.ttf", "DejaVuSansCondensed.ttf", "LiberationSans-Regular.ttf",
+                 "LiberationSansNarrow-Regular.ttf", "NotoSans-Regular.ttf")
+LATIN_BOLD = ("DejaVuSans-Bold.ttf", "DejaVuSansCondensed-Bold.ttf", "LiberationSans-Bold.ttf",
+              "LiberationSansNarrow-Bold.ttf", "NotoSans-Bold.ttf")
 #: Noto Sans CJK collections (Debian) or single-language files (other distributions), by weight.
 CJK = {"regular": ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "NotoSansCJKkr-Regular.otf"),
        "bold": ("NotoSansCJK-Bold.ttc", "NotoSansCJKsc-Bold.otf", "NotoSansCJKkr-Bold.otf")}

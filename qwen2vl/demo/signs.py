@@ -3,8 +3,11 @@
 Owns the sign distribution: each image side uniform from what the sign needs (at least 196) to 308 px, a uniform
 background; one word uniform over :data:`WORDS` (40 Latin-script cities and 6 in their own scripts); the word in
 a uniform sans font (Latin: DejaVu / Liberation / Noto Sans, regular or bold; Chinese and Korean: Noto Sans CJK
-regular or bold, the SC or KR face), dark (each channel 0-70), its ink 18-32 px high (an integer height drawn
-uniformly, the font size fitted to it); the sign a filled light rectangle (each channel 235-255) with a dark
+regular or bold, the SC or KR face; the Latin faces include DejaVu Sans Condensed and Liberation Sans Narrow),
+dark (each channel 0-70), its size "18-32 px high" read each of three ways a third of the time (an integer drawn
+uniformly): the word's *ink* height (the font size fitted to it), the *font size* (the ink then 12-32 px high:
+capitals are about 0.7 of the size), or the height of a *capital* H (a Chinese or Korean word: its ink; the ink of
+a word with a descender then up to about 42 px); the sign a filled light rectangle (each channel 235-255) with a dark
 2 px border (each channel 0-70), 6-16 px of padding left and right and 4-12 px above and below the ink, at a
 uniform position fully inside the image.
 
@@ -20,8 +23,8 @@ from __future__ import annotations
 from PIL import ImageDraw
 
 from ..tool_calls import tool_call_block
-from .common import SIDE, Sample, background, canvas, fit_text, pick, pick_font, randint, task_rng, user
-from .fonts import cjk_font, latin_fonts
+from .common import SIDE, Sample, background, canvas, fit_text, ink_box, pick, pick_font, randint, task_rng, user
+from .fonts import cjk_font, latin_fonts, load_font
 
 __all__ = ["WORDS", "LATIN_WORDS", "CJK_WORDS", "TOOLS", "READ_QUESTION", "WEATHER_QUESTION", "draw_sign",
            "reading_answer", "weather_answer", "sample_reading", "sample_weather"]
@@ -33,6 +36,7 @@ LATIN_WORDS = ("Beijing Shanghai Hangzhou Shenzhen Tokyo Osaka Seoul Busan Paris
 CJK_WORDS = {"北京": "sc", "上海": "sc", "杭州": "sc", "东京": "sc", "서울": "kr", "부산": "kr"}
 WORDS: tuple[str, ...] = tuple(LATIN_WORDS) + tuple(CJK_WORDS)
 TEXT_HEIGHT = (18, 32)
+SIZE_MODES = ("ink", "em", "cap")  # "18-32 px high": the ink's height, the font size, or the capitals' height
 BORDER = 2
 READ_QUESTION = "What is written on the sign?"
 WEATHER_QUESTION = "What's the weather like in the city on this sign?"
@@ -57,7 +61,16 @@ def draw_sign(rng) -> tuple:
     word = pick(rng, WORDS)
     font = _font(rng, word)
     text_h = randint(rng, *TEXT_HEIGHT)
-    face, bb = fit_text(font, word, text_h, TEXT_HEIGHT)
+    size_mode = pick(rng, SIZE_MODES)  # how "18-32 px high" is read (the module docstring)
+    if size_mode == "ink" or (size_mode == "cap" and word in CJK_WORDS):
+        face, bb = fit_text(font, word, text_h, TEXT_HEIGHT)
+    elif size_mode == "cap":
+        face, _ = fit_text(font, "H", text_h, TEXT_HEIGHT)
+        bb = ink_box(font, face.size, word)
+    else:
+        face, bb = load_font(font, text_h), ink_box(font, text_h, word)
+        if bb[3] - bb[1] > TEXT_HEIGHT[1]:  # a tall script or descender at size 32: the ink at most 32
+            face, bb = fit_text(font, word, TEXT_HEIGHT[1], TEXT_HEIGHT)
     pad_x, pad_y = randint(rng, 6, 16), randint(rng, 4, 12)
     sign_w = (bb[2] - bb[0]) + 2 * (pad_x + BORDER)
     sign_h = (bb[3] - bb[1]) + 2 * (pad_y + BORDER)
@@ -71,7 +84,8 @@ def draw_sign(rng) -> tuple:
     draw.rectangle((x, y, x + sign_w - 1, y + sign_h - 1), fill=fill, outline=border, width=BORDER)
     tx, ty = x + BORDER + pad_x, y + BORDER + pad_y
     draw.text((tx - bb[0], ty - bb[1]), word, font=face, fill=ink)
-    info = {"word": word, "font": font.name, "font_size": face.size, "text_height": text_h,
+    info = {"word": word, "font": font.name, "font_size": face.size, "size_mode": size_mode,
+            "text_height": bb[3] - bb[1],
             "sign": (x, y, x + sign_w, y + sign_h), "text": (tx, ty, tx + bb[2] - bb[0], ty + bb[3] - bb[1]),
             "fill": fill, "border": border, "ink": ink, "image": img}
     return img, info
