@@ -4,9 +4,10 @@ renderer's quirks: its own pictures, questions and graders; of the package it us
 
     python -m bench.nano_crosscheck [--model DIR] [-n 200] [--tasks ...] [--seed S] [--sign-h em|cap] [--show K]
 
---model defaults to the demo model (LLM()); -n is samples per task (default 40), asked greedily, --batch (8) of them
-per llm.chat call; --show K prints each task's first K failures. Prints a line per task as it goes, then a markdown
-table (task, correct, accuracy, seconds), video split into video_which (which block moved) and video_dir (which way).
+--model defaults to the demo model (LLM()), --dtype to float32 (--quantization int8 / int4 as LLM's); -n is samples
+per task (default 40), asked greedily, --batch (8) of them per llm.chat call; --show K prints each task's first K
+failures. Prints a line per task as it goes, then a markdown table (task, correct, accuracy, seconds), video split
+into video_which (which block moved) and video_dir (which way).
 A task's samples depend on the seed and the task's name only. Open choices, where the description is ambiguous:
 
 - all pictures: sides independently 196-308 px, background channels independently 225-255, colours +-12 jitter
@@ -380,6 +381,9 @@ def run(llm, n, tasks=TASK_NAMES, seed=1234, *, sign_h="em", batch=8, show=0, sa
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a model directory (default: the demo model, LLM())")
+    ap.add_argument("--dtype", default="float32", help="the weights' dtype, as LLM's (default: float32, as the "
+                    "issue grades; auto: the checkpoint's)")
+    ap.add_argument("--quantization", default=None, help="as LLM's (int8, int4)")
     ap.add_argument("-n", type=int, default=40, help="samples per task (default: 40)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated, of {','.join(TASK_NAMES)}")
@@ -396,7 +400,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     reg, bold, cjk = fonts()
     t0 = time.time()
-    llm = LLM(a.model) if a.model else LLM()
+    llm = LLM(a.model or "qwen2vl-nano", dtype=a.dtype, quantization=a.quantization)
     print(f"loaded in {time.time() - t0:.1f}s; fonts: {len(reg)} regular, {len(bold)} bold, {len(cjk)} CJK",
           flush=True)
     rows = []

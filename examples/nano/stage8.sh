@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# qwen2vl-nano stage 8 (HISTORY.md items 11 and 12): how the shipped weights were made from the stage-5 weights,
-# in order.
+# qwen2vl-nano stage 8 (HISTORY.md items 11-13): how the shipped weights were made from the stage-5 weights, in
+# order.
 #
 #   bash examples/nano/stage8.sh WORKDIR
 #
@@ -13,7 +13,10 @@
 # Times on this project's 2-core CPU VM: decoder legs 12 + 8 + 19 minutes on one core; tower legs about 62 + 50 +
 # 20 + 33 + 20 + 35 + 23 minutes on one core; the fine-tunes 37 minutes on two cores shared with a tower leg, then 7.
 # Item 12: tower legs 24 + 25 + 26 + 18 minutes on one core; fine-tunes 11 + 21 + 31 + 12 minutes on one core
-# (the middle two sharing it with another run).
+# (the middle two sharing it with another run). Item 13: tower legs 26 + 18 + 16 minutes, fine-tunes 12 + 12 + 13
+# minutes, one core each (a tower leg and a fine-tune side by side). The legs before item 13 drew their pictures
+# from the generators as they then were (narrower: one reading of a sign's size, fewer fonts); a replay draws
+# today's for every leg.
 set -euo pipefail
 W=${1:?usage: stage8.sh WORKDIR}
 mkdir -p "$W"
@@ -89,4 +92,26 @@ LEGS
 $TD --out "$W/tower11" --init_tower "$W/tower10" --tasks blocks,counting,reading,video --batch 1 --crops 48 \
     --crop_weights blocks:4,shapes:2,word:6 --ce 8 --steps 1000 --bf16 --data_from 70000
 [ -f "$W/nano-asm7/model.safetensors" ] || $AS "$W/tower11" --decoder "$W/nano-ft6" --out "$W/nano-asm7"
-python -m qwen2vl.nano export "$W/nano-asm7" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
+# (item 12 shipped nano-asm7's bf16 export)
+
+# item 13: the demo generators widened (condensed and narrow faces, a sign's size read three ways, block gaps up
+# to 10 px); three tower legs on the wider pictures, the last two weighing the cells round each centre 4 and 3
+# times (--near_weight), the decoder fine-tuned over each new tower in turn (400 steps, lr 5e-4, its own seed)
+TD13="$TD --batch 1 --crops 48 --ce 8 --bf16"
+$TD13 --out "$W/tower13" --init_tower "$W/tower11" --tasks reading,blocks --crop_weights blocks:4,shapes:1,word:8 \
+    --steps 1500 --data_from 90000
+$TD13 --out "$W/tower14" --init_tower "$W/tower13" --tasks reading,blocks --crop_weights blocks:4,shapes:1,word:8 \
+    --steps 1000 --data_from 100000 --near_weight 4
+$TD13 --out "$W/tower15" --init_tower "$W/tower14" --tasks reading,blocks,counting \
+    --crop_weights blocks:4,shapes:2,word:6 --steps 1000 --data_from 110000 --near_weight 3
+# each line: the tower, the decoder it goes under, the model it makes, the fine-tune of that model and its seed
+while read -r tower dec asm ft seed; do
+    [ -f "$W/$asm/model.safetensors" ] || $AS "$W/$tower" --decoder "$W/$dec" --out "$W/$asm"
+    [ -f "$W/$ft/train_results.json" ] || $FT --model_name_or_path "$W/$asm" --output_dir "$W/$ft" \
+        --max_steps 400 --seed "$seed"
+done <<'LEGS'
+tower13 nano-ft6 nano-asm8 nano-ft7 18
+tower14 nano-ft7 nano-asm9 nano-ft8 19
+tower15 nano-ft8 nano-asm10 nano-ft9 20
+LEGS
+python -m qwen2vl.nano export "$W/nano-ft9" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
