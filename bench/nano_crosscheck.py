@@ -190,7 +190,8 @@ def gen_sign(rng, question, sign_h="em"):
     reg, bold, cjk = fonts()
     word = rng.choice(WORDS)
     h = rng.randint(18, 32)        # em: the font's pixel (em) size; cap: ink height of "H" / of the CJK word
-    path, idx = (rng.choice(reg + bold), 0) if word.isascii() else (rng.choice(cjk), 1 if word in ("서울", "부산") else 2)
+    korean = word in ("서울", "부산")
+    path, idx = (rng.choice(reg + bold), 0) if word.isascii() else (rng.choice(cjk), 1 if korean else 2)
     font = ImageFont.truetype(path, h, index=idx) if sign_h == "em" else \
         fit_font(path, "H" if word.isascii() else word, h, index=idx)
     b = font.getbbox(word)

@@ -57,6 +57,7 @@ def test_score_of_a_perfect_tower_is_perfect(td, setup, monkeypatch):
     for kind in ("colour", "shape", "digit", "word"):
         assert got[kind].startswith("100% of "), (kind, got)
     assert got["centre P/R"] == "100/100" and got["mse/cell"] == "0.000"
+    assert got["box error (cell)"] == "0.00"  # the geometry read back through the projection exactly
 
 
 def test_naming_ce_is_near_zero_on_the_oracle_features_and_high_on_background(td, setup):

@@ -10,16 +10,18 @@ generators drew under each merged token; this trains the tower (patch embedding,
 codes from the pixels, so the two can be put together into one checkpoint (``assemble``). The loss is the mean
 squared error per merged token (summed over the 96 channels), each object's centre cell weighing ``--centre_weight``
 times a background cell: background cells are most of a picture and the easiest; ``--near_weight`` weighs the
-cells next to a centre (a tower marks a second centre there, and the decoder then names one block twice). ``--crops N`` adds N closeup
-crops a step (one block, shape or sign cut close from its picture, a few merged tokens each: a digit or a word
-costs a tenth of what it costs in a full picture), and ``--ce W`` adds W x the cross-entropy of each object's
-names at its centre cell (:func:`naming_ce`): the squared error alone left digits at chance (HISTORY.md item 9).
+cells next to a centre (a tower marks a second centre there, and the decoder then names one block twice).
+``--crops N`` adds N closeup crops a step (one block, shape or sign cut close from its picture, a few merged tokens
+each: a digit or a word costs a tenth of what it costs in a full picture), and ``--ce W`` adds W x the
+cross-entropy of each object's names at its centre cell (:func:`naming_ce`): the squared error alone left digits
+at chance (HISTORY.md item 9).
 ``--init_tower RUN`` starts a new run from another run's tower.
 
 ``score`` reads the features back as the decoder would need them: at each object's true centre cell, which colour,
 shape, digit or sign word the feature is nearest to (dot product with each name's code, within its kind), and how
-many cells carry a "centre" where none is drawn (precision / recall of the centre code at half its strength).
-Its held-out pictures come from seeds the trainer never draws (``SCORE_OFFSET``).
+many cells carry a "centre" where none is drawn (precision / recall of the centre code at half its strength);
+with the geometry (the default; ``--frame`` as ``oracle_probe.py``'s), the mean absolute error of the box read back
+at the centre cells (:func:`box_error`). Its held-out pictures come from seeds the trainer never draws (``SCORE_OFFSET``).
 
 A run saves ``DIR/tower.pt`` (the visual module's state and the step) every ``--save`` steps and resumes from it.
 """

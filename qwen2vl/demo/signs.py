@@ -7,7 +7,7 @@ regular or bold, the SC or KR face; the Latin faces include DejaVu Sans Condense
 dark (each channel 0-70), its size "18-32 px high" read each of three ways a third of the time (an integer drawn
 uniformly): the word's *ink* height (the font size fitted to it), the *font size* (the ink then 12-32 px high:
 capitals are about 0.7 of the size), or the height of a *capital* H (a Chinese or Korean word: its ink; the ink of
-a word with a descender then up to about 42 px); the sign a filled light rectangle (each channel 235-255) with a dark
+a word with a descender then up to 43 px); the sign a filled light rectangle (each channel 235-255) with a dark
 2 px border (each channel 0-70), 6-16 px of padding left and right and 4-12 px above and below the ink, at a
 uniform position fully inside the image.
 
