@@ -21,7 +21,8 @@ at chance (HISTORY.md item 9).
 shape, digit or sign word the feature is nearest to (dot product with each name's code, within its kind), and how
 many cells carry a "centre" where none is drawn (precision / recall of the centre code at half its strength);
 with the geometry (the default; ``--frame`` as ``oracle_probe.py``'s), the mean absolute error of the box read back
-at the centre cells (:func:`box_error`). Its held-out pictures come from seeds the trainer never draws (``SCORE_OFFSET``).
+at the centre cells (:func:`box_error`). Its held-out pictures come from seeds the trainer never draws
+(``SCORE_OFFSET``).
 
 A run saves ``DIR/tower.pt`` (the visual module's state and the step) every ``--save`` steps and resumes from it.
 """
