@@ -381,7 +381,7 @@ def run(llm, n, tasks=TASK_NAMES, seed=1234, *, sign_h="em", batch=8, show=0, sa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="a model directory (default: the demo model, LLM())")
+    ap.add_argument("--model", default="qwen2vl-nano", help="a model directory (default: the demo model)")
     ap.add_argument("--dtype", default="float32", help="the weights' dtype, as LLM's (default: float32, as the "
                     "issue grades; auto: the checkpoint's)")
     ap.add_argument("--quantization", default=None, help="as LLM's (int8, int4)")
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     reg, bold, cjk = fonts()
     t0 = time.time()
-    llm = LLM(a.model or "qwen2vl-nano", dtype=a.dtype, quantization=a.quantization)
+    llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization)
     print(f"loaded in {time.time() - t0:.1f}s; fonts: {len(reg)} regular, {len(bold)} bold, {len(cjk)} CJK",
           flush=True)
     rows = []

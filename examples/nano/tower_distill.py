@@ -99,9 +99,9 @@ def step_loss(model, batch: list, centre_weight: float, ce: float = 0.0, codes: 
     pix = torch.cat([b[0] for b in batch])
     out = tower(model, pix, [b[1] for b in batch]).float()  # (cells of the batch, 96)
     target = torch.cat([b[2] for b in batch])
-    weight = 1 + (centre_weight - 1) * torch.cat([b[3] for b in batch])  # (cells,)
-    if near_weight != 1.0:
-        weight = weight + (near_weight - 1) * torch.cat([near_centres(b[3], b[1]) for b in batch])
+    marks = torch.cat([b[3] for b in batch])  # (cells,)
+    near = torch.cat([near_centres(b[3], b[1]) for b in batch])  # (cells,)
+    weight = 1 + (centre_weight - 1) * marks + (near_weight - 1) * near
     loss = (((out - target) ** 2).sum(1) * weight).sum() / weight.sum()
     return loss + ce * naming_ce(out, batch, codes) if ce else loss
 
