@@ -150,3 +150,34 @@ def test_pairs_add_one_code_per_colour_and_shape_at_the_shapes_centre(probe, tok
         assert torch.allclose(extra[cell], probe.PAIR_CODES[k])
     others = [c for c in range(rows * cols) if c not in cells]
     assert extra[others].abs().max() == 0
+
+
+def test_shape_counts_worked_example(probe):
+    shapes = [{"kind": "circle", "colour": "red"}, {"kind": "circle", "colour": "blue"},
+              {"kind": "square", "colour": "red"}, {"kind": "circle", "colour": "red"}]
+    assert probe.shape_counts({"shapes": shapes}) == [(3, 2), (3, 1), (1, 1), (3, 2)]
+    assert probe.shape_counts({"blocks": []}) == []
+
+
+def test_counts_add_the_codes_of_each_shapes_counts_at_its_centre(probe, tok):
+    s = sample("counting", 5)
+    grid = _grid(s.info)
+    _, rows, cols, sx, sy = probe._layout(s.info, grid)
+    probe.MODE, probe.GEOMETRY = "centre", False
+    try:
+        plain = probe.oracle(s.info, grid, tok)
+        probe.COUNTS = True
+        counted = probe.oracle(s.info, grid, tok)
+    finally:
+        probe.COUNTS = False
+    cells = [probe._centre_cell(sh["box"], rows, cols, sx, sy) for sh in s.info["shapes"]]
+    assert s.info["shapes"] and len(set(cells)) == len(cells)  # this sample: one shape a cell
+    extra = counted - plain  # (cells, hidden)
+    for (kind, pair), cell in zip(probe.shape_counts(s.info), cells):
+        assert torch.allclose(extra[cell], probe.COUNT_CODES["kind"][kind] + probe.COUNT_CODES["pair"][pair])
+    assert extra[[c for c in range(rows * cols) if c not in cells]].abs().max() == 0
+
+
+def test_counts_need_centre_mode(probe):
+    with pytest.raises(SystemExit):
+        probe.main(["eval", "somewhere", "--mode", "cells", "--counts"])

@@ -203,3 +203,24 @@ def test_data_from_draws_the_pictures_and_crops_of_a_later_step(td, tmp_path, mo
     td.main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "2", "--crops", "1",
              "--score", "0", "--tasks", "blocks", "--data_from", "7"])
     assert seen == [("picture", 14), ("picture", 15), ("crops", 7), ("picture", 16), ("picture", 17), ("crops", 8)]
+
+
+def test_task_weights_repeat_a_task_in_the_cycle(td):
+    assert td.task_weights("counting:3,blocks") == (["counting", "blocks"], {"counting": 3, "blocks": 1})
+    names, weights = td.task_weights("counting:2,reading")
+    assert DemoData(names, weights).cycle == ("counting", "counting", "reading")
+
+
+def test_counts_are_named_and_scored_at_each_shapes_centre(td, setup, monkeypatch):
+    """With ``--counts`` the naming kinds include the two counts, and a tower that outputs the oracle's own
+    features reads them right."""
+    model, tok, processor = setup
+    monkeypatch.setattr(td.op, "COUNTS", True)
+    codes = td._kind_codes(tok)
+    assert codes["count_kind"][0] == ["1", "2", "3", "4", "5", "6"]
+    data = DemoData(["counting"], seed_offset=td.SCORE_OFFSET)
+    truth = {i: td.draw(data, i, processor, tok)[2] for i in range(3)}
+    calls = iter(range(3))
+    monkeypatch.setattr(td, "tower", lambda model, pix, grids: truth[next(calls)])
+    got = td.score_model(model, tok, processor, 3, "counting")
+    assert got["count_kind"].startswith("100%") and got["count_pair"].startswith("100%")

@@ -22,7 +22,11 @@ box relative to the cell (x0, y0, x1, y1 in cell widths, clipped to [-4, 5]) thr
 (4, HIDDEN) projection: what grounding would need beyond names; with ``--frame image`` the box is instead
 given in tenths of the picture (0-10, Qwen2-VL's 0-1000 scale over 100), the same at every cell. ``--pairs``
 (``centre`` mode) adds at each shape's centre one fixed code for its (colour, shape) pair, so "the red circle"
-is one lookup, not a conjunction. ``train`` records the mode and flags beside the model (``oracle_probe.json``)
+is one lookup, not a conjunction. ``--counts`` (``centre`` mode) adds at each shape's centre two fixed codes, one
+for how many shapes of its kind the picture holds and one for how many of its colour and kind: "how many red
+circles" becomes a lookup of any red circle's count (the codes at every red circle agree, so attending to all
+of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12).
+``train`` records the mode and flags beside the model (``oracle_probe.json``)
 and ``eval`` uses them. The codes are drawn from fixed seeds in a fixed order: evaluate a probe model with the
 version of this file that trained it.
 
@@ -63,6 +67,11 @@ FRAME = "cell"  # --geometry's frame: "cell" (the box relative to its cell) or "
 PAIRS = False  # centre mode: a shape's centre also carries one code for its (colour, shape) pair
 PAIR_CODES = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(77))
 PAIR_CODES = SCALE * PAIR_CODES / PAIR_CODES.norm(dim=1, keepdim=True)
+COUNTS = False  # centre mode: a shape's centre also carries the counts of its kind and of its (colour, kind)
+MAX_COUNT = 8  # count codes 0 .. MAX_COUNT - 1 (a picture holds at most 6 shapes)
+COUNT_CODES = {k: SCALE * c / c.norm(dim=1, keepdim=True) for k, c in  # (MAX_COUNT, HIDDEN) each
+               (("kind", torch.randn(MAX_COUNT, HIDDEN, generator=torch.Generator().manual_seed(55))),
+                ("pair", torch.randn(MAX_COUNT, HIDDEN, generator=torch.Generator().manual_seed(56))))}
 SAVED = "oracle_probe.json"  # beside a trained model: the mode and geometry it was trained under
 
 
@@ -142,7 +151,19 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
         for s in info.get("shapes", ()):
             k = list(COLOURS).index(s["colour"]) * len(SHAPES) + list(SHAPES).index(s["kind"])
             out[0, _centre_cell(s["box"], rows, cols, sx, sy)] += PAIR_CODES[k]
+    if COUNTS:
+        for s, (kind, pair) in zip(info.get("shapes", ()), shape_counts(info)):
+            code = COUNT_CODES["kind"][kind] + COUNT_CODES["pair"][pair]
+            out[0, _centre_cell(s["box"], rows, cols, sx, sy)] += code
     return out.reshape(-1, HIDDEN)
+
+
+def shape_counts(info: dict) -> list[tuple[int, int]]:
+    """(shapes of its kind, shapes of its colour and kind) in the picture, for each of ``info["shapes"]``.
+    Worked example: a red circle, a blue circle and a red square give (2, 1), (2, 1), (1, 1)."""
+    shapes = info.get("shapes", ())
+    return [(sum(o["kind"] == s["kind"] for o in shapes),
+             sum(o["kind"] == s["kind"] and o["colour"] == s["colour"] for o in shapes)) for s in shapes]
 
 
 def oracle(info: dict, grid, tokenizer) -> torch.Tensor:
@@ -211,7 +232,7 @@ def train(config: str, overrides: list[str]) -> None:
     finally:
         demo_stream.DemoSamples.finish, forward._media_batch = saved
     with open(os.path.join(result.output_dir, SAVED), "w") as f:
-        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS, "frame": FRAME}, f)
+        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS, "frame": FRAME, "counts": COUNTS}, f)
     print(result.results)
 
 
@@ -262,7 +283,7 @@ def grounding_ceiling(n: int) -> None:
 
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
-    global MODE, GEOMETRY, PAIRS, FRAME
+    global MODE, GEOMETRY, PAIRS, FRAME, COUNTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
     p.add_argument("path", nargs="?", help="the training config (train) or the trained model directory (eval)")
@@ -271,12 +292,13 @@ def main(argv=None) -> None:
     p.add_argument("--frame", choices=["cell", "image"], default="cell",
                    help="--geometry's frame: the box relative to its cell, or in tenths of the picture")
     p.add_argument("--pairs", action="store_true", help="centre mode: a code per (colour, shape) pair as well")
+    p.add_argument("--counts", action="store_true", help="centre mode: each shape's counts as codes as well")
     p.add_argument("-n", type=int, default=50, help="held-out samples a task (eval)")
     p.add_argument("--tasks", default="blocks,counting,reading,weather,grounding,video")
     args, rest = p.parse_known_args(argv)
-    MODE, GEOMETRY, PAIRS, FRAME = args.mode, args.geometry, args.pairs, args.frame
-    if PAIRS and MODE != "centre":
-        p.error("--pairs needs --mode centre")
+    MODE, GEOMETRY, PAIRS, FRAME, COUNTS = args.mode, args.geometry, args.pairs, args.frame, args.counts
+    if (PAIRS or COUNTS) and MODE != "centre":
+        p.error("--pairs and --counts need --mode centre")
     if args.what != "grounding-ceiling" and not args.path:
         p.error(f"{args.what} needs a path")
     if rest and args.what != "train":
@@ -285,7 +307,7 @@ def main(argv=None) -> None:
         with open(os.path.join(args.path, SAVED)) as f:
             saved = json.load(f)
         MODE, GEOMETRY, PAIRS = saved["mode"], saved["geometry"], saved.get("pairs", False)  # as trained
-        FRAME = saved.get("frame", "cell")
+        FRAME, COUNTS = saved.get("frame", "cell"), saved.get("counts", False)
         print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)

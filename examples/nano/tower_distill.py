@@ -146,7 +146,7 @@ def train(args) -> None:
         print(f"resumed at step {start}", flush=True)
     elif args.init_tower:  # another run's tower (weights only): a new run from it
         model.visual.load_state_dict(torch.load(os.path.join(args.init_tower, "tower.pt"))["visual"])
-    data = DemoData(args.tasks.split(","))
+    data = DemoData(*task_weights(args.tasks))
     crops = DemoData(["closeup"], seed_offset=CROP_OFFSET)
     codes = _kind_codes(tok)
     weights = {k: float(v) for k, v in (kv.split(":") for kv in args.crop_weights.split(","))}
@@ -175,6 +175,12 @@ def train(args) -> None:
                 score_model(model, tok, processor, args.score, args.tasks)
 
 
+def task_weights(spec: str) -> tuple[list[str], dict[str, int]]:
+    """``--tasks``' (names, {name: repeats in DemoData's cycle}): "counting:2,blocks" -> counting twice a cycle."""
+    pairs = [(t.split(":") + ["1"])[:2] for t in spec.split(",") if t]
+    return [t for t, _ in pairs], {t: int(w) for t, w in pairs}
+
+
 CROP_KINDS = ("blocks", "shapes", "word")  # what a closeup crop holds: a block, a shape or a sign
 
 
@@ -199,13 +205,18 @@ def crop_batch(crops, step: int, n: int, processor, tok, weights: dict | None = 
 
 
 def _kind_codes(tok):
-    """{kind: (names, (names, 96) codes)} of the names a centre cell can carry."""
+    """{kind: (names, (names, 96) codes)} of the names a centre cell can carry (with ``--counts`` also
+    "count_kind" and "count_pair": the counts "1" .. "6" of ``oracle_probe.shape_counts``)."""
     from qwen2vl.demo import common, signs
     kinds = {"colour": list(common.COLOURS), "shape": list(common.SHAPES), "digit": list("0123456789"),
              "word": list(signs.WORDS)}
     spell = {"colour": " {}", "shape": " {}", "digit": "{}", "word": "{}"}  # how oracle_probe names them
-    return {k: (v, torch.stack([op.SCALE * op.CODES[torch.tensor(tok.encode(spell[k].format(n)))].sum(0)
-                                for n in v])) for k, v in kinds.items()}
+    out = {k: (v, torch.stack([op.SCALE * op.CODES[torch.tensor(tok.encode(spell[k].format(n)))].sum(0)
+                               for n in v])) for k, v in kinds.items()}
+    if op.COUNTS:
+        for k in ("kind", "pair"):
+            out[f"count_{k}"] = ([str(n) for n in range(1, 7)], op.COUNT_CODES[k][1:7])
+    return out
 
 
 def named_objects(info: dict, grid) -> list:
@@ -214,7 +225,11 @@ def named_objects(info: dict, grid) -> list:
     t, rows, cols, sx, sy = op._layout(info, grid)
     at = lambda box: op._centre_cell(box, rows, cols, sx, sy)  # noqa: E731
     out = [(0, at(b["box"]), {"colour": b["colour"], "digit": str(b["digit"])}) for b in info.get("blocks", ())]
-    out += [(0, at(s["box"]), {"colour": s["colour"], "shape": s["kind"]}) for s in info.get("shapes", ())]
+    shapes = info.get("shapes", ())
+    counts = op.shape_counts(info) if op.COUNTS else [None] * len(shapes)
+    out += [(0, at(s["box"]), {"colour": s["colour"], "shape": s["kind"]} if c is None else
+             {"colour": s["colour"], "shape": s["kind"], "count_kind": str(c[0]), "count_pair": str(c[1])})
+            for s, c in zip(shapes, counts)]
     if "word" in info and "text" in info:
         out.append((0, at(info["text"]), {"word": info["word"]}))
     out += [(pair, at(box), {"colour": name}) for pair, name, box in vt.video_blocks(info)]
@@ -227,7 +242,7 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
     projects on most, within the kind), and the centre code's precision / recall, over ``n`` held-out pictures
     drawn round the tasks."""
     from qwen2vl.demo.data import DemoData
-    data = DemoData(tasks.split(","), seed_offset=SCORE_OFFSET)
+    data = DemoData(task_weights(tasks)[0], seed_offset=SCORE_OFFSET)
     codes = _kind_codes(tok)
     right = {k: [0, 0] for k in codes}
     tp = fp = fn = 0
@@ -299,7 +314,7 @@ def main(argv=None) -> None:
     p.add_argument("--init", default="qwen2vl/models/nano")
     p.add_argument("--decoder", help="assemble: the decoder's model directory (an oracle-probe run)")
     p.add_argument("--out", default="nano-tower")
-    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--tasks", default=TASKS, help="the pictures' tasks; NAME:K draws a task K times a cycle")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--stop", type=int, help="train: stop (and save) at this step; the schedule still ends at --steps")
     p.add_argument("--batch", type=int, default=8)
@@ -322,9 +337,11 @@ def main(argv=None) -> None:
     p.add_argument("--frame", choices=["cell", "image"], default="cell",
                    help="the geometry's frame (oracle_probe.py --frame): the box relative to its cell, or in "
                         "tenths of the picture")
+    p.add_argument("--counts", action="store_true",
+                   help="each shape's centre also carries its counts (oracle_probe.py --counts)")
     p.add_argument("-n", type=int, default=60)
     args = p.parse_args(argv)
-    op.MODE, op.GEOMETRY, op.FRAME = "centre", args.geometry, args.frame
+    op.MODE, op.GEOMETRY, op.FRAME, op.COUNTS = "centre", args.geometry, args.frame, args.counts
     if args.what == "train":
         train(args)
     elif args.what == "assemble":
