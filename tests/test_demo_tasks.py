@@ -189,6 +189,23 @@ def test_video_within_ranges(seed):
                        {"question": "direction", "direction": info["direction"]})
 
 
+def test_video_grid_is_drawn_in_about_half_the_videos():
+    lined = 0
+    for seed in range(60):
+        info = sample("video", seed).info
+        g, frame = info["grid"], _px(info["frames"][0])
+        if not g["lines"]:
+            continue
+        lined += 1
+        grey, width = g["lines"]
+        assert 140 <= grey <= 200 and width in (1, 2)
+        cell, half = g["size"] + g["gap"], g["gap"] / 2
+        y = g["origin"][1] + g["size"] // 2  # the first row of cells, across the line left of its first cell
+        x = int(max(0, g["origin"][0] - half))
+        assert (frame[y, max(0, x - 1):x + 2] == grey).all(-1).any(), (seed, g)
+    assert 18 <= lined <= 42
+
+
 def test_video_as_mp4(tmp_path):
     import av
     s = sample("video", 3)

@@ -3,7 +3,8 @@
 Owns the video distribution: each frame side an even number of pixels uniform from what the grid needs (at
 least 196) to 308 (even, so the frames encode as yuv420p mp4 unchanged in size); a uniform background; a grid of
 3-5 columns and 3-5 rows (as many as fit) of square cells, each a block of 36-56 px plus a gap of 4-12 px, at a
-uniform position at least 4 px inside the frame (the grid itself is not drawn); 2-4 blocks of distinct palette
+uniform position at least 4 px inside the frame; in half the videos the grid is drawn (lines 1-2 px of a uniform
+grey 140-200 through the middle of the gaps and round the outside, under the blocks), in the rest not; 2-4 blocks of distinct palette
 colours (jittered) in distinct cells; one uniform block moves by one cell in a uniform direction among those
 that stay on the grid and land on a free cell (a layout where that block cannot move is drawn again). Frames 1
 and 2 show the start, frames 3 and 4 the end: nothing else changes.
@@ -62,9 +63,27 @@ def _layout(rng) -> tuple[dict, list[str], list[tuple[int, int]], int, str]:
             return g, colours, cells, mover, pick(rng, free)
 
 
+def _grid_lines(draw, g: dict) -> None:
+    """The grid's lines (``g["lines"]``: (grey, width) or None), through the middle of the gaps between cells
+    and half a gap outside the outer blocks (clipped to the frame)."""
+    grey, width = g["lines"]
+    cell, half = g["size"] + g["gap"], g["gap"] / 2
+    (x0, y0), w, h = g["origin"], g["width"] - 1, g["height"] - 1
+    left, top = max(0, x0 - half), max(0, y0 - half)
+    right, bottom = min(w, x0 + g["cols"] * cell - half), min(h, y0 + g["rows"] * cell - half)
+    for c in range(g["cols"] + 1):
+        x = min(w, max(0, x0 + c * cell - half))
+        draw.line((x, top, x, bottom), fill=(grey,) * 3, width=width)
+    for r in range(g["rows"] + 1):
+        y = min(h, max(0, y0 + r * cell - half))
+        draw.line((left, y, right, y), fill=(grey,) * 3, width=width)
+
+
 def _frame(g: dict, bg, fills, cells):
     img = canvas(g["width"], g["height"], bg)
     draw = ImageDraw.Draw(img)
+    if g.get("lines"):
+        _grid_lines(draw, g)
     cell = g["size"] + g["gap"]
     for fill, (c, r) in zip(fills, cells):
         x, y = g["origin"][0] + c * cell, g["origin"][1] + r * cell
@@ -84,6 +103,7 @@ def video_qa(rng, colour: str, direction: str, which: bool) -> tuple[str, str, d
 def draw_video(rng) -> tuple[list, dict]:
     """(4 frames, info) of one video scene."""
     g, colours, cells, mover, direction = _layout(rng)
+    g["lines"] = (randint(rng, 140, 200), randint(rng, 1, 2)) if rng.random() < 0.5 else None
     bg = background(rng)
     fills = [jitter(rng, c) for c in colours]
     dx, dy = DIRECTIONS[direction]
