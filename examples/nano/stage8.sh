@@ -14,7 +14,8 @@
 # 20 + 33 + 20 + 35 + 23 minutes on one core; the fine-tunes 37 minutes on two cores shared with a tower leg, then 7.
 # Item 12: tower legs 24 + 25 + 26 + 18 minutes on one core; fine-tunes 11 + 21 + 31 + 12 minutes on one core
 # (the middle two sharing it with another run). Item 13: tower legs 26 + 18 + 16 minutes, fine-tunes 12 + 12 + 13
-# minutes, one core each (a tower leg and a fine-tune side by side). The legs before item 13 drew their pictures
+# minutes, one core each (a tower leg and a fine-tune side by side). Item 14: fine-tune 16 minutes, tower leg 16,
+# fine-tune 13, one core each (side by side). The legs before item 13 drew their pictures
 # from the generators as they then were (narrower: one reading of a sign's size, fewer fonts); a replay draws
 # today's for every leg.
 set -euo pipefail
@@ -114,4 +115,15 @@ tower13 nano-ft6 nano-asm8 nano-ft7 18
 tower14 nano-ft7 nano-asm9 nano-ft8 19
 tower15 nano-ft8 nano-asm10 nano-ft9 20
 LEGS
-python -m qwen2vl.nano export "$W/nano-ft9" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
+# (item 13 shipped nano-ft9's bf16 export)
+
+# item 14: the decoder fine-tuned 500 steps more over tower15; a tower leg on fresh pictures (counting ones too)
+# under it, fine-tuned again (the shipped weights); a second leg with video pictures (grid lines) was not kept
+[ -f "$W/nano-ft10/train_results.json" ] || $FT --model_name_or_path "$W/nano-ft9" --output_dir "$W/nano-ft10" \
+    --max_steps 500 --seed 21
+$TD13 --out "$W/tower17" --init_tower "$W/tower15" --tasks reading,blocks,counting \
+    --crop_weights blocks:4,shapes:2,word:6 --steps 1000 --data_from 130000 --near_weight 3
+[ -f "$W/nano-asm11/model.safetensors" ] || $AS "$W/tower17" --decoder "$W/nano-ft10" --out "$W/nano-asm11"
+[ -f "$W/nano-ft11/train_results.json" ] || $FT --model_name_or_path "$W/nano-asm11" --output_dir "$W/nano-ft11" \
+    --max_steps 400 --seed 22
+python -m qwen2vl.nano export "$W/nano-ft11" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
