@@ -25,10 +25,10 @@ given in tenths of the picture (0-10, Qwen2-VL's 0-1000 scale over 100), the sam
 is one lookup, not a conjunction. ``--counts`` (``centre`` mode) adds at each shape's centre two fixed codes, one
 for how many shapes of its kind the picture holds and one for how many of its colour and kind: "how many red
 circles" becomes a lookup of any red circle's count (the codes at every red circle agree, so attending to all
-of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12).
-``train`` records the mode and flags beside the model (``oracle_probe.json``)
-and ``eval`` uses them. The codes are drawn from fixed seeds in a fixed order: evaluate a probe model with the
-version of this file that trained it.
+of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12;
+item 14: with them it stayed near 65 %, finding the shapes being what fails). ``train`` records the mode and
+flags beside the model (``oracle_probe.json``) and ``eval`` uses them. The codes are drawn from fixed seeds in
+a fixed order: evaluate a probe model with the version of this file that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
 for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.
@@ -308,7 +308,7 @@ def main(argv=None) -> None:
             saved = json.load(f)
         MODE, GEOMETRY, PAIRS = saved["mode"], saved["geometry"], saved.get("pairs", False)  # as trained
         FRAME, COUNTS = saved.get("frame", "cell"), saved.get("counts", False)
-        print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS} (from {SAVED})")
+        print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS}, counts {COUNTS} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)
     elif args.what == "train":

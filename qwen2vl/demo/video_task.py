@@ -4,10 +4,10 @@ Owns the video distribution: each frame side an even number of pixels uniform fr
 least 196) to 308 (even, so the frames encode as yuv420p mp4 unchanged in size); a uniform background; a grid of
 3-5 columns and 3-5 rows (as many as fit) of square cells, each a block of 36-56 px plus a gap of 4-12 px, at a
 uniform position at least 4 px inside the frame; in half the videos the grid is drawn (lines 1-2 px of a uniform
-grey 140-200 through the middle of the gaps and round the outside, under the blocks), in the rest not; 2-4 blocks of distinct palette
-colours (jittered) in distinct cells; one uniform block moves by one cell in a uniform direction among those
-that stay on the grid and land on a free cell (a layout where that block cannot move is drawn again). Frames 1
-and 2 show the start, frames 3 and 4 the end: nothing else changes.
+grey 140-200 through the middle of the gaps and round the outside, under the blocks), in the rest not; 2-4
+blocks of distinct palette colours (jittered) in distinct cells; one uniform block moves by one cell in a
+uniform direction among those that stay on the grid and land on a free cell (a layout where that block cannot
+move is drawn again). Frames 1 and 2 show the start, frames 3 and 4 the end: nothing else changes.
 
 Questions (uniform): "Which block moved?" (truth: its colour) or "Which way did the {colour} block move?"
 (truth: left / right / up / down), answered in one of two phrasings each. The video is a list of 4 PIL frames;
