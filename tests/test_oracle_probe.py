@@ -130,26 +130,32 @@ def test_geometry_in_the_image_frame_is_the_box_in_tenths_of_the_picture(probe, 
         torch.testing.assert_close(geo[k], want)
 
 
-def test_pairs_add_one_code_per_colour_and_shape_at_the_shapes_centre(probe, tok):
-    from qwen2vl.demo.common import SHAPES
+def _codes_added_at_shape_centres(probe, tok, flag: str):
+    """(the oracle's features with ``flag`` set less those without it, the shapes' centre cells, the sample's info,
+    rows * cols) on counting sample 5 in centre mode."""
     s = sample("counting", 5)
     grid = _grid(s.info)
     _, rows, cols, sx, sy = probe._layout(s.info, grid)
     probe.MODE, probe.GEOMETRY = "centre", False
     try:
         plain = probe.oracle(s.info, grid, tok)
-        probe.PAIRS = True
-        paired = probe.oracle(s.info, grid, tok)
+        setattr(probe, flag, True)
+        more = probe.oracle(s.info, grid, tok)
     finally:
-        probe.PAIRS = False
+        setattr(probe, flag, False)
     cells = [probe._centre_cell(sh["box"], rows, cols, sx, sy) for sh in s.info["shapes"]]
     assert s.info["shapes"] and len(set(cells)) == len(cells)  # this sample: one shape a cell
-    extra = paired - plain  # (cells, hidden)
-    for sh, cell in zip(s.info["shapes"], cells):
+    extra = more - plain  # (cells, hidden)
+    assert extra[[c for c in range(rows * cols) if c not in cells]].abs().max() == 0  # nothing elsewhere
+    return extra, cells, s.info
+
+
+def test_pairs_add_one_code_per_colour_and_shape_at_the_shapes_centre(probe, tok):
+    from qwen2vl.demo.common import SHAPES
+    extra, cells, info = _codes_added_at_shape_centres(probe, tok, "PAIRS")
+    for sh, cell in zip(info["shapes"], cells):
         k = list(COLOURS).index(sh["colour"]) * len(SHAPES) + list(SHAPES).index(sh["kind"])
         assert torch.allclose(extra[cell], probe.PAIR_CODES[k])
-    others = [c for c in range(rows * cols) if c not in cells]
-    assert extra[others].abs().max() == 0
 
 
 def test_shape_counts_worked_example(probe):
@@ -160,22 +166,9 @@ def test_shape_counts_worked_example(probe):
 
 
 def test_counts_add_the_codes_of_each_shapes_counts_at_its_centre(probe, tok):
-    s = sample("counting", 5)
-    grid = _grid(s.info)
-    _, rows, cols, sx, sy = probe._layout(s.info, grid)
-    probe.MODE, probe.GEOMETRY = "centre", False
-    try:
-        plain = probe.oracle(s.info, grid, tok)
-        probe.COUNTS = True
-        counted = probe.oracle(s.info, grid, tok)
-    finally:
-        probe.COUNTS = False
-    cells = [probe._centre_cell(sh["box"], rows, cols, sx, sy) for sh in s.info["shapes"]]
-    assert s.info["shapes"] and len(set(cells)) == len(cells)  # this sample: one shape a cell
-    extra = counted - plain  # (cells, hidden)
-    for (kind, pair), cell in zip(probe.shape_counts(s.info), cells):
+    extra, cells, info = _codes_added_at_shape_centres(probe, tok, "COUNTS")
+    for (kind, pair), cell in zip(probe.shape_counts(info), cells):
         assert torch.allclose(extra[cell], probe.COUNT_CODES["kind"][kind] + probe.COUNT_CODES["pair"][pair])
-    assert extra[[c for c in range(rows * cols) if c not in cells]].abs().max() == 0
 
 
 def test_counts_need_centre_mode(probe):

@@ -146,15 +146,13 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
             toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
         code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
         out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] += code
-    if PAIRS:
-        from qwen2vl.demo.common import COLOURS, SHAPES
-        for s in info.get("shapes", ()):
-            k = list(COLOURS).index(s["colour"]) * len(SHAPES) + list(SHAPES).index(s["kind"])
-            out[0, _centre_cell(s["box"], rows, cols, sx, sy)] += PAIR_CODES[k]
-    if COUNTS:
-        for s, (kind, pair) in zip(info.get("shapes", ()), shape_counts(info)):
-            code = COUNT_CODES["kind"][kind] + COUNT_CODES["pair"][pair]
-            out[0, _centre_cell(s["box"], rows, cols, sx, sy)] += code
+    from qwen2vl.demo.common import COLOURS, SHAPES
+    for s, (kind, pair) in zip(info.get("shapes", ()), shape_counts(info)):  # --pairs, --counts: more codes
+        cell = _centre_cell(s["box"], rows, cols, sx, sy)
+        if PAIRS:
+            out[0, cell] += PAIR_CODES[list(COLOURS).index(s["colour"]) * len(SHAPES) + list(SHAPES).index(s["kind"])]
+        if COUNTS:
+            out[0, cell] += COUNT_CODES["kind"][kind] + COUNT_CODES["pair"][pair]
     return out.reshape(-1, HIDDEN)
 
 
