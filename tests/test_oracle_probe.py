@@ -76,6 +76,50 @@ def test_centre_mode_gives_one_token_per_block_with_its_digit(probe, tok):
         assert int((digit_codes @ left).argmax()) == want[k]
 
 
+def test_centre_mode_names_each_tap_button_by_its_label_at_its_centre(probe, tok):
+    s = sample("tap", 3)
+    grid = _grid(s.info)
+    _, rows, cols, sx, sy = probe._layout(s.info, grid)
+    probe.MODE = "centre"
+    try:
+        feats = probe.oracle(s.info, grid, tok)
+    finally:
+        probe.MODE = "cells"
+    want = {probe._centre_cell(b["box"], rows, cols, sx, sy): b["label"] for b in s.info["buttons"]}
+    assert len(want) == len(s.info["buttons"]) >= 2  # this screen: one button a cell
+    named = ((feats - probe.BACKGROUND).norm(dim=1) > 1e-6).nonzero().squeeze(1).tolist()
+    assert sorted(named) == sorted(want)
+    for k, label in want.items():
+        code = probe.SCALE * probe.CODES[torch.tensor(tok.encode(" " + label))].sum(0) + probe.CENTRE
+        assert torch.allclose(feats[k] - probe.BACKGROUND, code, atol=1e-5)
+
+
+def test_target_only_names_the_button_asked_for_alone(probe, tok):
+    s = sample("tap", 3)
+    grid = _grid(s.info)
+    _, rows, cols, sx, sy = probe._layout(s.info, grid)
+    probe.MODE, probe.TARGET_ONLY = "centre", True
+    try:
+        feats = probe.oracle(s.info, grid, tok)
+    finally:
+        probe.MODE, probe.TARGET_ONLY = "cells", False
+    target = [b for b in s.info["buttons"] if b["label"] == s.info["target"]]
+    named = ((feats - probe.BACKGROUND).norm(dim=1) > 1e-6).nonzero().squeeze(1).tolist()
+    assert len(s.info["buttons"]) > 1 and named == [probe._centre_cell(target[0]["box"], rows, cols, sx, sy)]
+
+
+def test_click_errors_worked_example(probe):
+    boxes = [(0, 0, 36, 64), (180, 320, 360, 640), (90, 0, 126, 64)]  # centres (50, 50), (750, 750), (300, 50)
+    exact = [((50, 50), boxes[0]), ((750, 750), boxes[1]), ((300, 50), boxes[2])]
+    assert probe.click_errors(exact) == ("clicks (3 of 3): x: error 0 (the mean's 256), correlation 1.00; "
+                                         "y: error 0 (the mean's 311), correlation 1.00")
+    off = [((150, 50), boxes[0]), (None, boxes[1]), ((300, 150), boxes[2])]
+    assert probe.click_errors(off).startswith("clicks (2 of 3): x: error 50 (the mean's 125)")
+    assert probe.click_errors(off[:2]) == "clicks: 1 of 2 answers held a click"
+    assert probe.click_point('<tool_call>\n{"name": "click", "arguments": {"x": 12, "y": 7}}\n</tool_call>') == (12, 7)
+    assert probe.click_point("no call") is None
+
+
 def test_a_short_run_trains_the_decoder_alone_and_evaluates(probe, tmp_path, capsys):
     """The tower is never trained, the trainer's own functions are back afterwards (the rest of the suite runs in
     the same process), and eval grades through the oracle in the mode recorded beside the model."""
@@ -174,3 +218,48 @@ def test_counts_add_the_codes_of_each_shapes_counts_at_its_centre(probe, tok):
 def test_counts_need_centre_mode(probe):
     with pytest.raises(SystemExit):
         probe.main(["eval", "somewhere", "--mode", "cells", "--counts"])
+
+
+@pytest.mark.parametrize("name, theta, sections", [("rope10-4-2-2", 10.0, [4, 2, 2]),
+                                                   ("rope1e4-1-1-6", 1e4, [1, 1, 6]),
+                                                   ("rope1e3-1-1-6", 1e3, [1, 1, 6])])
+def test_rotary_configs_change_the_rotary_alone(name, theta, sections):
+    """The rotary variants of HISTORY.md item 15 (``config_path``) are the shipped config.json but for rope_theta
+    and mrope_section, and parse to those."""
+    import json
+    from qwen2vl.config import Qwen2VLConfig
+    with open(ROOT / "examples" / "nano" / f"{name}-config.json") as f:
+        variant = json.load(f)
+    with open(pathlib.Path(DEMO_MODEL_DIR) / "config.json") as f:
+        shipped = json.load(f)
+    assert variant["rope_theta"] == theta and variant["rope_scaling"] == {"type": "mrope", "mrope_section": sections}
+    for d in (variant, shipped):
+        d.pop("rope_theta"), d.pop("rope_scaling")
+    assert variant == shipped
+    cfg = Qwen2VLConfig.from_dict(json.loads((ROOT / "examples" / "nano" / f"{name}-config.json").read_text()))
+    assert cfg.text.rope_theta == theta and cfg.text.mrope_section == sections
+    assert sum(sections) * 2 == cfg.text.hidden_size // cfg.text.num_attention_heads  # a head's rotary pairs
+
+
+def test_the_tap_probe_trains_under_a_rotary_variant_and_reports_clicks(probe, tmp_path, capsys):
+    """tap_probe.yaml with --target_only under a config_path rotary: the model keeps that rotary, the flag is
+    recorded beside it, and eval of tap reads it back and reports the clicks per axis."""
+    import json
+    out = tmp_path / "tap"
+    probe.main(["train", str(ROOT / "examples/nano/tap_probe.yaml"), "--mode", "centre", "--geometry",
+                "--target_only", "--config_path", str(ROOT / "examples/nano/rope1e4-1-1-6-config.json"),
+                "--model_name_or_path", DEMO_MODEL_DIR, "--output_dir", str(out), "--max_steps", "2",
+                "--per_device_train_batch_size", "2", "--warmup_steps", "0", "--logging_steps", "1",
+                "--save_steps", "100"])
+    probe.MODE, probe.GEOMETRY, probe.TARGET_ONLY = "cells", False, False
+    saved = json.loads((out / probe.SAVED).read_text())
+    assert saved["target_only"] is True and saved["mode"] == "centre"
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 1e4 and config["rope_scaling"]["mrope_section"] == [1, 1, 6]
+    capsys.readouterr()
+    try:
+        probe.main(["eval", str(out), "-n", "2", "--tasks", "tap"])
+    finally:
+        probe.MODE, probe.GEOMETRY, probe.TARGET_ONLY = "cells", False, False
+    lines = capsys.readouterr().out.splitlines()
+    assert "target only True" in lines[0] and lines[1].startswith("tap ") and lines[2].startswith("clicks")

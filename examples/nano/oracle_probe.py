@@ -1,7 +1,7 @@
 """A diagnostic: how well does qwen2vl-nano's decoder learn the demo tasks from *perfect* vision features?
 
     python examples/nano/oracle_probe.py train CONFIG.yaml [--mode M] [--geometry [--frame image]] [--key value ...]
-    python examples/nano/oracle_probe.py eval MODEL_DIR [--mode M] [--geometry] [-n 50] [--tasks blocks,counting]
+    python examples/nano/oracle_probe.py eval MODEL_DIR [--mode M] [--geometry] [-n 50] [--tasks blocks,tap]
     python examples/nano/oracle_probe.py grounding-ceiling -n 300
 
 Training and evaluation run as usual (``qwen2vl train``'s Trainer, ``LLM.chat`` and the demo graders), except
@@ -27,7 +27,10 @@ for how many shapes of its kind the picture holds and one for how many of its co
 circles" becomes a lookup of any red circle's count (the codes at every red circle agree, so attending to all
 of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12;
 item 14: with them, counting alone, 65 % after 300 steps and 91 % after 900). ``train`` records the mode and
-flags beside the model (``oracle_probe.json``) and ``eval`` uses them. The codes are drawn from fixed seeds in
+flags beside the model (``oracle_probe.json``) and ``eval`` uses them. A ``tap`` screen's buttons (the agent
+task, :mod:`qwen2vl.demo.tap`) are objects named by their labels; ``--target_only`` leaves the oracle naming the
+button asked for alone, so a click is a matter of position only, and ``eval`` of ``tap`` also reports how far
+the clicks fall from the buttons' centres per axis (:func:`click_errors`). The codes are drawn from fixed seeds in
 a fixed order: evaluate a probe model with the version of this file that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
@@ -67,6 +70,7 @@ FRAME = "cell"  # --geometry's frame: "cell" (the box relative to its cell) or "
 PAIRS = False  # centre mode: a shape's centre also carries one code for its (colour, shape) pair
 PAIR_CODES = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(77))
 PAIR_CODES = SCALE * PAIR_CODES / PAIR_CODES.norm(dim=1, keepdim=True)
+TARGET_ONLY = False  # a tap screen's oracle names the button asked for only (position without a lookup)
 COUNTS = False  # centre mode: a shape's centre also carries the counts of its kind and of its (colour, kind)
 MAX_COUNT = 8  # count codes 0 .. MAX_COUNT - 1 (a picture holds at most 6 shapes)
 COUNT_CODES = {k: SCALE * c / c.norm(dim=1, keepdim=True) for k, c in  # (MAX_COUNT, HIDDEN) each
@@ -86,6 +90,13 @@ def _cells(info: dict, grid, tokenizer) -> torch.Tensor:
     return out
 
 
+def _objects(info: dict, tokenizer) -> list:
+    """``vision_targets._objects`` and the buttons of a ``tap`` screen (each named by its label's tokens)."""
+    buttons = [(b["box"], None, vt._tokens(tokenizer, " " + b["label"])) for b in info.get("buttons", ())
+               if not TARGET_ONLY or b["label"] == info["target"]]
+    return vt._objects(info, tokenizer) + buttons
+
+
 def _layout(info: dict, grid) -> tuple:
     """(t, rows, cols, drawn pixels per resized pixel in x and y) of a picture or video's merged grid."""
     t, h, w = (int(v) for v in grid)
@@ -103,7 +114,7 @@ def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
     """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none)."""
     t, rows, cols, sx, sy = _layout(info, grid)
     out = torch.zeros(t, rows * cols)
-    for box, pair, _ in vt._objects(info, tokenizer):
+    for box, pair, _ in _objects(info, tokenizer):
         if "word" in info and tuple(box) == tuple(info.get("text", ())):
             continue
         out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] = 1.0
@@ -117,7 +128,7 @@ def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
     cw, ch = 28 * sx, 28 * sy
     cell = np.stack([xs * cw, ys * ch], -1).reshape(-1, 2)  # (cells, 2): each cell's origin, drawn pixels
     out = np.zeros((t, rows * cols, 4))
-    objects = vt._objects(info, tokenizer)
+    objects = _objects(info, tokenizer)
     for p in range(t):
         boxes = np.array([o[0] for o in objects if o[1] is None or o[1] == p], np.float64)
         if not len(boxes):
@@ -141,7 +152,7 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
     t, rows, cols, sx, sy = _layout(info, grid)
     out = BACKGROUND.expand(t * rows * cols, HIDDEN).clone().view(t, rows * cols, HIDDEN)
     digits = {tuple(b["box"]): str(b["digit"]) for b in info.get("blocks", ())}
-    for box, pair, toks in vt._objects(info, tokenizer):
+    for box, pair, toks in _objects(info, tokenizer):
         if tuple(box) in digits:
             toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
         code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
@@ -230,7 +241,8 @@ def train(config: str, overrides: list[str]) -> None:
     finally:
         demo_stream.DemoSamples.finish, forward._media_batch = saved
     with open(os.path.join(result.output_dir, SAVED), "w") as f:
-        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS, "frame": FRAME, "counts": COUNTS}, f)
+        json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS, "frame": FRAME, "counts": COUNTS,
+                   "target_only": TARGET_ONLY}, f)
     print(result.results)
 
 
@@ -251,12 +263,45 @@ def evaluate(model_dir: str, n: int, tasks: list[str]) -> None:
 
     llm.model.encode_vision = encode_vision
     for task in tasks:
-        start, right = time.time(), 0
+        start, right, clicks = time.time(), 0, []
         for s in held_out_samples(task, n, 0):
             current["info"] = s.info
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[task])
-            right += grade(s, llm.chat([s.messages], params, tools=s.tools)[0].outputs[0].text)
+            text = llm.chat([s.messages], params, tools=s.tools)[0].outputs[0].text
+            right += grade(s, text)
+            if task == "tap":
+                clicks.append((click_point(text), s.truth))
         print(f"{task:<12} {right:>4}/{n} {100 * right / n:5.1f}%  ({time.time() - start:.0f} s)", flush=True)
+        if clicks:
+            print(click_errors(clicks), flush=True)
+
+
+def click_point(text: str) -> tuple[float, float] | None:
+    """The (x, y) of an answer's one ``click`` call (0-1000 scale), None when it holds no such call."""
+    from qwen2vl.tool_calls import single_call_arguments
+    args = single_call_arguments(text, "click") or {}
+    x, y = args.get("x"), args.get("y")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+    return (float(x), float(y)) if ok else None
+
+
+def click_errors(clicks: list) -> str:
+    """A line on how far the clicks fell from the buttons' centres, per axis (0-1000 scale): the mean absolute
+    error, that of always clicking the mean centre, and the correlation with the centre; ``clicks`` holds
+    (click point or None, true pixel box) pairs. Worked example: clicks on the centres exactly give error 0
+    and correlation 1."""
+    from qwen2vl.demo.tap import HEIGHT, WIDTH
+    pairs = [(p, ((b[0] + b[2]) / 2 * 1000 / WIDTH, (b[1] + b[3]) / 2 * 1000 / HEIGHT)) for p, b in clicks if p]
+    if len(pairs) < 2:
+        return f"clicks: {len(pairs)} of {len(clicks)} answers held a click"
+    got, want = np.array([p for p, _ in pairs]), np.array([c for _, c in pairs])  # (k, 2) each
+    parts = []
+    for axis, name in enumerate("xy"):
+        g, w = got[:, axis], want[:, axis]
+        corr = float(np.corrcoef(g, w)[0, 1]) if g.std() > 0 and w.std() > 0 else 0.0
+        parts.append(f"{name}: error {np.abs(g - w).mean():.0f} (the mean's {np.abs(w.mean() - w).mean():.0f}), "
+                     f"correlation {corr:.2f}")
+    return f"clicks ({len(pairs)} of {len(clicks)}): " + "; ".join(parts)
 
 
 def grounding_ceiling(n: int) -> None:
@@ -281,7 +326,7 @@ def grounding_ceiling(n: int) -> None:
 
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
-    global MODE, GEOMETRY, PAIRS, FRAME, COUNTS
+    global MODE, GEOMETRY, PAIRS, FRAME, COUNTS, TARGET_ONLY
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
     p.add_argument("path", nargs="?", help="the training config (train) or the trained model directory (eval)")
@@ -291,10 +336,13 @@ def main(argv=None) -> None:
                    help="--geometry's frame: the box relative to its cell, or in tenths of the picture")
     p.add_argument("--pairs", action="store_true", help="centre mode: a code per (colour, shape) pair as well")
     p.add_argument("--counts", action="store_true", help="centre mode: each shape's counts as codes as well")
+    p.add_argument("--target_only", action="store_true",
+                   help="tap screens: the oracle names the button asked for only, so a click is position alone")
     p.add_argument("-n", type=int, default=50, help="held-out samples a task (eval)")
     p.add_argument("--tasks", default="blocks,counting,reading,weather,grounding,video")
     args, rest = p.parse_known_args(argv)
     MODE, GEOMETRY, PAIRS, FRAME, COUNTS = args.mode, args.geometry, args.pairs, args.frame, args.counts
+    TARGET_ONLY = args.target_only
     if (PAIRS or COUNTS) and MODE != "centre":
         p.error("--pairs and --counts need --mode centre")
     if args.what != "grounding-ceiling" and not args.path:
@@ -306,7 +354,9 @@ def main(argv=None) -> None:
             saved = json.load(f)
         MODE, GEOMETRY, PAIRS = saved["mode"], saved["geometry"], saved.get("pairs", False)  # as trained
         FRAME, COUNTS = saved.get("frame", "cell"), saved.get("counts", False)
-        print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS}, counts {COUNTS} (from {SAVED})")
+        TARGET_ONLY = saved.get("target_only", False)
+        print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS}, counts {COUNTS}, "
+              f"target only {TARGET_ONLY} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)
     elif args.what == "train":
