@@ -215,9 +215,10 @@ def test_counts_add_the_codes_of_each_shapes_counts_at_its_centre(probe, tok):
         assert torch.allclose(extra[cell], probe.COUNT_CODES["kind"][kind] + probe.COUNT_CODES["pair"][pair])
 
 
-def test_counts_need_centre_mode(probe):
+@pytest.mark.parametrize("flag", ["--counts", "--pairs", "--target_only"])
+def test_centre_mode_flags_need_centre_mode(probe, flag):
     with pytest.raises(SystemExit):
-        probe.main(["eval", "somewhere", "--mode", "cells", "--counts"])
+        probe.main(["eval", "somewhere", "--mode", "cells", flag])
 
 
 @pytest.mark.parametrize("name, theta, sections", [("rope10-4-2-2", 10.0, [4, 2, 2]),

@@ -27,11 +27,11 @@ for how many shapes of its kind the picture holds and one for how many of its co
 circles" becomes a lookup of any red circle's count (the codes at every red circle agree, so attending to all
 of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12;
 item 14: with them, counting alone, 65 % after 300 steps and 91 % after 900). ``train`` records the mode and
-flags beside the model (``oracle_probe.json``) and ``eval`` uses them. A ``tap`` screen's buttons (the agent
-task, :mod:`qwen2vl.demo.tap`) are objects named by their labels; ``--target_only`` leaves the oracle naming the
-button asked for alone, so a click is a matter of position only, and ``eval`` of ``tap`` also reports how far
-the clicks fall from the buttons' centres per axis (:func:`click_errors`). The codes are drawn from fixed seeds in
-a fixed order: evaluate a probe model with the version of this file that trained it.
+flags beside the model (``oracle_probe.json``) and ``eval`` uses them. In ``centre`` mode a ``tap`` screen's
+buttons (the agent task, :mod:`qwen2vl.demo.tap`) are objects named by their labels; ``--target_only`` leaves
+the oracle naming the button asked for alone, so a click is a matter of position only, and ``eval`` of ``tap``
+also reports how far the clicks fall from the buttons' centres per axis (:func:`click_errors`). The codes are
+drawn from fixed seeds in a fixed order: evaluate a probe model with the version of this file that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
 for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.
@@ -343,8 +343,8 @@ def main(argv=None) -> None:
     args, rest = p.parse_known_args(argv)
     MODE, GEOMETRY, PAIRS, FRAME, COUNTS = args.mode, args.geometry, args.pairs, args.frame, args.counts
     TARGET_ONLY = args.target_only
-    if (PAIRS or COUNTS) and MODE != "centre":
-        p.error("--pairs and --counts need --mode centre")
+    if (PAIRS or COUNTS or TARGET_ONLY) and MODE != "centre":
+        p.error("--pairs, --counts and --target_only need --mode centre")
     if args.what != "grounding-ceiling" and not args.path:
         p.error(f"{args.what} needs a path")
     if rest and args.what != "train":
