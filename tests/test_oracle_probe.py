@@ -247,12 +247,14 @@ def test_the_tap_probe_trains_under_a_rotary_variant_and_reports_clicks(probe, t
     recorded beside it, and eval of tap reads it back and reports the clicks per axis."""
     import json
     out = tmp_path / "tap"
-    probe.main(["train", str(ROOT / "examples/nano/tap_probe.yaml"), "--mode", "centre", "--geometry",
-                "--target_only", "--config_path", str(ROOT / "examples/nano/rope1e4-1-1-6-config.json"),
-                "--model_name_or_path", DEMO_MODEL_DIR, "--output_dir", str(out), "--max_steps", "2",
-                "--per_device_train_batch_size", "2", "--warmup_steps", "0", "--logging_steps", "1",
-                "--save_steps", "100"])
-    probe.MODE, probe.GEOMETRY, probe.TARGET_ONLY = "cells", False, False
+    try:  # main sets the module's flags; the other tests expect them back at their defaults
+        probe.main(["train", str(ROOT / "examples/nano/tap_probe.yaml"), "--mode", "centre", "--geometry",
+                    "--target_only", "--config_path", str(ROOT / "examples/nano/rope1e4-1-1-6-config.json"),
+                    "--model_name_or_path", DEMO_MODEL_DIR, "--output_dir", str(out), "--max_steps", "2",
+                    "--per_device_train_batch_size", "2", "--warmup_steps", "0", "--logging_steps", "1",
+                    "--save_steps", "100"])
+    finally:
+        probe.MODE, probe.GEOMETRY, probe.TARGET_ONLY = "cells", False, False
     saved = json.loads((out / probe.SAVED).read_text())
     assert saved["target_only"] is True and saved["mode"] == "centre"
     config = json.loads((out / "config.json").read_text())
