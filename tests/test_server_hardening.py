@@ -367,7 +367,7 @@ def test_sigterm_drains_then_ends_requests_and_exits_0(tiny_checkpoint, caplog):
 
 def test_sigterm_exits_as_soon_as_requests_are_done(tiny_checkpoint):
     def client(port, sigterm):
-        s = _send(port, {**BASE, "max_tokens": 40}, close=False)
+        s = _send(port, {**BASE, "max_tokens": 200}, close=False)  # 40 tokens could end before the SIGTERM
         time.sleep(0.1)
         sigterm()
         return time.monotonic(), _health(port), _read_all(s)
@@ -375,4 +375,5 @@ def test_sigterm_exits_as_soon_as_requests_are_done(tiny_checkpoint):
     rc, (t0, health, answer), reraised = _serve_until_signalled(tiny_checkpoint, ["--shutdown-timeout", "30"], client)
     assert rc == 0 and reraised == [] and health[0] == 503
     assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()  # finished normally
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 200
     assert time.monotonic() - t0 < 5  # not after the 30 s of --shutdown-timeout
