@@ -76,15 +76,20 @@ def test_centre_mode_gives_one_token_per_block_with_its_digit(probe, tok):
         assert int((digit_codes @ left).argmax()) == want[k]
 
 
-def test_centre_mode_names_each_tap_button_by_its_label_at_its_centre(probe, tok):
+def _tap_oracle(probe, tok, target_only: bool):
+    """(tap sample 3, its oracle features in centre mode, rows, cols, sx, sy), the probe's flags restored after."""
     s = sample("tap", 3)
     grid = _grid(s.info)
     _, rows, cols, sx, sy = probe._layout(s.info, grid)
-    probe.MODE = "centre"
+    probe.MODE, probe.TARGET_ONLY = "centre", target_only
     try:
-        feats = probe.oracle(s.info, grid, tok)
+        return s, probe.oracle(s.info, grid, tok), rows, cols, sx, sy
     finally:
-        probe.MODE = "cells"
+        probe.MODE, probe.TARGET_ONLY = "cells", False
+
+
+def test_centre_mode_names_each_tap_button_by_its_label_at_its_centre(probe, tok):
+    s, feats, rows, cols, sx, sy = _tap_oracle(probe, tok, target_only=False)
     want = {probe._centre_cell(b["box"], rows, cols, sx, sy): b["label"] for b in s.info["buttons"]}
     assert len(want) == len(s.info["buttons"]) >= 2  # this screen: one button a cell
     named = ((feats - probe.BACKGROUND).norm(dim=1) > 1e-6).nonzero().squeeze(1).tolist()
@@ -95,14 +100,7 @@ def test_centre_mode_names_each_tap_button_by_its_label_at_its_centre(probe, tok
 
 
 def test_target_only_names_the_button_asked_for_alone(probe, tok):
-    s = sample("tap", 3)
-    grid = _grid(s.info)
-    _, rows, cols, sx, sy = probe._layout(s.info, grid)
-    probe.MODE, probe.TARGET_ONLY = "centre", True
-    try:
-        feats = probe.oracle(s.info, grid, tok)
-    finally:
-        probe.MODE, probe.TARGET_ONLY = "cells", False
+    s, feats, rows, cols, sx, sy = _tap_oracle(probe, tok, target_only=True)
     target = [b for b in s.info["buttons"] if b["label"] == s.info["target"]]
     named = ((feats - probe.BACKGROUND).norm(dim=1) > 1e-6).nonzero().squeeze(1).tolist()
     assert len(s.info["buttons"]) > 1 and named == [probe._centre_cell(target[0]["box"], rows, cols, sx, sy)]
