@@ -194,9 +194,38 @@ def _replica_ids(port, wait_for=2, limit=180.0):
         time.sleep(0.5)
 
 
+def _merged_stream(events: list[dict]) -> dict:
+    """A stream's events as one answer per choice: its text, logprobs, tool calls and finish reason joined in the
+    order they came, plus the usage. Chunk boundaries are not compared: a reader slower than the engine gets the
+    deltas it has not taken yet merged into one chunk (RequestHandle), so how many chunks carry a choice's text,
+    and how two choices' chunks interleave, depend on timing.
+
+        [{"choices": [{"index": 0, "delta": {"content": "a"}}]}, {"choices": [{"index": 1, "delta": {"content":
+        "x"}}]}, {"choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "length"}]}]
+        -> {"choices": {0: {"content": "ab", "finish_reason": "length", ...}, 1: {"content": "x", ...}}, ...}
+    """
+    choices: dict[int, dict] = {}
+    for e in events:
+        for c in e["choices"]:
+            m = choices.setdefault(c["index"], {"role": None, "content": "", "tool_calls": {}, "logprobs": [],
+                                                "finish_reason": None})
+            delta = c.get("delta") or {}
+            m["role"] = delta.get("role") or m["role"]
+            m["content"] += delta.get("content") or ""
+            for t in delta.get("tool_calls") or []:  # a call's arguments come in pieces too
+                call = m["tool_calls"].setdefault(t["index"], {"id": None, "name": None, "arguments": ""})
+                call["id"] = t.get("id") or call["id"]
+                call["name"] = (t.get("function") or {}).get("name") or call["name"]
+                call["arguments"] += (t.get("function") or {}).get("arguments") or ""
+            m["logprobs"] += (c.get("logprobs") or {}).get("content") or []
+            m["finish_reason"] = c.get("finish_reason") or m["finish_reason"]
+    return {"choices": choices, "usage": [e["usage"] for e in events if e.get("usage")],
+            "other": [{k: v for k, v in e.items() if k not in ("choices", "usage", "id", "created")} for e in events
+                      if "choices" not in e]}  # an error event
+
+
 def _comparable(status, text):
-    body = json.loads(text) if not text.startswith("data:") else [
-        {**e, "id": None, "created": None} for e in _stream_events(text)]
+    body = json.loads(text) if not text.startswith("data:") else _merged_stream(_stream_events(text))
     if isinstance(body, dict):
         body.pop("id", None)
         body.pop("created", None)
@@ -220,6 +249,24 @@ def _first_difference(a, b, path=""):
     if isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-4:
         return None
     return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
+def test_streams_compare_by_what_they_say_not_how_they_are_cut():
+    """Two streams of the same answers cut into chunks differently (one choice's tokens merged, the choices
+    interleaved otherwise) compare equal; a different token, tool argument or finish reason does not."""
+    def ev(i, content=None, finish=None, call=None):
+        delta = {"content": content} if content is not None else {}
+        if call:
+            delta["tool_calls"] = [{"index": 0, "function": {"arguments": call}}]
+        return {"id": "x", "created": 1, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
+    usage = {"id": "x", "created": 1, "choices": [], "usage": {"completion_tokens": 3}}
+    a = [ev(0, "a"), ev(1, "x"), ev(0, "b"), ev(1, None, "stop", '{"c'), ev(1, None, None, '": 1}'),
+         ev(0, None, "length"), usage]
+    b = [ev(1, "x"), ev(0, "ab"), ev(1, None, "stop", '{"c": 1}'), ev(0, None, "length"), usage]
+    assert _first_difference(_merged_stream(a), _merged_stream(b)) is None
+    for changed in ([*b[:1], ev(0, "ac"), *b[2:]], [*b[:2], ev(1, None, "stop", '{"c": 2}'), *b[3:]],
+                    [*b[:3], ev(0, None, "stop"), usage]):
+        assert _first_difference(_merged_stream(a), _merged_stream(changed)) is not None
 
 
 def test_same_answers_as_the_single_process_server(cluster, single):
