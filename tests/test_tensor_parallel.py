@@ -9,6 +9,7 @@ processes.
 """
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -83,6 +84,22 @@ def _check_half(one, two, split_vision=True):
     assert reports[1]["weight_bytes"] == half  # no vision tower on rank 1
     assert reports[0]["weight_bytes"] == half + vision
     assert weight_bytes(two.model) == half + vision
+
+
+def test_close_lets_go_of_the_process_groups(tiny_checkpoint):
+    """After ``close`` nothing of the engine (layers' hooks, the vocab-parallel modules, the split tower, the
+    broadcast runner) holds a process group: one that a reference cycle kept until the interpreter exits is torn
+    down during finalization, where gloo ends the process with "terminate called without an active exception"."""
+    two = LLM(str(tiny_checkpoint), dtype="float32", device="cpu", tensor_parallel_size=2)
+    tp = two.tensor_parallel
+    groups = [tp.shard.group, tp.ctrl]
+    assert all(g is not None for g in groups)
+    two.close()
+    gc.collect()
+    for g in groups:
+        assert [type(r) for r in gc.get_referrers(g) if r is not groups and not isinstance(r, types.FrameType)] == []
+    with pytest.raises(TensorParallelError, match="closed"):
+        two.chat(BATCH[:1], GREEDY)
 
 
 def test_vision_on_rank_0_only(one, tiny_checkpoint):

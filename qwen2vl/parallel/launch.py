@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import gc
 import os
 import pickle
 import resource
@@ -116,15 +117,30 @@ def _init(spec: RankSpec, rank: int, local_rank: int):
     return device, dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
-def _load(spec: RankSpec, rank: int, device: torch.device, progress: bool | None):
+def _shard(spec: RankSpec, rank: int, device: torch.device) -> TPShard:
+    return TPShard(rank, spec.world_size, int4=spec.quantization == "int4",
+                   vocab_parallel_embedding=not (spec.file_embedding and device.type == "cpu"),
+                   split_vision=spec.split_vision, group=dist.group.WORLD)
+
+
+def _load(spec: RankSpec, shard: TPShard, device: torch.device, progress: bool | None):
     cfg = Qwen2VLConfig.from_pretrained(spec.path)
-    shard = TPShard(rank, spec.world_size, int4=spec.quantization == "int4",
-                    vocab_parallel_embedding=not (spec.file_embedding and device.type == "cpu"),
-                    split_vision=spec.split_vision, group=dist.group.WORLD)
     model = load_model(spec.path, spec.dtype, device, cfg, progress=progress, quantization=spec.quantization,
                        file_embedding=spec.file_embedding, tp=shard)
     finish_model_(model, shard)
     return model
+
+
+def _leave(shard: TPShard) -> None:
+    """Destroy this process's groups and drop the model's reference to them (its layers read ``shard.group`` at
+    each call), then collect. A group whose last reference goes only when the interpreter exits is torn down
+    while Python is being finalized, and gloo's threads then end the process with "terminate called without an
+    active exception" (SIGABRT): 5 exits in 30 did so with two ranks whose groups a reference cycle held, as the
+    model's patched ``encode_vision`` makes one, and none in 40 with the groups released first."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    shard.group = None
+    gc.collect()
 
 
 def _handshake(ctrl, rank: int, model, error: BaseException | None) -> list[dict]:
@@ -145,18 +161,21 @@ def _handshake(ctrl, rank: int, model, error: BaseException | None) -> list[dict
 def _run_worker(spec: RankSpec, rank: int, local_rank: int) -> None:
     """A rank other than 0: load, report, mirror rank 0's runner until it stops."""
     device, ctrl = _init(spec, rank, local_rank)
-    model = err = None
+    shard, model, err = _shard(spec, rank, device), None, None
     try:
-        model = _load(spec, rank, device, progress=False)
-    except Exception as e:
-        err = e
-    try:
-        _handshake(ctrl, rank, model, err)
-    except Exception:
-        raise SystemExit(1) from None
-    runner = ModelRunner(model, spec.max_model_len, spec.prefix_cache_bytes, spec.vision_cache_bytes)
-    serve_worker(runner, ctrl, rank)
-    dist.destroy_process_group()
+        try:
+            model = _load(spec, shard, device, progress=False)
+        except Exception as e:
+            err = e
+        try:
+            _handshake(ctrl, rank, model, err)
+        except Exception:
+            raise SystemExit(1) from None
+        runner = ModelRunner(model, spec.max_model_len, spec.prefix_cache_bytes, spec.vision_cache_bytes)
+        serve_worker(runner, ctrl, rank)
+    finally:
+        ctrl = None
+        _leave(shard)
 
 
 def spawned_main(payload: str) -> None:
@@ -182,8 +201,8 @@ class TensorParallel:
     """Rank 0's side: its shard of the model, the started ranks, the control group; :meth:`attach` puts the
     engine's runner behind a :class:`BroadcastRunner`; :meth:`close` stops the workers."""
 
-    def __init__(self, model, ctrl, procs: list, reports: list[dict]):
-        self.model, self.ctrl, self.procs, self.reports = model, ctrl, procs, reports
+    def __init__(self, model, shard: TPShard, ctrl, procs: list, reports: list[dict]):
+        self.model, self.shard, self.ctrl, self.procs, self.reports = model, shard, ctrl, procs, reports
         self.runner: BroadcastRunner | None = None
         atexit.register(self.close)
 
@@ -200,10 +219,10 @@ class TensorParallel:
     def close(self) -> None:
         if self.runner is not None:
             self.runner.stop()
+            self.runner.group = None  # stopped: every later call raises before it would use the group
         _reap(self.procs)
-        self.procs = []
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.procs, self.ctrl = [], None
+        _leave(self.shard)
         atexit.unregister(self.close)
 
 
@@ -259,15 +278,16 @@ def start(spec_args: dict, size: int, nnodes: int = 1, node_rank: int = 0, maste
             _reap(procs, timeout=None)
         raise SystemExit(0)
     device, ctrl = _init(spec, 0, 0)
-    model = err = None
+    shard, model, err = _shard(spec, 0, device), None, None
     try:
-        model = _load(spec, 0, device, progress)
+        model = _load(spec, shard, device, progress)
     except Exception as e:
         err = e
     try:
         reports = _handshake(ctrl, 0, model, err)
     except BaseException:
         _reap(procs)
-        dist.destroy_process_group()
+        ctrl = None
+        _leave(shard)
         raise
-    return TensorParallel(model, ctrl, procs, reports)
+    return TensorParallel(model, shard, ctrl, procs, reports)

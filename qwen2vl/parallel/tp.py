@@ -361,9 +361,9 @@ def read_cut(f, info: dict, data_start: int, dtype: torch.dtype, cut: Cut, out: 
         out[i:i + k, :n].copy_(block[:, cut.start:cut.end])
 
 
-def _all_reduce_output(group):
+def _all_reduce_output(shard: "TPShard"):
     def hook(module, args, out):
-        collective(dist.all_reduce, out, group=group)
+        collective(dist.all_reduce, out, group=shard.group)
         return out
     return hook
 
@@ -372,15 +372,15 @@ class VocabParallelEmbedding(nn.Module):
     """This rank's rows ``[start, end)`` of the embedding (any module mapping local ids to rows); ids outside them
     give zeros, and the ranks' results are summed."""
 
-    def __init__(self, inner: nn.Module, start: int, end: int, group):
+    def __init__(self, inner: nn.Module, start: int, end: int, shard: "TPShard"):
         super().__init__()
-        self.inner, self.start, self.end, self.group = inner, start, end, group
+        self.inner, self.start, self.end, self.shard = inner, start, end, shard
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.end)
         out = self.inner((ids - self.start).masked_fill(outside, 0))  # (..., hidden)
         out = out.masked_fill(outside[..., None], 0)
-        collective(dist.all_reduce, out, group=self.group)
+        collective(dist.all_reduce, out, group=self.shard.group)
         return out
 
 
@@ -388,17 +388,17 @@ class GatheredHead(nn.Module):
     """lm_head over this rank's vocabulary rows; the logits of all ranks are gathered on rank 0 (the group's first),
     which alone samples. Rank 0 gets (..., vocab); the others their own (..., local) logits, unused."""
 
-    def __init__(self, inner: nn.Module, vocab: int, group, world_size: int, rank: int):
+    def __init__(self, inner: nn.Module, vocab: int, shard: "TPShard"):
         super().__init__()
-        self.inner, self.vocab, self.group = inner, vocab, group
-        self.world_size, self.rank = world_size, rank
+        self.inner, self.vocab, self.shard = inner, vocab, shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.inner(x).contiguous()  # (..., local vocab)
-        dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        parts = [torch.empty_like(local) for _ in range(self.world_size)] if self.rank == 0 else None
-        collective(dist.gather, local, parts, dst=dst, group=self.group)
-        if self.rank != 0:
+        group, rank = self.shard.group, self.shard.rank
+        dst = dist.get_global_rank(group, 0) if group is not None else 0
+        parts = [torch.empty_like(local) for _ in range(self.shard.world_size)] if rank == 0 else None
+        collective(dist.gather, local, parts, dst=dst, group=group)
+        if rank != 0:
             return local
         return torch.cat(parts, dim=-1)[..., :self.vocab]  # (..., vocab): the padding of the last rank dropped
 
@@ -406,14 +406,13 @@ class GatheredHead(nn.Module):
 def finish_model_(model: nn.Module, shard: TPShard) -> None:
     """After loading: the all-reduces of the attention and MLP outputs, the vocab-parallel lm_head and embedding,
     and the vision tower's collectives (:func:`_split_vision_` or :func:`_vision_on_rank_0_`)."""
-    group = shard.group
     for layer in model.model.layers:
-        layer.self_attn.register_forward_hook(_all_reduce_output(group))
-        layer.mlp.register_forward_hook(_all_reduce_output(group))
+        layer.self_attn.register_forward_hook(_all_reduce_output(shard))
+        layer.mlp.register_forward_hook(_all_reduce_output(shard))
     v0, v1, _ = shard.sizes["vocab"]
-    model.lm_head = GatheredHead(model.lm_head, model.cfg.text.vocab_size, group, shard.world_size, shard.rank)
+    model.lm_head = GatheredHead(model.lm_head, model.cfg.text.vocab_size, shard)
     if shard.vocab_parallel_embedding:
-        model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, v0, v1, group)
+        model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, v0, v1, shard)
     (_split_vision_ if shard.split_vision else _vision_on_rank_0_)(model, shard)
 
 
@@ -422,8 +421,8 @@ def _split_vision_(model: nn.Module, shard: TPShard) -> None:
     (out of memory, say) leaves the others inside a block's all-reduce, out of step for good: the failure is a
     TensorParallelError, which ends the engine on rank 0 and the worker elsewhere."""
     for block in model.visual.blocks:
-        block.attn.register_forward_hook(_all_reduce_output(shard.group))
-        block.mlp.register_forward_hook(_all_reduce_output(shard.group))
+        block.attn.register_forward_hook(_all_reduce_output(shard))
+        block.mlp.register_forward_hook(_all_reduce_output(shard))
     local_encode = model.encode_vision
 
     def encode_vision(self, pixel_values, grid_thw):
@@ -441,11 +440,11 @@ def _split_vision_(model: nn.Module, shard: TPShard) -> None:
 def _vision_on_rank_0_(model: nn.Module, shard: TPShard) -> None:
     """Rank 0 runs the whole tower and broadcasts each request's features (whether it succeeded first, so a
     failure fails every rank alike); the other ranks hold no vision weights."""
-    group = shard.group
     local_encode = model.encode_vision
     merge = model.cfg.vision.spatial_merge_size ** 2
 
     def encode_vision(self, pixel_values, grid_thw):
+        group = shard.group
         src = dist.get_global_rank(group, 0) if group is not None else 0
         ok = torch.ones(1, dtype=torch.int32, device=model.device)
         if shard.rank == 0:
