@@ -213,7 +213,37 @@ def test_counts_add_the_codes_of_each_shapes_counts_at_its_centre(probe, tok):
         assert torch.allclose(extra[cell], probe.COUNT_CODES["kind"][kind] + probe.COUNT_CODES["pair"][pair])
 
 
-@pytest.mark.parametrize("flag", ["--counts", "--pairs", "--target_only"])
+def test_moved_boxes_worked_example(probe):
+    info = {"grid": {"size": 40, "gap": 10, "origin": (5, 5)}, "colours": ["red", "blue"], "cells": [(0, 0), (1, 0)],
+            "after": [(0, 0), (1, 1)], "colour": "blue", "direction": "down"}
+    assert probe.moved_boxes(info) == [(0, (55, 5, 95, 45)), (1, (55, 55, 95, 95))]
+    assert probe.moved_boxes({"blocks": []}) == []
+
+
+def test_motion_names_the_moved_block_and_its_direction_at_its_two_centres(probe, tok):
+    """``--motion``: the codes of " moved" and the direction are added at the moved block's centre cell in the
+    frame pair before the move and in the one after, and nowhere else."""
+    s = sample("video", 5)
+    t, h, w = 2, *(v // 14 for v in smart_resize(s.info["grid"]["height"], s.info["grid"]["width"], 28,
+                                                  MIN_PIXELS, MAX_PIXELS))
+    _, rows, cols, sx, sy = probe._layout(s.info, [t, h, w])
+    probe.MODE, probe.GEOMETRY = "centre", False
+    try:
+        plain = probe.oracle(s.info, [t, h, w], tok)
+        probe.MOTION = True
+        more = probe.oracle(s.info, [t, h, w], tok)
+    finally:
+        probe.MOTION = False
+    extra = (more - plain).view(t, rows * cols, -1)
+    code = probe.SCALE * probe.CODES[torch.tensor(tok.encode(" moved") + tok.encode(" " + s.info["direction"]))].sum(0)
+    for pair, box in probe.moved_boxes(s.info):
+        cell = probe._centre_cell(box, rows, cols, sx, sy)
+        assert torch.allclose(extra[pair, cell], code)
+        extra[pair, cell] = 0
+    assert extra.abs().max() == 0
+
+
+@pytest.mark.parametrize("flag", ["--counts", "--pairs", "--target_only", "--motion"])
 def test_centre_mode_flags_need_centre_mode(probe, flag):
     with pytest.raises(SystemExit):
         probe.main(["eval", "somewhere", "--mode", "cells", flag])

@@ -224,3 +224,23 @@ def test_counts_are_named_and_scored_at_each_shapes_centre(td, setup, monkeypatc
     monkeypatch.setattr(td, "tower", lambda model, pix, grids: truth[next(calls)])
     got = td.score_model(model, tok, processor, 3, "counting")
     assert got["count_kind"].startswith("100%") and got["count_pair"].startswith("100%")
+
+
+def test_motion_is_named_and_scored_at_the_moved_blocks_centres(td, setup, monkeypatch):
+    """With ``--motion`` the naming kinds include the moved block's direction; a tower that outputs the oracle's
+    own features reads every direction right and picks the moved block, one that outputs background picks by
+    chance at best."""
+    model, tok, processor = setup
+    monkeypatch.setattr(td.op, "MOTION", True)
+    assert td._kind_codes(tok)["motion"][0] == ["left", "right", "up", "down"]
+    data = DemoData(["video"], seed_offset=td.SCORE_OFFSET)
+    truth = {i: td.draw(data, i, processor, tok)[2] for i in range(4)}
+    calls = iter(range(4))
+    monkeypatch.setattr(td, "tower", lambda model, pix, grids: truth[next(calls)])
+    got = td.score_model(model, tok, processor, 4, "video")
+    assert got["motion"] == "100% of 8" and got["moved block"] == "100% of 4"  # 2 cells (before, after) each
+    info = data.sample(0).info
+    grid = td.draw(data, 0, processor, tok)[1]
+    flat = td.op.BACKGROUND.expand(truth[0].shape[0], td.op.HIDDEN)
+    assert td.moved_block(truth[0], info, grid, tok) == info["colour"]
+    assert td.moved_block(flat, info, grid, tok) == info["colours"][0]  # all equal: the first

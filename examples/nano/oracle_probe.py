@@ -1,6 +1,7 @@
 """A diagnostic: how well does qwen2vl-nano's decoder learn the demo tasks from *perfect* vision features?
 
-    python examples/nano/oracle_probe.py train CONFIG.yaml [--mode M] [--geometry [--frame image]] [--key value ...]
+    python examples/nano/oracle_probe.py train CONFIG.yaml [--mode M] [--geometry [--frame image]] [--motion] \
+        [--key value ...]
     python examples/nano/oracle_probe.py eval MODEL_DIR [--mode M] [--geometry] [-n 50] [--tasks blocks,tap]
     python examples/nano/oracle_probe.py grounding-ceiling -n 300
 
@@ -26,7 +27,10 @@ is one lookup, not a conjunction. ``--counts`` (``centre`` mode) adds at each sh
 for how many shapes of its kind the picture holds and one for how many of its colour and kind: "how many red
 circles" becomes a lookup of any red circle's count (the codes at every red circle agree, so attending to all
 of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12;
-item 14: with them, counting alone, 65 % after 300 steps and 91 % after 900). ``train`` records the mode and
+item 14: with them, counting alone, 65 % after 300 steps and 91 % after 900). ``--motion`` (``centre`` mode) adds
+at a video's moved block's centre, in the frame pair before the move and in the one after, the codes of
+" moved" and of its direction (:func:`moved_boxes`): "which block moved" and "which way" become lookups, the
+comparison across frames left to the tower (whose attention spans both frame pairs). ``train`` records the mode and
 flags beside the model (``oracle_probe.json``) and ``eval`` uses them. In ``centre`` mode a ``tap`` screen's
 buttons (the agent task, :mod:`qwen2vl.demo.tap`) are objects named by their labels; ``--target_only`` leaves
 the oracle naming the button asked for alone, so a click is a matter of position only, and ``eval`` of ``tap``
@@ -76,6 +80,7 @@ MAX_COUNT = 8  # count codes 0 .. MAX_COUNT - 1 (a picture holds at most 6 shape
 COUNT_CODES = {k: SCALE * c / c.norm(dim=1, keepdim=True) for k, c in  # (MAX_COUNT, HIDDEN) each
                (("kind", torch.randn(MAX_COUNT, HIDDEN, generator=torch.Generator().manual_seed(55))),
                 ("pair", torch.randn(MAX_COUNT, HIDDEN, generator=torch.Generator().manual_seed(56))))}
+MOTION = False  # centre mode: a video's moved block also carries the names " moved" and its direction
 SAVED = "oracle_probe.json"  # beside a trained model: the mode and geometry it was trained under
 
 
@@ -164,7 +169,18 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
             out[0, cell] += PAIR_CODES[list(COLOURS).index(s["colour"]) * len(SHAPES) + list(SHAPES).index(s["kind"])]
         if COUNTS:
             out[0, cell] += COUNT_CODES["kind"][kind] + COUNT_CODES["pair"][pair]
+    if MOTION:
+        for pair, box in moved_boxes(info):
+            toks = vt._tokens(tokenizer, " moved") + vt._tokens(tokenizer, " " + info["direction"])
+            out[pair, _centre_cell(box, rows, cols, sx, sy)] += SCALE * CODES[torch.tensor(toks)].sum(0)
     return out.reshape(-1, HIDDEN)
+
+
+def moved_boxes(info: dict) -> list[tuple[int, tuple]]:
+    """(frame pair, box) of a video's moved block before (pair 0) and after (pair 1) its move; [] for anything
+    else. Worked example: blocks red at cell (0, 0) and blue at (1, 0), blue moving down to (1, 1): blue's two
+    boxes, the one of cell (1, 0) in pair 0 and of (1, 1) in pair 1."""
+    return [(pair, box) for pair, name, box in vt.video_blocks(info) if name == info.get("colour")]
 
 
 def shape_counts(info: dict) -> list[tuple[int, int]]:
@@ -242,7 +258,7 @@ def train(config: str, overrides: list[str]) -> None:
         demo_stream.DemoSamples.finish, forward._media_batch = saved
     with open(os.path.join(result.output_dir, SAVED), "w") as f:
         json.dump({"mode": MODE, "geometry": GEOMETRY, "pairs": PAIRS, "frame": FRAME, "counts": COUNTS,
-                   "target_only": TARGET_ONLY}, f)
+                   "target_only": TARGET_ONLY, "motion": MOTION}, f)
     print(result.results)
 
 
@@ -326,7 +342,7 @@ def grounding_ceiling(n: int) -> None:
 
 def main(argv=None) -> None:
     """The command line (see the module docstring)."""
-    global MODE, GEOMETRY, PAIRS, FRAME, COUNTS, TARGET_ONLY
+    global MODE, GEOMETRY, PAIRS, FRAME, COUNTS, TARGET_ONLY, MOTION
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("what", choices=["train", "eval", "grounding-ceiling"])
     p.add_argument("path", nargs="?", help="the training config (train) or the trained model directory (eval)")
@@ -338,13 +354,15 @@ def main(argv=None) -> None:
     p.add_argument("--counts", action="store_true", help="centre mode: each shape's counts as codes as well")
     p.add_argument("--target_only", action="store_true",
                    help="tap screens: the oracle names the button asked for only, so a click is position alone")
+    p.add_argument("--motion", action="store_true",
+                   help="centre mode: a video's moved block is also named \" moved\" and by its direction")
     p.add_argument("-n", type=int, default=50, help="held-out samples a task (eval)")
     p.add_argument("--tasks", default="blocks,counting,reading,weather,grounding,video")
     args, rest = p.parse_known_args(argv)
     MODE, GEOMETRY, PAIRS, FRAME, COUNTS = args.mode, args.geometry, args.pairs, args.frame, args.counts
-    TARGET_ONLY = args.target_only
-    if (PAIRS or COUNTS or TARGET_ONLY) and MODE != "centre":
-        p.error("--pairs, --counts and --target_only need --mode centre")
+    TARGET_ONLY, MOTION = args.target_only, args.motion
+    if (PAIRS or COUNTS or TARGET_ONLY or MOTION) and MODE != "centre":
+        p.error("--pairs, --counts, --target_only and --motion need --mode centre")
     if args.what != "grounding-ceiling" and not args.path:
         p.error(f"{args.what} needs a path")
     if rest and args.what != "train":
@@ -354,9 +372,9 @@ def main(argv=None) -> None:
             saved = json.load(f)
         MODE, GEOMETRY, PAIRS = saved["mode"], saved["geometry"], saved.get("pairs", False)  # as trained
         FRAME, COUNTS = saved.get("frame", "cell"), saved.get("counts", False)
-        TARGET_ONLY = saved.get("target_only", False)
+        TARGET_ONLY, MOTION = saved.get("target_only", False), saved.get("motion", False)
         print(f"oracle: mode {MODE}, geometry {GEOMETRY} ({FRAME}), pairs {PAIRS}, counts {COUNTS}, "
-              f"target only {TARGET_ONLY} (from {SAVED})")
+              f"target only {TARGET_ONLY}, motion {MOTION} (from {SAVED})")
     if args.what == "grounding-ceiling":
         grounding_ceiling(args.n)
     elif args.what == "train":

@@ -15,7 +15,9 @@ cells next to a centre (a tower marks a second centre there, and the decoder the
 each: a digit or a word costs a tenth of what it costs in a full picture), and ``--ce W`` adds W x the
 cross-entropy of each object's names at its centre cell (:func:`naming_ce`): the squared error alone left digits
 at chance (HISTORY.md item 9).
-``--init_tower RUN`` starts a new run from another run's tower.
+``--init_tower RUN`` starts a new run from another run's tower. ``--counts`` and ``--motion`` train toward the oracle
+of ``oracle_probe.py`` with those flags (their names join the cross-entropy; ``score`` also reports, with
+``--motion``, how often the block whose centres carry " moved" most is the one that moved).
 
 ``score`` reads the features back as the decoder would need them: at each object's true centre cell, which colour,
 shape, digit or sign word the feature is nearest to (dot product with each name's code, within its kind), and how
@@ -216,6 +218,10 @@ def _kind_codes(tok):
     if op.COUNTS:
         for k in ("kind", "pair"):
             out[f"count_{k}"] = ([str(n) for n in range(1, 7)], op.COUNT_CODES[k][1:7])
+    if op.MOTION:  # the moved block's " moved" and direction, as oracle_probe adds them
+        from qwen2vl.demo.video_task import DIRECTIONS
+        out["motion"] = (list(DIRECTIONS), torch.stack([op.SCALE * op.CODES[torch.tensor(
+            tok.encode(" moved") + tok.encode(" " + d))].sum(0) for d in DIRECTIONS]))
     return out
 
 
@@ -232,8 +238,23 @@ def named_objects(info: dict, grid) -> list:
             for s, c in zip(shapes, counts)]
     if "word" in info and "text" in info:
         out.append((0, at(info["text"]), {"word": info["word"]}))
-    out += [(pair, at(box), {"colour": name}) for pair, name, box in vt.video_blocks(info)]
+    moved = op.MOTION and "direction" in info
+    out += [(pair, at(box), {"colour": name, "motion": info["direction"]} if moved and name == info["colour"] else
+             {"colour": name}) for pair, name, box in vt.video_blocks(info)]
     return out
+
+
+def moved_block(out: torch.Tensor, info: dict, grid, tok) -> str:
+    """The colour of the video block whose two centre cells (before and after) project most on the code of
+    " moved" in ``out`` (t * rows * cols, 96): the block the decoder would name as the one that moved."""
+    from qwen2vl.train import vision_targets as vt
+    t, rows, cols, sx, sy = op._layout(info, grid)
+    code = op.CODES[torch.tensor(tok.encode(" moved"))].sum(0)
+    score: dict[str, float] = {}
+    for pair, name, box in vt.video_blocks(info):
+        score[name] = score.get(name, 0.0) + float(out[pair * rows * cols + op._centre_cell(box, rows, cols, sx, sy)]
+                                                   @ code)
+    return max(score, key=score.get)
 
 
 @torch.no_grad()
@@ -247,7 +268,7 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
     right = {k: [0, 0] for k in codes}
     tp = fp = fn = 0
     err = geo_err = 0.0
-    geo_n = 0
+    geo_n = moved_right = videos = 0
     for i in range(n):
         pix, grid, target, marks, info = draw(data, i, processor, tok)
         out = tower(model, pix, [grid])  # (t * rows * cols, 96)
@@ -260,6 +281,9 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
             e, k = box_error(out, target, info, grid, tok)
             geo_err, geo_n = geo_err + e, geo_n + k
         per_pair = out.shape[0] // grid[0]
+        if op.MOTION and "direction" in info:
+            moved_right += int(moved_block(out, info, grid, tok) == info["colour"])
+            videos += 1
         for pair, cell, names in named_objects(info, grid):
             for k, name in names.items():
                 c = codes[k][1]  # the projection on each name's code: " light blue" beats " blue" only if both
@@ -268,6 +292,8 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
                 right[k][1] += 1
     got = {k: f"{100 * a / b:.0f}% of {b}" for k, (a, b) in right.items() if b}
     got["centre P/R"] = f"{100 * tp / max(1, tp + fp):.0f}/{100 * tp / max(1, tp + fn):.0f}"
+    if videos:
+        got["moved block"] = f"{100 * moved_right / videos:.0f}% of {videos}"
     if geo_n:
         got[f"box error ({op.FRAME})"] = f"{geo_err / geo_n:.2f}"
     got["mse/cell"] = f"{err:.3f}"
@@ -337,11 +363,14 @@ def main(argv=None) -> None:
     p.add_argument("--frame", choices=["cell", "image"], default="cell",
                    help="the geometry's frame (oracle_probe.py --frame): the box relative to its cell, or in "
                         "tenths of the picture")
+    p.add_argument("--motion", action="store_true",
+                   help="a video's moved block also carries \" moved\" and its direction (oracle_probe.py --motion)")
     p.add_argument("--counts", action="store_true",
                    help="each shape's centre also carries its counts (oracle_probe.py --counts)")
     p.add_argument("-n", type=int, default=60)
     args = p.parse_args(argv)
     op.MODE, op.GEOMETRY, op.FRAME, op.COUNTS = "centre", args.geometry, args.frame, args.counts
+    op.MOTION = args.motion
     if args.what == "train":
         train(args)
     elif args.what == "assemble":
