@@ -23,7 +23,7 @@ from qwen2vl.agent.phone_tasks import (HELD_OUT_IDS, PHONE_TASKS, SEARCH_BOX, al
                                        phone_task, sample_phone_task)
 from qwen2vl.demo.common import JITTER, PALETTE
 from qwen2vl.demo.grading import grade
-from qwen2vl.demo.tap import DARK_TEXT, GAP, HEIGHT, LABELS, WIDTH, grade_tap, sample_tap
+from qwen2vl.demo.tap import DARK_TEXT, GAP, HEIGHT, LABELS, WIDTH, click_point, grade_tap, sample_tap
 from qwen2vl.demo.tasks import AGENT_TASKS, ALL_TASKS, GENERATORS, TASKS, sample
 from qwen2vl.errors import InvalidInputError
 from qwen2vl.tool_calls import tool_call_block
@@ -142,6 +142,8 @@ def test_tap_registry_and_grader():
     assert not grade_tap(inside + "\n" + inside, box)
     assert not grade_tap(tool_call_block("click", {"x": "390", "y": 343}), box)
     assert not grade_tap("Tap at (390, 343)", box)
+    assert click_point(inside) == (390.0, 343.0) and click_point(inside + "\n" + inside) is None
+    assert click_point(tool_call_block("click", {"x": True, "y": 343})) is None and click_point("no call") is None
 
 
 # ------------------------------------------------------------------------------------------------ phone app

@@ -267,6 +267,7 @@ def evaluate(model_dir: str, n: int, tasks: list[str]) -> None:
     tower, graded by the demo graders; one line a task."""
     from qwen2vl import LLM
     from qwen2vl.demo.evaluate import MAX_TOKENS, held_out_samples
+    from qwen2vl.demo import tap
     from qwen2vl.demo.grading import grade
     from qwen2vl.sampling_params import SamplingParams
     llm = LLM(model_dir, dtype="float32", vision_cache_mb=0, enable_prefix_caching=False)
@@ -286,19 +287,10 @@ def evaluate(model_dir: str, n: int, tasks: list[str]) -> None:
             text = llm.chat([s.messages], params, tools=s.tools)[0].outputs[0].text
             right += grade(s, text)
             if task == "tap":
-                clicks.append((click_point(text), s.truth))
+                clicks.append((tap.click_point(text), s.truth))
         print(f"{task:<12} {right:>4}/{n} {100 * right / n:5.1f}%  ({time.time() - start:.0f} s)", flush=True)
         if clicks:
             print(click_errors(clicks), flush=True)
-
-
-def click_point(text: str) -> tuple[float, float] | None:
-    """The (x, y) of an answer's one ``click`` call (0-1000 scale), None when it holds no such call."""
-    from qwen2vl.tool_calls import single_call_arguments
-    args = single_call_arguments(text, "click") or {}
-    x, y = args.get("x"), args.get("y")
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
-    return (float(x), float(y)) if ok else None
 
 
 def click_errors(clicks: list) -> str:

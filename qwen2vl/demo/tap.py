@@ -25,7 +25,7 @@ from ..tool_calls import single_call_arguments, tool_call_block
 from .common import COLOURS, Sample, canvas, fit_text, jitter, pick, pick_font, randint, task_rng, user
 from .fonts import latin_fonts
 
-__all__ = ["sample_tap", "grade_tap", "LABELS", "WIDTH", "HEIGHT", "DARK_TEXT", "GAP", "tap_answer"]
+__all__ = ["sample_tap", "grade_tap", "click_point", "LABELS", "WIDTH", "HEIGHT", "DARK_TEXT", "GAP", "tap_answer"]
 
 WIDTH, HEIGHT = 360, 640
 LABELS: tuple[str, ...] = (
@@ -95,14 +95,20 @@ def sample_tap(seed: int) -> Sample:
                   info={"buttons": buttons, "target": target["label"], "image": img})
 
 
+def click_point(answer: str) -> tuple[float, float] | None:
+    """The (x, y) of ``answer``'s one ``click`` call (0-1000 scale); None unless it holds exactly one such call with
+    numeric x and y."""
+    args = single_call_arguments(answer, "click") or {}
+    x, y = args.get("x"), args.get("y")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+    return (float(x), float(y)) if ok else None
+
+
 def grade_tap(answer: str, truth: tuple[int, int, int, int]) -> bool:
     """Whether ``answer`` is one click call whose point (0-1000 scale, mapped to pixels) lies inside ``truth``."""
-    args = single_call_arguments(answer, "click")
-    if args is None:
+    point = click_point(answer)
+    if point is None:
         return False
-    x, y = args.get("x"), args.get("y")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
-        return False
-    px, py = x * WIDTH / 1000, y * HEIGHT / 1000
+    px, py = point[0] * WIDTH / 1000, point[1] * HEIGHT / 1000
     x0, y0, x1, y1 = truth
     return x0 <= px < x1 and y0 <= py < y1
