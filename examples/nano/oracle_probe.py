@@ -29,13 +29,14 @@ circles" becomes a lookup of any red circle's count (the codes at every red circ
 of them averages nothing away), where counting the matches themselves stays near 55 % (HISTORY.md items 8-12;
 item 14: with them, counting alone, 65 % after 300 steps and 91 % after 900). ``--motion`` (``centre`` mode) adds
 at a video's moved block's centre, in the frame pair before the move and in the one after, the codes of
-" moved" and of its direction (:func:`moved_boxes`): "which block moved" and "which way" become lookups, the
-comparison across frames left to the tower (whose attention spans both frame pairs). ``train`` records the mode and
-flags beside the model (``oracle_probe.json``) and ``eval`` uses them. In ``centre`` mode a ``tap`` screen's
-buttons (the agent task, :mod:`qwen2vl.demo.tap`) are objects named by their labels; ``--target_only`` leaves
-the oracle naming the button asked for alone, so a click is a matter of position only, and ``eval`` of ``tap``
-also reports how far the clicks fall from the buttons' centres per axis (:func:`click_errors`). The codes are
-drawn from fixed seeds in a fixed order: evaluate a probe model with the version of this file that trained it.
+" moved" and of its direction (:func:`moved_boxes`): "which block moved" and "which way" become lookups. A
+diagnostic only: no Qwen2-VL tower can produce this code, its attention running within each frame pair while the
+move falls between the two (HISTORY.md item 16). ``train`` records the mode and flags beside the model
+(``oracle_probe.json``) and ``eval`` uses them. In ``centre`` mode a ``tap`` screen's buttons (the agent task,
+:mod:`qwen2vl.demo.tap`) are objects named by their labels; ``--target_only`` leaves the oracle naming the button
+asked for alone, so a click is a matter of position only, and ``eval`` of ``tap`` also reports how far the clicks
+fall from the buttons' centres per axis (:func:`click_errors`). The codes are drawn from fixed seeds in a fixed
+order: evaluate a probe model with the version of this file that trained it.
 
 If the decoder cannot learn a task from these, no better tower will help it; a task it learns here only waits
 for the tower to produce such features. Positions reach the decoder only through M-RoPE, as in the model.

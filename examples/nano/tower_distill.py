@@ -17,7 +17,8 @@ cross-entropy of each object's names at its centre cell (:func:`naming_ce`): the
 at chance (HISTORY.md item 9).
 ``--init_tower RUN`` starts a new run from another run's tower. ``--counts`` and ``--motion`` train toward the oracle
 of ``oracle_probe.py`` with those flags (their names join the cross-entropy; ``score`` also reports, with
-``--motion``, how often the block whose centres carry " moved" most is the one that moved).
+``--motion``, how often the block whose centres carry " moved" most is the one that moved; a tower cannot learn
+that code, its attention never spanning the two frame pairs the move falls between: HISTORY.md item 16).
 
 ``score`` reads the features back as the decoder would need them: at each object's true centre cell, which colour,
 shape, digit or sign word the feature is nearest to (dot product with each name's code, within its kind), and how
