@@ -90,7 +90,8 @@ def collective(fn, *args, **kwargs):
 
 class TPShard:
     """One rank's place in the tensor-parallel group: which slices it loads (:meth:`cut`), and the process group
-    its layers all-reduce over (set once the group exists; None while only shapes are needed)."""
+    its layers all-reduce over, read at each call (set once the group exists; None while only shapes are needed,
+    and again once the engine has closed, so that nothing holds a destroyed group)."""
 
     def __init__(self, rank: int, world_size: int, *, int4: bool = False, vocab_parallel_embedding: bool = True,
                  split_vision: bool = False, group=None):
