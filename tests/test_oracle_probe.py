@@ -233,7 +233,9 @@ def test_motion_names_the_moved_block_and_its_direction_at_its_two_centres(probe
     finally:
         probe.MOTION = False
     extra = (more - plain).view(t, rows * cols, -1)
-    code = probe.SCALE * probe.CODES[torch.tensor(tok.encode(" moved") + tok.encode(" " + s.info["direction"]))].sum(0)
+    code = probe.motion_code(tok, s.info["direction"])
+    want = probe.SCALE * probe.CODES[torch.tensor(tok.encode(" moved") + tok.encode(" " + s.info["direction"]))].sum(0)
+    assert torch.allclose(code, want)
     for pair, box in probe.moved_boxes(s.info):
         cell = probe._centre_cell(box, rows, cols, sx, sy)
         assert torch.allclose(extra[pair, cell], code)

@@ -172,9 +172,14 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
             out[0, cell] += COUNT_CODES["kind"][kind] + COUNT_CODES["pair"][pair]
     if MOTION:
         for pair, box in moved_boxes(info):
-            toks = vt._tokens(tokenizer, " moved") + vt._tokens(tokenizer, " " + info["direction"])
-            out[pair, _centre_cell(box, rows, cols, sx, sy)] += SCALE * CODES[torch.tensor(toks)].sum(0)
+            out[pair, _centre_cell(box, rows, cols, sx, sy)] += motion_code(tokenizer, info["direction"])
     return out.reshape(-1, HIDDEN)
+
+
+def motion_code(tokenizer, direction: str) -> torch.Tensor:
+    """(HIDDEN,): what ``--motion`` adds at the moved block's centres: the codes of " moved" and of ``direction``."""
+    toks = vt._tokens(tokenizer, " moved") + vt._tokens(tokenizer, " " + direction)
+    return SCALE * CODES[torch.tensor(toks)].sum(0)
 
 
 def moved_boxes(info: dict) -> list[tuple[int, tuple]]:

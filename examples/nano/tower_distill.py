@@ -221,8 +221,7 @@ def _kind_codes(tok):
             out[f"count_{k}"] = ([str(n) for n in range(1, 7)], op.COUNT_CODES[k][1:7])
     if op.MOTION:  # the moved block's " moved" and direction, as oracle_probe adds them
         from qwen2vl.demo.video_task import DIRECTIONS
-        out["motion"] = (list(DIRECTIONS), torch.stack([op.SCALE * op.CODES[torch.tensor(
-            tok.encode(" moved") + tok.encode(" " + d))].sum(0) for d in DIRECTIONS]))
+        out["motion"] = (list(DIRECTIONS), torch.stack([op.motion_code(tok, d) for d in DIRECTIONS]))
     return out
 
 
