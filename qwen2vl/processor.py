@@ -48,6 +48,10 @@ class Processor:
         v = cfg.vision
         self.factor = v.patch_size * v.spatial_merge_size  # 28
         self.merge_len = v.spatial_merge_size ** 2
+        # the checkpoint's patch geometry: an image is its frame repeated temporal_patch_size times, a video's
+        # frames are taken temporal_patch_size at a time (padded with its last frame)
+        self.patching = {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                         "merge_size": v.spatial_merge_size}
         self._native_tools: bool | None = None  # whether the chat template renders tools (found on first use)
 
     def __call__(self, messages, *, add_generation_prompt: bool = True, tools: list | None = None,
@@ -94,13 +98,13 @@ class Processor:
         for ele in media:
             if ele["type"] == "image":
                 image = fetch_image(ele, self.factor, min_pixels=lo, max_pixels=hi, **net)
-                pv, grid = image_to_patches(image)
+                pv, grid = image_to_patches(image, **self.patching)
                 imgs.append(pv)
                 img_grids.append(tuple(grid))
             else:
                 frames = fetch_video(ele, image_factor=self.factor, trusted_local_files=self.trusted_local_media,
                                      **net)
-                pv, grid = video_to_patches(frames)
+                pv, grid = video_to_patches(frames, **self.patching)
                 vids.append(pv)
                 vid_grids.append(tuple(grid))
         return VisionInputs(torch.cat(imgs) if imgs else None, img_grids or None,

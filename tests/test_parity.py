@@ -191,3 +191,38 @@ def test_video_file(setup):
     t, h, w = prepared.vision.video_grid_thw[0]
     assert t == 2  # 2 s at 2 fps = 4 frames = 2 temporal patches
     _check_video_against_reference(setup, msgs, prepared)
+
+
+@pytest.fixture(scope="module")
+def setup_tp4(tmp_path_factory):
+    """A checkpoint whose temporal patch spans 4 frames (``temporal_patch_size`` 4 in config.json's vision_config
+    and in preprocessor_config.json): an image is its frame repeated 4 times, a 4-frame video one temporal patch."""
+    import json
+    root = tmp_path_factory.mktemp("parity_tp4")
+    ckpt = write_checkpoint(root / "ckpt", variant="tiny", layout="official", vision_temporal_patch_size=4)
+    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(dict(pre, temporal_patch_size=4)))
+    ref, proc = load_reference(ckpt, attn_implementation="sdpa")
+    llm = LLM(str(ckpt), dtype="float32", device="cpu")
+    media = root / "media"
+    media.mkdir()
+    return dict(root=root, ckpt=ckpt, ref=ref, proc=proc, llm=llm, media=media)
+
+
+def test_temporal_patch_of_four_frames_image(setup_tp4, qvu):
+    a = _img(setup_tp4["media"] / "a.png", 140, 98, 21)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "Describe it."}]}]
+    assert setup_tp4["llm"].processor(msgs).vision.pixel_values.shape[1] == 3 * 4 * 14 * 14
+    _check_against_reference(setup_tp4, msgs, qvu)
+
+
+@pytest.mark.parametrize("n,t", [(4, 1), (5, 2)])
+def test_temporal_patch_of_four_frames_video(setup_tp4, n, t):
+    """4 frames make one temporal patch, 5 are padded to 8 (the last frame repeated) and make two."""
+    frames = _video_frames(setup_tp4["media"], n, 112, 84)
+    msgs = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What moved?"}]}]
+    prepared = setup_tp4["llm"].processor(msgs)
+    assert prepared.vision.video_grid_thw[0][0] == t
+    _, h, w = prepared.vision.video_grid_thw[0]
+    assert prepared.vision.pixel_values_videos.shape == (t * h * w, 3 * 4 * 14 * 14)
+    _check_video_against_reference(setup_tp4, msgs, prepared)
