@@ -296,3 +296,28 @@ def test_the_tap_probe_trains_under_a_rotary_variant_and_reports_clicks(probe, t
         probe.MODE, probe.GEOMETRY, probe.TARGET_ONLY = "cells", False, False
     lines = capsys.readouterr().out.splitlines()
     assert "target only True" in lines[0] and lines[1].startswith("tap ") and lines[2].startswith("clicks")
+
+
+def test_motion_under_one_temporal_patch_is_at_the_moved_blocks_new_place(probe, tok):
+    """With one temporal patch (a ``temporal_patch_size`` of 4) every block sits where it ends and the motion code
+    is added once, at the moved block's new centre."""
+    info = {"grid": {"size": 40, "gap": 10, "origin": (5, 5), "width": 200, "height": 200},
+            "colours": ["red", "blue"], "cells": [(0, 0), (1, 0)], "after": [(0, 0), (1, 1)], "colour": "blue",
+            "direction": "down"}
+    assert probe.moved_boxes(info, 1) == [(0, (55, 55, 95, 95))]
+    grid = [1, 14, 14]  # 200 px drawn on 196: 7 x 7 merged cells
+    _, rows, cols, sx, sy = probe._layout(info, grid)
+    probe.MODE, probe.GEOMETRY, probe.MOTION = "centre", False, False  # (another test's main() may have set it)
+    try:
+        plain = probe.oracle(info, grid, tok)
+        probe.MOTION = True
+        more = probe.oracle(info, grid, tok)
+    finally:
+        probe.MOTION = False
+    extra = more - plain
+    cell = probe._centre_cell((55, 55, 95, 95), rows, cols, sx, sy)
+    assert torch.allclose(extra[cell], probe.motion_code(tok, "down"))
+    extra[cell] = 0
+    assert extra.abs().max() == 0
+    marks = probe._centre_marks(info, grid, tok)
+    assert marks.sum() == 2 and marks[cell] == 1 and marks[probe._centre_cell((55, 5, 95, 45), rows, cols, sx, sy)] == 0

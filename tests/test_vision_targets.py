@@ -171,3 +171,17 @@ def test_vision_init_std_gives_a_fresh_tower_on_the_trained_decoder(tiny_checkpo
     assert not b["visual.merger.mlp.0.bias"].any() and bool((b["visual.merger.ln_q.weight"] == 1).all())
     with pytest.raises(InvalidInputError, match="vision_init_std"):
         load_config({**cfg, "vision_init_std": 0.02, "train_from_scratch": True})
+
+
+def test_one_temporal_patch_names_each_video_block_where_it_ends(tok):
+    """With ``temporal_patch_size`` 4 the task's 4 frames are one temporal patch (t 1): each block is named once,
+    at its place after the move, where t 2 names it in each frame pair."""
+    from qwen2vl.train.vision_targets import video_blocks
+    s = sample("video", 5)
+    two, one = video_blocks(s.info), video_blocks(s.info, 1)
+    assert one == [(0, name, box) for pair, name, box in two if pair == 1]
+    assert len(one) == len(s.info["colours"]) and len(two) == 2 * len(one)
+    g = s.info["grid"]
+    t1 = media_targets(s.info, _grid((g["width"], g["height"]), t=1), tok)
+    t2 = media_targets(s.info, _grid((g["width"], g["height"]), t=2), tok).reshape(2, -1, t1.shape[1])
+    assert torch.equal(t1, t2[1])

@@ -96,11 +96,12 @@ def _cells(info: dict, grid, tokenizer) -> torch.Tensor:
     return out
 
 
-def _objects(info: dict, tokenizer) -> list:
-    """``vision_targets._objects`` and the buttons of a ``tap`` screen (each named by its label's tokens)."""
+def _objects(info: dict, tokenizer, t: int = 2) -> list:
+    """``vision_targets._objects`` and the buttons of a ``tap`` screen (each named by its label's tokens); ``t``:
+    a video's temporal patches (with 1, each block where it ends: ``vision_targets.video_blocks``)."""
     buttons = [(b["box"], None, vt._tokens(tokenizer, " " + b["label"])) for b in info.get("buttons", ())
                if not TARGET_ONLY or b["label"] == info["target"]]
-    return vt._objects(info, tokenizer) + buttons
+    return vt._objects(info, tokenizer, t) + buttons
 
 
 def _layout(info: dict, grid) -> tuple:
@@ -120,7 +121,7 @@ def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
     """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none)."""
     t, rows, cols, sx, sy = _layout(info, grid)
     out = torch.zeros(t, rows * cols)
-    for box, pair, _ in _objects(info, tokenizer):
+    for box, pair, _ in _objects(info, tokenizer, t):
         if "word" in info and tuple(box) == tuple(info.get("text", ())):
             continue
         out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] = 1.0
@@ -134,7 +135,7 @@ def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
     cw, ch = 28 * sx, 28 * sy
     cell = np.stack([xs * cw, ys * ch], -1).reshape(-1, 2)  # (cells, 2): each cell's origin, drawn pixels
     out = np.zeros((t, rows * cols, 4))
-    objects = _objects(info, tokenizer)
+    objects = _objects(info, tokenizer, t)
     for p in range(t):
         boxes = np.array([o[0] for o in objects if o[1] is None or o[1] == p], np.float64)
         if not len(boxes):
@@ -158,7 +159,7 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
     t, rows, cols, sx, sy = _layout(info, grid)
     out = BACKGROUND.expand(t * rows * cols, HIDDEN).clone().view(t, rows * cols, HIDDEN)
     digits = {tuple(b["box"]): str(b["digit"]) for b in info.get("blocks", ())}
-    for box, pair, toks in _objects(info, tokenizer):
+    for box, pair, toks in _objects(info, tokenizer, t):
         if tuple(box) in digits:
             toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
         code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
@@ -171,7 +172,7 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
         if COUNTS:
             out[0, cell] += COUNT_CODES["kind"][kind] + COUNT_CODES["pair"][pair]
     if MOTION:
-        for pair, box in moved_boxes(info):
+        for pair, box in moved_boxes(info, t):
             out[pair, _centre_cell(box, rows, cols, sx, sy)] += motion_code(tokenizer, info["direction"])
     return out.reshape(-1, HIDDEN)
 
@@ -182,11 +183,12 @@ def motion_code(tokenizer, direction: str) -> torch.Tensor:
     return SCALE * CODES[torch.tensor(toks)].sum(0)
 
 
-def moved_boxes(info: dict) -> list[tuple[int, tuple]]:
+def moved_boxes(info: dict, t: int = 2) -> list[tuple[int, tuple]]:
     """(frame pair, box) of a video's moved block before (pair 0) and after (pair 1) its move; [] for anything
     else. Worked example: blocks red at cell (0, 0) and blue at (1, 0), blue moving down to (1, 1): blue's two
-    boxes, the one of cell (1, 0) in pair 0 and of (1, 1) in pair 1."""
-    return [(pair, box) for pair, name, box in vt.video_blocks(info) if name == info.get("colour")]
+    boxes, the one of cell (1, 0) in pair 0 and of (1, 1) in pair 1. With one temporal patch (``t`` 1, a
+    ``temporal_patch_size`` of 4), the box of (1, 1) alone, as pair 0."""
+    return [(pair, box) for pair, name, box in vt.video_blocks(info, t) if name == info.get("colour")]
 
 
 def shape_counts(info: dict) -> list[tuple[int, int]]:

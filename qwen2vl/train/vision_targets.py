@@ -83,8 +83,10 @@ def label_ids(tokenizer) -> Labels:
     return _cached_labels(tokenizer)
 
 
-def _objects(info: dict, tokenizer) -> list[tuple[tuple[float, float, float, float], int | None, tuple[int, ...]]]:
-    """(box x0, y0, x1, y1 in drawn pixels, frame pair or None for every one, tokens) of what a picture holds."""
+def _objects(info: dict, tokenizer, t: int = 2) -> list[tuple[tuple[float, float, float, float], int | None,
+                                                              tuple[int, ...]]]:
+    """(box x0, y0, x1, y1 in drawn pixels, frame pair or None for every one, tokens) of what a picture holds;
+    ``t``: a video's temporal patches (:func:`video_blocks`)."""
     out = []
     colour = lambda name: _tokens(tokenizer, " " + name)  # noqa: E731
     for b in info.get("blocks", ()):  # the digit is named by the block's centre cell only (see the docstring)
@@ -93,16 +95,19 @@ def _objects(info: dict, tokenizer) -> list[tuple[tuple[float, float, float, flo
         out.append((s["box"], None, colour(s["colour"]) + _tokens(tokenizer, " " + s["kind"])))
     if "word" in info and "text" in info:
         out.append((info["text"], None, _tokens(tokenizer, info["word"])))
-    for pair, name, box in video_blocks(info):
+    for pair, name, box in video_blocks(info, t):
         out.append((box, pair, colour(name) + _tokens(tokenizer, " block")))
     return out
 
 
-def video_blocks(info: dict) -> list[tuple[int, str, tuple[float, float, float, float]]]:
+def video_blocks(info: dict, t: int = 2) -> list[tuple[int, str, tuple[float, float, float, float]]]:
     """(frame pair, colour, box x0, y0, x1, y1 in drawn pixels) of each block of a video task's grid, before
-    (pair 0) and after (pair 1) the move; [] for anything else."""
+    (pair 0) and after (pair 1) the move; [] for anything else. With one temporal patch (``t`` 1: a checkpoint
+    whose ``temporal_patch_size`` is 4 takes the task's 4 frames as one), each block where it ends, as pair 0."""
     if "cells" not in info or "grid" not in info:
         return []
+    if t == 1:
+        return [(0, name, box) for pair, name, box in video_blocks(info) if pair == 1]
     g = info["grid"]
     step = g["size"] + g["gap"]
     out = []
@@ -134,7 +139,7 @@ def media_targets(info: dict, grid, tokenizer) -> torch.Tensor:
     ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # (rows, cols) each
     cell = np.stack([xs * 28 * sx, ys * 28 * sy, (xs + 1) * 28 * sx, (ys + 1) * 28 * sy], -1).reshape(-1, 4)
     cell_area = (28 * sx) * (28 * sy)
-    objects, centres = _objects(info, tokenizer), _centre_objects(info, tokenizer)
+    objects, centres = _objects(info, tokenizer, t), _centre_objects(info, tokenizer)
     width_k = max((len(o[2]) for o in objects), default=1) + max((len(c[2]) for c in centres), default=0)
     out = torch.full((t, rows * cols, width_k), IGNORE, dtype=torch.long)
     for x, y, toks in centres:  # every frame pair (blocks are pictures: t == 1)
