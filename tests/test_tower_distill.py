@@ -244,3 +244,80 @@ def test_motion_is_named_and_scored_at_the_moved_blocks_centres(td, setup, monke
     flat = td.op.BACKGROUND.expand(truth[0].shape[0], td.op.HIDDEN)
     assert td.moved_block(truth[0], info, grid, tok) == info["colour"]
     assert td.moved_block(flat, info, grid, tok) == info["colours"][0]  # all equal: the first
+
+
+def test_tolerant_candidates_are_the_cells_across_a_near_edge(td, setup):
+    from PIL import Image
+    tol = td.tolerant
+    assert tol._near_edges(2.14, 5, 0.25) == [2, 1]
+    assert tol._near_edges(2.5, 5, 0.25) == [2]
+    assert tol._near_edges(2.9, 5, 0.25) == [2, 3]
+    assert tol._near_edges(4.9, 5, 0.25) == [4] and tol._near_edges(0.1, 5, 0.25) == [0]  # the picture's edges
+    assert tol._near_edges(2.14, 5, 0.0) == [2]
+    # the docstring's worked example: a block at x 40-80, y 10-50 on a 5 x 6 grid of 28 px cells
+    info = {"blocks": [{"box": (40, 10, 80, 50), "colour": "red", "digit": 3}], "image": Image.new("RGB", (168, 140))}
+    got = tol.candidates(info, [1, 10, 12], setup[1], 0.25)
+    assert got == [(0, 1 * 6 + 2, [1 * 6 + 2, 1 * 6 + 1, 0 * 6 + 2, 0 * 6 + 1], (40, 10, 80, 50))]
+
+
+def _moved_to_last_candidate(td, target, info, grid, tok, obj):
+    """A tower output that is the oracle's but for ``obj`` put at its last candidate cell."""
+    p, c0, cells, _ = obj
+    per = target.shape[0] // grid[0]
+    geo = td.op._geometry(info, grid, tok)[p * per:(p + 1) * per]
+    var = td.tolerant.variants(target[p * per:(p + 1) * per], geo, obj, info, grid)  # (k, k, HIDDEN)
+    out = target.clone()
+    out[torch.tensor(cells) + p * per] = var[-1]
+    return out, p * per + cells[-1], p * per + c0
+
+
+def test_tolerant_assign_follows_the_tower_and_clean_accepts_it(td, setup):
+    """On the oracle's own features nothing moves; on features with an object one cell over, across an edge its
+    centre is near, the target follows it (names, centre and box re-measured from the new cell), ``clean``
+    accepts the marks and the strict comparison does not; a second mark on both cells is not clean."""
+    _, tok, processor = setup
+    data, tried = DemoData(["blocks", "counting", "video"]), 0
+    for i in range(12):
+        pix, grid, target, marks, info = td.draw(data, i, processor, tok)
+        same = td.tolerant.assign(target, target, marks, info, grid, tok, 0.25)
+        assert torch.equal(same[0], target) and torch.equal(same[1], marks)
+        assert all(c == c0 for (_, c0), c in same[2].items())
+        objs = td.tolerant.candidates(info, grid, tok, 0.25)
+        if not objs:
+            continue
+        out, moved, c0 = _moved_to_last_candidate(td, target, info, grid, tok, objs[0])
+        t2, m2, chosen = td.tolerant.assign(out, target, marks, info, grid, tok, 0.25)
+        assert torch.allclose(t2, out) and m2[moved] == 1 and m2[c0] == 0
+        assert chosen[objs[0][:2]] == objs[0][2][-1]
+        said = (out - td.op.BACKGROUND) @ td.op.CENTRE / td.op.CENTRE.norm() ** 2 > 0.5
+        assert td.tolerant.clean(said, marks, info, grid, tok, 0.25) and not bool((said == (marks > 0)).all())
+        said[c0] = True  # marked twice
+        assert not td.tolerant.clean(said, marks, info, grid, tok, 0.25)
+        tried += 1
+    assert tried >= 5
+
+
+def test_tolerance_makes_a_moved_mark_cost_nothing(td, setup):
+    """``step_loss`` with ``tol``: an object marked one cell over (across its near edge) costs what the oracle's
+    own features cost in squared error, and about that in naming cross-entropy (read at the chosen cell; only
+    the box code there differs); without ``tol`` it costs more in both."""
+    model, tok, processor = setup
+    data = DemoData(["blocks"])
+    for i in range(20):
+        batch = [td.draw(data, i, processor, tok)]
+        pix, grid, target, marks, info = batch[0]
+        objs = td.tolerant.candidates(info, grid, tok, 0.25)
+        if objs:
+            break
+    out = _moved_to_last_candidate(td, target, info, grid, tok, objs[0])[0]
+    codes = td._kind_codes(tok)
+    losses = {}
+    for name, feats in (("oracle", target), ("moved", out)):
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(td, "tower", lambda *a, f=feats: f)
+            losses[name] = [td.step_loss(model, batch, 8.0, ce, codes, 3.0, tol, tok).item()
+                            for ce in (0.0, 1.0) for tol in (0.0, 0.25)]
+    assert losses["oracle"][:2] == [0.0, 0.0] and losses["moved"][1] == 0.0  # squared error alone
+    assert losses["moved"][0] > 0.1, losses
+    assert losses["moved"][3] == pytest.approx(losses["oracle"][3], rel=0.1)  # + naming, at the chosen cell
+    assert losses["moved"][2] > 2 * losses["oracle"][2], losses

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle_probe as op  # noqa: E402  (the codes; the mode is set below)
+import tolerant  # noqa: E402
 
 TASKS = "blocks,counting,reading,grounding,video"
 SCORE_OFFSET = 10 ** 8  # score pictures: training seeds far from any the trainer draws
@@ -96,17 +97,32 @@ def near_centres(marks: torch.Tensor, grid) -> torch.Tensor:
 
 
 def step_loss(model, batch: list, centre_weight: float, ce: float = 0.0, codes: dict | None = None,
-              near_weight: float = 1.0) -> torch.Tensor:
+              near_weight: float = 1.0, tol: float = 0.0, tok=None) -> torch.Tensor:
     """The batch's centre-weighted squared error per cell (a cell next to a centre weighing ``near_weight``), plus
-    ``ce`` x :func:`naming_ce` (``codes``: :func:`_kind_codes`)."""
+    ``ce`` x :func:`naming_ce` (``codes``: :func:`_kind_codes`); with ``tol``, each object near a cell edge is
+    first put at the candidate cell the output is nearest (:func:`tolerant.assign`)."""
     pix = torch.cat([b[0] for b in batch])
     out = tower(model, pix, [b[1] for b in batch]).float()  # (cells of the batch, 96)
+    if tol:
+        batch = tolerate(out, batch, tol, tok)
     target = torch.cat([b[2] for b in batch])
     marks = torch.cat([b[3] for b in batch])  # (cells,)
     near = torch.cat([near_centres(b[3], b[1]) for b in batch])  # (cells,)
     weight = 1 + (centre_weight - 1) * marks + (near_weight - 1) * near
     loss = (((out - target) ** 2).sum(1) * weight).sum() / weight.sum()
     return loss + ce * naming_ce(out, batch, codes) if ce else loss
+
+
+def tolerate(out: torch.Tensor, batch: list, tol: float, tok) -> list:
+    """The batch with each picture's target and marks as :func:`tolerant.assign` moves them to ``out``'s choice
+    of cells, and that choice ({(pair, oracle cell): cell}) appended to its tuple for :func:`naming_ce`."""
+    moved, start = [], 0
+    for pix, grid, target, marks, info in batch:
+        n = target.shape[0]
+        t2, m2, chosen = tolerant.assign(out[start:start + n], target, marks, info, grid, tok, tol)
+        moved.append((pix, grid, t2, m2, info, chosen))
+        start += n
+    return moved
 
 
 def naming_ce(out: torch.Tensor, batch: list, codes: dict) -> torch.Tensor:
@@ -116,11 +132,12 @@ def naming_ce(out: torch.Tensor, batch: list, codes: dict) -> torch.Tensor:
     rows: dict[str, list[int]] = {k: [] for k in codes}
     want: dict[str, list[int]] = {k: [] for k in codes}
     start = 0
-    for _, grid, _, _, info in batch:
+    for b in batch:
+        grid, info, chosen = b[1], b[4], (b[5] if len(b) > 5 else {})  # chosen: tolerate's cells
         per_pair = grid[1] * grid[2] // 4  # merged tokens of one frame pair
         for pair, cell, names in named_objects(info, grid):
             for kind, name in names.items():
-                rows[kind].append(start + pair * per_pair + cell)
+                rows[kind].append(start + pair * per_pair + chosen.get((pair, cell), cell))
                 want[kind].append(codes[kind][0].index(name))
         start += grid[0] * per_pair
     losses = []
@@ -163,7 +180,8 @@ def train(args) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = step_loss(model, batch, args.centre_weight, args.ce, codes, args.near_weight)
+            loss = step_loss(model, batch, args.centre_weight, args.ce, codes, args.near_weight, args.tolerance,
+                             tok)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,7 +193,7 @@ def train(args) -> None:
         if (step + 1) % args.save == 0 or step + 1 in (args.steps, args.stop):
             torch.save({"visual": model.visual.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
             if args.score:
-                score_model(model, tok, processor, args.score, args.tasks)
+                score_model(model, tok, processor, args.score, args.tasks, args.tolerance)
 
 
 def task_weights(spec: str) -> tuple[list[str], dict[str, int]]:
@@ -240,7 +258,7 @@ def named_objects(info: dict, grid) -> list:
         out.append((0, at(info["text"]), {"word": info["word"]}))
     moved = op.MOTION and "direction" in info
     out += [(pair, at(box), {"colour": name, "motion": info["direction"]} if moved and name == info["colour"] else
-             {"colour": name}) for pair, name, box in vt.video_blocks(info)]
+             {"colour": name}) for pair, name, box in vt.video_blocks(info, t)]
     return out
 
 
@@ -251,24 +269,26 @@ def moved_block(out: torch.Tensor, info: dict, grid, tok) -> str:
     t, rows, cols, sx, sy = op._layout(info, grid)
     code = op.CODES[torch.tensor(tok.encode(" moved"))].sum(0)
     score: dict[str, float] = {}
-    for pair, name, box in vt.video_blocks(info):
+    for pair, name, box in vt.video_blocks(info, t):
         score[name] = score.get(name, 0.0) + float(out[pair * rows * cols + op._centre_cell(box, rows, cols, sx, sy)]
                                                    @ code)
     return max(score, key=score.get)
 
 
 @torch.no_grad()
-def score_model(model, tok, processor, n: int, tasks: str) -> dict:
+def score_model(model, tok, processor, n: int, tasks: str, tol: float = 0.0) -> dict:
     """Per-kind accuracy of the names read at each object's true centre cell (the name whose code the feature
-    projects on most, within the kind), and the centre code's precision / recall, over ``n`` held-out pictures
-    drawn round the tasks."""
+    projects on most, within the kind), the centre code's precision / recall and the share of pictures whose
+    marks are exactly the true centres ("clean"), over ``n`` held-out pictures drawn round the tasks. With
+    ``tol`` the names are read at the candidate cell (:mod:`tolerant`) marked most, and "clean (tolerant)"
+    counts a picture whose marks :func:`tolerant.clean` accepts."""
     from qwen2vl.demo.data import DemoData
     data = DemoData(task_weights(tasks)[0], seed_offset=SCORE_OFFSET)
     codes = _kind_codes(tok)
     right = {k: [0, 0] for k in codes}
     tp = fp = fn = 0
     err = geo_err = 0.0
-    geo_n = moved_right = videos = 0
+    geo_n = moved_right = videos = clean = clean_tol = 0
     for i in range(n):
         pix, grid, target, marks, info = draw(data, i, processor, tok)
         out = tower(model, pix, [grid])  # (t * rows * cols, 96)
@@ -277,6 +297,11 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
         tp += int((said & (marks > 0)).sum())
         fp += int((said & (marks == 0)).sum())
         fn += int((~said & (marks > 0)).sum())
+        clean += int(bool((said == (marks > 0)).all()))
+        clean_tol += int(tolerant.clean(said, marks, info, grid, tok, tol)) if tol else 0
+        strength = (out - op.BACKGROUND) @ op.CENTRE
+        chosen = {(p, c0): cells[int(strength[torch.tensor(cells) + p * (out.shape[0] // grid[0])].argmax())]
+                  for p, c0, cells, _ in (tolerant.candidates(info, grid, tok, tol) if tol else [])}
         if op.GEOMETRY:
             e, k = box_error(out, target, info, grid, tok)
             geo_err, geo_n = geo_err + e, geo_n + k
@@ -287,11 +312,15 @@ def score_model(model, tok, processor, n: int, tasks: str) -> dict:
         for pair, cell, names in named_objects(info, grid):
             for k, name in names.items():
                 c = codes[k][1]  # the projection on each name's code: " light blue" beats " blue" only if both
-                got = codes[k][0][int((c @ out[pair * per_pair + cell] / c.norm(dim=1)).argmax())]
+                at = pair * per_pair + chosen.get((pair, cell), cell)
+                got = codes[k][0][int((c @ out[at] / c.norm(dim=1)).argmax())]
                 right[k][0] += int(got == name)
                 right[k][1] += 1
     got = {k: f"{100 * a / b:.0f}% of {b}" for k, (a, b) in right.items() if b}
     got["centre P/R"] = f"{100 * tp / max(1, tp + fp):.0f}/{100 * tp / max(1, tp + fn):.0f}"
+    got["clean"] = f"{100 * clean / n:.0f}%"
+    if tol:
+        got[f"clean (tolerant {tol})"] = f"{100 * clean_tol / n:.0f}%"
     if videos:
         got["moved block"] = f"{100 * moved_right / videos:.0f}% of {videos}"
     if geo_n:
@@ -367,6 +396,10 @@ def main(argv=None) -> None:
                    help="a video's moved block also carries \" moved\" and its direction (oracle_probe.py --motion)")
     p.add_argument("--counts", action="store_true",
                    help="each shape's centre also carries its counts (oracle_probe.py --counts)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="train: an object whose centre is within this many cell widths of a cell edge may be "
+                        "marked in the cell across it instead, whichever the tower is nearer (tolerant.py); "
+                        "score: clean pictures counted so as well")
     p.add_argument("-n", type=int, default=60)
     args = p.parse_args(argv)
     op.MODE, op.GEOMETRY, op.FRAME, op.COUNTS = "centre", args.geometry, args.frame, args.counts
@@ -378,7 +411,7 @@ def main(argv=None) -> None:
     else:
         model, tok, processor = _setup(args.init)
         model.visual.load_state_dict(torch.load(os.path.join(args.path, "tower.pt"))["visual"])
-        score_model(model, tok, processor, args.n, args.tasks)
+        score_model(model, tok, processor, args.n, args.tasks, args.tolerance)
 
 
 if __name__ == "__main__":
