@@ -25,6 +25,10 @@ across 4 frames. So the vision tower takes the rest of the budget and is wider t
 depth 6, 6 heads (head_dim 32), mlp_ratio 4; the merger maps 4 x 192 -> 96. Parameters: embedding 14.59 M,
 decoder 0.89 M, vision tower 2.88 M, merger 0.67 M (total 19.03 M, 38.06 MB in bf16; with the tokenizer files
 47.3 MB). Images are kept at their native resolution (196-308 px: 196-484 patches, 49-121 tokens).
+The shipped directory's temporal patch spans four frames, not two (``temporal_patch_size`` 4 in its config.json
+and preprocessor_config.json; ``examples/nano/temporal4.py``, HISTORY.md item 17): the video task's move falls
+between frames 2 and 3, which a two-frame patch puts in two patches the tower's attention never joins. Its patch
+embedding takes 0.45 MB more (47.7 MB in all); :func:`nano_config` stays the two-frame base that training starts from.
 
 Export: a checkpoint of the run (float32, with optimizer state) becomes the shipped directory with
 :func:`export_model`: weights cast to bfloat16 (the config says ``torch_dtype: bfloat16``), the embedding rows

@@ -53,6 +53,7 @@ def convert(src: str, out: str) -> None:
         node["temporal_patch_size"] = 4
         with open(os.path.join(out, name), "w") as f:
             json.dump(conf, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":
