@@ -238,9 +238,11 @@ def test_motion_is_named_and_scored_at_the_moved_blocks_centres(td, setup, monke
     calls = iter(range(4))
     monkeypatch.setattr(td, "tower", lambda model, pix, grids: truth[next(calls)])
     got = td.score_model(model, tok, processor, 4, "video")
-    assert got["motion"] == "100% of 8" and got["moved block"] == "100% of 4"  # 2 cells (before, after) each
     info = data.sample(0).info
     grid = td.draw(data, 0, processor, tok)[1]
+    # the moved block is named at its cell in each temporal patch: before and after the move with a 2-frame patch,
+    # where it ends with the shipped model's 4-frame one
+    assert got["motion"] == f"100% of {4 * grid[0]}" and got["moved block"] == "100% of 4"
     flat = td.op.BACKGROUND.expand(truth[0].shape[0], td.op.HIDDEN)
     assert td.moved_block(truth[0], info, grid, tok) == info["colour"]
     assert td.moved_block(flat, info, grid, tok) == info["colours"][0]  # all equal: the first

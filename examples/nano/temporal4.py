@@ -34,15 +34,16 @@ def widen(weight: torch.Tensor) -> torch.Tensor:
 
 
 def convert(src: str, out: str) -> None:
+    """``src`` (a two-frame model directory) widened into ``out``; nothing is written when ``src`` is not one."""
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    if tensors[KEY].shape[2] != 2:
+        raise SystemExit(f"{src}: the patch embedding spans {tensors[KEY].shape[2]} frames, not 2")
+    tensors[KEY] = widen(tensors[KEY])
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(src):
         if os.path.isfile(os.path.join(src, name)) and name not in ("model.safetensors", "config.json",
                                                                       "preprocessor_config.json"):
             shutil.copy2(os.path.join(src, name), os.path.join(out, name))
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    if tensors[KEY].shape[2] != 2:
-        raise SystemExit(f"{src}: the patch embedding spans {tensors[KEY].shape[2]} frames, not 2")
-    tensors[KEY] = widen(tensors[KEY])
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     for name, where in (("config.json", ("vision_config",)), ("preprocessor_config.json", ())):
         with open(os.path.join(src, name)) as f:
