@@ -109,13 +109,11 @@ def clean(said: torch.Tensor, marks: torch.Tensor, info: dict, grid, tokenizer, 
     """Whether a picture's centre marks ``said`` (cells,) bool are what a tolerant tower should say: one mark
     among each movable object's candidates, every other true mark said, no mark anywhere else."""
     per_pair = marks.shape[0] // int(grid[0])
-    allowed = marks > 0
+    allowed, fixed = marks > 0, (marks > 0).clone()  # marks anywhere may fall / must fall
     for pair, c0, cells, _ in candidates(info, grid, tokenizer, tol):
         rows = torch.tensor(cells) + pair * per_pair
         if int(said[rows].sum()) != 1:
             return False
         allowed[rows] = True
-    fixed = (marks > 0).clone()
-    for pair, c0, _, _ in candidates(info, grid, tokenizer, tol):
         fixed[pair * per_pair + c0] = False
     return bool((said[fixed]).all()) and not bool((said & ~allowed).any())

@@ -298,10 +298,12 @@ def score_model(model, tok, processor, n: int, tasks: str, tol: float = 0.0) -> 
         fp += int((said & (marks == 0)).sum())
         fn += int((~said & (marks > 0)).sum())
         clean += int(bool((said == (marks > 0)).all()))
-        clean_tol += int(tolerant.clean(said, marks, info, grid, tok, tol)) if tol else 0
-        strength = (out - op.BACKGROUND) @ op.CENTRE
-        chosen = {(p, c0): cells[int(strength[torch.tensor(cells) + p * (out.shape[0] // grid[0])].argmax())]
-                  for p, c0, cells, _ in (tolerant.candidates(info, grid, tok, tol) if tol else [])}
+        chosen = {}  # with tol: each movable object's names read at its candidate cell marked most
+        if tol:
+            clean_tol += int(tolerant.clean(said, marks, info, grid, tok, tol))
+            strength = (out - op.BACKGROUND) @ op.CENTRE  # (cells,)
+            chosen = {(p, c0): cells[int(strength[torch.tensor(cells) + p * (out.shape[0] // grid[0])].argmax())]
+                      for p, c0, cells, _ in tolerant.candidates(info, grid, tok, tol)}
         if op.GEOMETRY:
             e, k = box_error(out, target, info, grid, tok)
             geo_err, geo_n = geo_err + e, geo_n + k
