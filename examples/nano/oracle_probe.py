@@ -145,13 +145,19 @@ def _geometry(info: dict, grid, tokenizer) -> torch.Tensor:
         ix, iy = np.clip(hi - lo, 0, None).transpose(2, 0, 1)  # (cells, objects) each
         overlap = ix * iy  # (cells, objects)
         b = boxes[overlap.argmax(1)]  # (cells, 4)
-        rel = np.clip((b - np.concatenate([cell, cell], 1)) / np.array([cw, ch, cw, ch]), -4, 5)
+        rel = relative_boxes(b, cell, cw, ch)
         if FRAME == "image":  # tenths of the drawn picture: 0 .. 10 (Qwen2-VL's 0-1000 scale / 100)
             width, height = vt._drawn_size(info)
             rel = 10 * b / np.array([width, height, width, height])
         covered = overlap.max(1) > 0
         out[p][covered] = rel[covered]
     return torch.tensor(out.reshape(-1, 4), dtype=torch.float32)
+
+
+def relative_boxes(boxes: np.ndarray, origins: np.ndarray, cw: float, ch: float) -> np.ndarray:
+    """(n, 4) drawn boxes relative to the cells whose top-left corners are ``origins`` (n, 2), in cell widths
+    (``cw`` x ``ch`` drawn pixels), clipped to [-4, 5]: the box code of ``--geometry``'s cell frame."""
+    return np.clip((boxes - np.concatenate([origins, origins], 1)) / np.array([cw, ch, cw, ch]), -4, 5)
 
 
 def _centres(info: dict, grid, tokenizer) -> torch.Tensor:

@@ -59,9 +59,9 @@ def _relative_box(box, cell: int, info: dict, grid) -> torch.Tensor:
     """(4,) the box relative to a cell, in cell widths, clipped as ``oracle_probe._geometry`` clips it."""
     _, rows, cols, sx, sy = op._layout(info, grid)
     cw, ch = 28 * sx, 28 * sy
-    x, y = (cell % cols) * cw, (cell // cols) * ch
-    rel = (np.array(box, np.float64) - [x, y, x, y]) / [cw, ch, cw, ch]
-    return torch.tensor(np.clip(rel, -4, 5), dtype=torch.float32)
+    origin = np.array([[(cell % cols) * cw, (cell // cols) * ch]])  # (1, 2)
+    rel = op.relative_boxes(np.array([box], np.float64), origin, cw, ch)[0]
+    return torch.tensor(rel, dtype=torch.float32)
 
 
 def variants(target: torch.Tensor, geometry: torch.Tensor | None, obj, info: dict, grid) -> torch.Tensor:
