@@ -555,3 +555,30 @@ def test_closeup_crops_one_object_and_keeps_its_boxes():
     assert kinds == {"block", "shape", "sign"}
     with pytest.raises(InvalidInputError, match="closeup"):
         check_tasks("closeup", graded=True)
+
+
+def test_tapcrop_crops_one_button_of_its_tap_screen():
+    """The training-only tapcrop: one button of tap screen ``seed`` cropped close, its label answered; the buttons
+    kept lie wholly inside the crop with their boxes moved into it (the button's colour at its box's corner, inset
+    past the rounding), and "closeup"'s samples are unchanged by it."""
+    from qwen2vl.demo.common import JITTER, PALETTE
+    from qwen2vl.demo.tasks import check_tasks
+    for seed in range(30):
+        s, screen = sample("tapcrop", seed), sample("tap", seed).info["buttons"]
+        img = s.messages[0]["content"][0]["image"]
+        assert img is s.info["image"] and min(img.size) >= 56
+        labels = {b["label"] for b in screen}
+        said = s.answer.removeprefix("It says ").removesuffix(".")
+        assert said in labels and said in {b["label"] for b in s.info["buttons"]}
+        for b in s.info["buttons"]:
+            x0, y0, x1, y1 = b["box"]
+            assert 0 <= x0 and 0 <= y0 and x1 <= img.size[0] and y1 <= img.size[1]
+            orig = next(o for o in screen if o["label"] == b["label"])
+            assert x1 - x0 == orig["box"][2] - orig["box"][0] and y1 - y0 == orig["box"][3] - orig["box"][1]
+            pixel = img.getpixel((x0 + (x1 - x0) // 2, y0 + 3))  # the top edge's middle: the button's colour
+            assert all(abs(p - c) <= JITTER for p, c in zip(pixel, PALETTE[b["colour"]])), (seed, pixel)
+    assert [sample("closeup", i).answer for i in (3, 4, 5)] == [  # as drawn before tapcrop existed
+        'It says "Istanbul".', "The square is red.", "From left to right: a green box with the number 4."]
+    assert "tapcrop" in check_tasks("tapcrop")
+    with pytest.raises(InvalidInputError, match="tapcrop"):
+        check_tasks("tapcrop", graded=True)

@@ -86,6 +86,27 @@ def test_crop_batch_holds_blocks_and_signs_more_than_shapes(td, setup):
         assert grid[0] == 1 and marks.sum() == 1 and grid[1] * grid[2] < 196  # under a 196 x 196 picture
 
 
+def test_tap_buttons_are_named_by_their_labels_and_cropped_as_buttons(td, setup):
+    """A tap screen's buttons are named by their labels at their centre cells (the oracle's own features name each
+    as ``score`` reads them, and the cross-entropy is far below a blank's), and the "buttons" crop weight draws
+    tapcrop's button crops."""
+    _, tok, processor = setup
+    codes = td._kind_codes(tok)
+    batch = [td.draw(DemoData(["tap"]), i, processor, tok) for i in range(3)]
+    named = [o for b in batch for o in td.named_objects(b[4], b[1])]
+    assert len(named) == sum(len(b[4]["buttons"]) for b in batch) and all("label" in o[2] for o in named)
+    names, table = codes["label"]
+    for pix, grid, target, marks, info in batch:
+        for _, cell, want in td.named_objects(info, grid):
+            assert names[int((table @ target[cell] / table.norm(dim=1)).argmax())] == want["label"]
+    target = torch.cat([b[2] for b in batch])
+    blank = td.op.BACKGROUND.expand_as(target).clone()
+    assert td.naming_ce(target, batch, codes).item() < 0.25 < 2.0 < td.naming_ce(blank, batch, codes).item()
+    crops = DemoData(["closeup", "tapcrop"], seed_offset=td.CROP_OFFSET)
+    got = td.crop_batch(crops, 0, 4, processor, tok, {"buttons": 1})
+    assert [td.crop_kind(b[4]) for b in got] == ["buttons"] * 4 and all(b[3].sum() >= 1 for b in got)
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(td, setup):
     """From a freshly initialised tower (the shipped one already gives these features: its loss is near its floor)
     a few steps lower the loss on a fixed batch."""

@@ -167,9 +167,9 @@ def train(args) -> None:
     elif args.init_tower:  # another run's tower (weights only): a new run from it
         model.visual.load_state_dict(torch.load(os.path.join(args.init_tower, "tower.pt"))["visual"])
     data = DemoData(*task_weights(args.tasks))
-    crops = DemoData(["closeup"], seed_offset=CROP_OFFSET)
-    codes = _kind_codes(tok)
     weights = {k: float(v) for k, v in (kv.split(":") for kv in args.crop_weights.split(","))}
+    crops = DemoData(["closeup"] + (["tapcrop"] if weights.get("buttons") else []), seed_offset=CROP_OFFSET)
+    codes = _kind_codes(tok)
     def lr_at(s: int) -> float:  # 50 warmup steps, then cosine to 0 at args.steps
         return args.lr * min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     t0, run = time.time(), []
@@ -202,7 +202,7 @@ def task_weights(spec: str) -> tuple[list[str], dict[str, int]]:
     return [t for t, _ in pairs], {t: int(w) for t, w in pairs}
 
 
-CROP_KINDS = ("blocks", "shapes", "word")  # what a closeup crop holds: a block, a shape or a sign
+CROP_KINDS = ("blocks", "shapes", "word", "buttons")  # a closeup's block, shape or sign; a tapcrop's button
 
 
 def crop_kind(info: dict) -> str:
@@ -228,10 +228,10 @@ def crop_batch(crops, step: int, n: int, processor, tok, weights: dict | None = 
 def _kind_codes(tok):
     """{kind: (names, (names, 96) codes)} of the names a centre cell can carry (with ``--counts`` also
     "count_kind" and "count_pair": the counts "1" .. "6" of ``oracle_probe.shape_counts``)."""
-    from qwen2vl.demo import common, signs
+    from qwen2vl.demo import common, signs, tap
     kinds = {"colour": list(common.COLOURS), "shape": list(common.SHAPES), "digit": list("0123456789"),
-             "word": list(signs.WORDS)}
-    spell = {"colour": " {}", "shape": " {}", "digit": "{}", "word": "{}"}  # how oracle_probe names them
+             "word": list(signs.WORDS), "label": list(tap.LABELS)}
+    spell = {"colour": " {}", "shape": " {}", "digit": "{}", "word": "{}", "label": " {}"}  # as oracle_probe names
     out = {k: (v, torch.stack([op.SCALE * op.CODES[torch.tensor(tok.encode(spell[k].format(n)))].sum(0)
                                for n in v])) for k, v in kinds.items()}
     if op.COUNTS:
@@ -256,6 +256,7 @@ def named_objects(info: dict, grid) -> list:
             for s, c in zip(shapes, counts)]
     if "word" in info and "text" in info:
         out.append((0, at(info["text"]), {"word": info["word"]}))
+    out += [(0, at(b["box"]), {"label": b["label"]}) for b in info.get("buttons", ())]  # a tap screen's buttons
     moved = op.MOTION and "direction" in info
     out += [(pair, at(box), {"colour": name, "motion": info["direction"]} if moved and name == info["colour"] else
              {"colour": name}) for pair, name, box in vt.video_blocks(info, t)]
@@ -381,7 +382,8 @@ def main(argv=None) -> None:
     p.add_argument("--near_weight", type=float, default=1.0,
                    help="weight of the cells next to a centre (where stray centre marks fall); 1: as background")
     p.add_argument("--crops", type=int, default=0, help="closeup crops a step (one block, shape or sign each)")
-    p.add_argument("--crop_weights", default="blocks:3,shapes:1,word:3", help="how often each kind of crop")
+    p.add_argument("--crop_weights", default="blocks:3,shapes:1,word:3",
+                   help="how often each kind of crop (buttons: a tap screen's, from the tapcrop task)")
     p.add_argument("--ce", type=float, default=0.0, help="weight of naming_ce (0: the squared error alone)")
     p.add_argument("--init_tower", help="train: start from this run's tower.pt (weights only)")
     p.add_argument("--data_from", type=int, default=0,

@@ -12,6 +12,10 @@ Kinds, uniform: one block of the blocks task (as in :mod:`qwen2vl.demo.glance`),
 shape (circle, square or triangle), asked its colour; one sign of the reading task, asked what it says. The crop
 keeps a margin of 2-20 px on each side of the object (of the sign for a sign), widened to at least 56 px a side
 (the processor's minimum). ``info`` holds the object's boxes in the crop's pixels and the crop as ``image``.
+
+"tapcrop" (:func:`sample_tapcrop`, a task of its own so that "closeup"'s samples stay what they were): one button
+of a ``tap`` screen (:mod:`qwen2vl.demo.tap`) cropped the same way, asked what it says; a neighbouring button wholly
+inside the crop is kept in ``info["buttons"]``, one cut by the crop's edge is left out (its pixels stay).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from __future__ import annotations
 from .common import Sample, pick, randint, task_rng, turns
 from .glance import block_scene, shape_scene
 from .signs import READ_QUESTION, draw_sign, reading_answer
+from .tap import sample_tap
 
-__all__ = ["sample_closeup", "MIN_SIDE"]
+__all__ = ["sample_closeup", "sample_tapcrop", "MIN_SIDE", "BUTTON_QUESTION"]
 
 MIN_SIDE = 56  # the processor's minimum area is 56 x 56 px
 MARGIN = (2, 20)
+BUTTON_QUESTION = "What does the button say?"
 
 
 def _crop_box(rng, box, width: int, height: int) -> tuple[int, int, int, int]:
@@ -56,6 +62,11 @@ def _crop(rng, img, info: dict, key_box) -> dict:
     for key in ("sign", "text"):
         if key in out:
             out[key] = _shift(out[key], x0, y0)
+    if "buttons" in out:  # only those wholly inside the crop
+        moved = [dict(b, box=_shift(b["box"], x0, y0), label_box=_shift(b["label_box"], x0, y0))
+                 for b in out["buttons"]]
+        out["buttons"] = [b for b in moved if min(b["box"][:2]) >= 0 and b["box"][2] <= x1 - x0
+                          and b["box"][3] <= y1 - y0]
     return out
 
 
@@ -84,3 +95,14 @@ def sample_closeup(seed: int) -> Sample:
     img, qas, info = pick(rng, (_block, _shape, _sign))(rng)
     return Sample("closeup", "closeup", seed, turns({"type": "image", "image": img}, qas), qas[-1][1], None,
                   info=info)
+
+
+def sample_tapcrop(seed: int) -> Sample:
+    """Tap-button closeup ``seed``: one button of tap screen ``seed``, cropped close (the module docstring)."""
+    rng = task_rng("tapcrop", seed)
+    tap = sample_tap(seed).info
+    button = tap["buttons"][int(rng.integers(len(tap["buttons"])))]
+    info = _crop(rng, tap["image"], {"buttons": tap["buttons"]}, button["box"])
+    qas = [(BUTTON_QUESTION, f"It says {button['label']}.")]
+    return Sample("tapcrop", "tapcrop", seed, turns({"type": "image", "image": info["image"]}, qas), qas[-1][1],
+                  None, info=info)

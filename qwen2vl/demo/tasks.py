@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..errors import InvalidInputError
 from .blocks import sample_blocks
-from .closeup import sample_closeup
+from .closeup import sample_closeup, sample_tapcrop
 from .common import Sample, pick, randint, task_rng, user
 from .drill import sample_drill
 from .glance import sample_glance
@@ -71,10 +71,11 @@ def sample_conversation(seed: int) -> Sample:
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
-    "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap}
+    "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap,
+    "tapcrop": sample_tapcrop}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
-TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup")  # training data only (qwen2vl.demo.drill, .glance,
-# .closeup): never graded
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop")  # training data only (qwen2vl.demo.drill,
+# .glance, .closeup): never graded
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
