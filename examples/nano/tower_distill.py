@@ -15,6 +15,8 @@ cells next to a centre (a tower marks a second centre there, and the decoder the
 each: a digit or a word costs a tenth of what it costs in a full picture), and ``--ce W`` adds W x the
 cross-entropy of each object's names at its centre cell (:func:`naming_ce`): the squared error alone left digits
 at chance (HISTORY.md item 9).
+A ``tap`` screen's buttons (the agent task) are named by their labels (kind "label"), and ``--crop_weights`` with
+``buttons:K`` mixes in the ``tapcrop`` task's crops of one button (HISTORY.md item 18).
 ``--init_tower RUN`` starts a new run from another run's tower. ``--counts`` and ``--motion`` train toward the oracle
 of ``oracle_probe.py`` with those flags (their names join the cross-entropy; ``score`` also reports, with
 ``--motion``, how often the block whose centres carry " moved" most is the one that moved; a tower cannot learn
