@@ -182,6 +182,9 @@ def test_train_resume_score_and_assemble(td, tmp_path, capsys):
     llm = LLM(str(model_dir), dtype="float32")
     s = DemoData(["counting"]).sample(0)
     assert llm.chat(s.messages, SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].text is not None
+    td.main(["extract", str(model_dir), "--out", str(tmp_path / "back")])  # the assembled model's tower, as a run
+    back = torch.load(tmp_path / "back" / "tower.pt")
+    assert back["step"] == 0 and all(torch.equal(back["visual"][k], v) for k, v in tower.items())
 
 
 @pytest.mark.parametrize("kind,cover", [("digit", False), ("word", True)])

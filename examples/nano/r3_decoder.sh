@@ -35,14 +35,7 @@ OP="python examples/nano/oracle_probe.py train"
 [ -f "$W/r3-cur3/train_results.json" ] || $OP examples/nano/curriculum3.yaml --mode centre --geometry \
     --model_name_or_path "$W/r3-cur2" --output_dir "$W/r3-cur3"
 [ -f "$W/r3c3-tp4/model.safetensors" ] || python examples/nano/temporal4.py "$W/r3-cur3" "$W/r3c3-tp4"
-[ -f "$W/tower-s9/tower.pt" ] || python - "$W" <<'PY'
-import os, sys, torch
-from qwen2vl.loader import load_model
-w = sys.argv[1]
-model = load_model(os.path.join(w, "stage9"), torch.float32, prepack=False, file_embedding=False)
-os.makedirs(os.path.join(w, "tower-s9"), exist_ok=True)
-torch.save({"visual": model.visual.state_dict(), "step": 0}, os.path.join(w, "tower-s9", "tower.pt"))
-PY
+[ -f "$W/tower-s9/tower.pt" ] || python examples/nano/tower_distill.py extract "$W/stage9" --out "$W/tower-s9"
 [ -f "$W/r3-asm/model.safetensors" ] || python examples/nano/tower_distill.py assemble "$W/tower-s9" \
     --decoder "$W/r3c3-tp4" --out "$W/r3-asm"
 [ -f "$W/r3-ft1/train_results.json" ] || qwen2vl train examples/nano/finetune.yaml --model_name_or_path "$W/r3-asm" \

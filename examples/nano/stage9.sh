@@ -22,14 +22,7 @@ if [ ! -f "$W/stage8/model.safetensors" ]; then
     done
 fi
 [ -f "$W/nano4/model.safetensors" ] || python examples/nano/temporal4.py "$W/stage8" "$W/nano4"
-[ -f "$W/tower-s8/tower.pt" ] || python - "$W" <<'PY'
-import os, sys, torch
-from qwen2vl.loader import load_model
-w = sys.argv[1]
-model = load_model(os.path.join(w, "nano4"), torch.float32, prepack=False, file_embedding=False)
-os.makedirs(os.path.join(w, "tower-s8"), exist_ok=True)
-torch.save({"visual": model.visual.state_dict(), "step": 0}, os.path.join(w, "tower-s8", "tower.pt"))
-PY
+[ -f "$W/tower-s8/tower.pt" ] || python examples/nano/tower_distill.py extract "$W/nano4" --out "$W/tower-s8"
 
 TD="python examples/nano/tower_distill.py train --init $W/nano4 --batch 2 --crops 32 --ce 8 --bf16 --motion \
     --crop_weights blocks:4,shapes:2,word:6 --near_weight 3 --score 0"

@@ -4,6 +4,7 @@
         [--crops 32] [--ce 1] [--init_tower RUN] [--bf16] [--stop N]
     python examples/nano/tower_distill.py score DIR [-n 60]
     python examples/nano/tower_distill.py assemble DIR --decoder DECODER_DIR --out MODEL_DIR
+    python examples/nano/tower_distill.py extract MODEL_DIR --out DIR   # a model's tower as a run to start from
 
 The oracle probe (``oracle_probe.py``, HISTORY.md item 8) trains a decoder on fixed codes of what the demo
 generators drew under each merged token; this trains the tower (patch embedding, blocks, merger) to output those
@@ -367,10 +368,19 @@ def assemble(run: str, decoder: str, out: str) -> None:
     print(f"wrote {out}")
 
 
+def extract(model_dir: str, out: str) -> None:
+    """A run directory ``out`` whose ``tower.pt`` holds ``model_dir``'s vision tower at step 0 (for
+    ``--init_tower``); the inverse of ``assemble``'s tower half."""
+    from qwen2vl.loader import load_model
+    model = load_model(model_dir, torch.float32, prepack=False, file_embedding=False)
+    os.makedirs(out, exist_ok=True)
+    torch.save({"visual": model.visual.state_dict(), "step": 0}, os.path.join(out, "tower.pt"))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["train", "score", "assemble"])
-    p.add_argument("path", nargs="?", help="score: a run directory (its tower.pt) over --init")
+    p.add_argument("what", choices=["train", "score", "assemble", "extract"])
+    p.add_argument("path", nargs="?", help="score, assemble: a run directory (its tower.pt); extract: a model")
     p.add_argument("--init", default="qwen2vl/models/nano")
     p.add_argument("--decoder", help="assemble: the decoder's model directory (an oracle-probe run)")
     p.add_argument("--out", default="nano-tower")
@@ -414,6 +424,8 @@ def main(argv=None) -> None:
         train(args)
     elif args.what == "assemble":
         assemble(args.path, args.decoder, args.out)
+    elif args.what == "extract":
+        extract(args.path, args.out)
     else:
         model, tok, processor = _setup(args.init)
         model.visual.load_state_dict(torch.load(os.path.join(args.path, "tower.pt"))["visual"])
