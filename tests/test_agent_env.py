@@ -15,7 +15,8 @@ import threading
 import pytest
 from PIL import Image
 
-from qwen2vl.agent.actions import Action, to_pixels
+from qwen2vl.agent.actions import Action, action_tools, to_pixels
+from qwen2vl.agent.prompt import system_prompt
 from qwen2vl.agent.browser_env import BrowserEnv, check_url
 from qwen2vl.agent.envs import PhoneEnv, env_factory
 from qwen2vl.agent.phone import APP_DIR, CONTACTS, TOGGLES
@@ -121,7 +122,10 @@ def test_tap_samples():
             assert all(abs(c - p) <= JITTER for c, p in zip(colour, PALETTE[buttons[i]["colour"]])), (seed, i)
         assert img.getpixel((0, 0)) == (255, 255, 255)
         target = next(b for b in buttons if b["label"] == s.info["target"])
-        assert s.messages[0]["content"][1]["text"] == f"Tap {target['label']}" and s.truth == target["box"]
+        assert s.truth == target["box"]
+        system, ask = s.messages  # asked as the agent loop asks: its system prompt, the task, the action tools
+        assert system == {"role": "system", "content": system_prompt(WIDTH, HEIGHT)} and s.tools == action_tools()
+        assert ask["content"][0]["image"] is img and ask["content"][1]["text"] == f"Task: Tap {target['label']}"
         assert grade_tap(s.answer, s.truth) and grade(s, s.answer)
         call = json.loads(s.answer.split("\n")[1])  # the agent loop's own mapping lands inside the button too
         px, py = to_pixels(call["arguments"]["x"], call["arguments"]["y"], WIDTH, HEIGHT)

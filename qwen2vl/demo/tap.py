@@ -8,7 +8,9 @@ agent's phone app (:mod:`qwen2vl.agent.phone`). A sample (``task_rng("tap", seed
   channel (:func:`qwen2vl.demo.common.jitter`), each labelled with a distinct word of :data:`LABELS`, the label's
   ink 14-20 px high, centred, in a Latin sans font (regular or bold, :func:`qwen2vl.demo.fonts.latin_fonts`),
   white on the darker colours and near-black on the lighter ones (:data:`DARK_TEXT`);
-- the question "Tap {label}" about one of them (uniform);
+- the task "Tap {label}" about one of them (uniform), asked as the agent loop asks it
+  (:func:`qwen2vl.agent.prompt.agent_messages`: the agent's system prompt, ``Task: Tap {label}`` with the
+  screenshot, and the action tools as the request's ``tools``), so what is learned here is what the loop shows;
 - the answer: one click as this package's Hermes tool call block,
   ``<tool_call>\\n{"name": "click", "arguments": {"x": X, "y": Y}}\\n</tool_call>``, with (X, Y) the button's
   centre on Qwen2-VL's 0-1000 scale of the picture (``round(pixel * 1000 / side)``);
@@ -22,7 +24,7 @@ from __future__ import annotations
 from PIL import ImageDraw
 
 from ..tool_calls import single_call_arguments, tool_call_block
-from .common import COLOURS, Sample, canvas, fit_text, jitter, pick, pick_font, randint, task_rng, user
+from .common import COLOURS, Sample, canvas, fit_text, jitter, pick, pick_font, randint, task_rng
 from .fonts import latin_fonts
 
 __all__ = ["sample_tap", "grade_tap", "click_point", "LABELS", "WIDTH", "HEIGHT", "DARK_TEXT", "GAP", "tap_answer"]
@@ -90,8 +92,9 @@ def sample_tap(seed: int) -> Sample:
         if record is not None:  # a crowded picture keeps the buttons that fit (at least the first two always do)
             buttons.append(record)
     target = buttons[int(rng.integers(len(buttons)))]
-    messages = [user({"type": "image", "image": img}, f"Tap {target['label']}")]
-    return Sample("tap", "tap", seed, messages, tap_answer(target["box"]), target["box"],
+    from ..agent.prompt import agent_messages  # here: the agent package imports the demo package
+    messages, tools = agent_messages(f"Tap {target['label']}", img, [])
+    return Sample("tap", "tap", seed, messages, tap_answer(target["box"]), target["box"], tools=tools,
                   info={"buttons": buttons, "target": target["label"], "image": img})
 
 

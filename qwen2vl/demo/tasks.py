@@ -68,14 +68,21 @@ def sample_conversation(seed: int) -> Sample:
     return Sample("conversation", kind, seed, messages, a2, truth, tools=tools, info=info)
 
 
+def sample_phone(seed: int) -> Sample:
+    """One step of a multi-step phone-app task, recorded from the app in Chromium (:mod:`qwen2vl.agent.phone_data`,
+    imported here on first use: it needs the agent's browser, the first time, to record the screens)."""
+    from ..agent.phone_data import sample_phone as draw
+    return draw(seed)
+
+
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
     "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap,
-    "tapcrop": sample_tapcrop}
+    "tapcrop": sample_tapcrop, "phone": sample_phone}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
-TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop")  # training data only (qwen2vl.demo.drill,
-# .glance, .closeup): never graded
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone")  # training data only
+# (qwen2vl.demo.drill, .glance, .closeup; phone: graded by running the agent, bench/agent_eval.py)
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:

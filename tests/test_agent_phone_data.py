@@ -1,0 +1,105 @@
+"""The agent's training data from the phone app's own screens (qwen2vl.agent.phone_data) and the multi-step
+evaluation (bench/agent_eval.py): recorded runs replay to success, a sample is exactly what the loop would show
+at that step, held-out tasks are never recorded. Browser tests share the module's headless chromium."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.agent_eval import eval_tasks, run_all, table
+from qwen2vl.agent.actions import action_tools, make_action
+from qwen2vl.agent.envs import PhoneEnv
+from qwen2vl.agent.phone_data import HELD_OUT_QUERIES, record, sample_phone, screens_dir, training_runs
+from qwen2vl.agent.phone_tasks import HELD_OUT_IDS, QUERIES, phone_task
+from qwen2vl.agent.prompt import OLD_SCREEN, system_prompt
+from qwen2vl.demo.tasks import TRAINING_ONLY, check_tasks
+from qwen2vl.tool_calls import tool_call_block
+from tests.web_common import browser  # noqa: F401 (fixture)
+
+
+def test_training_runs_leave_the_held_out_tasks_out():
+    runs = training_runs()
+    ids = [t.id for t, _ in runs]
+    assert not set(ids) & HELD_OUT_IDS and len(runs) == len(set((t.id, s) for t, s in runs))
+    assert {t.id.split(":")[0] for t, _ in runs} == {"toggle", "two_toggles", "call", "search"}
+    searched = {i.split(":", 1)[1] for i in ids if i.startswith("search:")}
+    assert set(QUERIES) - {"Lima", "Seoul"} <= searched and not searched & set(HELD_OUT_QUERIES)
+    assert ("dark",) in {s for t, s in runs if t.id == "call:Alice"}  # a dark home screen is seen
+    held = [t.id for t in eval_tasks("held_out")]
+    assert set(HELD_OUT_IDS) <= set(held) and {f"search:{q}" for q in HELD_OUT_QUERIES} <= set(held)
+    assert not set(held) & set(ids)
+    assert "phone" in TRAINING_ONLY and check_tasks("phone") == ("phone",)
+    with pytest.raises(SystemExit, match="training queries"):
+        eval_tasks("held_out", ["Paris"])
+
+
+def test_screens_dir_is_keyed_by_the_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN2VL_CACHE", str(tmp_path))
+    a = screens_dir()
+    assert a.parent == tmp_path and a.name.startswith("phone-screens-") and screens_dir(tmp_path / "x").parent == \
+        tmp_path / "x"
+
+
+def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_path):  # noqa: F811
+    runs = [(phone_task("call:Alice"), ("dark",)), (phone_task("toggle:wifi:on"), ())]
+    folder = record(tmp_path / "screens", browser=browser, runs=runs)
+    recorded = json.loads((folder / "runs.json").read_text())["runs"]
+    assert [r["task"] for r in recorded] == ["call:Alice", "toggle:wifi:on"] and recorded[0]["start"] == ["dark"]
+    env = PhoneEnv("call:Alice", browser=browser)  # the recorded calls, carried out as the loop would, succeed
+    try:
+        env.reset(phone_task("call:Alice"))
+        for step in recorded[0]["steps"]:
+            call = step["call"]
+            assert call["name"] == "click" and env.execute(make_action("click", call["arguments"], (360, 640))).ok
+        assert env.success
+    finally:
+        env.close()
+    seen = set()
+    for seed in range(40):
+        s = sample_phone(seed, str(folder))
+        task_id, k = s.truth
+        run = recorded[[r["task"] for r in recorded].index(task_id)]
+        seen.add((task_id, k))
+        assert s.task == "phone" and s.tools == action_tools()
+        assert s.answer == tool_call_block(run["steps"][k]["call"]["name"], run["steps"][k]["call"]["arguments"])
+        assert s.messages[0] == {"role": "system", "content": system_prompt(360, 640)}
+        instruction = phone_task(task_id).instruction
+        first = s.messages[1]["content"]
+        assert first[-1]["text"] == f"Task: {instruction}"
+        images = [p for m in s.messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
+        assert len(images) == min(k + 1, 2)  # the last two screens are shown, older ones as text
+        assert (first[0]["type"] == "image") == (k <= 1) and (k <= 1 or first[0]["text"] == OLD_SCREEN + "\n")
+        calls = [m for m in s.messages if m["role"] == "assistant"]
+        tools_ = [m for m in s.messages if m["role"] == "tool"]
+        assert len(calls) == len(tools_) == k
+        for i, (c, t) in enumerate(zip(calls, tools_)):
+            fn = c["tool_calls"][0]["function"]
+            assert (fn["name"], json.loads(fn["arguments"])) == (run["steps"][i]["call"]["name"],
+                                                                 run["steps"][i]["call"]["arguments"])
+            assert t["content"] == run["steps"][i]["observation"] and t["content"].startswith("OK")
+        assert sample_phone(seed, str(folder)).answer == s.answer  # the seed decides
+    assert len(seen) == 5  # every step of both runs
+
+
+class _Scripted:
+    """A model that makes the given calls in order (model units), then repeats an unknown action."""
+
+    def __init__(self, calls):
+        self.calls = list(calls)
+
+    def chat(self, messages, tools):
+        name, args = self.calls.pop(0) if self.calls else ("fly", {})
+        return "", [{"id": "c", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]
+
+
+def test_agent_eval_counts_successes_and_steps(browser):  # noqa: F811
+    wifi = phone_task("toggle:wifi:on")
+    results = run_all(_Scripted([("click", {"x": 265, "y": 157}), ("click", {"x": 334, "y": 150})]), [wifi], 5,
+                      browser)
+    assert results[0]["success"] and results[0]["steps"] == 2 and results[0]["status"] == "env_done"
+    bad = run_all(_Scripted([]), [wifi], 3, browser)[0]
+    assert not bad["success"] and bad["steps"] == 3 and bad["errors"] == 3 and bad["status"] == "max_steps"
+    text = table(results + [dict(bad, id="call:Frank", optimal=3)])
+    assert "| toggle | 1/1 (100 %) | 2 (2) | 0 |" in text and "| all | 1/2 (50 %) | 2 (2) | 3 |" in text
