@@ -11,9 +11,11 @@ import pytest
 from bench.agent_eval import eval_tasks, run_all, table
 from qwen2vl.agent.actions import action_tools, make_action
 from qwen2vl.agent.envs import PhoneEnv
-from qwen2vl.agent.phone_data import HELD_OUT_QUERIES, record, sample_phone, screens_dir, training_runs
+from qwen2vl.agent.phone_data import (HELD_OUT_QUERIES, record, sample_phone, screens_dir, training_runs,
+                                      type_words)
 from qwen2vl.agent.phone_tasks import HELD_OUT_IDS, QUERIES, phone_task
 from qwen2vl.agent.prompt import OLD_SCREEN, system_prompt
+from qwen2vl.demo.grading import grade
 from qwen2vl.demo.tasks import TRAINING_ONLY, check_tasks
 from qwen2vl.tool_calls import tool_call_block
 from tests.web_common import browser  # noqa: F401 (fixture)
@@ -43,10 +45,11 @@ def test_screens_dir_is_keyed_by_the_app(tmp_path, monkeypatch):
 
 
 def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_path):  # noqa: F811
-    runs = [(phone_task("call:Alice"), ("dark",)), (phone_task("toggle:wifi:on"), ())]
+    runs = [(phone_task("call:Alice"), ("dark",)), (phone_task("toggle:wifi:on"), ()), (phone_task("search:Oslo"), ())]
     folder = record(tmp_path / "screens", browser=browser, runs=runs)
     recorded = json.loads((folder / "runs.json").read_text())["runs"]
-    assert [r["task"] for r in recorded] == ["call:Alice", "toggle:wifi:on"] and recorded[0]["start"] == ["dark"]
+    assert [r["task"] for r in recorded] == ["call:Alice", "toggle:wifi:on", "search:Oslo"]
+    assert recorded[0]["start"] == ["dark"]
     env = PhoneEnv("call:Alice", browser=browser)  # the recorded calls, carried out as the loop would, succeed
     try:
         env.reset(phone_task("call:Alice"))
@@ -56,9 +59,22 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
         assert env.success
     finally:
         env.close()
-    seen = set()
-    for seed in range(40):
+    seen, taps, typed = set(), 0, set()
+    for seed in range(120):
         s = sample_phone(seed, str(folder))
+        assert sample_phone(seed, str(folder)).answer == s.answer  # the seed decides
+        if s.kind == "tap":  # a tap on a recorded screen: a labelled element, clicked at its centre
+            taps += 1
+            run = recorded[[r["prefix"] for r in recorded].index(s.info["run"])]
+            assert [s.info["label"], list(s.truth)] in run["elements"][s.info["step"]]
+            assert s.messages[1]["content"][-1]["text"] == f"Task: Tap {s.info['label']}" and grade(s, s.answer)
+            continue
+        if s.truth[0] == "type":  # the typing drill: the search screen with its box focused, a sign word
+            typed.add(s.info["word"])
+            assert s.info["run"] == "run002" and s.info["step"] == 2 and s.info["word"] in type_words()
+            assert s.answer == tool_call_block("type", {"text": s.info["word"]})
+            assert s.messages[1]["content"][-1]["text"] == f"Task: Type {s.info['word']}"
+            continue
         task_id, k = s.truth
         run = recorded[[r["task"] for r in recorded].index(task_id)]
         seen.add((task_id, k))
@@ -79,8 +95,9 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
             assert (fn["name"], json.loads(fn["arguments"])) == (run["steps"][i]["call"]["name"],
                                                                  run["steps"][i]["call"]["arguments"])
             assert t["content"] == run["steps"][i]["observation"] and t["content"].startswith("OK")
-        assert sample_phone(seed, str(folder)).answer == s.answer  # the seed decides
-    assert len(seen) == 5  # every step of both runs
+    assert len(seen) == 9 and 25 <= taps <= 55 and len(typed) >= 10  # every step of the runs; a third are taps
+    contacts = recorded[0]["elements"][1]  # the contacts list, every name with its box
+    assert [e[0] for e in contacts] == ["Back", "Alice", "Bob", "Carol", "David", "Emma", "Frank"]
 
 
 class _Scripted:

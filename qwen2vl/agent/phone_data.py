@@ -14,8 +14,15 @@ The contract:
 * :func:`sample_phone` (seed): one step of one recorded run (a family, a run of it, a step, each uniform): the conversation the loop would show the model at
   that step (:func:`qwen2vl.agent.prompt.agent_messages`: the instruction, the first screenshot, the earlier
   steps as the model's tool calls with their observations and screenshots, the last ``history_screens`` shown),
-  the action tools, and as the answer the step's tool call block. Task ``phone`` of :mod:`qwen2vl.demo.tasks`
-  (training only: its success is measured by running the loop, ``bench/agent_eval.py``).
+  the action tools, and as the answer the step's tool call block. By :data:`SHARES`, a sample is instead a
+  1-step tap on a recorded screen ("Tap Frank" on the contacts list: every labelled element of every screen,
+  with its box, is recorded too), kind ``tap`` (graded as the tap task: the click inside the box), or a 1-step
+  typing drill ("Type Beijing" on the search screen with its box focused, for every Latin sign word,
+  :func:`type_words`): a word's spelling in the ``type`` call is a different token sequence from the word in
+  the task's text (" Beijing" is one token, '"Beijing"' in JSON three), learned word by word, so the drill
+  teaches it for words no recorded search uses (:data:`HELD_OUT_QUERIES` included, whose searches stay unseen). Task
+  ``phone`` of :mod:`qwen2vl.demo.tasks` (training only: its multi-step success is measured by running the
+  loop, ``bench/agent_eval.py``).
 
 Worked example: run ``call:Alice`` from a dark start, step 2 of 3 (seed picks k = 2): messages = system, user
 (first screenshot, "Task: Call Alice"), assistant (click Contacts), tool ("OK: clicked (...)"), user (the
@@ -38,14 +45,20 @@ from .phone import APP_DIR
 from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phone_task
 from .prompt import Turn, agent_messages
 
-__all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "HISTORY_SCREENS",
-           "EXTRA_STARTS", "HELD_OUT_QUERIES"]
+__all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "HISTORY_SCREENS",
+           "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES"]
 
 HISTORY_SCREENS = 2  # the Agent's default: the screenshots a sample shows (older ones as text)
 EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  # more starts for call / search
 #: sign words (qwen2vl.demo.signs) the held-out evaluation searches for (bench/agent_eval.py): never recorded
 HELD_OUT_QUERIES: tuple[str, ...] = ("Beijing", "Hangzhou", "Sydney", "Toronto", "Prague", "Athens", "Hanoi", "Lagos")
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+SHARES = {"tap": 2, "type": 1, "step": 3}  # of 6 samples: taps on recorded screens, typing drills, run steps
+_ELEMENTS = """() => [...document.querySelectorAll("[data-label], [aria-label]")].map(n => {
+    const r = n.getBoundingClientRect();
+    return [n.getAttribute("data-label") || n.getAttribute("aria-label"),
+            [Math.round(r.left), Math.round(r.top), Math.round(r.right), Math.round(r.bottom)]];
+}).filter(e => e[1][2] > e[1][0] && e[1][3] > e[1][1] && e[1][0] >= 0 && e[1][1] >= 0 && e[1][2] <= 360 && e[1][3] <= 640)"""
 
 
 def training_runs() -> list[tuple[PhoneTask, tuple[str, ...]]]:
@@ -93,6 +106,7 @@ def _run_one(env, task: PhoneTask, start: tuple[str, ...], prefix: str, out: Pat
     shot = env.screenshot()
     size = shot.size
     shot.save(out / f"{prefix}-0.png")
+    elements = [env.browser_env.page.evaluate(_ELEMENTS)]
     steps = []
     for k, step in enumerate(task.solution, 1):
         action = env.action_for(step)  # in pixels
@@ -106,10 +120,11 @@ def _run_one(env, task: PhoneTask, start: tuple[str, ...], prefix: str, out: Pat
         if not result.ok:
             raise RuntimeError(f"{task.id} from {start}: step {k} {call} failed: {result.message}")
         env.screenshot().save(out / f"{prefix}-{k}.png")
+        elements.append(env.browser_env.page.evaluate(_ELEMENTS))
         steps.append({"call": call, "observation": "OK" + (f": {result.message}" if result.message else "")})
     if not env.success:
         raise RuntimeError(f"{task.id} from {start}: the checker does not pass after the scripted solution")
-    return {"task": task.id, "start": list(start), "prefix": prefix, "steps": steps}
+    return {"task": task.id, "start": list(start), "prefix": prefix, "steps": steps, "elements": elements}
 
 
 def record(dest: str | os.PathLike, browser=None, runs=None) -> Path:
@@ -148,11 +163,50 @@ def _screen(path: str):
         return im.convert("RGB")
 
 
+def _tap(rng, seed: int, path: Path, runs) -> Sample:
+    """A 1-step tap on a recorded screen: a run, one of its screenshots and one of its labelled elements, each
+    uniformly; "Tap {label}", answered with a click at the element's centre."""
+    run = runs[int(rng.integers(len(runs)))]
+    k = int(rng.integers(len(run["elements"])))
+    label, box = run["elements"][k][int(rng.integers(len(run["elements"][k])))]
+    shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
+    x, y = to_model((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, *shot.size)
+    messages, tools = agent_messages(f"Tap {label}", shot, [], history_screens=HISTORY_SCREENS,
+                                     action_space=action_tools())
+    return Sample("phone", "tap", seed, messages, tool_call_block("click", {"x": x, "y": y}), tuple(box),
+                  tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"], "label": label})
+
+
+def type_words() -> tuple[str, ...]:
+    """The words of the typing drill: every Latin sign word (:data:`qwen2vl.demo.signs.WORDS`)."""
+    from ..demo.signs import WORDS
+    return tuple(w for w in WORDS if w.isascii())
+
+
+def _type(rng, seed: int, path: Path, runs) -> Sample:
+    """A 1-step typing drill: the search screen with its box focused (a recorded run's screen before it typed),
+    "Type {word}" for a sign word, answered with ``type(text=word)``."""
+    spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
+    run, k = spots[int(rng.integers(len(spots)))]
+    words = type_words()
+    word = words[int(rng.integers(len(words)))]
+    shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
+    messages, tools = agent_messages(f"Type {word}", shot, [], history_screens=HISTORY_SCREENS,
+                                     action_space=action_tools())
+    return Sample("phone", "phone", seed, messages, tool_call_block("type", {"text": word}), ("type", word),
+                  tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"], "word": word})
+
+
 def sample_phone(seed: int, folder: str | None = None) -> Sample:
-    """Phone step sample ``seed`` (see the module docstring): a task family uniformly, one of its recorded runs
-    uniformly, then one of the run's steps uniformly."""
+    """Phone sample ``seed`` (see the module docstring): by :data:`SHARES`, a tap on a recorded screen, a typing
+    drill, or a step: a task family uniformly, one of its recorded runs uniformly, then one of its steps."""
     path, runs = load_runs(folder)
     rng = task_rng("phone", seed)
+    pick_ = int(rng.integers(sum(SHARES.values())))
+    if pick_ < SHARES["tap"]:
+        return _tap(rng, seed, path, runs)
+    if pick_ < SHARES["tap"] + SHARES["type"]:
+        return _type(rng, seed, path, runs)
     families = sorted({r["task"].split(":")[0] for r in runs})
     family = families[int(rng.integers(len(families)))]
     pool = [r for r in runs if r["task"].split(":")[0] == family]
