@@ -11,23 +11,26 @@ The contract:
   ``runs.json`` and one PNG per screenshot. Held-out instances (:data:`HELD_OUT_IDS`) are never recorded.
 * The screens depend only on the app's files, so :func:`screens_dir` keys the folder by their hash, under
   ``$QWEN2VL_CACHE`` (default ``~/.cache/qwen2vl``); :func:`load_runs` records it on first use.
-* :func:`sample_phone` (seed): one step of one recorded run (a family, a run of it, a step, each uniform): the conversation the loop would show the model at
-  that step (:func:`qwen2vl.agent.prompt.agent_messages`: the instruction, the first screenshot, the earlier
-  steps as the model's tool calls with their observations and screenshots, the last ``history_screens`` shown),
+* :func:`sample_phone` (seed): one step of one recorded run (a family, a run of it, a step, each uniform): the
+  conversation the loop would show the model at that step (:func:`qwen2vl.agent.prompt.agent_messages`: the
+  instruction, the first screenshot, the earlier steps as the model's tool calls with their observations and
+  screenshots, the last ``history_screens`` shown),
   the action tools, and as the answer the step's tool call block. By :data:`SHARES`, a sample is instead a
   1-step tap on a recorded screen ("Tap Frank" on the contacts list: every labelled element of every screen,
   with its box, is recorded too), kind ``tap`` (graded as the tap task: the click inside the box), or a 1-step
   typing drill ("Type Beijing" on the search screen with its box focused, for every Latin sign word,
   :func:`type_words`): a word's spelling in the ``type`` call is a different token sequence from the word in
-  the task's text (" Beijing" is one token, '"Beijing"' in JSON three), learned word by word, so the drill
-  teaches it for words no recorded search uses (:data:`HELD_OUT_QUERIES` included, whose searches stay unseen). Task
+  the task's text (" Beijing" is one token; in the call's JSON it is "Be" "ijing"), learned word by word, so the
+  drill teaches it for words no recorded search uses (:data:`HELD_OUT_QUERIES` included, whose searches stay
+  unseen). Task
   ``phone`` of :mod:`qwen2vl.demo.tasks` (training only: its multi-step success is measured by running the
   loop, ``bench/agent_eval.py``).
 
-Worked example: run ``call:Alice`` from a dark start, step 2 of 3 (seed picks k = 2): messages = system, user
-(first screenshot, "Task: Call Alice"), assistant (click Contacts), tool ("OK: clicked (...)"), user (the
-contacts screenshot, "(an earlier screenshot, not shown)" if it fell out of the history), assistant (click Alice),
-tool, user (Alice's page); answer: ``<tool_call>{"name": "click", "arguments": {"x": 169, "y": 223}}</tool_call>``.
+Worked example: run ``call:Alice`` from a dark start, step k = 2 of 3: messages = system; user ("(an earlier
+screenshot, not shown)", "Task: Call Alice": with two screens of history the first falls out); assistant (click
+x 737, y 157: Contacts); tool ("OK: clicked (265, 100)"); user (the contacts screenshot); assistant (click 334,
+147: Alice); tool ("OK: clicked (120, 94)"); user (Alice's page). Answer: the click on Call,
+the block of ``{"name": "click", "arguments": {"x": 223, "y": 205}}`` (pixel 80, 131).
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ _ELEMENTS = """() => [...document.querySelectorAll("[data-label], [aria-label]")
     const r = n.getBoundingClientRect();
     return [n.getAttribute("data-label") || n.getAttribute("aria-label"),
             [Math.round(r.left), Math.round(r.top), Math.round(r.right), Math.round(r.bottom)]];
-}).filter(e => e[1][2] > e[1][0] && e[1][3] > e[1][1] && e[1][0] >= 0 && e[1][1] >= 0 && e[1][2] <= 360 && e[1][3] <= 640)"""
+}).filter(([, b]) => b[2] > b[0] && b[3] > b[1] && b[0] >= 0 && b[1] >= 0 && b[2] <= innerWidth
+                     && b[3] <= innerHeight)"""  # the labelled elements wholly on the screen, boxes in pixels
 
 
 def training_runs() -> list[tuple[PhoneTask, tuple[str, ...]]]:
