@@ -16,7 +16,7 @@ A task's id names the instance: ``toggle:wifi:on``, ``two_toggles:bluetooth+wifi
 ``search:Paris`` (:func:`phone_task`). :data:`HELD_OUT_IDS` is a fixed set of instances, at least one per family,
 kept out of the training split: :func:`sample_phone_task` (seed, split) draws uniformly from one split with
 ``task_rng("phone", seed)``, and :func:`held_out_phone_tasks` lists the held-out split's draws for seeds
-``HELD_OUT_START + offset + j`` (:func:`qwen2vl.demo.tasks.held_out_seed`).
+``HELD_OUT_START + offset + j`` (:func:`qwen2vl.demo.common.held_out_seed`).
 
 A solution step is ``("click", label)`` (the centre of the element whose ``data-label`` or ``aria-label`` is
 label) or ``("type", text)``; :meth:`qwen2vl.agent.envs.PhoneEnv.action_for` turns it into an Action.
@@ -28,8 +28,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
-from ..demo.common import pick, task_rng
-from ..demo.tasks import held_out_seed
+from ..demo.common import held_out_seed, pick, task_rng
 from ..errors import InvalidInputError
 from .phone import CONTACTS, TOGGLES
 

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import InvalidInputError
 from .fonts import Font, load_font
 
-__all__ = ["PALETTE", "COLOURS", "SHAPES", "SIDE", "BACKGROUND", "JITTER", "Sample", "task_rng", "randint",
+__all__ = ["HELD_OUT_START", "held_out_seed", "PALETTE", "COLOURS", "SHAPES", "SIDE", "BACKGROUND", "JITTER", "Sample", "task_rng", "randint",
            "pick", "pick_font", "jitter", "background", "canvas", "ink_box", "fit_text", "draw_shape", "shape_height",
            "to_thousandths", "turns", "user"]
 
@@ -62,6 +63,18 @@ class Sample:
     def conversation(self) -> list[dict]:
         """The messages with the target answer as the final assistant turn (a training example)."""
         return self.messages + [{"role": "assistant", "content": self.answer}]
+
+
+HELD_OUT_START = 10 ** 9  # training seeds are 0 .. HELD_OUT_START - 1; evaluation seeds start here
+
+
+def held_out_seed(j: int, offset: int = 0) -> int:
+    """The seed of the j-th held-out sample of an evaluation with seed ``offset`` (never a training seed). Here,
+    not in :mod:`qwen2vl.demo.tasks` (which re-exports it), so the agent's phone tasks can use it without importing
+    the task registry."""
+    if j < 0 or offset < 0:
+        raise InvalidInputError(f"held-out indices and offsets are >= 0, got j={j}, offset={offset}")
+    return HELD_OUT_START + offset + j
 
 
 def task_rng(task: str, seed: int) -> np.random.Generator:

@@ -19,7 +19,7 @@ from typing import Callable
 from ..errors import InvalidInputError
 from .blocks import sample_blocks
 from .closeup import sample_closeup, sample_tapcrop
-from .common import Sample, pick, randint, task_rng, user
+from .common import HELD_OUT_START, Sample, held_out_seed, pick, randint, task_rng, user
 from .drill import sample_drill
 from .glance import sample_glance
 from .shapes import counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding
@@ -32,7 +32,6 @@ __all__ = ["TASKS", "ALL_TASKS", "TRAINING_ONLY", "AGENT_TASKS", "GENERATORS", "
 
 TASKS: tuple[str, ...] = ("blocks", "counting", "reading", "weather", "grounding", "video")
 ALL_TASKS: tuple[str, ...] = TASKS + ("conversation",)
-HELD_OUT_START = 10 ** 9  # training seeds are 0 .. HELD_OUT_START - 1; evaluation seeds start here
 
 
 def _shapes_conversation(rng) -> tuple:
@@ -105,9 +104,3 @@ def sample(task: str, seed: int) -> Sample:
     check_tasks([task])
     return GENERATORS[task](seed)
 
-
-def held_out_seed(j: int, offset: int = 0) -> int:
-    """The seed of the j-th held-out sample of an evaluation with seed ``offset`` (never a training seed)."""
-    if j < 0 or offset < 0:
-        raise InvalidInputError(f"held-out indices and offsets are >= 0, got j={j}, offset={offset}")
-    return HELD_OUT_START + offset + j
