@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 from ..errors import InvalidInputError
 from .fonts import Font, load_font
 
-__all__ = ["HELD_OUT_START", "held_out_seed", "PALETTE", "COLOURS", "SHAPES", "SIDE", "BACKGROUND", "JITTER", "Sample", "task_rng", "randint",
-           "pick", "pick_font", "jitter", "background", "canvas", "ink_box", "fit_text", "draw_shape", "shape_height",
-           "to_thousandths", "turns", "user"]
+__all__ = ["HELD_OUT_START", "held_out_seed", "PALETTE", "COLOURS", "SHAPES", "SIDE", "BACKGROUND", "JITTER", "Sample",
+           "task_rng", "randint", "pick", "pick_font", "jitter", "background", "canvas", "ink_box", "fit_text",
+           "draw_shape", "shape_height", "to_thousandths", "turns", "user"]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 210, 40), "green": (40, 160, 60),
