@@ -100,8 +100,7 @@ def main(argv=None) -> int:
     finally:
         browser.close()
         pw.stop()
-    steps = [r for r in results for _ in range(r["steps"])]
-    loop_ms = statistics.median(r["loop_ms_per_step"] for r in results) if steps else 0.0
+    loop_ms = statistics.median(r["loop_ms_per_step"] for r in results)
     print(f"\n{args.split} split, {len(results)} tasks, {time.perf_counter() - t0:.0f} s; loop time a step "
           f"(median over runs) {loop_ms:.2f} ms\n\n" + table(results))
     if args.json:

@@ -67,11 +67,14 @@ class PhoneEnv:
     def done(self) -> bool:
         return bool(self.success)
 
-    def reset(self, task: PhoneTask | str | None = None) -> None:
-        """Start over (the app in its start state); with ``task``, start that task instead."""
+    def reset(self, task: PhoneTask | str | None = None, start_on: tuple[str, ...] | None = None) -> None:
+        """Start over (the app in its start state); with ``task``, start that task instead; with ``start_on``,
+        with those toggles on instead of the task's own start (a recorder's variant start)."""
         if task is not None:
             self.task = phone_task(task) if isinstance(task, str) else task
-            self.browser_env.start_url = app_url(self.task.start_on)
+        if task is not None or start_on is not None:
+            on = start_on if start_on is not None else (self.task.start_on if self.task is not None else ())
+            self.browser_env.start_url = app_url(on)
         self.browser_env.reset()
 
     def screenshot(self):

@@ -42,8 +42,8 @@ import os
 from pathlib import Path
 
 from ..demo.common import Sample, task_rng
-from ..tool_calls import tool_call_block
-from .actions import action_tools, make_action, to_model
+from ..tool_calls import ToolCall, tool_call_block
+from .actions import make_action, to_model
 from .phone import APP_DIR
 from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phone_task
 from .prompt import Turn, agent_messages
@@ -103,10 +103,7 @@ def _call(name: str, args: dict) -> dict:
 
 def _run_one(env, task: PhoneTask, start: tuple[str, ...], prefix: str, out: Path) -> dict:
     """Run ``task``'s solution from ``start`` in ``env``; save its screenshots as ``prefix``-k.png."""
-    from .phone import app_url
-    env.task = task
-    env.browser_env.start_url = app_url(start)
-    env.reset()
+    env.reset(task, start_on=start)
     shot = env.screenshot()
     size = shot.size
     shot.save(out / f"{prefix}-0.png")
@@ -175,8 +172,7 @@ def _tap(rng, seed: int, path: Path, runs) -> Sample:
     label, box = run["elements"][k][int(rng.integers(len(run["elements"][k])))]
     shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
     x, y = to_model((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, *shot.size)
-    messages, tools = agent_messages(f"Tap {label}", shot, [], history_screens=HISTORY_SCREENS,
-                                     action_space=action_tools())
+    messages, tools = agent_messages(f"Tap {label}", shot, [])  # one screen: no history to cut
     return Sample("phone", "tap", seed, messages, tool_call_block("click", {"x": x, "y": y}), tuple(box),
                   tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"], "label": label})
 
@@ -195,8 +191,7 @@ def _type(rng, seed: int, path: Path, runs) -> Sample:
     words = type_words()
     word = words[int(rng.integers(len(words)))]
     shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
-    messages, tools = agent_messages(f"Type {word}", shot, [], history_screens=HISTORY_SCREENS,
-                                     action_space=action_tools())
+    messages, tools = agent_messages(f"Type {word}", shot, [])  # one screen: no history to cut
     return Sample("phone", "phone", seed, messages, tool_call_block("type", {"text": word}), ("type", word),
                   tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"], "word": word})
 
@@ -217,12 +212,10 @@ def sample_phone(seed: int, folder: str | None = None) -> Sample:
     run = pool[int(rng.integers(len(pool)))]
     k = int(rng.integers(len(run["steps"])))
     shots = [_screen(str(path / f"{run['prefix']}-{i}.png")) for i in range(k + 1)]
-    turns = [Turn("", [{"id": f"call_{i}", "type": "function",
-                        "function": {"name": s["call"]["name"], "arguments": json.dumps(s["call"]["arguments"])}}],
+    turns = [Turn("", [ToolCall(s["call"]["name"], json.dumps(s["call"]["arguments"]), f"call_{i}").to_dict()],
                   [s["observation"]], shots[i + 1]) for i, s in enumerate(run["steps"][:k])]
     task = phone_task(run["task"])
-    messages, tools = agent_messages(task.instruction, shots[0], turns, history_screens=HISTORY_SCREENS,
-                                     action_space=action_tools())
+    messages, tools = agent_messages(task.instruction, shots[0], turns, history_screens=HISTORY_SCREENS)
     call = run["steps"][k]["call"]
     return Sample("phone", "phone", seed, messages, tool_call_block(call["name"], call["arguments"]),
                   (run["task"], k), tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"]})
