@@ -50,6 +50,7 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
     recorded = json.loads((folder / "runs.json").read_text())["runs"]
     assert [r["task"] for r in recorded] == ["call:Alice", "toggle:wifi:on", "search:Oslo"]
     assert recorded[0]["start"] == ["dark"]
+    assert [st["call"] for st in recorded[2]["steps"]][2] == {"name": "type", "arguments": {"text": " Oslo"}}
     env = PhoneEnv("call:Alice", browser=browser)  # the recorded calls, carried out as the loop would, succeed
     try:
         env.reset(phone_task("call:Alice"))
@@ -72,7 +73,8 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
         if s.truth[0] == "type":  # the typing drill: the search screen with its box focused, a sign word
             typed.add(s.info["word"])
             assert s.info["run"] == "run002" and s.info["step"] == 2 and s.info["word"] in type_words()
-            assert s.answer == tool_call_block("type", {"text": s.info["word"]})
+            assert s.info["word"] not in HELD_OUT_QUERIES  # the held-out searches type words never typed
+            assert s.answer == tool_call_block("type", {"text": " " + s.info["word"]})  # the task's token
             assert s.messages[1]["content"][-1]["text"] == f"Task: Type {s.info['word']}"
             continue
         task_id, k = s.truth

@@ -18,11 +18,14 @@ The contract:
   the action tools, and as the answer the step's tool call block. By :data:`SHARES`, a sample is instead a
   1-step tap on a recorded screen ("Tap Frank" on the contacts list: every labelled element of every screen,
   with its box, is recorded too), kind ``tap`` (graded as the tap task: the click inside the box), or a 1-step
-  typing drill ("Type Beijing" on the search screen with its box focused, for every Latin sign word,
-  :func:`type_words`): a word's spelling in the ``type`` call is a different token sequence from the word in
-  the task's text (" Beijing" is one token; in the call's JSON it is "Be" "ijing"), learned word by word, so the
-  drill teaches it for words no recorded search uses (:data:`HELD_OUT_QUERIES` included, whose searches stay
-  unseen). Task
+  typing drill ("Type Dublin" on the search screen with its box focused, for every Latin sign word but
+  :data:`HELD_OUT_QUERIES`, :func:`type_words`).
+* Typed text is written as the task writes the word, with its leading space (:func:`typed`: ``type(text=
+  " Beijing")``), because then the call's tokens are the task's: " Beijing" is one token in "Search for
+  Beijing" and in ``{"text": " Beijing"}``, while ``{"text": "Beijing"}`` spells it "Be" "ijing". Typing
+  becomes a copy of the task's tokens, which a small model learns once for every word, where the other
+  spelling is a lookup to learn word by word (HISTORY item 19: 800 steps taught it none). The app's search
+  checker ignores surrounding spaces, as a search box does. Task
   ``phone`` of :mod:`qwen2vl.demo.tasks` (training only: its multi-step success is measured by running the
   loop, ``bench/agent_eval.py``).
 
@@ -48,14 +51,14 @@ from .phone import APP_DIR
 from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phone_task
 from .prompt import Turn, agent_messages
 
-__all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "HISTORY_SCREENS",
+__all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "typed", "HISTORY_SCREENS",
            "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES"]
 
 HISTORY_SCREENS = 2  # the Agent's default: the screenshots a sample shows (older ones as text)
 EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  # more starts for call / search
 #: sign words (qwen2vl.demo.signs) the held-out evaluation searches for (bench/agent_eval.py): never recorded
 HELD_OUT_QUERIES: tuple[str, ...] = ("Beijing", "Hangzhou", "Sydney", "Toronto", "Prague", "Athens", "Hanoi", "Lagos")
-RECORD_VERSION = 2
+RECORD_VERSION = 3  # 3: typed text with its leading space (typed)
 SHARES = {"tap": 2, "type": 1, "step": 3}  # of 6 samples: taps on recorded screens, typing drills, run steps
 _ELEMENTS = """() => [...document.querySelectorAll("[data-label], [aria-label]")].map(n => {
     const r = n.getBoundingClientRect();
@@ -97,6 +100,12 @@ def screens_dir(root: str | os.PathLike | None = None) -> Path:
     return Path(root) / f"phone-screens-{_fingerprint()}"
 
 
+def typed(text: str) -> str:
+    """The text a recorded or drilled ``type`` call carries: the word with the leading space it has in the task
+    ("Search for Paris" -> " Paris"; see the module docstring)."""
+    return text if text.startswith(" ") else " " + text
+
+
 def _call(name: str, args: dict) -> dict:
     return {"name": name, "arguments": args}
 
@@ -115,6 +124,9 @@ def _run_one(env, task: PhoneTask, start: tuple[str, ...], prefix: str, out: Pat
             x, y = to_model(action.args["x"], action.args["y"], *size)
             call = _call("click", {"x": x, "y": y})
             action = make_action("click", call["arguments"], size)  # the pixel the loop would click
+        elif action.name == "type":
+            call = _call("type", {"text": typed(action.args["text"])})
+            action = make_action("type", call["arguments"], size)
         else:
             call = _call(action.name, dict(action.args))
         result = env.execute(action)
@@ -178,21 +190,22 @@ def _tap(rng, seed: int, path: Path, runs) -> Sample:
 
 
 def type_words() -> tuple[str, ...]:
-    """The words of the typing drill: every Latin sign word (:data:`qwen2vl.demo.signs.WORDS`)."""
+    """The words of the typing drill: every Latin sign word (:data:`qwen2vl.demo.signs.WORDS`) but
+    :data:`HELD_OUT_QUERIES`, so the held-out searches type words never typed in training."""
     from ..demo.signs import WORDS
-    return tuple(w for w in WORDS if w.isascii())
+    return tuple(w for w in WORDS if w.isascii() and w not in HELD_OUT_QUERIES)
 
 
 def _type(rng, seed: int, path: Path, runs) -> Sample:
     """A 1-step typing drill: the search screen with its box focused (a recorded run's screen before it typed),
-    "Type {word}" for a sign word, answered with ``type(text=word)``."""
+    "Type {word}" for a sign word, answered with ``type(text=" " + word)`` (:func:`typed`)."""
     spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
     run, k = spots[int(rng.integers(len(spots)))]
     words = type_words()
     word = words[int(rng.integers(len(words)))]
     shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
     messages, tools = agent_messages(f"Type {word}", shot, [])  # one screen: no history to cut
-    return Sample("phone", "phone", seed, messages, tool_call_block("type", {"text": word}), ("type", word),
+    return Sample("phone", "phone", seed, messages, tool_call_block("type", {"text": typed(word)}), ("type", word),
                   tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"], "word": word})
 
 
