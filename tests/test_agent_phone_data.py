@@ -60,7 +60,9 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
         assert env.success
     finally:
         env.close()
-    seen, taps, typed = set(), 0, set()
+    oslo_step = next(m for m in (sample_phone(i, str(folder)) for i in range(200))
+                     if m.truth == ("search:Oslo", 2) and "word" not in m.info).messages  # recorded as it is
+    seen, taps, typed, swapped = set(), 0, set(), 0
     for seed in range(120):
         s = sample_phone(seed, str(folder))
         assert sample_phone(seed, str(folder)).answer == s.answer  # the seed decides
@@ -70,12 +72,19 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
             assert [s.info["label"], list(s.truth)] in run["elements"][s.info["step"]]
             assert s.messages[1]["content"][-1]["text"] == f"Task: Tap {s.info['label']}" and grade(s, s.answer)
             continue
-        if s.truth[0] == "type":  # the typing drill: the search screen with its box focused, a sign word
-            typed.add(s.info["word"])
-            assert s.info["run"] == "run002" and s.info["step"] == 2 and s.info["word"] in type_words()
-            assert s.info["word"] not in HELD_OUT_QUERIES  # the held-out searches type words never typed
-            assert s.answer == tool_call_block("type", {"text": " " + s.info["word"]})  # the task's token
-            assert s.messages[1]["content"][-1]["text"] == f"Task: Type {s.info['word']}"
+        if "word" in s.info:  # a typing drill: the search screen with its box focused, a sign word
+            word = s.info["word"]
+            typed.add(word)
+            assert s.info["run"] == "run002" and s.info["step"] == 2 and word in type_words()
+            assert word not in HELD_OUT_QUERIES  # the held-out searches type words never typed
+            assert s.answer == tool_call_block("type", {"text": " " + word})  # the task's token
+            if s.truth[0] == "type":  # 1-step: "Type {word}" on the focused screen
+                assert s.messages[1]["content"][-1]["text"] == f"Task: Type {word}"
+                continue
+            swapped += 1  # the recorded search's type step with the word put in its place
+            assert s.truth == (f"search:{word}", 2)
+            assert s.messages[1]["content"][-1]["text"] == f"Task: Search for {word}"
+            assert _texts(s.messages) == _texts(oslo_step).replace("Search for Oslo", f"Search for {word}")
             continue
         task_id, k = s.truth
         run = recorded[[r["task"] for r in recorded].index(task_id)]
@@ -97,7 +106,7 @@ def test_recorded_runs_replay_and_samples_are_what_the_loop_shows(browser, tmp_p
             assert (fn["name"], json.loads(fn["arguments"])) == (run["steps"][i]["call"]["name"],
                                                                  run["steps"][i]["call"]["arguments"])
             assert t["content"] == run["steps"][i]["observation"] and t["content"].startswith("OK")
-    assert len(seen) == 9 and 25 <= taps <= 55 and len(typed) >= 10  # every step of the runs; a third are taps
+    assert len(seen) == 9 and 15 <= taps <= 45 and len(typed) >= 10 and swapped >= 5  # a quarter are taps
     contacts = recorded[0]["elements"][1]  # the contacts list, every name with its box
     assert [e[0] for e in contacts] == ["Back", "Alice", "Bob", "Carol", "David", "Emma", "Frank"]
 
@@ -122,3 +131,9 @@ def test_agent_eval_counts_successes_and_steps(browser):  # noqa: F811
     assert not bad["success"] and bad["steps"] == 3 and bad["errors"] == 3 and bad["status"] == "max_steps"
     text = table(results + [dict(bad, id="call:Frank", optimal=3)])
     assert "| toggle | 1/1 (100 %) | 2 (2) | 0 |" in text and "| all | 1/2 (50 %) | 2 (2) | 3 |" in text
+
+
+def _texts(messages) -> str:
+    """The messages as text, images as their size: what a swapped step must share with the recorded one."""
+    return json.dumps([[m["role"], [p.get("text") or p["image"].size for p in m["content"]] if isinstance(
+        m["content"], list) else m["content"], m.get("tool_calls")] for m in messages])

@@ -17,14 +17,15 @@ The contract:
   screenshots, the last ``history_screens`` shown),
   the action tools, and as the answer the step's tool call block. By :data:`SHARES`, a sample is instead a
   1-step tap on a recorded screen ("Tap Frank" on the contacts list: every labelled element of every screen,
-  with its box, is recorded too), kind ``tap`` (graded as the tap task: the click inside the box), or a 1-step
-  typing drill ("Type Dublin" on the search screen with its box focused, for every Latin sign word but
-  :data:`HELD_OUT_QUERIES`, :func:`type_words`).
+  with its box, is recorded too), kind ``tap`` (graded as the tap task: the click inside the box), or a typing
+  drill for a Latin sign word but :data:`HELD_OUT_QUERIES` (:func:`type_words`): half 1-step, "Type Dublin" on
+  the search screen with its box focused, half the type step of a recorded search with that word put in its
+  place (no screen before the typing shows the query, so it is exactly the step of a search for that word).
 * Typed text is written as the task writes the word, with its leading space (:func:`typed`: ``type(text=
   " Beijing")``), because then the call's tokens are the task's: " Beijing" is one token in "Search for
   Beijing" and in ``{"text": " Beijing"}``, while ``{"text": "Beijing"}`` spells it "Be" "ijing". Typing
-  becomes a copy of the task's tokens, which a small model learns once for every word, where the other
-  spelling is a lookup to learn word by word (HISTORY item 19: 800 steps taught it none). The app's search
+  becomes a copy of the task's tokens, one skill for every word, where the other spelling is a lookup to learn
+  word by word (HISTORY item 19: 800 steps taught it none). The app's search
   checker ignores surrounding spaces, as a search box does. Task
   ``phone`` of :mod:`qwen2vl.demo.tasks` (training only: its multi-step success is measured by running the
   loop, ``bench/agent_eval.py``).
@@ -51,15 +52,15 @@ from .phone import APP_DIR
 from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phone_task
 from .prompt import Turn, agent_messages
 
-__all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "typed", "HISTORY_SCREENS",
-           "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES"]
+__all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "typed",
+           "HISTORY_SCREENS", "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES"]
 
 HISTORY_SCREENS = 2  # the Agent's default: the screenshots a sample shows (older ones as text)
 EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  # more starts for call / search
 #: sign words (qwen2vl.demo.signs) the held-out evaluation searches for (bench/agent_eval.py): never recorded
 HELD_OUT_QUERIES: tuple[str, ...] = ("Beijing", "Hangzhou", "Sydney", "Toronto", "Prague", "Athens", "Hanoi", "Lagos")
 RECORD_VERSION = 3  # 3: typed text with its leading space (typed)
-SHARES = {"tap": 2, "type": 1, "step": 3}  # of 6 samples: taps on recorded screens, typing drills, run steps
+SHARES = {"tap": 2, "type": 3, "step": 3}  # of 8 samples: taps on recorded screens, typing drills, run steps
 _ELEMENTS = """() => [...document.querySelectorAll("[data-label], [aria-label]")].map(n => {
     const r = n.getBoundingClientRect();
     return [n.getAttribute("data-label") || n.getAttribute("aria-label"),
@@ -197,16 +198,31 @@ def type_words() -> tuple[str, ...]:
 
 
 def _type(rng, seed: int, path: Path, runs) -> Sample:
-    """A 1-step typing drill: the search screen with its box focused (a recorded run's screen before it typed),
-    "Type {word}" for a sign word, answered with ``type(text=" " + word)`` (:func:`typed`)."""
+    """A typing drill for a sign word (:func:`type_words`), answered with ``type(text=" " + word)``
+    (:func:`typed`); a recorded run's screen before it typed, the search box focused. Half are 1-step, "Type
+    {word}" on that screen; half are the type step of a recorded search with the word put in its place ("Search
+    for {word}", the history as the loop shows it: no screen before the typing shows the query, so the step is
+    exactly what a search for that word shows)."""
     spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
     run, k = spots[int(rng.integers(len(spots)))]
     words = type_words()
     word = words[int(rng.integers(len(words)))]
-    shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
-    messages, tools = agent_messages(f"Type {word}", shot, [])  # one screen: no history to cut
-    return Sample("phone", "phone", seed, messages, tool_call_block("type", {"text": typed(word)}), ("type", word),
-                  tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"], "word": word})
+    info = {"start": run["start"], "step": k, "run": run["prefix"], "word": word}
+    answer = tool_call_block("type", {"text": typed(word)})
+    if rng.random() < 0.5:
+        shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
+        messages, tools = agent_messages(f"Type {word}", shot, [])  # one screen: no history to cut
+        return Sample("phone", "phone", seed, messages, answer, ("type", word), tools=tools, info=info)
+    messages, tools = _step_messages(path, run, k, phone_task(f"search:{word}").instruction)
+    return Sample("phone", "phone", seed, messages, answer, (f"search:{word}", k), tools=tools, info=info)
+
+
+def _step_messages(path: Path, run: dict, k: int, instruction: str) -> tuple[list, list]:
+    """(messages, tools) of step ``k`` of recorded ``run`` as the loop shows it, asked as ``instruction``."""
+    shots = [_screen(str(path / f"{run['prefix']}-{i}.png")) for i in range(k + 1)]
+    turns = [Turn("", [ToolCall(s["call"]["name"], json.dumps(s["call"]["arguments"]), f"call_{i}").to_dict()],
+                  [s["observation"]], shots[i + 1]) for i, s in enumerate(run["steps"][:k])]
+    return agent_messages(instruction, shots[0], turns, history_screens=HISTORY_SCREENS)
 
 
 def sample_phone(seed: int, folder: str | None = None) -> Sample:
@@ -224,11 +240,7 @@ def sample_phone(seed: int, folder: str | None = None) -> Sample:
     pool = [r for r in runs if r["task"].split(":")[0] == family]
     run = pool[int(rng.integers(len(pool)))]
     k = int(rng.integers(len(run["steps"])))
-    shots = [_screen(str(path / f"{run['prefix']}-{i}.png")) for i in range(k + 1)]
-    turns = [Turn("", [ToolCall(s["call"]["name"], json.dumps(s["call"]["arguments"]), f"call_{i}").to_dict()],
-                  [s["observation"]], shots[i + 1]) for i, s in enumerate(run["steps"][:k])]
-    task = phone_task(run["task"])
-    messages, tools = agent_messages(task.instruction, shots[0], turns, history_screens=HISTORY_SCREENS)
+    messages, tools = _step_messages(path, run, k, phone_task(run["task"]).instruction)
     call = run["steps"][k]["call"]
     return Sample("phone", "phone", seed, messages, tool_call_block(call["name"], call["arguments"]),
                   (run["task"], k), tools=tools, info={"start": run["start"], "step": k, "run": run["prefix"]})
