@@ -24,8 +24,8 @@ The contract:
 * Typed text is written as the task writes the word, with its leading space (:func:`typed`: ``type(text=
   " Beijing")``), because then the call's tokens are the task's: " Beijing" is one token in "Search for
   Beijing" and in ``{"text": " Beijing"}``, while ``{"text": "Beijing"}`` spells it "Be" "ijing". Typing
-  becomes a copy of the task's tokens, one skill for every word, where the other spelling is a lookup to learn
-  word by word (HISTORY item 19: 800 steps taught it none). The app's search
+  can then be a copy of the task's tokens, one skill for every word, where the other spelling is a lookup to
+  learn word by word (HISTORY items 19-20: neither is learned yet). The app's search
   checker ignores surrounding spaces, as a search box does. Task
   ``phone`` of :mod:`qwen2vl.demo.tasks` (training only: its multi-step success is measured by running the
   loop, ``bench/agent_eval.py``).
