@@ -120,16 +120,13 @@ def _run_one(env, task: PhoneTask, start: tuple[str, ...], prefix: str, out: Pat
     elements = [env.browser_env.page.evaluate(_ELEMENTS)]
     steps = []
     for k, step in enumerate(task.solution, 1):
-        action = env.action_for(step)  # in pixels
-        if action.name == "click":
-            x, y = to_model(action.args["x"], action.args["y"], *size)
-            call = _call("click", {"x": x, "y": y})
-            action = make_action("click", call["arguments"], size)  # the pixel the loop would click
-        elif action.name == "type":
-            call = _call("type", {"text": typed(action.args["text"])})
-            action = make_action("type", call["arguments"], size)
-        else:
-            call = _call(action.name, dict(action.args))
+        action = env.action_for(step)  # in pixels; a solution only clicks and types
+        if action.name == "click":  # the element's centre in model units
+            args = dict(zip("xy", to_model(action.args["x"], action.args["y"], *size)))
+        else:  # the word as the task writes it
+            args = {"text": typed(action.args["text"])}
+        call = _call(action.name, args)
+        action = make_action(action.name, args, size)  # what the loop carries out for that call
         result = env.execute(action)
         if not result.ok:
             raise RuntimeError(f"{task.id} from {start}: step {k} {call} failed: {result.message}")
