@@ -29,6 +29,8 @@ The shipped directory's temporal patch spans four frames, not two (``temporal_pa
 and preprocessor_config.json; ``examples/nano/temporal4.py``, HISTORY.md item 17): the video task's move falls
 between frames 2 and 3, which a two-frame patch puts in two patches the tower's attention never joins. Its patch
 embedding takes 0.45 MB more (47.7 MB in all); :func:`nano_config` stays the two-frame base that training starts from.
+Its rotary differs too (HISTORY.md items 15 and 21): ``rope_theta`` 1e4 with ``mrope_section`` [1, 1, 6], under which
+a decoder can tell a picture token's row and column (under [2, 3, 3] at 1e6 a column turns 0.00018 rad a cell).
 
 Export: a checkpoint of the run (float32, with optimizer state) becomes the shipped directory with
 :func:`export_model`: weights cast to bfloat16 (the config says ``torch_dtype: bfloat16``), the embedding rows

@@ -24,13 +24,13 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL_DIR, 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 N_PER_TASK = 8  # the fixed set: held-out samples 0..7 of every task (seed offset 0)
 #: Per task, the fraction of the fixed set the shipped weights must still get right, float32 and int8 alike: the
-#: issue's 90 % gate where the weights pass it on 200 held-out samples and on these 8 (weather, video), elsewhere
+#: issue's 90 % gate where the weights pass it on 200 held-out samples and on these 8 (reading, video), elsewhere
 #: what they scored when they were committed (README, "The demo model"), less one sample, so that they do not
 #: silently get worse until they reach it.
-ACCURACY_FLOOR = {"blocks": 0.25, "counting": 0.0, "reading": 0.75, "weather": 0.9, "grounding": 0.0,
+ACCURACY_FLOOR = {"blocks": 0.125, "counting": 0.25, "reading": 0.9, "weather": 0.75, "grounding": 0.0,
                   "video": 0.9, "conversation": 0.625}
-# measured 2026-12-06 by this test on the stage-9 weights of HISTORY item 17 (tower20): float32 / int8 blocks 3 / 3,
-# counting 1 / 1, reading 7 / 8, weather 8 / 8, grounding 0 / 0, video 8 / 8, conversation 6 / 6 of 8
+# measured 2026-12-06 by this test on the stage-10 weights of HISTORY item 21: float32 / int8 blocks 2 / 2,
+# counting 3 / 3, reading 8 / 8, weather 7 / 7, grounding 0 / 0, video 8 / 8, conversation 6 / 6 of 8
 
 
 @pytest.fixture(scope="module")
