@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from bench.agent_eval import run_all
 from qwen2vl import LLM
 from qwen2vl.agent import Agent, LLMModel
 from qwen2vl.agent.envs import PhoneEnv
@@ -38,11 +39,6 @@ def test_one_step_tap_on_the_home_screen(browser, model):  # noqa: F811
 @pytest.mark.parametrize("task_id", ["toggle:airplane:on", "two_toggles:bluetooth+dark"])
 def test_held_out_phone_tasks_succeed(browser, model, task_id):  # noqa: F811
     assert task_id in HELD_OUT_IDS
-    task = phone_task(task_id)
-    env = PhoneEnv(task, browser=browser)
-    try:
-        traj = Agent(model, env, max_steps=6).run(task.instruction)
-        assert traj.status == "env_done" and env.success, [s.action for s in traj.steps]
-        assert len(traj.steps) == task.optimal_steps and traj.errors == 0
-    finally:
-        env.close()
+    run, = run_all(model, [phone_task(task_id)], 6, browser)  # as bench/agent_eval.py runs and checks it
+    assert run["status"] == "env_done" and run["success"], run["actions"]
+    assert run["steps"] == run["optimal"] and run["errors"] == 0
