@@ -76,6 +76,46 @@ def test_centre_mode_gives_one_token_per_block_with_its_digit(probe, tok):
         assert int((digit_codes @ left).argmax()) == want[k]
 
 
+def test_anchor_cell_worked_example(probe):
+    info = {"blocks": [{"box": (20, 30, 60, 70)}]}
+    probe.ANCHOR = "corner"
+    try:
+        assert probe._anchor_cell(info, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 0  # the corner's cell
+        assert probe._anchor_cell({}, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 1  # not a block: the centre's
+    finally:
+        probe.ANCHOR = "centre"
+    assert probe._anchor_cell(info, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 1
+
+
+def test_corner_anchor_names_each_block_at_its_top_left_cell_and_shapes_at_their_centres(probe, tok):
+    s = sample("blocks", 12)
+    grid = _grid(s.info)
+    probe.MODE, probe.ANCHOR = "centre", "corner"
+    try:
+        feats = probe.oracle(s.info, grid, tok)
+    finally:
+        probe.MODE, probe.ANCHOR = "cells", "centre"
+    _, rows, cols, sx, sy = probe._layout(s.info, grid)
+    named = ((feats - probe.BACKGROUND).norm(dim=1) > 1e-6).nonzero().squeeze(1).tolist()
+    corners = {int((b["box"][1] + 0.5) / (28 * sy)) * cols + int((b["box"][0] + 0.5) / (28 * sx)): b["digit"]
+               for b in s.info["blocks"]}
+    assert sorted(named) == sorted(corners)
+    digit_codes = torch.stack([probe.CODES[tok.encode(str(d))[0]] for d in range(10)])  # (10, hidden)
+    for k in named:
+        left = (feats[k] - probe.BACKGROUND - probe.CENTRE) / probe.SCALE
+        assert int((digit_codes @ left).argmax()) == corners[k]
+    shapes = sample("counting", 5)  # no block: every shape still at the cell of its centre
+    g = _grid(shapes.info)
+    probe.MODE, probe.ANCHOR = "centre", "corner"
+    try:
+        marks = probe._centre_marks(shapes.info, g, tok)
+    finally:
+        probe.MODE, probe.ANCHOR = "cells", "centre"
+    _, rows, cols, sx, sy = probe._layout(shapes.info, g)
+    assert sorted(marks.nonzero().squeeze(1).tolist()) == sorted(
+        {probe._centre_cell(sh["box"], rows, cols, sx, sy) for sh in shapes.info["shapes"]})
+
+
 def _tap_oracle(probe, tok, target_only: bool):
     """(tap sample 3, its oracle features in centre mode, rows, cols, sx, sy), the probe's flags restored after."""
     s = sample("tap", 3)

@@ -82,6 +82,7 @@ COUNT_CODES = {k: SCALE * c / c.norm(dim=1, keepdim=True) for k, c in  # (MAX_CO
                (("kind", torch.randn(MAX_COUNT, HIDDEN, generator=torch.Generator().manual_seed(55))),
                 ("pair", torch.randn(MAX_COUNT, HIDDEN, generator=torch.Generator().manual_seed(56))))}
 MOTION = False  # centre mode: a video's moved block also carries the names " moved" and its direction
+ANCHOR = "centre"  # "corner": a block is named at the cell of its top-left corner (tower_distill.py --anchor)
 SAVED = "oracle_probe.json"  # beside a trained model: the mode and geometry it was trained under
 
 
@@ -117,6 +118,19 @@ def _centre_cell(box, rows: int, cols: int, sx: float, sy: float) -> int:
     return min(int(cy / (28 * sy)), rows - 1) * cols + min(int(cx / (28 * sx)), cols - 1)
 
 
+def _anchor_cell(info: dict, box, rows: int, cols: int, sx: float, sy: float) -> int:
+    """The merged token that names an object: the cell of its centre, or under :data:`ANCHOR` "corner", for a
+    block (of ``info["blocks"]``), the cell of its top-left pixel. A centre near a cell edge asks the tower for a
+    midpoint of edges three or four patches apart (its marks fall on both sides: HISTORY.md item 17); the corner's
+    cell is decided by the one patch that holds the corner. Worked example: a 40 px block at x 20-60, y 30-70 of a
+    picture drawn at the resized scale has its centre (40, 50) in cell (row 1, column 1) and its corner (20.5,
+    30.5) in cell (row 1, column 0)."""
+    if ANCHOR == "corner" and any(tuple(b["box"]) == tuple(box) for b in info.get("blocks", ())):
+        x, y = box[0] + 0.5, box[1] + 0.5
+        return min(int(y / (28 * sy)), rows - 1) * cols + min(int(x / (28 * sx)), cols - 1)
+    return _centre_cell(box, rows, cols, sx, sy)
+
+
 def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
     """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none)."""
     t, rows, cols, sx, sy = _layout(info, grid)
@@ -124,7 +138,7 @@ def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
     for box, pair, _ in _objects(info, tokenizer, t):
         if "word" in info and tuple(box) == tuple(info.get("text", ())):
             continue
-        out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] = 1.0
+        out[[p for p in range(t) if pair is None or pair == p], _anchor_cell(info, box, rows, cols, sx, sy)] = 1.0
     return out.reshape(-1)
 
 
@@ -169,7 +183,7 @@ def _centres(info: dict, grid, tokenizer) -> torch.Tensor:
         if tuple(box) in digits:
             toks = tuple(toks) + tuple(tokenizer.encode(digits[tuple(box)]))
         code = SCALE * CODES[torch.tensor(toks)].sum(0) + CENTRE
-        out[[p for p in range(t) if pair is None or pair == p], _centre_cell(box, rows, cols, sx, sy)] += code
+        out[[p for p in range(t) if pair is None or pair == p], _anchor_cell(info, box, rows, cols, sx, sy)] += code
     from qwen2vl.demo.common import COLOURS, SHAPES
     for s, (kind, pair) in zip(info.get("shapes", ()), shape_counts(info)):  # --pairs, --counts: more codes
         cell = _centre_cell(s["box"], rows, cols, sx, sy)

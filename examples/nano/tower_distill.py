@@ -250,7 +250,7 @@ def named_objects(info: dict, grid) -> list:
     """(frame pair, centre cell, {kind: true name}) of every object the generator drew."""
     from qwen2vl.train import vision_targets as vt
     t, rows, cols, sx, sy = op._layout(info, grid)
-    at = lambda box: op._centre_cell(box, rows, cols, sx, sy)  # noqa: E731
+    at = lambda box: op._anchor_cell(info, box, rows, cols, sx, sy)  # noqa: E731
     out = [(0, at(b["box"]), {"colour": b["colour"], "digit": str(b["digit"])}) for b in info.get("blocks", ())]
     shapes = info.get("shapes", ())
     counts = op.shape_counts(info) if op.COUNTS else [None] * len(shapes)
@@ -416,10 +416,12 @@ def main(argv=None) -> None:
                    help="train: an object whose centre is within this many cell widths of a cell edge may be "
                         "marked in the cell across it instead, whichever the tower is nearer (tolerant.py); "
                         "score: clean pictures counted so as well")
+    p.add_argument("--anchor", choices=["centre", "corner"], default="centre",
+                   help="the cell that names a block: its centre's or its top-left corner's (oracle_probe.ANCHOR)")
     p.add_argument("-n", type=int, default=60)
     args = p.parse_args(argv)
     op.MODE, op.GEOMETRY, op.FRAME, op.COUNTS = "centre", args.geometry, args.frame, args.counts
-    op.MOTION = args.motion
+    op.MOTION, op.ANCHOR = args.motion, args.anchor
     if args.what == "train":
         train(args)
     elif args.what == "assemble":
