@@ -369,3 +369,8 @@ def test_tolerance_makes_a_moved_mark_cost_nothing(td, setup):
     assert losses["moved"][0] > 0.1, losses
     assert losses["moved"][3] == pytest.approx(losses["oracle"][3], rel=0.1)  # + naming, at the chosen cell
     assert losses["moved"][2] > 2 * losses["oracle"][2], losses
+
+
+def test_tolerance_is_refused_under_the_corner_anchor(td):
+    with pytest.raises(SystemExit):
+        td.main(["train", "--anchor", "corner", "--tolerance", "0.25"])

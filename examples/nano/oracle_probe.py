@@ -132,7 +132,8 @@ def _anchor_cell(info: dict, box, rows: int, cols: int, sx: float, sy: float) ->
 
 
 def _centre_marks(info: dict, grid, tokenizer) -> torch.Tensor:
-    """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none)."""
+    """(t * rows * cols,): 1 at the cell of each block's, shape's and video block's centre (signs have none; a
+    block's at its :func:`_anchor_cell`)."""
     t, rows, cols, sx, sy = _layout(info, grid)
     out = torch.zeros(t, rows * cols)
     for box, pair, _ in _objects(info, tokenizer, t):

@@ -18,6 +18,7 @@ cross-entropy of each object's names at its centre cell (:func:`naming_ce`): the
 at chance (HISTORY.md item 9).
 A ``tap`` screen's buttons (the agent task) are named by their labels (kind "label"), and ``--crop_weights`` with
 ``buttons:K`` mixes in the ``tapcrop`` task's crops of one button (HISTORY.md item 18).
+``--anchor corner`` names a block at the cell of its top-left pixel instead of its centre's (HISTORY.md item 22).
 ``--init_tower RUN`` starts a new run from another run's tower. ``--counts`` and ``--motion`` train toward the oracle
 of ``oracle_probe.py`` with those flags (their names join the cross-entropy; ``score`` also reports, with
 ``--motion``, how often the block whose centres carry " moved" most is the one that moved; a tower cannot learn
@@ -420,6 +421,8 @@ def main(argv=None) -> None:
                    help="the cell that names a block: its centre's or its top-left corner's (oracle_probe.ANCHOR)")
     p.add_argument("-n", type=int, default=60)
     args = p.parse_args(argv)
+    if args.anchor == "corner" and args.tolerance:
+        p.error("--tolerance moves centres across a cell edge (tolerant.py); it does not apply to --anchor corner")
     op.MODE, op.GEOMETRY, op.FRAME, op.COUNTS = "centre", args.geometry, args.frame, args.counts
     op.MOTION, op.ANCHOR = args.motion, args.anchor
     if args.what == "train":
