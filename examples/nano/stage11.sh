@@ -7,7 +7,7 @@
 # tower with blocks pictures weighed up (tower_distill.py, the centre anchor), each followed by a fine-tune of the
 # decoder over it (the first from stage 10's float32 decoder, the second from the first's), the graded tasks' mix
 # with blocks 6 and counting 4 of 26; the bf16 export. Every leg ran under this commit's code.
-# Times on this project's 2-core CPU VM, one core a job, two jobs at once: tower legs 36 + 18 minutes; fine-tunes
+# Times on this project's 2-core CPU VM, one core a job, two jobs at once: tower legs 36 + 14 minutes; fine-tunes
 # 25 + 14 minutes.
 set -euo pipefail
 W=${1:?usage: stage11.sh WORKDIR}
