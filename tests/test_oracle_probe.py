@@ -76,25 +76,20 @@ def test_centre_mode_gives_one_token_per_block_with_its_digit(probe, tok):
         assert int((digit_codes @ left).argmax()) == want[k]
 
 
-def test_anchor_cell_worked_example(probe):
+def test_anchor_cell_worked_example(probe, monkeypatch):
     info = {"blocks": [{"box": (20, 30, 60, 70)}]}
-    probe.ANCHOR = "corner"
-    try:
-        assert probe._anchor_cell(info, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 0  # the corner's cell
-        assert probe._anchor_cell({}, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 1  # not a block: the centre's
-    finally:
-        probe.ANCHOR = "centre"
-    assert probe._anchor_cell(info, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 1
+    assert probe._anchor_cell(info, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 1  # the centre's cell
+    monkeypatch.setattr(probe, "ANCHOR", "corner")
+    assert probe._anchor_cell(info, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 0  # the corner's cell
+    assert probe._anchor_cell({}, (20, 30, 60, 70), 5, 5, 1.0, 1.0) == 1 * 5 + 1  # not a block: the centre's
 
 
-def test_corner_anchor_names_each_block_at_its_top_left_cell_and_shapes_at_their_centres(probe, tok):
+def test_corner_anchor_names_each_block_at_its_top_left_cell_and_shapes_at_their_centres(probe, tok, monkeypatch):
+    monkeypatch.setattr(probe, "MODE", "centre")
+    monkeypatch.setattr(probe, "ANCHOR", "corner")
     s = sample("blocks", 12)
     grid = _grid(s.info)
-    probe.MODE, probe.ANCHOR = "centre", "corner"
-    try:
-        feats = probe.oracle(s.info, grid, tok)
-    finally:
-        probe.MODE, probe.ANCHOR = "cells", "centre"
+    feats = probe.oracle(s.info, grid, tok)
     _, rows, cols, sx, sy = probe._layout(s.info, grid)
     named = ((feats - probe.BACKGROUND).norm(dim=1) > 1e-6).nonzero().squeeze(1).tolist()
     corners = {int((b["box"][1] + 0.5) / (28 * sy)) * cols + int((b["box"][0] + 0.5) / (28 * sx)): b["digit"]
@@ -106,11 +101,7 @@ def test_corner_anchor_names_each_block_at_its_top_left_cell_and_shapes_at_their
         assert int((digit_codes @ left).argmax()) == corners[k]
     shapes = sample("counting", 5)  # no block: every shape still at the cell of its centre
     g = _grid(shapes.info)
-    probe.MODE, probe.ANCHOR = "centre", "corner"
-    try:
-        marks = probe._centre_marks(shapes.info, g, tok)
-    finally:
-        probe.MODE, probe.ANCHOR = "cells", "centre"
+    marks = probe._centre_marks(shapes.info, g, tok)
     _, rows, cols, sx, sy = probe._layout(shapes.info, g)
     assert sorted(marks.nonzero().squeeze(1).tolist()) == sorted(
         {probe._centre_cell(sh["box"], rows, cols, sx, sy) for sh in shapes.info["shapes"]})

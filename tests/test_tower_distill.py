@@ -36,10 +36,8 @@ def test_the_target_marks_one_centre_per_object(td, setup):
         assert torch.allclose((centre > 0.5).float(), (marks > 0).float())
 
 
-def test_score_of_a_perfect_tower_is_perfect(td, setup, monkeypatch):
-    """A tower that outputs the oracle's own features reads every name right at every centre (signs' words and
-    both frame pairs of a video included), and marks exactly the centres."""
-    model, tok, processor = setup
+def _perfect_tower(td, monkeypatch) -> None:
+    """Make ``td.tower`` give back the oracle features of the picture ``td.draw`` drew last."""
     last = {}
     real_draw = td.draw
 
@@ -53,6 +51,13 @@ def test_score_of_a_perfect_tower_is_perfect(td, setup, monkeypatch):
 
     monkeypatch.setattr(td, "tower", perfect)
     monkeypatch.setattr(td, "draw", draw)
+
+
+def test_score_of_a_perfect_tower_is_perfect(td, setup, monkeypatch):
+    """A tower that outputs the oracle's own features reads every name right at every centre (signs' words and
+    both frame pairs of a video included), and marks exactly the centres."""
+    model, tok, processor = setup
+    _perfect_tower(td, monkeypatch)
     got = td.score_model(model, tok, processor, 10, "blocks,counting,reading,grounding,video")
     for kind in ("colour", "shape", "digit", "word"):
         assert got[kind].startswith("100% of "), (kind, got)
@@ -64,16 +69,7 @@ def test_score_of_a_perfect_tower_is_perfect_under_the_corner_anchor(td, setup, 
     """With ``--anchor corner`` the names of a block are read at the cell of its top-left corner, where the
     oracle puts them: a tower that outputs the oracle's features still reads every digit and marks every block."""
     model, tok, processor = setup
-    last = {}
-    real_draw = td.draw
-
-    def draw(*a):
-        got = real_draw(*a)
-        last["target"] = got[2]
-        return got
-
-    monkeypatch.setattr(td, "tower", lambda model, pix, grids: last["target"])
-    monkeypatch.setattr(td, "draw", draw)
+    _perfect_tower(td, monkeypatch)
     monkeypatch.setattr(td.op, "ANCHOR", "corner")
     got = td.score_model(model, tok, processor, 6, "blocks")
     assert got["digit"].startswith("100% of ") and got["centre P/R"] == "100/100" and got["clean"] == "100%"
