@@ -24,13 +24,13 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL_DIR, 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 N_PER_TASK = 8  # the fixed set: held-out samples 0..7 of every task (seed offset 0)
 #: Per task, the fraction of the fixed set the shipped weights must still get right, float32 and int8 alike: the
-#: issue's 90 % gate where the weights pass it on 200 held-out samples and on these 8 (reading, video), elsewhere
-#: what they scored when they were committed (README, "The demo model"), less one sample, so that they do not
-#: silently get worse until they reach it.
-ACCURACY_FLOOR = {"blocks": 0.25, "counting": 0.25, "reading": 0.9, "weather": 0.75, "grounding": 0.0,
+#: issue's 90 % gate where the weights pass it on 200 held-out samples and on these 8 (reading, weather, video),
+#: elsewhere what they scored when they were committed (README, "The demo model"), less one sample, so that they do
+#: not silently get worse until they reach it.
+ACCURACY_FLOOR = {"blocks": 0.375, "counting": 0.125, "reading": 0.9, "weather": 0.9, "grounding": 0.0,
                   "video": 0.9, "conversation": 0.625}
-# measured 2026-12-07 by this test on the stage-11 weights of HISTORY item 22: float32 / int8 blocks 3 / 4,
-# counting 3 / 3, reading 8 / 8, weather 7 / 7, grounding 0 / 0, video 8 / 8, conversation 6 / 6 of 8
+# measured 2026-12-07 by this test on the stage-12 weights of HISTORY item 23: float32 / int8 blocks 4 / 4,
+# counting 2 / 2, reading 8 / 8, weather 8 / 8, grounding 0 / 0, video 8 / 8, conversation 6 / 6 of 8
 
 
 @pytest.fixture(scope="module")

@@ -65,4 +65,4 @@ leg $DRILLS r3tap-ft5 r3tap-rec2 400 3.0e-4 42 \
     blocks:3,counting:3,reading:2,weather:3,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
 leg $DRILLS r3tap-rec2 r3tap-rec5 300 2.0e-4 45 \
     blocks:3,counting:7,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
-python -m qwen2vl.nano export "$W/r3tap-rec5" "$W/nano-ship"  # what qwen2vl/models/nano/ holds
+python -m qwen2vl.nano export "$W/r3tap-rec5" "$W/nano-ship"  # what qwen2vl/models/nano/ held at stage 10

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# qwen2vl-nano stage 11 (HISTORY.md item 22): the shipped weights, from stage 10's, in order.
+# qwen2vl-nano stage 11 (HISTORY.md item 22): the weights shipped before stage 12, from stage 10's, in order.
 #
 #   bash examples/nano/stage11.sh WORKDIR
 #
@@ -36,4 +36,4 @@ leg() {  # leg TOWER DECODER OUT STEPS LR SEED
 }
 leg tcentre1 r3tap-rec5 fcentre1 400 5.0e-4 71
 leg tcentre2 fcentre1 fcentre2 300 3.0e-4 72
-python -m qwen2vl.nano export "$W/fcentre2" "$W/nano-ship11"  # what qwen2vl/models/nano/ holds
+python -m qwen2vl.nano export "$W/fcentre2" "$W/nano-ship11"  # what qwen2vl/models/nano/ held at stage 11
