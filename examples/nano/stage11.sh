@@ -24,16 +24,7 @@ $TD --crop_weights blocks:6,shapes:2,word:4,buttons:8 --out "$W/tcentre1" --init
 $TD --crop_weights blocks:8,shapes:2,word:4,buttons:6 --out "$W/tcentre2" --init_tower "$W/tcentre1" \
     --tasks tap:1,video,reading,blocks:5,counting --steps 750 --data_from 700000 --lr 5e-4 --save 250
 
-ft() { python -c 'import sys; from qwen2vl.cli import main; sys.exit(main())' train examples/nano/finetune.yaml "$@"; }
-ALL=blocks,counting,reading,weather,grounding,video,conversation,drill,tap,phone
-MIX=blocks:6,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
-leg() {  # leg TOWER DECODER OUT STEPS LR SEED
-    [ -f "$W/$3-asm/model.safetensors" ] || python examples/nano/tower_distill.py assemble "$W/$1" \
-        --decoder "$W/$2" --out "$W/$3-asm"
-    [ -f "$W/$3/train_results.json" ] || ft --model_name_or_path "$W/$3-asm" --output_dir "$W/$3" \
-        --max_steps "$4" --learning_rate "$5" --seed "$6" --save_steps 100 --save_total_limit 5 \
-        --demo_tasks $ALL --demo_weights $MIX
-}
+source examples/nano/tower_leg_ft.sh  # ft, leg
 leg tcentre1 r3tap-rec5 fcentre1 400 5.0e-4 71
 leg tcentre2 fcentre1 fcentre2 300 3.0e-4 72
 python -m qwen2vl.nano export "$W/fcentre2" "$W/nano-ship11"  # what qwen2vl/models/nano/ held at stage 11

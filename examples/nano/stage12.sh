@@ -25,16 +25,7 @@ $TD --out "$W/tnear1" --init_tower "$W/tower-s11" --steps 1500 --data_from 90000
 $TD --out "$W/tnear2" --init_tower "$W/tnear1" --steps 1000 --data_from 1000000 --lr 5e-4
 $TD --out "$W/tnear3" --init_tower "$W/tnear2" --steps 1000 --data_from 1100000 --lr 5e-4
 
-ft() { python -c 'import sys; from qwen2vl.cli import main; sys.exit(main())' train examples/nano/finetune.yaml "$@"; }
-ALL=blocks,counting,reading,weather,grounding,video,conversation,drill,tap,phone
-MIX=blocks:6,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
-leg() {  # leg TOWER DECODER OUT STEPS LR SEED
-    [ -f "$W/$3-asm/model.safetensors" ] || python examples/nano/tower_distill.py assemble "$W/$1" \
-        --decoder "$W/$2" --out "$W/$3-asm"
-    [ -f "$W/$3/train_results.json" ] || ft --model_name_or_path "$W/$3-asm" --output_dir "$W/$3" \
-        --max_steps "$4" --learning_rate "$5" --seed "$6" --save_steps 100 --save_total_limit 5 \
-        --demo_tasks $ALL --demo_weights $MIX
-}
+source examples/nano/tower_leg_ft.sh  # ft, leg
 leg tnear1 nano-ship11 fnear1 400 5.0e-4 81
 leg tnear2 fnear1 fnear2 300 3.0e-4 82
 leg tnear3 fnear2 fnear3 300 3.0e-4 83
