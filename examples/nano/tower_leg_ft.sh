@@ -1,5 +1,5 @@
-# Sourced by stage11.sh and stage12.sh (with W set to the work directory, run from the repository root): `leg`
-# puts a tower leg's tower under a decoder (tower_distill.py assemble) and fine-tunes the decoder over it
+# Sourced by stage11.sh, stage12.sh and stage13.sh (with W set to the work directory, run from the repository
+# root): `leg` puts a tower leg's tower under a decoder (tower_distill.py assemble) and fine-tunes the decoder over it
 # (finetune.yaml, the tower frozen) on the graded tasks' mix of HISTORY items 22-23; each half is skipped when its
 # output exists.
 ft() { python -c 'import sys; from qwen2vl.cli import main; sys.exit(main())' train examples/nano/finetune.yaml "$@"; }

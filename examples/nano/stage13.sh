@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# qwen2vl-nano stage 13 (HISTORY.md item 24): the shipped weights, from stage 12's, in order.
+#
+#   bash examples/nano/stage13.sh WORKDIR
+#
+# Stage 12 first (stage12.sh, each of its legs skipped when its output exists), then fine-tunes of the decoder alone
+# over stage 12's tower (frozen, finetune.yaml) with blocks weighed 12 of 32 in the mix instead of 6 of 26, each from
+# the one before, the first from stage 12's float32 decoder; the bf16 export. Every leg ran under this commit's code.
+# Times on this project's 2-core CPU VM, one core a job, two jobs at once: about 17 minutes a leg.
+set -euo pipefail
+W=${1:?usage: stage13.sh WORKDIR}
+mkdir -p "$W"
+W=$(cd "$W" && pwd)
+cd "$(dirname "$0")/../.."
+bash examples/nano/stage12.sh "$W"  # $W/fnear3: stage 12's float32 weights
+
+source examples/nano/tower_leg_ft.sh  # ft, ALL
+BLOCKS_MIX=blocks:12,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
+blk() {  # blk FROM OUT STEPS LR SEED
+    [ -f "$W/$2/train_results.json" ] || ft --model_name_or_path "$W/$1" --output_dir "$W/$2" --max_steps "$3" \
+        --learning_rate "$4" --seed "$5" --save_steps 100 --save_total_limit 5 --demo_tasks $ALL \
+        --demo_weights $BLOCKS_MIX
+}
+blk fnear3 fblocks1 400 3.0e-4 93
+blk fblocks1 fblocks2 400 3.0e-4 94
+blk fblocks2 fblocks3 400 2.0e-4 96
+python -m qwen2vl.nano export "$W/fblocks3" "$W/nano-ship13"  # what qwen2vl/models/nano/ holds
