@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# qwen2vl-nano stage 12 (HISTORY.md item 23): the shipped weights, from stage 11's, in order.
+# qwen2vl-nano stage 12 (HISTORY.md item 23): the weights shipped before stage 13, from stage 11's, in order.
 #
 #   bash examples/nano/stage12.sh WORKDIR
 #
@@ -29,4 +29,4 @@ source examples/nano/tower_leg_ft.sh  # ft, leg
 leg tnear1 nano-ship11 fnear1 400 5.0e-4 81
 leg tnear2 fnear1 fnear2 300 3.0e-4 82
 leg tnear3 fnear2 fnear3 300 3.0e-4 83
-python -m qwen2vl.nano export "$W/fnear3" "$W/nano-ship12"  # what qwen2vl/models/nano/ holds
+python -m qwen2vl.nano export "$W/fnear3" "$W/nano-ship12"  # what qwen2vl/models/nano/ held at stage 12

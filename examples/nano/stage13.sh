@@ -14,14 +14,9 @@ W=$(cd "$W" && pwd)
 cd "$(dirname "$0")/../.."
 bash examples/nano/stage12.sh "$W"  # $W/fnear3: stage 12's float32 weights
 
-source examples/nano/tower_leg_ft.sh  # ft, ALL
+source examples/nano/tower_leg_ft.sh  # tune
 BLOCKS_MIX=blocks:12,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
-blk() {  # blk FROM OUT STEPS LR SEED
-    [ -f "$W/$2/train_results.json" ] || ft --model_name_or_path "$W/$1" --output_dir "$W/$2" --max_steps "$3" \
-        --learning_rate "$4" --seed "$5" --save_steps 100 --save_total_limit 5 --demo_tasks $ALL \
-        --demo_weights $BLOCKS_MIX
-}
-blk fnear3 fblocks1 400 3.0e-4 93
-blk fblocks1 fblocks2 400 3.0e-4 94
-blk fblocks2 fblocks3 400 2.0e-4 96
+tune fnear3 fblocks1 400 3.0e-4 93 $BLOCKS_MIX
+tune fblocks1 fblocks2 400 3.0e-4 94 $BLOCKS_MIX
+tune fblocks2 fblocks3 400 2.0e-4 96 $BLOCKS_MIX
 python -m qwen2vl.nano export "$W/fblocks3" "$W/nano-ship13"  # what qwen2vl/models/nano/ holds
