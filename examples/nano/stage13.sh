@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# qwen2vl-nano stage 13 (HISTORY.md item 24): the shipped weights, from stage 12's, in order.
+# qwen2vl-nano stage 13 (HISTORY.md item 24): the weights shipped before stage 14, from stage 12's, in order.
 #
 #   bash examples/nano/stage13.sh WORKDIR
 #
@@ -19,4 +19,4 @@ BLOCKS_MIX=blocks:12,counting:4,reading:2,weather:2,grounding:1,video:2,conversa
 tune fnear3 fblocks1 400 3.0e-4 93 $BLOCKS_MIX
 tune fblocks1 fblocks2 400 3.0e-4 94 $BLOCKS_MIX
 tune fblocks2 fblocks3 400 2.0e-4 96 $BLOCKS_MIX
-python -m qwen2vl.nano export "$W/fblocks3" "$W/nano-ship13"  # what qwen2vl/models/nano/ holds
+python -m qwen2vl.nano export "$W/fblocks3" "$W/nano-ship13"  # what qwen2vl/models/nano/ held at stage 13
