@@ -14,8 +14,7 @@ W=$(cd "$W" && pwd)
 cd "$(dirname "$0")/../.."
 bash examples/nano/stage12.sh "$W"  # $W/fnear3: stage 12's float32 weights
 
-source examples/nano/tower_leg_ft.sh  # tune
-BLOCKS_MIX=blocks:12,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
+source examples/nano/tower_leg_ft.sh  # tune, BLOCKS_MIX
 tune fnear3 fblocks1 400 3.0e-4 93 $BLOCKS_MIX
 tune fblocks1 fblocks2 400 3.0e-4 94 $BLOCKS_MIX
 tune fblocks2 fblocks3 400 2.0e-4 96 $BLOCKS_MIX

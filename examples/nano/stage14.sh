@@ -14,8 +14,7 @@ W=$(cd "$W" && pwd)
 cd "$(dirname "$0")/../.."
 bash examples/nano/stage13.sh "$W"  # $W/fblocks3: stage 13's float32 weights
 
-source examples/nano/tower_leg_ft.sh  # tune
-BLOCKS_MIX=blocks:12,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
+source examples/nano/tower_leg_ft.sh  # tune, BLOCKS_MIX
 tune fblocks3 fblocks5 800 2.0e-4 103 $BLOCKS_MIX
 tune fblocks5 fblocks6 400 1.5e-4 107 $BLOCKS_MIX
 python -m qwen2vl.nano export "$W/fblocks6" "$W/nano-ship14"  # what qwen2vl/models/nano/ holds

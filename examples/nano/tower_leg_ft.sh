@@ -5,6 +5,8 @@
 ft() { python -c 'import sys; from qwen2vl.cli import main; sys.exit(main())' train examples/nano/finetune.yaml "$@"; }
 ALL=blocks,counting,reading,weather,grounding,video,conversation,drill,tap,phone
 MIX=blocks:6,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
+# stages 13-14's decoder legs: blocks weighed 12 of 32 (HISTORY items 24-25)
+BLOCKS_MIX=blocks:12,counting:4,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:3
 tune() {  # tune FROM OUT STEPS LR SEED MIX
     [ -f "$W/$2/train_results.json" ] || ft --model_name_or_path "$W/$1" --output_dir "$W/$2" \
         --max_steps "$3" --learning_rate "$4" --seed "$5" --save_steps 100 --save_total_limit 5 \
