@@ -94,11 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("-n", type=int, default=200)
     a = ap.parse_args(argv)
-    from qwen2vl import LLM, SamplingParams
-    from qwen2vl.demo.evaluate import MAX_TOKENS, _answers, held_out_samples
-    samples = held_out_samples("blocks", a.n)
-    answers = _answers(LLM(a.model, dtype="float32"), samples,
-                       SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS["blocks"]), 16)
+    from qwen2vl import LLM
+    from qwen2vl.demo.evaluate import held_out_answers
+    samples, answers = held_out_answers(LLM(a.model, dtype="float32"), "blocks", a.n)
     print(report(analyse(samples, answers)))
     return 0
 

@@ -21,7 +21,7 @@ from .grading import grade
 from .tasks import check_tasks, held_out_seed, sample
 from .video_task import with_mp4
 
-__all__ = ["evaluate", "held_out_samples", "TaskScore", "EvalReport", "MAX_TOKENS"]
+__all__ = ["evaluate", "held_out_samples", "held_out_answers", "TaskScore", "EvalReport", "MAX_TOKENS"]
 
 #: Generation budget per task (the longest blocks target, 16 blocks in the long phrasing, is ~165 tokens).
 MAX_TOKENS = {"blocks": 256, "counting": 48, "reading": 48, "weather": 64, "grounding": 64, "video": 48,
@@ -86,6 +86,15 @@ def _answers(llm, samples: list[Sample], params: SamplingParams, batch_size: int
     return answers
 
 
+def held_out_answers(llm, task: str, n: int, seed: int = 0, *, video_dir: str | None = None,
+                     batch_size: int = 16, max_tokens: int | None = None) -> tuple[list[Sample], list[str]]:
+    """The ``n`` held-out samples of ``task`` (:func:`held_out_samples`) and ``llm``'s greedy answers to them, in
+    order, within the task's :data:`MAX_TOKENS` budget (capped at ``max_tokens``)."""
+    samples = held_out_samples(task, n, seed, video_dir=video_dir)
+    budget = MAX_TOKENS[task] if max_tokens is None else min(max_tokens, MAX_TOKENS[task])
+    return samples, _answers(llm, samples, SamplingParams(temperature=0.0, max_tokens=budget), batch_size)
+
+
 def evaluate(llm, n_per_task: int = 200, seed: int = 0, tasks=None, *, batch_size: int = 16,
              progress: Callable[[str, TaskScore], None] | None = None, keep_failures: int = 5,
              max_tokens: int | None = None) -> EvalReport:
@@ -100,11 +109,10 @@ def evaluate(llm, n_per_task: int = 200, seed: int = 0, tasks=None, *, batch_siz
     scores: dict[str, TaskScore] = {}
     with tempfile.TemporaryDirectory(prefix="qwen2vl-eval-") as tmp:
         for task in tasks:
-            samples = held_out_samples(task, n_per_task, seed, video_dir=tmp)
-            budget = MAX_TOKENS[task] if max_tokens is None else min(max_tokens, MAX_TOKENS[task])
-            params = SamplingParams(temperature=0.0, max_tokens=budget)
+            samples, answers = held_out_answers(llm, task, n_per_task, seed, video_dir=tmp, batch_size=batch_size,
+                                                max_tokens=max_tokens)
             score = TaskScore(task)
-            for s, answer in zip(samples, _answers(llm, samples, params, batch_size)):
+            for s, answer in zip(samples, answers):
                 ok = grade(s, answer)
                 score.n += 1
                 score.correct += ok
