@@ -15,7 +15,7 @@ from qwen2vl.demo.evaluate import evaluate, held_out_samples
 from qwen2vl.demo.grading import grade, grade_blocks, grade_counting, grade_grounding, grade_reading, \
     grade_video, grade_weather, read_blocks
 from qwen2vl.demo.signs import CJK_WORDS, TOOLS, WORDS
-from qwen2vl.demo.tasks import ALL_TASKS, HELD_OUT_START, TASKS, held_out_seed, sample
+from qwen2vl.demo.tasks import ALL_TASKS, HELD_OUT_START, TASKS, check_tasks, held_out_seed, sample
 from qwen2vl.demo.video_task import with_mp4
 from qwen2vl.errors import InvalidInputError
 
@@ -128,6 +128,20 @@ def test_grounding_within_ranges(seed):
     target = next(p for p in shapes if f"the {p['colour']} {p['kind']}?" in s.messages[0]["content"][1]["text"])
     assert s.truth == to_thousandths(target["box"], *s.info["image"].size)
     assert all(0 <= v <= 1000 for v in s.truth)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_locate_is_a_one_shape_grounding_scene(seed):
+    """The training-only locate: the grounding task's scene with one shape, its question, graded as grounding."""
+    s = sample("locate", seed)
+    bg = _check_canvas(s.info["image"])
+    (shape,) = s.info["shapes"]
+    _check_shapes(s, bg)
+    assert s.messages[0]["content"][1]["text"] == f"Where is the {shape['colour']} {shape['kind']}?"
+    assert s.truth == to_thousandths(shape["box"], *s.info["image"].size)
+    assert s.kind == "grounding" and grade(s, s.answer) and not grade(s, "(0,0),(1,1)")
+    with pytest.raises(InvalidInputError, match="locate"):
+        check_tasks("locate", graded=True)
 
 
 @pytest.mark.parametrize("task", ["reading", "weather"])

@@ -27,10 +27,10 @@ N_PER_TASK = 8  # the fixed set: held-out samples 0..7 of every task (seed offse
 #: issue's 90 % gate where the weights pass it on 200 held-out samples and on these 8 (reading, weather, video),
 #: elsewhere what they scored when they were committed (README, "The demo model"), less one sample, so that they do
 #: not silently get worse until they reach it.
-ACCURACY_FLOOR = {"blocks": 0.375, "counting": 0.25, "reading": 0.9, "weather": 0.9, "grounding": 0.0,
+ACCURACY_FLOOR = {"blocks": 0.375, "counting": 0.5, "reading": 0.9, "weather": 0.9, "grounding": 0.0,
                   "video": 0.9, "conversation": 0.625}
-# measured 2026-12-07 by this test on the stage-14 weights of HISTORY item 25: float32 / int8 blocks 4 / 4,
-# counting 3 / 3, reading 8 / 8, weather 8 / 8, grounding 0 / 0, video 8 / 8, conversation 6 / 6 of 8
+# measured 2026-12-07 by this test on the stage-15 weights of HISTORY item 28: float32 / int8 blocks 4 / 5,
+# counting 5 / 5, reading 8 / 8, weather 8 / 8, grounding 0 / 0, video 8 / 8, conversation 6 / 6 of 8
 
 
 @pytest.fixture(scope="module")

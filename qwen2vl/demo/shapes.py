@@ -12,6 +12,9 @@ never overlap or touch; a scene that cannot be placed is drawn again from the sa
   one of them. Answer in Qwen2-VL's format, ``<|object_ref_start|>the {colour} {shape}<|object_ref_end|>
   <|box_start|>(x1,y1),(x2,y2)<|box_end|>``, with the shape's pixel box (x1, y1 exclusive ends) on the 0-1000
   scale of the image (:func:`~qwen2vl.demo.common.to_thousandths`). Truth: that box.
+* locate (training only): a grounding scene of exactly one shape, a uniform (colour, kind) pair, and its grounding
+  question: the box depends on where the one shape lies and nothing else, so a decoder can learn to read a place
+  before it must also find the shape a question names (HISTORY item 28).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from PIL import ImageDraw
 from .common import (COLOURS, SHAPES, SIDE, Sample, background, canvas, draw_shape, jitter, pick, randint,
                      shape_height, task_rng, to_thousandths, user)
 
-__all__ = ["sample_counting", "sample_grounding", "draw_scene", "counting_specs", "grounding_specs", "counting_qa",
+__all__ = ["sample_counting", "sample_grounding", "sample_locate", "locate_specs", "draw_scene", "counting_specs", "grounding_specs", "counting_qa",
            "grounding_qa", "box_text", "plural"]
 
 SIZE = (20, 50)
@@ -76,6 +79,10 @@ def grounding_specs(rng) -> list[tuple[str, str]]:
     return [pairs[int(i)] for i in idx]
 
 
+def locate_specs(rng) -> list[tuple[str, str]]:
+    return [(pick(rng, SHAPES), pick(rng, COLOURS))]
+
+
 def counting_qa(rng, placed: list[dict]) -> tuple[str, str, int]:
     """(question, answer, count) of one counting question about a scene."""
     kind = pick(rng, SHAPES)
@@ -123,4 +130,13 @@ def sample_grounding(seed: int) -> Sample:
     question, answer, box = grounding_qa(rng, placed, *img.size)
     info = {"shapes": placed, "image": img}
     return Sample("grounding", "grounding", seed, [user({"type": "image", "image": img}, question)], answer, box,
+                  info=info)
+
+
+def sample_locate(seed: int) -> Sample:
+    rng = task_rng("locate", seed)
+    img, placed = draw_scene(rng, locate_specs)
+    question, answer, box = grounding_qa(rng, placed, *img.size)
+    info = {"shapes": placed, "image": img}
+    return Sample("locate", "grounding", seed, [user({"type": "image", "image": img}, question)], answer, box,
                   info=info)

@@ -1,10 +1,10 @@
 """The demo task registry: task names, one generator per task, and the seed ranges for training and evaluation.
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
-(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill", "glance" and
-"closeup", :mod:`qwen2vl.demo.drill`, :mod:`qwen2vl.demo.glance`, :mod:`qwen2vl.demo.closeup`), and the split of seeds: training uses seeds
-``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never
-share a sample (:func:`held_out_seed`).
+(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill", "glance", "closeup" and
+"locate", :mod:`qwen2vl.demo.drill`, :mod:`qwen2vl.demo.glance`, :mod:`qwen2vl.demo.closeup`,
+:mod:`qwen2vl.demo.shapes`), and the split of seeds: training uses seeds ``0 <= seed < HELD_OUT_START`` (10**9),
+held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never share a sample (:func:`held_out_seed`).
 
 "conversation": two questions about the same picture in one conversation, the second one graded. Uniform over
 three kinds: a grounding scene (1-4 distinct shapes) asked a counting question then a grounding one, or the other
@@ -22,7 +22,8 @@ from .closeup import sample_closeup, sample_tapcrop
 from .common import HELD_OUT_START, Sample, held_out_seed, pick, randint, task_rng, user
 from .drill import sample_drill
 from .glance import sample_glance
-from .shapes import counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding
+from .shapes import (counting_qa, draw_scene, grounding_qa, grounding_specs, sample_counting, sample_grounding,
+                     sample_locate)
 from .signs import (READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_answer, sample_reading,
                     sample_weather, weather_answer)
 from .tap import sample_tap
@@ -78,10 +79,10 @@ GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
     "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap,
-    "tapcrop": sample_tapcrop, "phone": sample_phone}
+    "tapcrop": sample_tapcrop, "phone": sample_phone, "locate": sample_locate}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
-TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone")  # training data only
-# (qwen2vl.demo.drill, .glance, .closeup; phone: graded by running the agent, bench/agent_eval.py)
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate")  # training data only
+# (qwen2vl.demo.drill, .glance, .closeup, .shapes; phone: graded by running the agent, bench/agent_eval.py)
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
