@@ -139,8 +139,12 @@ def test_locate_is_a_one_shape_grounding_scene(seed):
     _check_shapes(s, bg)
     assert s.messages[0]["content"][1]["text"] == f"Where is the {shape['colour']} {shape['kind']}?"
     assert s.truth == to_thousandths(shape["box"], *s.info["image"].size)
-    assert s.kind == "grounding" and grade(s, s.answer) and not grade(s, "(0,0),(1,1)")
-    with pytest.raises(InvalidInputError, match="locate"):
+    assert s.task == "locate" and s.kind == "grounding" and grade(s, s.answer) and not grade(s, "(0,0),(1,1)")
+
+
+def test_locate_is_training_only():
+    assert "locate" not in ALL_TASKS and check_tasks("counting,locate") == ("counting", "locate")
+    with pytest.raises(InvalidInputError, match="unknown graded demo task"):
         check_tasks("locate", graded=True)
 
 
@@ -503,7 +507,6 @@ def test_drill_conversations():
 
 
 def test_drill_is_training_only():
-    from qwen2vl.demo.tasks import check_tasks
     assert "drill" not in ALL_TASKS and check_tasks("blocks,drill") == ("blocks", "drill")
     with pytest.raises(InvalidInputError, match="unknown graded demo task"):
         check_tasks("drill", graded=True)
@@ -545,7 +548,6 @@ def test_closeup_crops_one_object_and_keeps_its_boxes():
     margin), its boxes moved into the crop (the block's colour sits at its box's centre), the task's answer."""
     from qwen2vl.demo.common import JITTER, PALETTE
     from qwen2vl.demo.grading import read_blocks
-    from qwen2vl.demo.tasks import check_tasks
     kinds = set()
     for seed in range(45):
         s = sample("closeup", seed)
@@ -576,7 +578,6 @@ def test_tapcrop_crops_one_button_of_its_tap_screen():
     kept lie wholly inside the crop with their boxes moved into it (the button's colour at its box's corner, inset
     past the rounding), and "closeup"'s samples are unchanged by it."""
     from qwen2vl.demo.common import JITTER, PALETTE
-    from qwen2vl.demo.tasks import check_tasks
     for seed in range(30):
         s, screen = sample("tapcrop", seed), sample("tap", seed).info["buttons"]
         img = s.messages[0]["content"][0]["image"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# qwen2vl-nano stage 14 (HISTORY.md item 25): the shipped weights, from stage 13's, in order.
+# qwen2vl-nano stage 14 (HISTORY.md item 25): the weights shipped before stage 15, from stage 13's, in order.
 #
 #   bash examples/nano/stage14.sh WORKDIR
 #
@@ -17,4 +17,4 @@ bash examples/nano/stage13.sh "$W"  # $W/fblocks3: stage 13's float32 weights
 source examples/nano/tower_leg_ft.sh  # tune, BLOCKS_MIX
 tune fblocks3 fblocks5 800 2.0e-4 103 $BLOCKS_MIX
 tune fblocks5 fblocks6 400 1.5e-4 107 $BLOCKS_MIX
-python -m qwen2vl.nano export "$W/fblocks6" "$W/nano-ship14"  # what qwen2vl/models/nano/ holds
+python -m qwen2vl.nano export "$W/fblocks6" "$W/nano-ship14"  # what qwen2vl/models/nano/ held at stage 14

@@ -16,7 +16,7 @@ W=$(cd "$W" && pwd)
 cd "$(dirname "$0")/../.."
 bash examples/nano/stage14.sh "$W"  # $W/fblocks6: stage 14's float32 weights
 
-source examples/nano/tower_leg_ft.sh  # tune, ALL
+source examples/nano/tower_leg_ft.sh  # tune
 COUNT_ONLY=counting:1,blocks:0,reading:0,weather:0,grounding:0,video:0,conversation:0,drill:0,tap:0,phone:0
 COUNT_MIX=blocks:12,counting:8,reading:2,weather:2,grounding:1,video:2,conversation:3,drill:2,tap:1,phone:8
 tune fblocks6 count1 400 3.0e-4 201 $COUNT_ONLY

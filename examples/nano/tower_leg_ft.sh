@@ -1,4 +1,4 @@
-# Sourced by stage11.sh to stage14.sh (with W set to the work directory, run from the repository
+# Sourced by stage11.sh to stage15.sh (with W set to the work directory, run from the repository
 # root). `tune` fine-tunes a decoder (finetune.yaml, the tower frozen) on a task mix; `leg` puts a tower leg's tower
 # under a decoder (tower_distill.py assemble) and tunes it on the graded tasks' mix of HISTORY items 22-23. Each step
 # is skipped when its output exists.

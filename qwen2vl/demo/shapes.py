@@ -1,6 +1,7 @@
-"""Tasks 2 and 5, "counting" and "grounding": filled circles, squares and triangles on a light background.
+"""Tasks 2 and 5, "counting" and "grounding", and the training-only "locate": filled circles, squares and triangles
+on a light background.
 
-Owns both distributions. A scene: each image side uniform in 196-308 px, a uniform background; each shape a
+Owns the three distributions. A scene: each image side uniform in 196-308 px, a uniform background; each shape a
 uniform kind and palette colour (jittered), 20-50 px wide (a triangle is round(0.87 x width) high, apex up),
 at a uniform position at least 2 px inside the image and at least 2 px clear of every other shape's box (shapes
 never overlap or touch; a scene that cannot be placed is drawn again from the same stream).
@@ -24,8 +25,8 @@ from PIL import ImageDraw
 from .common import (COLOURS, SHAPES, SIDE, Sample, background, canvas, draw_shape, jitter, pick, randint,
                      shape_height, task_rng, to_thousandths, user)
 
-__all__ = ["sample_counting", "sample_grounding", "sample_locate", "locate_specs", "draw_scene", "counting_specs", "grounding_specs", "counting_qa",
-           "grounding_qa", "box_text", "plural"]
+__all__ = ["sample_counting", "sample_grounding", "sample_locate", "draw_scene", "counting_specs", "grounding_specs",
+           "locate_specs", "counting_qa", "grounding_qa", "box_text", "plural"]
 
 SIZE = (20, 50)
 GAP = 2  # px between shapes and from the edges
@@ -124,19 +125,18 @@ def sample_counting(seed: int) -> Sample:
                   info=info)
 
 
-def sample_grounding(seed: int) -> Sample:
-    rng = task_rng("grounding", seed)
-    img, placed = draw_scene(rng, grounding_specs)
+def _grounding_sample(task: str, seed: int, specs) -> Sample:
+    """A scene drawn from ``specs`` on ``task``'s stream and a grounding question about it (graded as grounding)."""
+    rng = task_rng(task, seed)
+    img, placed = draw_scene(rng, specs)
     question, answer, box = grounding_qa(rng, placed, *img.size)
     info = {"shapes": placed, "image": img}
-    return Sample("grounding", "grounding", seed, [user({"type": "image", "image": img}, question)], answer, box,
-                  info=info)
+    return Sample(task, "grounding", seed, [user({"type": "image", "image": img}, question)], answer, box, info=info)
+
+
+def sample_grounding(seed: int) -> Sample:
+    return _grounding_sample("grounding", seed, grounding_specs)
 
 
 def sample_locate(seed: int) -> Sample:
-    rng = task_rng("locate", seed)
-    img, placed = draw_scene(rng, locate_specs)
-    question, answer, box = grounding_qa(rng, placed, *img.size)
-    info = {"shapes": placed, "image": img}
-    return Sample("locate", "grounding", seed, [user({"type": "image", "image": img}, question)], answer, box,
-                  info=info)
+    return _grounding_sample("locate", seed, locate_specs)

@@ -1,10 +1,11 @@
 """The demo task registry: task names, one generator per task, and the seed ranges for training and evaluation.
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
-(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only "drill", "glance", "closeup" and
-"locate", :mod:`qwen2vl.demo.drill`, :mod:`qwen2vl.demo.glance`, :mod:`qwen2vl.demo.closeup`,
-:mod:`qwen2vl.demo.shapes`), and the split of seeds: training uses seeds ``0 <= seed < HELD_OUT_START`` (10**9),
-held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the two never share a sample (:func:`held_out_seed`).
+(task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only tasks of :data:`TRAINING_ONLY`:
+"drill", "glance", "closeup", "tapcrop", "phone" and "locate", from :mod:`qwen2vl.demo.drill`, :mod:`.glance`,
+:mod:`.closeup`, :mod:`qwen2vl.agent.phone_data` and :mod:`qwen2vl.demo.shapes`), and the split of seeds: training
+uses seeds ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the
+two never share a sample (:func:`held_out_seed`).
 
 "conversation": two questions about the same picture in one conversation, the second one graded. Uniform over
 three kinds: a grounding scene (1-4 distinct shapes) asked a counting question then a grounding one, or the other
@@ -82,7 +83,7 @@ GENERATORS: dict[str, Callable[[int], Sample]] = {
     "tapcrop": sample_tapcrop, "phone": sample_phone, "locate": sample_locate}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
 TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate")  # training data only
-# (qwen2vl.demo.drill, .glance, .closeup, .shapes; phone: graded by running the agent, bench/agent_eval.py)
+# (qwen2vl.demo.drill, .glance, .closeup, .shapes (locate); phone: graded by running the agent, bench/agent_eval.py)
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
