@@ -339,3 +339,19 @@ class Timer:
     def __exit__(self, *exc):
         self.s = time.perf_counter() - self.t0
         return False
+
+
+def misses_main(task: str, analyse, report, description: str, argv=None) -> int:
+    """The command line of the ``bench/*_misses.py`` tools: ``--model DIR [-n N]``; the model's greedy float32 answers
+    to the first N held-out samples of ``task`` (:func:`qwen2vl.demo.evaluate.held_out_answers`), printed as
+    ``report(analyse(samples, answers))``."""
+    import argparse
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("-n", type=int, default=200)
+    a = ap.parse_args(argv)
+    from qwen2vl import LLM
+    from qwen2vl.demo.evaluate import held_out_answers
+    samples, answers = held_out_answers(LLM(a.model, dtype="float32"), task, a.n)
+    print(report(analyse(samples, answers)))
+    return 0

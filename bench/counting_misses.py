@@ -12,7 +12,6 @@ whatever they hold (HISTORY.md item 27), fill the rows by picture size, not by t
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -74,15 +73,8 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("-n", type=int, default=200)
-    a = ap.parse_args(argv)
-    from qwen2vl import LLM
-    from qwen2vl.demo.evaluate import held_out_answers
-    samples, answers = held_out_answers(LLM(a.model, dtype="float32"), "counting", a.n)
-    print(report(analyse(samples, answers)))
-    return 0
+    from bench.common import misses_main
+    return misses_main("counting", analyse, report, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
