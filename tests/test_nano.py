@@ -154,6 +154,25 @@ def test_unused_rows_stay_zero_and_export(tiny_checkpoint, tmp_path, monkeypatch
         nano.export_model(out, tmp_path / "exp2", budget=1000)
 
 
+def test_continuing_with_another_task_list_keeps_the_trained_rows(tiny_checkpoint, tmp_path, monkeypatch):
+    """A model trained with demo_vocab_only, continued on another task list (its probe draws other samples): the
+    rows it trained stay trainable beside the new list's; the rest stay zero. A model with no zero row (not
+    trained so) is refused, as in test_demo_config_errors."""
+    monkeypatch.setattr(demo_stream, "VOCAB_PROBE", 6)
+    train(_scratch_cfg(tiny_checkpoint, tmp_path / "a", demo_vocab_only=True), progress=False)
+    before = load_file(tmp_path / "a" / "model.safetensors")["model.embed_tokens.weight"].ne(0).any(dim=1)
+    tasks = "blocks,counting,video"
+    again = Trainer(_demo_cfg(tmp_path / "a", tmp_path / "b", demo_tasks=tasks, demo_vocab_only=True,
+                              finetuning_type="full"), progress=False)
+    new = demo_vocab(Tokenizer.from_pretrained(tiny_checkpoint), tasks, probe=6)
+    kept = set(again.vocab_mask.nonzero().flatten().tolist())
+    assert (before & ~again.vocab_mask.bool()).sum() == 0 and new <= kept
+    assert not new <= set(before.nonzero().flatten().tolist())  # blocks' words were not trained before
+    again.train()
+    after = load_file(tmp_path / "b" / "model.safetensors")["model.embed_tokens.weight"].ne(0).any(dim=1)
+    assert torch.equal(after, again.vocab_mask.bool())
+
+
 def test_compact_vocabulary_is_the_plain_path(tiny_checkpoint, tmp_path, monkeypatch):
     """With demo_vocab_only the trainer trains the kept rows as one small table (qwen2vl.train.compact_vocab):
     the losses, eval loss and trained weights equal those of the plain full-matrix path."""

@@ -95,13 +95,15 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     if not cfg.data.demo_tasks:
         raise InvalidInputError("demo_vocab_only needs demo_tasks")
     from ..tokenizer import Tokenizer
-    from .demo_stream import demo_vocab, keep_mask, restrict_vocab
+    from .demo_stream import demo_vocab, restrict_vocab
     keep = demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks)
     if not cfg.train_from_scratch:  # continuing a model trained so (qwen2vl-nano): its other rows are zero already
-        weight = model.model.embed_tokens.weight
-        if bool(weight.detach()[keep_mask(weight, keep) == 0].any()):
+        rows = model.model.embed_tokens.weight.detach().ne(0).any(dim=1)  # (vocab,) True where a row is trained
+        if bool(rows.all()):
             raise InvalidInputError("demo_vocab_only would zero trained embedding rows of this model: use it with "
                                     "train_from_scratch, or on a model trained with it (qwen2vl-nano)")
+        # a task list other than the model's own probes other samples: the rows it trained stay trainable too
+        keep = keep | set(rows.nonzero().flatten().tolist())
     return restrict_vocab(model, keep)
 
 
