@@ -89,7 +89,8 @@ def _load_data(cfg: TrainConfig, tokenizer, mcfg):
 
 def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     """With ``demo_vocab_only``: the embedding rows of tokens the demo tasks never use are zero and stay zero
-    (qwen2vl.train.demo_stream); returns the row mask, or None."""
+    (qwen2vl.train.demo_stream); continuing a model trained so, the rows it trained are kept too (a task list other
+    than its own probes other samples); returns the row mask, or None."""
     if not cfg.data.demo_vocab_only:
         return None
     if not cfg.data.demo_tasks:
