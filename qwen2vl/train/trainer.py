@@ -101,8 +101,9 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     if not cfg.train_from_scratch:  # continuing a model trained so (qwen2vl-nano): its other rows are zero already
         rows = model.model.embed_tokens.weight.detach().ne(0).any(dim=1)  # (vocab,) True where a row is trained
         if bool(rows.all()):
-            raise InvalidInputError("demo_vocab_only would zero trained embedding rows of this model: use it with "
-                                    "train_from_scratch, or on a model trained with it (qwen2vl-nano)")
+            raise InvalidInputError("demo_vocab_only: this model has no zero embedding row (it was not trained "
+                                    "with demo_vocab_only); use train_from_scratch, or a model trained so "
+                                    "(qwen2vl-nano)")
         # a task list other than the model's own probes other samples: the rows it trained stay trainable too
         keep = keep | set(rows.nonzero().flatten().tolist())
     return restrict_vocab(model, keep)
