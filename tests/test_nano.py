@@ -106,6 +106,9 @@ def test_demo_config_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(InvalidInputError, match="task:count"):
         parse_weights("blocks=3")
     with pytest.raises(InvalidInputError, match="has no zero embedding row"):
+        Trainer(_demo_cfg(tiny_checkpoint, tmp_path / "o", demo_vocab_only=True, finetuning_type="full"),
+                progress=False)
+    with pytest.raises(InvalidInputError, match="which this run freezes"):  # LoRA: the embedding is frozen
         Trainer(_demo_cfg(tiny_checkpoint, tmp_path / "o", demo_vocab_only=True), progress=False)
 
 

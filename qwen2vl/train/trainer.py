@@ -95,6 +95,11 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
         return None
     if not cfg.data.demo_tasks:
         raise InvalidInputError("demo_vocab_only needs demo_tasks")
+    if not model.model.embed_tokens.weight.requires_grad:
+        raise InvalidInputError("demo_vocab_only trains the embedding's kept rows, which this run freezes "
+                                f"(finetuning_type {cfg.finetuning_type!r}, freeze_language_model "
+                                f"{cfg.freeze_language_model}): use finetuning_type full and leave the language "
+                                "model unfrozen, or leave demo_vocab_only off (frozen zero rows stay zero)")
     from ..tokenizer import Tokenizer
     from .demo_stream import demo_vocab, restrict_vocab
     keep = demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks)
