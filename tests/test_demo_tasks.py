@@ -15,7 +15,7 @@ from qwen2vl.demo.evaluate import evaluate, held_out_samples
 from qwen2vl.demo.grading import grade, grade_blocks, grade_counting, grade_grounding, grade_reading, \
     grade_video, grade_weather, read_blocks
 from qwen2vl.demo.signs import CJK_WORDS, TOOLS, WORDS
-from qwen2vl.demo.tasks import ALL_TASKS, HELD_OUT_START, TASKS, check_tasks, held_out_seed, sample
+from qwen2vl.demo.tasks import ALL_TASKS, HELD_OUT_START, TASKS, TRAINING_ONLY, check_tasks, held_out_seed, sample
 from qwen2vl.demo.video_task import with_mp4
 from qwen2vl.errors import InvalidInputError
 
@@ -140,12 +140,6 @@ def test_locate_is_a_one_shape_grounding_scene(seed):
     assert s.messages[0]["content"][1]["text"] == f"Where is the {shape['colour']} {shape['kind']}?"
     assert s.truth == to_thousandths(shape["box"], *s.info["image"].size)
     assert s.task == "locate" and s.kind == "grounding" and grade(s, s.answer) and not grade(s, "(0,0),(1,1)")
-
-
-def test_locate_is_training_only():
-    assert "locate" not in ALL_TASKS and check_tasks("counting,locate") == ("counting", "locate")
-    with pytest.raises(InvalidInputError, match="unknown graded demo task"):
-        check_tasks("locate", graded=True)
 
 
 @pytest.mark.parametrize("task", ["reading", "weather"])
@@ -506,12 +500,13 @@ def test_drill_conversations():
     assert seen == {"video", "sign", "blocks", "shapes"}
 
 
-def test_drill_is_training_only():
-    assert "drill" not in ALL_TASKS and check_tasks("blocks,drill") == ("blocks", "drill")
+@pytest.mark.parametrize("task", TRAINING_ONLY)
+def test_training_only_tasks_train_and_are_not_graded(task):
+    assert task not in ALL_TASKS and check_tasks(f"blocks,{task}") == ("blocks", task)
     with pytest.raises(InvalidInputError, match="unknown graded demo task"):
-        check_tasks("drill", graded=True)
-    with pytest.raises(InvalidInputError, match="drill"):
-        evaluate(None, n_per_task=1, tasks=["drill"])
+        check_tasks(task, graded=True)
+    with pytest.raises(InvalidInputError, match=task):
+        evaluate(None, n_per_task=1, tasks=[task])
 
 
 def test_glance_conversations():

@@ -77,8 +77,8 @@ class DataArgs:
     demo_weights: str | None = None  # "blocks:3,video:2": a task's repeats in the demo cycle (default 1)
     demo_samples: int | None = None  # the stream's length (default max_steps x batch x accumulation)
     demo_eval_size: int = 0  # held-out demo samples of each task in the eval split
-    demo_vocab_only: bool = False  # embedding rows of tokens the demo tasks never use (nor, continuing, the model
-    # trained): zero, never trained
+    demo_vocab_only: bool = False  # embedding rows of tokens the demo tasks never use, and (continuing) the model
+    # never trained: zero, never trained
 
     def __post_init__(self):
         self.dataset = _names(self.dataset)

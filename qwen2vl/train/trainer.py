@@ -103,7 +103,7 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
     from ..tokenizer import Tokenizer
     from .demo_stream import demo_vocab, restrict_vocab
     keep = demo_vocab(Tokenizer.from_pretrained(base_dir), cfg.data.demo_tasks)
-    if not cfg.train_from_scratch:  # continuing a model trained so (qwen2vl-nano): its other rows are zero already
+    if not cfg.train_from_scratch:  # continuing a model trained so (qwen2vl-nano): its untrained rows are zero
         rows = model.model.embed_tokens.weight.detach().ne(0).any(dim=1)  # (vocab,) True where a row is trained
         if bool(rows.all()):
             raise InvalidInputError("demo_vocab_only: this model has no zero embedding row (it was not trained "
