@@ -11,8 +11,8 @@ import pytest
 from bench.agent_eval import eval_tasks, run_all, table
 from qwen2vl.agent.actions import action_tools, make_action
 from qwen2vl.agent.envs import PhoneEnv
-from qwen2vl.agent.phone_data import (HELD_OUT_QUERIES, record, sample_phone, screens_dir, training_runs,
-                                      type_words)
+from qwen2vl.agent.phone_data import (COPY_MAX_WORDS, HELD_OUT_QUERIES, copy_words, record, sample_copy,
+                                      sample_phone, screens_dir, training_runs, type_words)
 from qwen2vl.agent.phone_tasks import HELD_OUT_IDS, QUERIES, phone_task
 from qwen2vl.agent.prompt import OLD_SCREEN, system_prompt
 from qwen2vl.demo.grading import grade
@@ -120,6 +120,37 @@ class _Scripted:
     def chat(self, messages, tools):
         name, args = self.calls.pop(0) if self.calls else ("fly", {})
         return "", [{"id": "c", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]
+
+
+def test_copy_drills_type_many_words_never_a_held_out_one_without_pictures(browser, tmp_path):  # noqa: F811
+    folder = str(record(tmp_path / "screens", browser=browser, runs=[(phone_task("search:Oslo"), ())]))
+    pool = copy_words()
+    assert len(pool) >= 120 and set(type_words()) <= set(pool) and not set(pool) & set(HELD_OUT_QUERIES)
+    assert {"Settings", "Frank", "red", "triangles", "left"} <= set(pool) and len(pool) == len(set(pool))
+    screens = next(m for m in (sample_phone(i, folder) for i in range(200)) if m.truth == ("search:Oslo", 2)).messages
+    lengths, searches = set(), 0
+    for seed in range(80):
+        s = sample_copy(seed, folder)
+        assert sample_copy(seed, folder).answer == s.answer and s.task == "copy" and s.tools == action_tools()
+        text = s.info["word"]
+        words = text.split(" ")
+        assert all(w in pool or " ".join(words[i:i + 2]) in pool or " ".join(words[i - 1:i + 1]) in pool
+                   for i, w in enumerate(words))  # "light blue" is one entry of two words
+        assert s.answer == tool_call_block("type", {"text": " " + text})
+        assert not any(p["type"] == "image" for m in s.messages if isinstance(m["content"], list)
+                       for p in m["content"])  # every screen as the loop's text for one it does not show
+        if s.truth == ("type", text):
+            lengths.add(len(words))
+            assert s.messages[1]["content"] == [{"type": "text", "text": OLD_SCREEN + "\n"},
+                                                {"type": "text", "text": f"Task: Type {text}"}]
+            continue
+        searches += 1  # the recorded search's type step, its query replaced, its screens as text
+        assert s.truth == (f"search:{text}", 2) and len(words) <= 2
+        shown = json.loads(_texts(screens).replace("Search for Oslo", f"Search for {text}"))
+        assert json.loads(_texts(s.messages)) == [[r, [OLD_SCREEN + "\n" if isinstance(p, list) else p for p in c]
+                                                   if isinstance(c, list) else c, t] for r, c, t in shown]
+    assert lengths == set(range(1, COPY_MAX_WORDS + 1)) and 20 <= searches <= 60
+    assert "copy" in TRAINING_ONLY and check_tasks("copy") == ("copy",)
 
 
 def test_agent_eval_counts_successes_and_steps(browser):  # noqa: F811

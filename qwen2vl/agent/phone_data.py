@@ -50,10 +50,11 @@ from ..tool_calls import ToolCall, tool_call_block
 from .actions import make_action, to_model
 from .phone import APP_DIR
 from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phone_task
-from .prompt import Turn, agent_messages
+from .prompt import OLD_SCREEN, Turn, agent_messages
 
 __all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "typed",
-           "HISTORY_SCREENS", "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES"]
+           "sample_copy", "copy_words", "HISTORY_SCREENS", "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES",
+           "COPY_MAX_WORDS", "COMMON_WORDS"]
 
 HISTORY_SCREENS = 2  # the Agent's default: the screenshots a sample shows (older ones as text)
 EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  # more starts for call / search
@@ -61,6 +62,10 @@ EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  
 HELD_OUT_QUERIES: tuple[str, ...] = ("Beijing", "Hangzhou", "Sydney", "Toronto", "Prague", "Athens", "Hanoi", "Lagos")
 RECORD_VERSION = 3  # 3: typed text with its leading space (typed)
 SHARES = {"tap": 2, "type": 3, "step": 3}  # of 8 samples: taps on recorded screens, typing drills, run steps
+COPY_MAX_WORDS = 4  # a "Type ..." copy drill types 1-4 words (sample_copy)
+COMMON_WORDS = ("left right up down top bottom on off the a and of for is to with in you task screen text word sign "
+                "city weather name number color block box image point field query answer tool user row edge way move "
+                "turn light one more each there this").split()  # words of the prompts and questions, for copy_words
 _ELEMENTS = """() => [...document.querySelectorAll("[data-label], [aria-label]")].map(n => {
     const r = n.getBoundingClientRect();
     return [n.getAttribute("data-label") || n.getAttribute("aria-label"),
@@ -212,6 +217,60 @@ def _type(rng, seed: int, path: Path, runs) -> Sample:
         return Sample("phone", "phone", seed, messages, answer, ("type", word), tools=tools, info=info)
     messages, tools = _step_messages(path, run, k, phone_task(f"search:{word}").instruction)
     return Sample("phone", "phone", seed, messages, answer, (f"search:{word}", k), tools=tools, info=info)
+
+
+def copy_words() -> tuple[str, ...]:
+    """The words of the copy drill (:func:`sample_copy`): the typing drill's sign words (:func:`type_words`) and
+    every other word the demo tasks and the phone app show or ask (tap labels, contacts, toggles, colours, shapes,
+    directions, common words of the prompts), about 130 in all, never a word of :data:`HELD_OUT_QUERIES`."""
+    from ..demo.common import COLOURS, SHAPES
+    from ..demo.tap import LABELS
+    from .phone import CONTACTS, TOGGLES
+    extra = list(LABELS) + list(CONTACTS) + [w for t in TOGGLES.values() for w in t.split()] + list(COLOURS) + \
+        list(SHAPES) + [s + "s" for s in SHAPES] + list(COMMON_WORDS)
+    words = list(type_words()) + [w for w in extra if w not in HELD_OUT_QUERIES]
+    return tuple(dict.fromkeys(words))  # in order, once each
+
+
+def _without_screens(messages: list[dict]) -> list[dict]:
+    """``messages`` with every screenshot replaced by the text the loop writes for a screen it does not show."""
+    def part(p):
+        return {"type": "text", "text": OLD_SCREEN + "\n"} if p.get("type") == "image" else p
+    return [dict(m, content=[part(p) for p in m["content"]]) if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
+def sample_copy(seed: int, folder: str | None = None) -> Sample:
+    """Copy drill ``seed`` (training task ``copy``): the typing drill of :func:`_type` over many more words and
+    without pictures, so that typing what the task names is learned as a copy of its tokens rather than as a
+    lookup of a few dozen words (HISTORY item 20). Half are "Type {words}" (1 to :data:`COPY_MAX_WORDS` words of
+    :func:`copy_words`, uniform, repeats allowed), answered ``type(text=" " + words)``; half are the type step of a
+    recorded search with one such word put in place of its query. Every screenshot is replaced by the loop's text
+    for a screen it does not show (:data:`~qwen2vl.agent.prompt.OLD_SCREEN`): a copy needs no picture, and a
+    sample then costs about a tenth of a drill with screens.
+
+    Worked example: seed s draws the 1-step kind and the words ("Camera", "red"): the messages are the agent's
+    system prompt and "(an earlier screenshot, not shown)" "Task: Type Camera red", the tools the action space,
+    the answer the block of ``{"name": "type", "arguments": {"text": " Camera red"}}`` (tokens ' "' ' Camera'
+    ' red', as the task writes them)."""
+    path, runs = load_runs(folder)
+    rng = task_rng("copy", seed)
+    spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
+    run, k = spots[int(rng.integers(len(spots)))]
+    pool = copy_words()
+    one_step = rng.random() < 0.5
+    n = int(rng.integers(1, COPY_MAX_WORDS + 1)) if one_step else 1
+    text = " ".join(pool[int(i)] for i in rng.integers(len(pool), size=n))
+    info = {"start": run["start"], "step": k, "run": run["prefix"], "word": text}
+    answer = tool_call_block("type", {"text": typed(text)})
+    if one_step:
+        shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
+        messages, tools = agent_messages(f"Type {text}", shot, [])
+        truth = ("type", text)
+    else:
+        messages, tools = _step_messages(path, run, k, f"Search for {text}")
+        truth = (f"search:{text}", k)
+    return Sample("copy", "copy", seed, _without_screens(messages), answer, truth, tools=tools, info=info)
 
 
 def _step_messages(path: Path, run: dict, k: int, instruction: str) -> tuple[list, list]:

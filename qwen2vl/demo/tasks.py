@@ -2,10 +2,10 @@
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
 (task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only tasks of :data:`TRAINING_ONLY`:
-"drill", "glance", "closeup", "tapcrop", "phone" and "locate", from :mod:`qwen2vl.demo.drill`, :mod:`.glance`,
-:mod:`.closeup`, :mod:`qwen2vl.agent.phone_data` and :mod:`qwen2vl.demo.shapes`), and the split of seeds: training
-uses seeds ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds ``HELD_OUT_START + offset + j``, so the
-two never share a sample (:func:`held_out_seed`).
+"drill", "glance", "closeup", "tapcrop", "phone", "locate" and "copy", from :mod:`qwen2vl.demo.drill`,
+:mod:`.glance`, :mod:`.closeup`, :mod:`qwen2vl.agent.phone_data` and :mod:`qwen2vl.demo.shapes`), and the split of
+seeds: training uses seeds ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds
+``HELD_OUT_START + offset + j``, so the two never share a sample (:func:`held_out_seed`).
 
 "conversation": two questions about the same picture in one conversation, the second one graded. Uniform over
 three kinds: a grounding scene (1-4 distinct shapes) asked a counting question then a grounding one, or the other
@@ -76,14 +76,22 @@ def sample_phone(seed: int) -> Sample:
     return draw(seed)
 
 
+def sample_copy(seed: int) -> Sample:
+    """A copy drill on the phone app's screens: type the words the task names (:mod:`qwen2vl.agent.phone_data`)."""
+    from ..agent.phone_data import sample_copy as draw
+    return draw(seed)
+
+
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
     "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap,
-    "tapcrop": sample_tapcrop, "phone": sample_phone, "locate": sample_locate}
+    "tapcrop": sample_tapcrop, "phone": sample_phone, "locate": sample_locate,
+    "copy": sample_copy}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
-TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate")  # training data only
-# (qwen2vl.demo.drill, .glance, .closeup, .shapes (locate); phone: graded by running the agent, bench/agent_eval.py)
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate", "copy")  # training
+# data only (qwen2vl.demo.drill, .glance, .closeup, .shapes (locate); phone and copy: graded by running the agent,
+# bench/agent_eval.py)
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:
