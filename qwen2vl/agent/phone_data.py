@@ -62,7 +62,7 @@ EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  
 HELD_OUT_QUERIES: tuple[str, ...] = ("Beijing", "Hangzhou", "Sydney", "Toronto", "Prague", "Athens", "Hanoi", "Lagos")
 RECORD_VERSION = 3  # 3: typed text with its leading space (typed)
 SHARES = {"tap": 2, "type": 3, "step": 3}  # of 8 samples: taps on recorded screens, typing drills, run steps
-COPY_MAX_WORDS = 4  # a "Type ..." copy drill types 1-4 words (sample_copy)
+COPY_MAX_WORDS = 12  # a "Type ..." copy drill types 1-12 words (sample_copy)
 COMMON_WORDS = ("left right up down top bottom on off the a and of for is to with in you task screen text word sign "
                 "city weather name number color block box image point field query answer tool user row edge way move "
                 "turn light one more each there this").split()  # words of the prompts and questions, for copy_words
@@ -261,7 +261,7 @@ def sample_copy(seed: int, folder: str | None = None) -> Sample:
     one_step = rng.random() < 0.5
     n = int(rng.integers(1, COPY_MAX_WORDS + 1)) if one_step else 1
     text = " ".join(pool[int(i)] for i in rng.integers(len(pool), size=n))
-    info = {"start": run["start"], "step": k, "run": run["prefix"], "word": text}
+    info = {"start": run["start"], "step": k, "run": run["prefix"], "word": text, "words": n}
     answer = tool_call_block("type", {"text": typed(text)})
     if one_step:
         shot = _screen(str(path / f"{run['prefix']}-{k}.png"))
