@@ -177,6 +177,32 @@ def test_continuing_with_another_task_list_keeps_the_trained_rows(tiny_checkpoin
     assert torch.equal(after, again.vocab_mask.bool())
 
 
+def test_freeze_embeddings_keeps_the_embedding_and_trains_the_rest(tiny_checkpoint, tmp_path, monkeypatch):
+    """freeze_embeddings (a full fine-tune): the token embedding, and the lm_head tied to it, come out bit for bit
+    as they went in, every other language-model weight trains; with demo_vocab_only it takes the compact path and
+    gives the plain path's weights."""
+    from qwen2vl.train import trainer as trainer_mod
+    monkeypatch.setattr(demo_stream, "VOCAB_PROBE", 6)
+    train(_scratch_cfg(tiny_checkpoint, tmp_path / "a", demo_vocab_only=True), progress=False)
+    start = load_file(tmp_path / "a" / "model.safetensors")
+    outs = {}
+    for name, compact in (("fast", True), ("plain", False)):
+        if not compact:
+            monkeypatch.setattr(trainer_mod, "_compact_vocab", lambda model, mask: None)
+        t = Trainer(_demo_cfg(tmp_path / "a", tmp_path / name, demo_tasks="counting,video", demo_vocab_only=True,
+                              finetuning_type="full", freeze_embeddings=True, learning_rate=1e-2), progress=False)
+        assert (t.vocab is not None) == compact and not t.model.model.embed_tokens.weight.requires_grad
+        t.train()
+        outs[name] = load_file(tmp_path / name / "model.safetensors")
+    for got in outs.values():
+        assert torch.equal(got["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+        assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    for k in outs["fast"]:
+        torch.testing.assert_close(outs["fast"][k], outs["plain"][k], rtol=0, atol=1e-3)  # as the compact test
+    with pytest.raises(InvalidInputError, match="freeze_embeddings"):
+        load_config(_demo_cfg(tiny_checkpoint, tmp_path / "c", freeze_embeddings=True))  # LoRA
+
+
 def test_compact_vocabulary_is_the_plain_path(tiny_checkpoint, tmp_path, monkeypatch):
     """With demo_vocab_only the trainer trains the kept rows as one small table (qwen2vl.train.compact_vocab):
     the losses, eval loss and trained weights equal those of the plain full-matrix path."""

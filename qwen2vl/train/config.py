@@ -65,6 +65,7 @@ class TrainConfig:
     freeze_vision_tower: bool = True
     freeze_multi_modal_projector: bool = True
     freeze_language_model: bool = False
+    freeze_embeddings: bool = False  # full fine-tune: the token embedding (and the lm_head tied to it) not trained
     vision_lr: float | None = None  # the vision tower's learning rate (None: learning_rate)
     merger_lr: float | None = None  # the merger's (multi-modal projector's) learning rate
     vision_feature_reg: float = 0.0  # weight of qwen2vl.train.feature_reg's anti-collapse penalty (0: off)
@@ -279,6 +280,9 @@ def check(cfg: TrainConfig) -> None:
          "use_rslora and additional_target are only valid with finetuning_type 'lora'"),
         (not cfg.config_path or cfg.train_from_scratch or cfg.finetuning_type == "full",
          "config_path is only used with train_from_scratch or finetuning_type 'full'"),
+        (not cfg.freeze_embeddings or (cfg.finetuning_type == "full" and not cfg.train_from_scratch),
+         "freeze_embeddings keeps a trained model's token embedding: it needs finetuning_type 'full' and not "
+         "train_from_scratch"),
     ]
     rules.append((cfg.vision_feature_reg >= 0, f"vision_feature_reg must be >= 0, got {cfg.vision_feature_reg}"))
     rules.append((cfg.vision_aux_loss >= 0, f"vision_aux_loss must be >= 0, got {cfg.vision_aux_loss}"))

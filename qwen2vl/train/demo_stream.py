@@ -181,5 +181,6 @@ def restrict_vocab(model, keep: set[int]) -> torch.Tensor:
     mask = keep_mask(weight, keep)
     with torch.no_grad():
         weight.mul_(mask[:, None])
-    weight.register_hook(lambda g: g * mask[:, None].to(g.dtype))
+    if weight.requires_grad:  # a frozen embedding (freeze_embeddings) keeps its rows anyway
+        weight.register_hook(lambda g: g * mask[:, None].to(g.dtype))
     return mask

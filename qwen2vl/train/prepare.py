@@ -11,7 +11,8 @@ The contract:
   peft matches ``target_modules``), and in full the modules of ``additional_target`` and the merger when
   ``freeze_multi_modal_projector`` is false. Frozen parts (LLaMA-Factory's names): the vision tower
   (``visual.patch_embed``, ``visual.blocks``), the multi-modal projector (``visual.merger``), the language model
-  (``model.``, ``lm_head``). A LoRA target that matches no module, or only frozen ones, is an error naming it.
+  (``model.``, ``lm_head``); with ``freeze_embeddings`` (full only) the token embedding and a tied lm_head. A
+  LoRA target that matches no module, or only frozen ones, is an error naming it.
 - The dtype rule with ``bf16``: trainable parameters float32 (the optimizer's master copy), frozen ones stored
   in bfloat16 (a LoRA run loads the checkpoint in bf16 directly), and the forward runs under bf16 autocast
   (LLaMA-Factory's: bf16 weights, trainable ones upcast to float32).
@@ -155,6 +156,8 @@ def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> 
         frozen = frozen_prefixes(cfg)
         for name, p in model.named_parameters():
             p.requires_grad_(not _under(name, frozen))
+        if cfg.freeze_embeddings:  # the lm_head tied to it stays too; an untied one trains
+            model.model.embed_tokens.weight.requires_grad_(False)
     else:
         targets = lora_targets(model, cfg)
         full = _full_modules(model, cfg)

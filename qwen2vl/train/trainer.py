@@ -95,7 +95,7 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
         return None
     if not cfg.data.demo_tasks:
         raise InvalidInputError("demo_vocab_only needs demo_tasks")
-    if not model.model.embed_tokens.weight.requires_grad:
+    if not model.model.embed_tokens.weight.requires_grad and not cfg.freeze_embeddings:
         raise InvalidInputError("demo_vocab_only trains the embedding's kept rows, which this run freezes "
                                 f"(finetuning_type {cfg.finetuning_type!r}, freeze_language_model "
                                 f"{cfg.freeze_language_model}): use finetuning_type full and leave the language "
@@ -124,10 +124,10 @@ def _label_ids(cfg: TrainConfig, base_dir: str):
 
 
 def _compact_vocab(model, mask):
-    """The exact compact-vocabulary shortcut (qwen2vl.train.compact_vocab) when the vocabulary is restricted,
-    the embedding trains and the head is tied to it; else None (the plain path)."""
+    """The exact compact-vocabulary shortcut (qwen2vl.train.compact_vocab) when the vocabulary is restricted and
+    the head is tied to the embedding (frozen or not); else None (the plain path)."""
     weight = model.model.embed_tokens.weight
-    if mask is None or not weight.requires_grad or model.lm_head.weight is not weight:
+    if mask is None or model.lm_head.weight is not weight:
         return None
     from .compact_vocab import CompactVocab
     return CompactVocab(weight, mask)
@@ -292,7 +292,7 @@ class Trainer:
         self.model.train()
         count = sum(trained_count(s.labels) for s in samples)
         if self.vocab is not None:
-            self.vocab.begin()
+            self.vocab.begin(grad=self.vocab.weight.requires_grad)
         self._naming_sum = 0.0
         size = self.cfg.per_device_train_batch_size if self.batched else 1
         total = sum(self._batch_loss(samples[i:i + size], count, len(samples)) for i in range(0, len(samples), size))
