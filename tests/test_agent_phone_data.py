@@ -12,7 +12,8 @@ from bench.agent_eval import eval_tasks, run_all, table
 from qwen2vl.agent.actions import action_tools, make_action
 from qwen2vl.agent.envs import PhoneEnv
 from qwen2vl.agent.phone_data import (COPY_MAX_WORDS, HELD_OUT_QUERIES, copy_words, record, sample_copy,
-                                      sample_phone, screens_dir, training_runs, type_words)
+                                      sample_copy_short, sample_phone, screens_dir, training_runs, type_words,
+                                      vocab_words)
 from qwen2vl.agent.phone_tasks import HELD_OUT_IDS, QUERIES, phone_task
 from qwen2vl.agent.prompt import OLD_SCREEN, system_prompt
 from qwen2vl.demo.grading import grade
@@ -125,8 +126,9 @@ class _Scripted:
 def test_copy_drills_type_many_words_never_a_held_out_one_without_pictures(browser, tmp_path):  # noqa: F811
     folder = str(record(tmp_path / "screens", browser=browser, runs=[(phone_task("search:Oslo"), ())]))
     pool = copy_words()
-    assert len(pool) >= 120 and set(type_words()) <= set(pool) and not set(pool) & set(HELD_OUT_QUERIES)
+    assert len(pool) >= 2000 and set(type_words()) <= set(pool) and not set(pool) & set(HELD_OUT_QUERIES)
     assert {"Settings", "Frank", "red", "triangles", "left"} <= set(pool) and len(pool) == len(set(pool))
+    assert set(vocab_words()) - set(HELD_OUT_QUERIES) <= set(pool) and {"this", "return", "System"} <= set(pool)
     screens = next(m for m in (sample_phone(i, folder) for i in range(200)) if m.truth == ("search:Oslo", 2)).messages
     lengths, searches = set(), 0
     for seed in range(80):
@@ -151,6 +153,27 @@ def test_copy_drills_type_many_words_never_a_held_out_one_without_pictures(brows
                                                    if isinstance(c, list) else c, t] for r, c, t in shown]
     assert lengths <= set(range(1, COPY_MAX_WORDS + 1)) and {1, COPY_MAX_WORDS} <= lengths and 20 <= searches <= 60
     assert "copy" in TRAINING_ONLY and check_tasks("copy") == ("copy",)
+
+
+def test_bare_copy_drills_are_the_type_call_alone():
+    pool, counts = set(copy_words()), set()
+    for seed in range(60):
+        s = sample_copy_short(seed)
+        assert sample_copy_short(seed).answer == s.answer and s.task == "copyshort" and s.tools is None
+        text, n = s.info["word"], s.info["words"]
+        counts.add(n)
+        assert s.messages == [{"role": "user", "content": [{"type": "text", "text": f"Type {text}"}]}]
+        assert s.answer == tool_call_block("type", {"text": " " + text}) and s.truth == ("type", text)
+        assert not set(text.split()) & set(HELD_OUT_QUERIES) and len(text.split()) >= n
+        assert all(w in pool for w in text.split() if w not in ("light", "green", "blue"))
+    assert counts <= set(range(1, COPY_MAX_WORDS + 1)) and len(counts) >= 8
+    assert "copyshort" in TRAINING_ONLY and check_tasks("copyshort") == ("copyshort",)
+    from qwen2vl.models import DEMO_MODEL_DIR
+    from qwen2vl.tokenizer import Tokenizer
+    from qwen2vl.train.demo_stream import demo_vocab
+    tok = Tokenizer.from_pretrained(DEMO_MODEL_DIR)  # every pool word is kept, though 2 samples draw few of them
+    words = {i for w in copy_words() for i in tok.encode(" " + w)}
+    assert words <= demo_vocab(tok, "copyshort", probe=2) and not words <= demo_vocab(tok, "reading", probe=2)
 
 
 def test_agent_eval_counts_successes_and_steps(browser):  # noqa: F811

@@ -53,8 +53,8 @@ from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phon
 from .prompt import OLD_SCREEN, Turn, agent_messages
 
 __all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "typed",
-           "sample_copy", "copy_words", "HISTORY_SCREENS", "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES",
-           "COPY_MAX_WORDS", "COMMON_WORDS"]
+           "sample_copy", "sample_copy_short", "copy_words", "vocab_words", "HISTORY_SCREENS", "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES",
+           "COPY_MAX_WORDS", "COMMON_WORDS", "VOCAB_WORDS"]
 
 HISTORY_SCREENS = 2  # the Agent's default: the screenshots a sample shows (older ones as text)
 EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  # more starts for call / search
@@ -220,16 +220,48 @@ def _type(rng, seed: int, path: Path, runs) -> Sample:
 
 
 def copy_words() -> tuple[str, ...]:
-    """The words of the copy drill (:func:`sample_copy`): the typing drill's sign words (:func:`type_words`) and
-    every other word the demo tasks and the phone app show or ask (tap labels, contacts, toggles, colours, shapes,
-    directions, common words of the prompts), about 130 in all, never a word of :data:`HELD_OUT_QUERIES`."""
+    """The words of the copy drills (:func:`sample_copy`, :func:`sample_copy_short`): the typing drill's sign words
+    (:func:`type_words`), every other word the demo tasks and the phone app show or ask (tap labels, contacts,
+    toggles, colours, shapes, directions, common words of the prompts) and :func:`vocab_words`, about 2,100 in all,
+    never a word of :data:`HELD_OUT_QUERIES`."""
     from ..demo.common import COLOURS, SHAPES
     from ..demo.tap import LABELS
     from .phone import CONTACTS, TOGGLES
     extra = list(LABELS) + list(CONTACTS) + [w for t in TOGGLES.values() for w in t.split()] + list(COLOURS) + \
         list(SHAPES) + [s + "s" for s in SHAPES] + list(COMMON_WORDS)
-    words = list(type_words()) + [w for w in extra if w not in HELD_OUT_QUERIES]
+    words = list(type_words()) + [w for w in extra + list(vocab_words()) if w not in HELD_OUT_QUERIES]
     return tuple(dict.fromkeys(words))  # in order, once each
+
+
+VOCAB_WORDS = 1000  # of each case: the first words of the Qwen2 vocabulary the copy drill types too
+
+
+@functools.lru_cache(maxsize=1)
+def vocab_words() -> tuple[str, ...]:
+    """The first :data:`VOCAB_WORDS` lower-case and as many capitalised words (4-9 letters) of the Qwen2
+    vocabulary, in id order (the vocabulary's merge order: frequent words first), each one token with its
+    leading space; read from the demo model's ``vocab.json``."""
+    import re
+    from ..models import DEMO_MODEL_DIR
+    vocab = json.loads((Path(DEMO_MODEL_DIR) / "vocab.json").read_text(encoding="utf-8"))
+    ranked = sorted((i, t[1:]) for t, i in vocab.items() if re.fullmatch(r"\u0120[A-Za-z][a-z]{3,8}", t))
+    lower = [w for _, w in ranked if w[0].islower()][:VOCAB_WORDS]
+    upper = [w for _, w in ranked if w[0].isupper()][:VOCAB_WORDS]
+    return tuple(lower + upper)
+
+
+def sample_copy_short(seed: int) -> Sample:
+    """Bare copy drill ``seed`` (training task ``copyshort``): "Type {words}" (1 to :data:`COPY_MAX_WORDS` words
+    of :func:`copy_words`) as the only message, no system prompt, no tools, no screen, answered with the ``type``
+    call. A sample is 30-60 tokens where the agent's layout has 300 and more, and a copy forms in it within a few
+    hundred steps where it does not form in the agent's layout (HISTORY item 30)."""
+    rng = task_rng("copyshort", seed)
+    pool = copy_words()
+    n = int(rng.integers(1, COPY_MAX_WORDS + 1))
+    text = " ".join(pool[int(i)] for i in rng.integers(len(pool), size=n))
+    messages = [{"role": "user", "content": [{"type": "text", "text": f"Type {text}"}]}]
+    return Sample("copyshort", "copyshort", seed, messages, tool_call_block("type", {"text": typed(text)}),
+                  ("type", text), info={"word": text, "words": n})
 
 
 def _without_screens(messages: list[dict]) -> list[dict]:

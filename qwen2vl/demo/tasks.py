@@ -2,7 +2,7 @@
 
 Owns :data:`TASKS` (the six tasks of the issue), :data:`ALL_TASKS` (plus "conversation"), :func:`sample`
 (task, seed) -> :class:`~qwen2vl.demo.common.Sample` (also of the training-only tasks of :data:`TRAINING_ONLY`:
-"drill", "glance", "closeup", "tapcrop", "phone", "locate" and "copy", from :mod:`qwen2vl.demo.drill`,
+"drill", "glance", "closeup", "tapcrop", "phone", "locate", "copy" and "copyshort", from :mod:`qwen2vl.demo.drill`,
 :mod:`.glance`, :mod:`.closeup`, :mod:`qwen2vl.agent.phone_data` and :mod:`qwen2vl.demo.shapes`), and the split of
 seeds: training uses seeds ``0 <= seed < HELD_OUT_START`` (10**9), held-out evaluation seeds
 ``HELD_OUT_START + offset + j``, so the two never share a sample (:func:`held_out_seed`).
@@ -82,16 +82,22 @@ def sample_copy(seed: int) -> Sample:
     return draw(seed)
 
 
+def sample_copy_short(seed: int) -> Sample:
+    """A bare copy drill: "Type {words}" alone, answered with the type call (:mod:`qwen2vl.agent.phone_data`)."""
+    from ..agent.phone_data import sample_copy_short as draw
+    return draw(seed)
+
+
 GENERATORS: dict[str, Callable[[int], Sample]] = {
     "blocks": sample_blocks, "counting": sample_counting, "reading": sample_reading, "weather": sample_weather,
     "grounding": sample_grounding, "video": sample_video, "conversation": sample_conversation,
     "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap,
     "tapcrop": sample_tapcrop, "phone": sample_phone, "locate": sample_locate,
-    "copy": sample_copy}
+    "copy": sample_copy, "copyshort": sample_copy_short}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
-TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate", "copy")  # training
-# data only (qwen2vl.demo.drill, .glance, .closeup, .shapes (locate); phone and copy: graded by running the agent,
-# bench/agent_eval.py)
+TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate", "copy",
+                                   "copyshort")  # training data only (qwen2vl.demo.drill, .glance, .closeup,
+# .shapes (locate); phone, copy and copyshort: graded by running the agent, bench/agent_eval.py)
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:

@@ -161,7 +161,11 @@ def demo_vocab(tokenizer, tasks=None, probe: int | None = None) -> set[int]:
         msgs, _ = normalize_messages(messages)
         for prompt, response in render_pairs(tokenizer, msgs, None):
             ids.update(tokenizer.encode(prompt + response))
-    for word in _task_words():
+    words = _task_words()
+    if "copy" in data.cycle or "copyshort" in data.cycle:  # far more words than the probe's samples draw
+        from ..agent.phone_data import copy_words
+        words += list(copy_words())
+    for word in words:
         for text in (word, " " + word, f'"{word}"', f' "{word}".'):
             ids.update(tokenizer.encode(text))
     return ids
