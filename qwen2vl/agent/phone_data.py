@@ -53,8 +53,8 @@ from .phone_tasks import HELD_OUT_IDS, QUERIES, PhoneTask, all_phone_tasks, phon
 from .prompt import OLD_SCREEN, Turn, agent_messages
 
 __all__ = ["training_runs", "record", "screens_dir", "load_runs", "sample_phone", "type_words", "typed",
-           "sample_copy", "sample_copy_short", "copy_words", "vocab_words", "HISTORY_SCREENS", "EXTRA_STARTS", "HELD_OUT_QUERIES", "SHARES",
-           "COPY_MAX_WORDS", "COMMON_WORDS", "VOCAB_WORDS"]
+           "sample_copy", "sample_copy_short", "copy_words", "vocab_words", "HISTORY_SCREENS", "EXTRA_STARTS",
+           "HELD_OUT_QUERIES", "SHARES", "COPY_MAX_WORDS", "COMMON_WORDS", "VOCAB_WORDS"]
 
 HISTORY_SCREENS = 2  # the Agent's default: the screenshots a sample shows (older ones as text)
 EXTRA_STARTS: tuple[tuple[str, ...], ...] = (("dark",), ("wifi", "bluetooth"))  # more starts for call / search
