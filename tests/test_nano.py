@@ -199,6 +199,12 @@ def test_freeze_embeddings_keeps_the_embedding_and_trains_the_rest(tiny_checkpoi
         assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     for k in outs["fast"]:
         torch.testing.assert_close(outs["fast"][k], outs["plain"][k], rtol=0, atol=1e-3)  # as the compact test
+    t = Trainer(_demo_cfg(tmp_path / "a", tmp_path / "bf", demo_tasks="counting", demo_vocab_only=True, bf16=True,
+                          finetuning_type="full", freeze_embeddings=True, max_steps=1), progress=False)
+    assert t.model.model.embed_tokens.weight.dtype == torch.float32  # frozen, yet not stored in bf16
+    t.train()
+    assert torch.equal(load_file(tmp_path / "bf" / "model.safetensors")["model.embed_tokens.weight"],
+                       start["model.embed_tokens.weight"])
     with pytest.raises(InvalidInputError, match="freeze_embeddings"):
         load_config(_demo_cfg(tiny_checkpoint, tmp_path / "c", freeze_embeddings=True))  # LoRA
 

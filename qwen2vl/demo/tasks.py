@@ -77,7 +77,8 @@ def sample_phone(seed: int) -> Sample:
 
 
 def sample_copy(seed: int) -> Sample:
-    """A copy drill on the phone app's screens: type the words the task names (:mod:`qwen2vl.agent.phone_data`)."""
+    """A copy drill in the agent's layout, its screens as text: type the words the task names
+    (:mod:`qwen2vl.agent.phone_data`)."""
     from ..agent.phone_data import sample_copy as draw
     return draw(seed)
 
@@ -97,7 +98,7 @@ GENERATORS: dict[str, Callable[[int], Sample]] = {
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
 TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate", "copy",
                                    "copyshort")  # training data only (qwen2vl.demo.drill, .glance, .closeup,
-# .shapes (locate); phone, copy and copyshort: graded by running the agent, bench/agent_eval.py)
+# .shapes (locate); phone: graded by running the agent, bench/agent_eval.py; copy, copyshort: typing drills)
 
 
 def check_tasks(tasks, graded: bool = False) -> tuple[str, ...]:

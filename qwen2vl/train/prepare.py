@@ -174,11 +174,12 @@ def make_trainable(model: Qwen2VLForConditionalGeneration, cfg: TrainConfig) -> 
     return targets, full
 
 
-def apply_dtype(model: nn.Module, bf16: bool) -> None:
-    """Trainable parameters in float32; with ``bf16``, frozen ones in bfloat16. (LoRA weights injected into a
-    bf16 base are drawn in bf16, then widened.)"""
+def apply_dtype(model: nn.Module, bf16: bool, keep_float: tuple = ()) -> None:
+    """Trainable parameters in float32; with ``bf16``, frozen ones in bfloat16 but those of ``keep_float`` (a frozen
+    embedding: kept as loaded, and the residual stream it starts stays float32). (LoRA weights injected into a bf16
+    base are drawn in bf16, then widened.)"""
     for p in model.parameters():
-        want = torch.float32 if p.requires_grad or not bf16 else torch.bfloat16
+        want = torch.float32 if p.requires_grad or not bf16 or any(p is q for q in keep_float) else torch.bfloat16
         if p.dtype != want:
             p.data = p.data.to(want)
 

@@ -36,6 +36,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ def _restrict_vocab(model, cfg: TrainConfig, base_dir: str):
                                     "(qwen2vl-nano)")
         # a task list other than the model's own probes other samples: the rows it trained stay trainable too
         keep = keep | set(rows.nonzero().flatten().tolist())
+        if cfg.freeze_embeddings and len(keep) > int(rows.sum()):
+            warnings.warn(f"freeze_embeddings: {len(keep) - int(rows.sum())} of the {len(keep)} tokens the demo "
+                          "tasks use have zero embedding rows, which stay zero (the model cannot tell them apart or "
+                          "write them); give them rows before freezing the embedding", stacklevel=2)
     return restrict_vocab(model, keep)
 
 
@@ -199,7 +204,7 @@ class Trainer:
         self.vocab_mask = _restrict_vocab(self.model, cfg, self.base_dir)
         self.vocab = _compact_vocab(self.model, self.vocab_mask)
         self.label_ids = _label_ids(cfg, self.base_dir)
-        apply_dtype(self.model, cfg.bf16)
+        apply_dtype(self.model, cfg.bf16, (self.model.model.embed_tokens.weight,) if cfg.freeze_embeddings else ())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.train_samples) / per_step)
