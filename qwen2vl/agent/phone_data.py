@@ -199,14 +199,19 @@ def type_words() -> tuple[str, ...]:
     return tuple(w for w in WORDS if w.isascii() and w not in HELD_OUT_QUERIES)
 
 
+def _typing_step(rng, runs) -> tuple[dict, int]:
+    """A uniform (run, step) among the recorded steps that type (a search's query)."""
+    spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
+    return spots[int(rng.integers(len(spots)))]
+
+
 def _type(rng, seed: int, path: Path, runs) -> Sample:
     """A typing drill for a sign word (:func:`type_words`), answered with ``type(text=" " + word)``
     (:func:`typed`); a recorded run's screen before it typed, the search box focused. Half are 1-step, "Type
     {word}" on that screen; half are the type step of a recorded search with the word put in its place ("Search
     for {word}", the history as the loop shows it: no screen before the typing shows the query, so the step is
     exactly what a search for that word shows)."""
-    spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
-    run, k = spots[int(rng.integers(len(spots)))]
+    run, k = _typing_step(rng, runs)
     words = type_words()
     word = words[int(rng.integers(len(words)))]
     info = {"start": run["start"], "step": k, "run": run["prefix"], "word": word}
@@ -219,6 +224,7 @@ def _type(rng, seed: int, path: Path, runs) -> Sample:
     return Sample("phone", "phone", seed, messages, answer, (f"search:{word}", k), tools=tools, info=info)
 
 
+@functools.lru_cache(maxsize=1)
 def copy_words() -> tuple[str, ...]:
     """The words of the copy drills (:func:`sample_copy`, :func:`sample_copy_short`): the typing drill's sign words
     (:func:`type_words`), every other word the demo tasks and the phone app show or ask (tap labels, contacts,
@@ -250,15 +256,20 @@ def vocab_words() -> tuple[str, ...]:
     return tuple(lower + upper)
 
 
+def _copy_text(rng, n: int) -> str:
+    """``n`` words of :func:`copy_words`, uniform with repeats, joined by spaces."""
+    pool = copy_words()
+    return " ".join(pool[int(i)] for i in rng.integers(len(pool), size=n))
+
+
 def sample_copy_short(seed: int) -> Sample:
     """Bare copy drill ``seed`` (training task ``copyshort``): "Type {words}" (1 to :data:`COPY_MAX_WORDS` words
     of :func:`copy_words`) as the only message, no system prompt, no tools, no screen, answered with the ``type``
     call. A sample is 30-60 tokens where the agent's layout has 300 and more, and a copy forms in it within a few
     hundred steps where it does not form in the agent's layout (HISTORY item 30)."""
     rng = task_rng("copyshort", seed)
-    pool = copy_words()
     n = int(rng.integers(1, COPY_MAX_WORDS + 1))
-    text = " ".join(pool[int(i)] for i in rng.integers(len(pool), size=n))
+    text = _copy_text(rng, n)
     messages = [{"role": "user", "content": [{"type": "text", "text": f"Type {text}"}]}]
     return Sample("copyshort", "copyshort", seed, messages, tool_call_block("type", {"text": typed(text)}),
                   ("type", text), info={"word": text, "words": n})
@@ -287,12 +298,10 @@ def sample_copy(seed: int, folder: str | None = None) -> Sample:
     ' red', as the task writes them)."""
     path, runs = load_runs(folder)
     rng = task_rng("copy", seed)
-    spots = [(r, k) for r in runs for k, st in enumerate(r["steps"]) if st["call"]["name"] == "type"]
-    run, k = spots[int(rng.integers(len(spots)))]
-    pool = copy_words()
+    run, k = _typing_step(rng, runs)
     one_step = rng.random() < 0.5
     n = int(rng.integers(1, COPY_MAX_WORDS + 1)) if one_step else 1
-    text = " ".join(pool[int(i)] for i in rng.integers(len(pool), size=n))
+    text = _copy_text(rng, n)
     info = {"start": run["start"], "step": k, "run": run["prefix"], "word": text, "words": n}
     answer = tool_call_block("type", {"text": typed(text)})
     if one_step:

@@ -30,7 +30,8 @@ from .signs import (READ_QUESTION, TOOLS, WEATHER_QUESTION, draw_sign, reading_a
 from .tap import sample_tap
 from .video_task import draw_video, sample_video, video_qa
 
-__all__ = ["TASKS", "ALL_TASKS", "TRAINING_ONLY", "AGENT_TASKS", "GENERATORS", "HELD_OUT_START", "sample", "held_out_seed", "check_tasks"]
+__all__ = ["TASKS", "ALL_TASKS", "TRAINING_ONLY", "AGENT_TASKS", "GENERATORS", "EXTRA_WORDS", "HELD_OUT_START",
+           "sample", "held_out_seed", "check_tasks"]
 
 TASKS: tuple[str, ...] = ("blocks", "counting", "reading", "weather", "grounding", "video")
 ALL_TASKS: tuple[str, ...] = TASKS + ("conversation",)
@@ -83,6 +84,11 @@ def sample_copy(seed: int) -> Sample:
     return draw(seed)
 
 
+def _copy_words() -> tuple[str, ...]:
+    from ..agent.phone_data import copy_words
+    return copy_words()
+
+
 def sample_copy_short(seed: int) -> Sample:
     """A bare copy drill: "Type {words}" alone, answered with the type call (:mod:`qwen2vl.agent.phone_data`)."""
     from ..agent.phone_data import sample_copy_short as draw
@@ -95,6 +101,9 @@ GENERATORS: dict[str, Callable[[int], Sample]] = {
     "drill": sample_drill, "glance": sample_glance, "closeup": sample_closeup, "tap": sample_tap,
     "tapcrop": sample_tapcrop, "phone": sample_phone, "locate": sample_locate,
     "copy": sample_copy, "copyshort": sample_copy_short}
+#: per task, the words it may write beyond those :data:`~qwen2vl.train.demo_stream.VOCAB_PROBE` of its samples draw
+#: (``demo_vocab`` keeps them all): the copy drills type any of about 2,100 words
+EXTRA_WORDS: dict[str, Callable[[], tuple[str, ...]]] = {"copy": _copy_words, "copyshort": _copy_words}
 AGENT_TASKS: tuple[str, ...] = ("tap",)  # GUI agent tasks (qwen2vl.demo.tap): not in TASKS / ALL_TASKS
 TRAINING_ONLY: tuple[str, ...] = ("drill", "glance", "closeup", "tapcrop", "phone", "locate", "copy",
                                    "copyshort")  # training data only (qwen2vl.demo.drill, .glance, .closeup,

@@ -149,7 +149,7 @@ def demo_vocab(tokenizer, tasks=None, probe: int | None = None) -> set[int]:
     (None: :data:`VOCAB_PROBE`), as text only (no image is processed)."""
     probe = VOCAB_PROBE if probe is None else probe
     from ..demo.data import DemoData
-    from ..demo.tasks import check_tasks
+    from ..demo.tasks import EXTRA_WORDS, check_tasks
     from .. import tool_calls as tc
     ids = set(range(151643, 151657))  # the special tokens
     data = DemoData(check_tasks(tasks))
@@ -161,10 +161,7 @@ def demo_vocab(tokenizer, tasks=None, probe: int | None = None) -> set[int]:
         msgs, _ = normalize_messages(messages)
         for prompt, response in render_pairs(tokenizer, msgs, None):
             ids.update(tokenizer.encode(prompt + response))
-    words = _task_words()
-    if "copy" in data.cycle or "copyshort" in data.cycle:  # far more words than the probe's samples draw
-        from ..agent.phone_data import copy_words
-        words += list(copy_words())
+    words = _task_words() + [w for task in dict.fromkeys(data.cycle) for w in EXTRA_WORDS.get(task, tuple)()]
     for word in words:
         for text in (word, " " + word, f'"{word}"', f' "{word}".'):
             ids.update(tokenizer.encode(text))
